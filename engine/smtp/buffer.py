@@ -1,0 +1,38 @@
+"""Message content checks shared by DATA and BDAT.
+
+Run once per message on the whole content with C-speed bytes methods, never per line
+in Python: that is the hot path of a bulk receiver.
+"""
+
+from __future__ import annotations
+
+from engine.smtp.replies import R550_BARE_LINE_ENDING, R550_DATA_LINE_TOO_LONG, Reply
+
+# RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets including the CRLF.
+MAX_TEXT_LINE = 998
+END_OF_DATA = b"\r\n.\r\n"
+
+
+def unstuff(region: bytes) -> bytes:
+    """RFC 5321 §4.5.2: drop the leading dot of every line that starts with one.
+
+    `region` starts with the CRLF that ended the DATA command and ends with the CRLF
+    before the terminating dot, so the first line needs no special case and an empty
+    message (region == CRLF) comes out as b"".
+    """
+    return region.replace(b"\r\n..", b"\r\n.")[2:]
+
+
+def content_problem(content: bytes) -> Reply | None:
+    """The reason to refuse this content, or None.
+
+    Bare CR or LF (P5; Postfix smtpd_forbid_bare_newline=reject): only CRLF may end
+    a line, so "\\n.\\n" and friends stay inside one refused message and can never
+    smuggle a second one.
+    """
+    crlf = content.count(b"\r\n")
+    if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
+        return R550_BARE_LINE_ENDING
+    if len(content) > MAX_TEXT_LINE and max(map(len, content.split(b"\r\n"))) > MAX_TEXT_LINE:
+        return R550_DATA_LINE_TOO_LONG
+    return None

@@ -1,0 +1,498 @@
+"""The server side of an SMTP session as a pure state machine (no I/O, no clock).
+
+Theory of operation
+-------------------
+Bytes go in through `receive_data` (b"" = EOF). `next_event` returns one event, or
+NEED_DATA (nothing complete is buffered) or PAUSED (an event is waiting for its
+reply). The adapter answers every event by calling `send(reply)`, which returns the
+wire bytes *and* applies the reply's effect: a 250 to MAIL opens the transaction, a 354
+to DATA switches to reading content, a 220 to STARTTLS discards everything buffered.
+So the machine never runs ahead of a decision, which is what lets PIPELINING work:
+the adapter loops `next_event`/`send` over everything one read delivered and writes
+the replies at once.
+
+Two kinds of event:
+- `CommandReceived` and `MessageReceived` need a decision (policy, queue); the adapter
+  chooses the Reply.
+- `AutoReply` is a decision the machine already made (syntax error, bad sequence,
+  NOOP, RSET, a BDAT chunk); the adapter just sends it back through `send`.
+
+Which command is legal in which state is the table `_ALLOWED` below, and nothing
+else; a pair missing from it is answered 503 5.5.1.
+
+Input is bounded: a command line longer than 512 octets is discarded up to its real
+CRLF (never re-read as a new command: RELIABILITY finding 2), and message content
+beyond the size limit is discarded while the terminator is still looked for.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+import msgspec
+
+from engine.smtp import buffer
+from engine.smtp.commands import (
+    Auth,
+    Bdat,
+    Command,
+    Data,
+    Ehlo,
+    Helo,
+    Help,
+    Mail,
+    Noop,
+    Quit,
+    Rcpt,
+    Rset,
+    SmtpSyntaxError,
+    StartTls,
+    Vrfy,
+    parse_command,
+    MAX_COMMAND_LINE,
+)
+from engine.smtp.replies import (
+    R214_HELP,
+    R221_BYE,
+    R250_OK,
+    R250_RESET,
+    R252_CANNOT_VRFY,
+    R354_START_DATA,
+    R421_TOO_MANY_ERRORS,
+    R500_LINE_TOO_LONG,
+    R503_ALREADY_AUTH,
+    R503_BAD_SEQUENCE,
+    R503_NEED_HELO,
+    R503_NEED_MAIL,
+    R503_NESTED_MAIL,
+    R552_MESSAGE_TOO_BIG,
+    R554_NO_VALID_RCPTS,
+    R554_PREGREET,
+    Reply,
+)
+
+
+class State(enum.Enum):
+    GREETING = "greeting"  # connected, banner not yet sent
+    CONNECTED = "connected"  # banner sent, no EHLO/HELO yet
+    READY = "ready"  # greeted, no transaction
+    MAIL = "mail"  # sender accepted
+    RCPT = "rcpt"  # at least one recipient accepted
+    DATA = "data"  # reading DATA content
+    BDAT = "bdat"  # reading a BDAT chunk
+    BDAT_MORE = "bdat_more"  # between BDAT chunks
+    AUTH = "auth"  # waiting for a SASL continuation line
+    TLS_HANDSHAKE = "tls_handshake"  # 220 to STARTTLS sent; plaintext is dead
+    CLOSED = "closed"
+
+
+class _Sentinel(enum.Enum):
+    NEED_DATA = "need_data"
+    PAUSED = "paused"
+
+
+NEED_DATA: Final = _Sentinel.NEED_DATA
+PAUSED: Final = _Sentinel.PAUSED
+
+
+class CommandReceived(msgspec.Struct, frozen=True):
+    command: Command
+
+
+class MessageReceived(msgspec.Struct, frozen=True):
+    content: bytes  # unstuffed, exactly as the client meant it; no Received: yet
+    chunked: bool  # BDAT rather than DATA
+
+
+class AuthResponse(msgspec.Struct, frozen=True):
+    line: str  # one SASL continuation line (base64 or "*")
+
+
+class AutoReply(msgspec.Struct, frozen=True):
+    reply: Reply
+
+
+class ConnectionClosed(msgspec.Struct, frozen=True):
+    pass
+
+
+Event = CommandReceived | MessageReceived | AuthResponse | AutoReply | ConnectionClosed
+
+
+class Envelope:
+    """Per-transaction facts (RFC 5321's mail transaction)."""
+
+    __slots__ = ("mail", "rcpts")
+
+    def __init__(self) -> None:
+        self.mail: Mail | None = None
+        self.rcpts: list[Rcpt] = []
+
+
+_S = State
+_TRANSACTION = frozenset({_S.MAIL, _S.RCPT})
+_ANY_GREETED = frozenset({_S.READY, _S.MAIL, _S.RCPT})
+_ANYTIME = frozenset({_S.CONNECTED, _S.READY, _S.MAIL, _S.RCPT, _S.BDAT_MORE})
+
+# (command type) → states in which it is legal. Everything else is 503.
+_ALLOWED: dict[type[Command], frozenset[State]] = {
+    Ehlo: frozenset({_S.CONNECTED}) | _ANY_GREETED,
+    Helo: frozenset({_S.CONNECTED}) | _ANY_GREETED,
+    Mail: frozenset({_S.READY}),
+    Rcpt: _TRANSACTION,
+    Data: frozenset({_S.RCPT}),
+    Bdat: frozenset({_S.RCPT, _S.BDAT_MORE}),
+    Rset: _ANYTIME,
+    Noop: _ANYTIME,
+    Quit: _ANYTIME,
+    Help: _ANYTIME,
+    Vrfy: _ANYTIME - {_S.BDAT_MORE},
+    StartTls: frozenset({_S.READY}),
+    Auth: frozenset({_S.READY}),
+}
+
+
+def _sequence_reply(command: Command, state: State) -> Reply:
+    if state is _S.CONNECTED:
+        return R503_NEED_HELO
+    if isinstance(command, Mail):
+        return R503_NESTED_MAIL
+    if isinstance(command, Rcpt):
+        return R503_NEED_MAIL
+    if isinstance(command, (Data, Bdat)) and state is _S.MAIL:
+        # The issue's contract and Postfix's habit: DATA with no accepted RCPT is 554.
+        return R554_NO_VALID_RCPTS
+    return R503_BAD_SEQUENCE
+
+
+# RFC 4954 §4: a SASL continuation line may be up to 12288 octets.
+MAX_AUTH_LINE = 12288
+
+
+class ServerSession:
+    """One connection's SMTP state. Not thread-safe; owned by one adapter."""
+
+    def __init__(
+        self,
+        *,
+        max_message_size: int,
+        max_unknown_commands: int = 20,
+        tls_active: bool = False,
+    ) -> None:
+        self.state = State.GREETING
+        self.max_message_size = max_message_size
+        self.max_unknown_commands = max_unknown_commands
+        self.tls_active = tls_active
+        self.envelope = Envelope()
+        self.helo: str | None = None
+        self.esmtp = False
+        self.auth_user: str | None = None
+        self.errors = 0
+        self.discarded_at_starttls = 0  # bytes pipelined after STARTTLS, never executed
+        self._buf = bytearray()
+        self._pos = 0  # start of unconsumed input in _buf
+        self._eof = False
+        self._pending: Event | None = None  # event awaiting send()
+        self._pregreet = False
+        self._discarding_line = False
+        # DATA: content region starts at the CRLF that ended the DATA command.
+        self._data_start = 0
+        self._scan = 0
+        self._too_big = False
+        # BDAT
+        self._chunks: list[bytes] = []
+        self._chunked_size = 0
+        self._bdat_remaining = 0
+        self._bdat_last = False
+        self._bdat_error: Reply | None = None
+        self._auth_return = State.READY
+
+    # --- input -------------------------------------------------------------------
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the peer; b"" means the peer closed its side."""
+        if not data:
+            self._eof = True
+            return
+        if self.state is State.GREETING:
+            self._pregreet = True
+        if self.state in (State.TLS_HANDSHAKE, State.CLOSED):
+            # P6: nothing that arrives between our 220 and the handshake is executed.
+            self.discarded_at_starttls += len(data)
+            return
+        keep = self._data_start if self.state is State.DATA else self._pos
+        if keep:
+            del self._buf[:keep]
+            self._pos -= keep
+            self._scan = max(0, self._scan - keep)
+            self._data_start -= keep if self.state is State.DATA else 0
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    # --- events --------------------------------------------------------------------
+    def next_event(self) -> Event | _Sentinel:
+        """The next event, NEED_DATA, or PAUSED while an event awaits `send`."""
+        if self._pending is not None:
+            return PAUSED
+        event = self._next()
+        if event is None:
+            if self._eof and self.state is not State.CLOSED:
+                self.state = State.CLOSED
+                return ConnectionClosed()
+            return NEED_DATA
+        self._pending = event
+        return event
+
+    def _next(self) -> Event | None:
+        state = self.state
+        if state is State.GREETING:
+            return AutoReply(R554_PREGREET) if self._pregreet else None
+        if state is State.DATA:
+            return self._read_data()
+        if state is State.BDAT:
+            return self._read_chunk()
+        if state in (State.TLS_HANDSHAKE, State.CLOSED):
+            return None
+        line = self._read_line(MAX_AUTH_LINE if state is State.AUTH else MAX_COMMAND_LINE)
+        if line is None:
+            return None
+        if isinstance(line, Reply):
+            return self._error(line)
+        if state is State.AUTH:
+            return AuthResponse(line.decode("ascii", "replace"))
+        return self._command(line)
+
+    def _read_line(self, limit: int) -> bytes | Reply | None:
+        buf = self._buf
+        end = buf.find(b"\r\n", self._pos)
+        if end < 0:
+            if len(buf) - self._pos > limit:
+                # Discard up to the real CRLF (finding 2): the tail of an overlong
+                # line must never come back as a command of its own.
+                self._discarding_line = True
+                tail = buf[-1:] if buf.endswith(b"\r") else b""
+                del buf[:]
+                buf += tail
+                self._pos = 0
+            return None
+        start, self._pos = self._pos, end + 2
+        if self._discarding_line or end + 2 - start > limit:
+            self._discarding_line = False
+            return R500_LINE_TOO_LONG
+        return bytes(buf[start:end])
+
+    def _error(self, reply: Reply) -> AutoReply:
+        self.errors += 1
+        if self.errors > self.max_unknown_commands:
+            return AutoReply(R421_TOO_MANY_ERRORS)
+        return AutoReply(reply)
+
+    def _command(self, line: bytes) -> Event | None:
+        mail = self.envelope.mail
+        try:
+            command = parse_command(line, utf8_rcpt=mail is not None and mail.smtputf8)
+        except SmtpSyntaxError as err:
+            return self._error(err.reply)
+        if self.state not in _ALLOWED[type(command)]:
+            if isinstance(command, Bdat):
+                # RFC 3030 §2: the chunk follows regardless; swallow it, then refuse.
+                self._start_chunk(command, _sequence_reply(command, self.state))
+                return self._read_chunk() or _AWAIT_CHUNK
+            if isinstance(command, Auth) and self.auth_user is not None:
+                return self._error(R503_ALREADY_AUTH)
+            return self._error(_sequence_reply(command, self.state))
+        if isinstance(command, Noop):
+            return AutoReply(R250_OK)
+        if isinstance(command, Help):
+            return AutoReply(R214_HELP)
+        if isinstance(command, Vrfy):
+            return AutoReply(R252_CANNOT_VRFY)
+        if isinstance(command, Rset):
+            return AutoReply(R250_RESET)
+        if isinstance(command, Quit):
+            return AutoReply(R221_BYE)
+        if isinstance(command, Data):
+            return AutoReply(R354_START_DATA)
+        if isinstance(command, Bdat):
+            self._start_chunk(command, None)
+            return self._read_chunk() or _AWAIT_CHUNK
+        if isinstance(command, Auth) and self.auth_user is not None:
+            return self._error(R503_ALREADY_AUTH)
+        return CommandReceived(command)
+
+    # --- DATA ----------------------------------------------------------------------
+    def _read_data(self) -> Event | None:
+        buf = self._buf
+        end = buf.find(buffer.END_OF_DATA, self._scan)
+        if end < 0:
+            # Resume the search where a terminator could still start.
+            self._scan = max(self._data_start, len(buf) - 4)
+            if len(buf) - self._data_start > self.max_message_size + 2:
+                self._too_big = True
+                keep = buf[-4:]
+                del buf[self._data_start :]
+                buf += keep
+                self._scan = self._data_start
+            return None
+        region = bytes(buf[self._data_start : end + 2])
+        self._pos = end + 5
+        self._data_start = 0
+        self.state = State.READY
+        if self._too_big:
+            self._too_big = False
+            return AutoReply(R552_MESSAGE_TOO_BIG)
+        content = buffer.unstuff(region)
+        if len(content) > self.max_message_size:
+            return AutoReply(R552_MESSAGE_TOO_BIG)
+        problem = buffer.content_problem(content)
+        if problem is not None:
+            return AutoReply(problem)
+        return MessageReceived(content, chunked=False)
+
+    # --- BDAT (RFC 3030) -----------------------------------------------------------
+    def _start_chunk(self, command: Bdat, error: Reply | None) -> None:
+        if self.state is not State.BDAT_MORE:
+            self._chunks = []
+            self._chunked_size = 0
+            self._bdat_error = None
+        self._bdat_error = self._bdat_error or error
+        self._bdat_remaining = command.size
+        self._bdat_last = command.last
+        self._bdat_return = self.state
+        self.state = State.BDAT
+
+    def _read_chunk(self) -> Event | None:
+        buf = self._buf
+        take = min(self._bdat_remaining, len(buf) - self._pos)
+        if take:
+            if self._bdat_error is None and self._chunked_size + take <= self.max_message_size:
+                self._chunks.append(bytes(buf[self._pos : self._pos + take]))
+            elif self._bdat_error is None:
+                self._bdat_error = R552_MESSAGE_TOO_BIG
+                self._chunks = []
+            self._chunked_size += take
+            self._pos += take
+            self._bdat_remaining -= take
+        if self._bdat_remaining:
+            return None
+        error = self._bdat_error
+        if error is not None and error.code == 503 or error is R554_NO_VALID_RCPTS:
+            # Out-of-sequence chunk: state is what it was before the BDAT.
+            self.state = self._bdat_return
+            return self._error(error)
+        if not self._bdat_last:
+            self.state = State.BDAT_MORE
+            return AutoReply(
+                Reply(250, "2.0.0", f"{self._chunked_size} octets received")
+                if error is None else error
+            )
+        self.state = State.READY
+        if error is not None:
+            return AutoReply(error)
+        content = b"".join(self._chunks)
+        self._chunks = []
+        problem = buffer.content_problem(content)
+        if problem is not None:
+            return AutoReply(problem)
+        return MessageReceived(content, chunked=True)
+
+    # --- output --------------------------------------------------------------------
+    def send(self, reply: Reply) -> bytes:
+        """Reply to the pending event (or send the banner); returns the wire bytes.
+
+        The reply decides the transition: see the module docstring.
+        """
+        event, self._pending = self._pending, None
+        if self.state is State.GREETING and event is None:
+            self.state = State.CONNECTED  # the banner
+        elif reply.code == 421 or (event is not None and _is_quit(event)) or (
+            isinstance(event, AutoReply) and event.reply is R554_PREGREET
+        ):
+            self.state = State.CLOSED
+        elif isinstance(event, CommandReceived):
+            self._apply(event.command, reply)
+        elif isinstance(event, AuthResponse):
+            self._apply_auth(reply)
+        elif isinstance(event, AutoReply):
+            self._apply_auto(event.reply, reply)
+        elif isinstance(event, MessageReceived):
+            self.reset_transaction()
+        return reply.to_bytes()
+
+    def _apply(self, command: Command, reply: Reply) -> None:
+        ok = reply.code < 400
+        if isinstance(command, (Ehlo, Helo)):
+            if ok:
+                # RFC 5321 §4.1.4: EHLO resets the transaction as RSET would.
+                self.helo = command.domain
+                self.esmtp = isinstance(command, Ehlo)
+                self.envelope = Envelope()
+                self.state = State.READY
+        elif isinstance(command, Mail):
+            if ok:
+                self.envelope.mail = command
+                self.state = State.MAIL
+        elif isinstance(command, Rcpt):
+            if ok:
+                self.envelope.rcpts.append(command)
+                self.state = State.RCPT
+        elif isinstance(command, StartTls):
+            if reply.code == 220:
+                # CVE-2011-0411 / P6: whatever was pipelined after STARTTLS is dropped.
+                self.discarded_at_starttls += self.buffered
+                del self._buf[:]
+                self._pos = 0
+                self.state = State.TLS_HANDSHAKE
+        elif isinstance(command, Auth):
+            if reply.code == 334:
+                self._auth_return = self.state
+                self.state = State.AUTH
+
+    def _apply_auth(self, reply: Reply) -> None:
+        if reply.code != 334:
+            self.state = self._auth_return
+
+    def _apply_auto(self, decided: Reply, sent: Reply) -> None:
+        if decided is R354_START_DATA and sent.code == 354:
+            self.state = State.DATA
+            self._data_start = self._pos - 2  # the CRLF of the DATA line
+            self._scan = self._data_start
+            self._too_big = False
+        elif decided is R250_RESET:
+            self.reset_transaction()
+        elif self.state is State.READY and decided.code >= 400 and self._chunks == []:
+            # A refused DATA/BDAT message: the transaction is over either way.
+            self.reset_transaction()
+
+    def authenticated(self, user: str) -> None:
+        """The adapter verified credentials (RFC 4954 §4: one AUTH per session)."""
+        self.auth_user = user
+
+    def tls_established(self) -> None:
+        """RFC 3207 §4.2: after the handshake the session starts over, EHLO first."""
+        self.tls_active = True
+        self.helo = None
+        self.esmtp = False
+        self.auth_user = None
+        self.envelope = Envelope()
+        del self._buf[:]
+        self._pos = 0
+        self.state = State.CONNECTED
+
+    def reset_transaction(self) -> None:
+        self.envelope = Envelope()
+        self._chunks = []
+        if self.state not in (State.CONNECTED, State.CLOSED, State.TLS_HANDSHAKE):
+            self.state = State.READY
+
+
+def _is_quit(event: Event) -> bool:
+    return isinstance(event, AutoReply) and event.reply is R221_BYE
+
+
+# Returned when a BDAT command was parsed but its chunk has not fully arrived yet:
+# the command itself gets no reply of its own (RFC 3030 §2), so this is "no event".
+_AWAIT_CHUNK: None = None
