@@ -1,0 +1,474 @@
+"""The queue store: the ONLY module of the engine that imports lmdb.
+
+Layout (named DBs in one environment):
+  meta  b"boot" → u32 BE boot counter; b"shards" → u16 BE shard count of the due index;
+        b"format" → u8 layout version
+  msg   id (8 bytes) → encoded MessageRecord
+  body  id → raw message bytes
+  due   owner u16 BE | due u64 BE (ms since epoch) | id | domain utf-8 → b""
+        one entry per (message, recipient domain with PENDING recipients)
+
+Due keys are a pure function of the stored record and the shard count (see
+`records.pending_domains`), so deleting or updating a message recomputes its old keys
+from the old record: no reverse index is needed. If the shard count changes between
+runs, the due index is rebuilt at open.
+
+Errors: every lmdb error is mapped to engine.errors at this boundary, so no caller
+ever sees an lmdb exception (P4): MAP_FULL/ENOSPC → QueueFull, MDB_PANIC →
+StoragePanic, anything else → StorageError.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import lmdb
+
+from engine.errors import QueueFull, StorageError, StoragePanic
+from engine.queue.ids import ID_LEN
+from engine.queue.records import MessageRecord, decode_record, encode_record, pending_domains
+
+_T = TypeVar("_T")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_DUE_HEAD = struct.Struct(">HQ")  # owner, due ms
+_DUE_FIXED = _DUE_HEAD.size + ID_LEN  # 18 bytes before the domain
+_MAX_KEY = 511  # lmdb.h: MDB_MAXKEYSIZE default
+FORMAT = 1
+DURABILITIES = ("fsync", "batch", "memory")
+
+# lmdb errors raised INSIDE one op's child transaction that leave the parent intact:
+# MDB_MAP_FULL and friends are detected while allocating or before touching pages, and
+# aborting the child restores the parent exactly (mdb.c nested txns). Any other lmdb
+# error inside an op (EIO from a page spill, PANIC, CORRUPTED) aborts the whole batch.
+_OP_LOCAL = (
+    lmdb.MapFullError,
+    lmdb.TxnFullError,
+    lmdb.PageFullError,
+    lmdb.CursorFullError,
+    lmdb.BadValsizeError,
+    lmdb.KeyExistsError,
+    lmdb.NotFoundError,
+)
+
+
+def stable_shard(domain: str, shards: int) -> int:
+    """Owner shard of a domain: crc32 of the lower-cased utf-8 domain, mod `shards`.
+
+    Stable across processes and restarts, unlike hash() (PYTHONHASHSEED).
+    """
+    if shards <= 1:
+        return 0
+    return zlib.crc32(domain.lower().encode("utf-8", "surrogatepass")) % shards
+
+
+def due_key(owner: int, due_ms: int, msg_id: bytes, domain: str) -> bytes:
+    """Build one due-index key.
+
+    Raises:
+        ValueError: the key would exceed LMDB's 511-byte key limit (domain too long).
+    """
+    key = _DUE_HEAD.pack(owner, due_ms) + msg_id + domain.encode("utf-8", "surrogatepass")
+    if len(key) > _MAX_KEY:
+        raise ValueError(f"recipient domain too long for the due index: {len(key)} bytes")
+    return key
+
+
+def _due_keys(rec: MessageRecord, shards: int) -> list[bytes]:
+    return [
+        due_key(stable_shard(d, shards), int(t * 1000), rec.id, d)
+        for d, t in pending_domains(rec).items()
+    ]
+
+
+def map_error(err: lmdb.Error) -> StorageError:
+    """Translate an lmdb error into the engine's storage errors (finding 8)."""
+    text = f"{type(err).__name__}: {err}"
+    if isinstance(err, lmdb.PanicError):
+        return StoragePanic(text)
+    if isinstance(err, (lmdb.MapFullError, lmdb.DiskError)):
+        return QueueFull(text)
+    return StorageError(text)
+
+
+class WriteTxn:
+    """One op's view of the batch's write transaction (an LMDB child transaction).
+
+    Valid only while the op runs; the store invalidates it afterwards.
+    """
+
+    __slots__ = ("_store", "_txn")
+
+    def __init__(self, store: QueueStore, txn: lmdb.Transaction) -> None:
+        self._store = store
+        self._txn: lmdb.Transaction | None = txn
+
+    @property
+    def txn(self) -> lmdb.Transaction:
+        """The raw lmdb transaction, for store-internal extensions only."""
+        if self._txn is None:
+            raise RuntimeError("WriteTxn used after its op returned")
+        return self._txn
+
+    def get(self, msg_id: bytes) -> MessageRecord | None:
+        """The record as seen inside this transaction (including this batch's writes)."""
+        data = self.txn.get(msg_id, db=self._store._msg)
+        return None if data is None else decode_record(data)
+
+    def put_message(self, record: MessageRecord, body: bytes) -> None:
+        """Store a new message: record, body and its due entries.
+
+        Raises:
+            ValueError: bad id length, or a domain too long for the due index.
+            KeyError: a message with this id is already queued.
+            QueueFull: storing it would eat into the space reserved for deletes.
+        """
+        s, txn = self._store, self.txn
+        if len(record.id) != ID_LEN:
+            raise ValueError(f"queue id must be {ID_LEN} bytes")
+        keys = _due_keys(record, s.shards)  # validates before anything is written
+        if not txn.put(record.id, encode_record(record), db=s._msg, overwrite=False):
+            raise KeyError(f"message {record.id.hex()} already queued")
+        txn.put(record.id, body, db=s._body)
+        for k in keys:
+            txn.put(k, b"", db=s._due)
+        s._check_reserve(txn)
+
+    def delete_message(self, msg_id: bytes) -> bool:
+        """Remove record, body and due entries; False if the message was not queued."""
+        s, txn = self._store, self.txn
+        old = txn.get(msg_id, db=s._msg)
+        txn.delete(msg_id, db=s._body)
+        if old is None:
+            return False
+        for k in _due_keys(decode_record(old), s.shards):
+            txn.delete(k, db=s._due)
+        txn.delete(msg_id, db=s._msg)
+        return True
+
+    def update_message(self, record: MessageRecord) -> None:
+        """Rewrite a queued record; its due entries become those of its PENDING
+        recipients (due at next_attempt). A record with nothing pending has none.
+
+        Raises:
+            KeyError: the message is not queued (never resurrect a deleted one).
+            ValueError: a domain too long for the due index.
+        """
+        s, txn = self._store, self.txn
+        old = txn.get(record.id, db=s._msg)
+        if old is None:
+            raise KeyError(f"message {record.id.hex()} not queued")
+        new_keys = _due_keys(record, s.shards)
+        for k in _due_keys(decode_record(old), s.shards):
+            txn.delete(k, db=s._due)
+        txn.put(record.id, encode_record(record), db=s._msg)
+        for k in new_keys:
+            txn.put(k, b"", db=s._due)
+
+
+class QueueStore:
+    """The LMDB environment holding the queue. Open it in the process that uses it:
+    never before fork() (finding 9).
+
+    Threads: `write()` may run on one thread (the committer) while reads run on
+    another; each read uses its own short read transaction.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        map_size: int,
+        durability: str = "fsync",
+        shards: int = 1,
+        reserve: int | None = None,
+    ) -> None:
+        """Open (creating if needed) the queue at `path`.
+
+        `reserve` bytes of the map (default: 1% of map_size, at least 128 KiB) are kept
+        free of new messages so deletes and updates can still commit when the queue is
+        full; otherwise a full map could never drain (copy-on-write deletes need pages).
+
+        Raises:
+            ValueError: bad durability or shard count.
+            StorageError: the environment cannot be opened (including "already open in
+                this process", e.g. after fork, finding 9).
+        """
+        if durability not in DURABILITIES:
+            raise ValueError(f"durability must be one of {DURABILITIES}, got {durability!r}")
+        if not 1 <= shards <= 0xFFFF:
+            raise ValueError(f"shards must be 1..65535, got {shards}")
+        self.path = path
+        self.durability = durability
+        self.shards = shards
+        self._resize_lock = threading.Lock()
+        os.makedirs(path, mode=0o700, exist_ok=True)  # P10: not world-writable
+        flush = durability == "fsync"
+        try:
+            # finding 4 / P1: sync+metasync and no writemap make commit() the durability
+            # point; max_spare_txns=0 so no cached read txn holds a reader slot (finding 7).
+            self._env = lmdb.open(
+                path, map_size=map_size, subdir=True, max_dbs=8, mode=0o600,
+                sync=flush, metasync=flush, writemap=False, map_async=False,
+                max_spare_txns=0, meminit=True,
+            )
+        except lmdb.Error as err:
+            raise map_error(err) from err
+        try:
+            self._meta = self._env.open_db(b"meta")
+            self._msg = self._env.open_db(b"msg")
+            self._body = self._env.open_db(b"body")
+            self._due = self._env.open_db(b"due")
+            self._psize: int = self._env.stat()["psize"]
+            self._env.reader_check()  # finding 7: clear slots of dead readers at start
+        except lmdb.Error as err:
+            self._env.close()
+            raise map_error(err) from err
+        self._map_pages = self._env.info()["map_size"] // self._psize
+        if reserve is None:
+            reserve = max(128 * 1024, map_size // 100)
+        self._reserve_pages = -(-reserve // self._psize)
+        self._closed = False
+        self._check_layout()
+
+    # ---- layout ---------------------------------------------------------------
+
+    def _check_layout(self) -> None:
+        def op(w: WriteTxn) -> None:
+            txn = w.txn
+            fmt = txn.get(b"format", db=self._meta)
+            if fmt is not None and fmt[0] > FORMAT:
+                raise StorageError(f"queue format {fmt[0]} is newer than this engine")
+            if fmt is None:
+                txn.put(b"format", bytes([FORMAT]), db=self._meta)
+            raw = txn.get(b"shards", db=self._meta)
+            if raw is None or _U16.unpack(raw)[0] != self.shards:
+                self._rebuild_due(txn)
+                txn.put(b"shards", _U16.pack(self.shards), db=self._meta)
+
+        self.write_one(op)
+
+    def _rebuild_due(self, txn: lmdb.Transaction) -> None:
+        # Owners moved (shard count changed): recompute every due key from its record.
+        txn.drop(self._due, delete=False)
+        with txn.cursor(db=self._msg) as cur:
+            for _, data in cur:
+                for k in _due_keys(decode_record(data), self.shards):
+                    txn.put(k, b"", db=self._due)
+
+    def _check_reserve(self, txn: lmdb.Transaction) -> None:
+        # Pages in use as this txn sees them (mdb_stat reads the txn's own DB records).
+        # Free pages pinned by live readers are not counted, so this is an estimate;
+        # the hard MAP_FULL still maps to QueueFull if it is wrong.
+        used = 4  # two meta pages, main DB root, slack
+        for db in (self._meta, self._msg, self._body, self._due):
+            st = txn.stat(db)
+            used += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+        if used > self._map_pages - self._reserve_pages:
+            raise QueueFull("queue store full (space reserved for deletes)")
+
+    # ---- writes ---------------------------------------------------------------
+
+    def _begin_write(self) -> lmdb.Transaction:
+        try:
+            return self._env.begin(write=True)
+        except lmdb.MapResizedError:
+            # lmdb.h mdb_env_set_mapsize: another process grew the map; adopt it once.
+            self._adopt_mapsize()
+        try:
+            return self._env.begin(write=True)
+        except lmdb.Error as err:
+            raise map_error(err) from err
+
+    def _adopt_mapsize(self) -> None:
+        try:
+            with self._resize_lock:
+                self._env.set_mapsize(0)
+                self._map_pages = self._env.info()["map_size"] // self._psize
+        except lmdb.Error as err:
+            raise map_error(err) from err
+
+    def write(self, ops: list[Callable[[WriteTxn], object]]) -> list[object | BaseException]:
+        """Run every op in ONE write transaction and ONE commit (group commit).
+
+        Each op runs in its own LMDB child transaction: an op that raises an ordinary
+        exception (or hits MAP_FULL / the delete reserve, → QueueFull) is rolled back
+        alone and gets the exception as its result; the others still commit. Results
+        are in op order. When this returns under "fsync" durability, every successful
+        op is on disk (P1).
+
+        Raises:
+            QueueFull: MAP_FULL/ENOSPC at commit; nothing was written.
+            StoragePanic: MDB_PANIC; the environment is unusable, restart the worker.
+            StorageError: any other lmdb failure; nothing was written.
+        """
+        if self._closed:
+            raise StorageError("queue store is closed")
+        results: list[object | BaseException] = []
+        txn = self._begin_write()
+        try:
+            for op in ops:
+                child = self._env.begin(write=True, parent=txn)
+                w = WriteTxn(self, child)
+                try:
+                    res = op(w)
+                    child.commit()
+                except lmdb.Error as err:
+                    child.abort()
+                    if not isinstance(err, _OP_LOCAL):
+                        raise
+                    results.append(map_error(err))
+                except Exception as err:  # the op's own failure: roll back only it
+                    child.abort()
+                    results.append(err)
+                except BaseException:
+                    child.abort()
+                    raise
+                else:
+                    results.append(res)
+                finally:
+                    w._txn = None
+            txn.commit()
+        except lmdb.Error as err:
+            txn.abort()
+            raise map_error(err) from err
+        except BaseException:
+            txn.abort()
+            raise
+        return results
+
+    def write_one(self, op: Callable[[WriteTxn], _T]) -> _T:
+        """Run a single op in its own committed transaction; re-raise its failure.
+
+        Raises:
+            Whatever the op raised, or QueueFull/StoragePanic/StorageError as `write`.
+        """
+        (res,) = self.write([op])
+        if isinstance(res, BaseException):
+            raise res
+        return res  # type: ignore[return-value]
+
+    def next_boot(self) -> int:
+        """Increment and return the u32 boot counter, committed before it returns.
+
+        Raises:
+            StorageError: the counter would overflow u32, or the write failed.
+        """
+
+        def op(w: WriteTxn) -> int:
+            raw = w.txn.get(b"boot", db=self._meta)
+            n = (_U32.unpack(raw)[0] if raw else 0) + 1
+            if n > 0xFFFFFFFF:
+                raise StorageError("boot counter exhausted")
+            w.txn.put(b"boot", _U32.pack(n), db=self._meta)
+            return n
+
+        boot = self.write_one(op)
+        if self.durability != "fsync":
+            self.sync()  # a reused boot number would reuse ids (P12): always flush it
+        return boot
+
+    # ---- reads ----------------------------------------------------------------
+
+    def _read(self, fn: Callable[[lmdb.Transaction], _T]) -> _T:
+        for attempt in (0, 1):
+            try:
+                with self._env.begin(write=False) as txn:
+                    return fn(txn)
+            except lmdb.MapResizedError:
+                if attempt:
+                    raise StorageError("map resized twice during one read") from None
+                self._adopt_mapsize()
+            except lmdb.Error as err:
+                raise map_error(err) from err
+        raise AssertionError("unreachable")
+
+    def get(self, msg_id: bytes) -> MessageRecord | None:
+        """The queued record, or None. Raises StorageError on lmdb failure."""
+        data = self._read(lambda t: t.get(msg_id, db=self._msg))
+        return None if data is None else decode_record(data)
+
+    def get_body(self, msg_id: bytes) -> bytes | None:
+        """The raw message bytes, or None. Raises StorageError on lmdb failure."""
+        return self._read(lambda t: t.get(msg_id, db=self._body))
+
+    def count(self) -> int:
+        """Number of queued messages. Raises StorageError on lmdb failure."""
+        return int(self._read(lambda t: t.stat(self._msg)["entries"]))
+
+    def iter_ids(self, chunk: int = 1024) -> Iterator[bytes]:
+        """Every queued id in key order, read in chunks of short read transactions
+        (a long-lived reader would pin old pages and grow the file, finding 7)."""
+        after = b""
+        while True:
+
+            def page(t: lmdb.Transaction) -> list[bytes]:
+                with t.cursor(db=self._msg) as cur:
+                    if not cur.set_range(after):
+                        return []
+                    out: list[bytes] = []
+                    for k in cur.iternext(keys=True, values=False):
+                        if k != after:
+                            out.append(k)
+                            if len(out) >= chunk:
+                                break
+                    return out
+
+            ids = self._read(page)
+            if not ids:
+                return
+            yield from ids
+            after = ids[-1]
+
+    def due_entries(self, owner: int, until_ms: int, limit: int) -> list[tuple[int, bytes, str]]:
+        """Up to `limit` (due_ms, msg_id, domain) of shard `owner` due at or before
+        `until_ms`, earliest first. Raises StorageError on lmdb failure."""
+        prefix = _U16.pack(owner)
+
+        def scan(t: lmdb.Transaction) -> list[tuple[int, bytes, str]]:
+            out: list[tuple[int, bytes, str]] = []
+            with t.cursor(db=self._due) as cur:
+                if not cur.set_range(prefix):
+                    return out
+                for k in cur.iternext(keys=True, values=False):
+                    if len(out) >= limit or k[:2] != prefix:
+                        break
+                    _, due = _DUE_HEAD.unpack_from(k)
+                    if due > until_ms:
+                        break
+                    dom = k[_DUE_FIXED:].decode("utf-8", "surrogatepass")
+                    out.append((due, k[_DUE_HEAD.size:_DUE_FIXED], dom))
+            return out
+
+        return self._read(scan)
+
+    # ---- maintenance ----------------------------------------------------------
+
+    def sync(self) -> None:
+        """Force a flush to disk (used by "batch" durability).
+
+        Raises:
+            StorageError/QueueFull/StoragePanic: the flush failed; treat as data loss risk.
+        """
+        try:
+            self._env.sync(True)
+        except lmdb.Error as err:
+            raise map_error(err) from err
+
+    def reader_check(self) -> int:
+        """Clear reader slots of dead processes (finding 7); returns how many."""
+        try:
+            return int(self._env.reader_check())
+        except lmdb.Error as err:
+            raise map_error(err) from err
+
+    def close(self) -> None:
+        """Close the environment; idempotent. No write may be running."""
+        if not self._closed:
+            self._closed = True
+            self._env.close()
