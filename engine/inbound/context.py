@@ -1,0 +1,118 @@
+"""What every inbound session of one worker shares: config, policy, the committer,
+id allocation, TLS context, the user database, connection accounting and the
+deadline sweeper."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import ssl
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from engine.config import Config
+from engine.inbound import auth
+from engine.inbound.policy import Policy
+from engine.observe import log
+from engine.queue.commit import Committer
+from engine.queue.ids import IdAllocator
+
+if TYPE_CHECKING:
+    from engine.inbound.protocol import SmtpServerProtocol
+
+
+class InboundStats:
+    __slots__ = ("received", "connections", "refused_connections")
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.connections = 0
+        self.refused_connections = 0
+
+
+def make_server_tls_context(cfg: Config) -> ssl.SSLContext | None:
+    if not (cfg.tls.cert_file and cfg.tls.key_file):
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file)
+    return ctx
+
+
+class WorkerContext:
+    def __init__(
+        self,
+        cfg: Config,
+        loop: asyncio.AbstractEventLoop,
+        committer: Committer,
+        ids: IdAllocator,
+        *,
+        workers: int,
+    ) -> None:
+        self.loop = loop
+        self.committer = committer
+        self.ids = ids
+        self.workers = max(1, workers)
+        self.sessions: set[SmtpServerProtocol] = set()
+        self.per_ip: dict[str, int] = {}
+        self.stats = InboundStats()
+        self.draining = False
+        # scrypt is ~50 ms of CPU: a small pool keeps it off the loop (house rule 4).
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="volley-auth")
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.apply_config(cfg)
+
+    def apply_config(self, cfg: Config) -> None:
+        """Reload: limits, relay rules, users and TLS; sessions keep their listener."""
+        self.cfg = cfg
+        self.hostname = cfg.server.hostname
+        self.policy = Policy(cfg)
+        self.users = auth.UserDb.load(cfg.auth.users_file)
+        self.ssl_context = make_server_tls_context(cfg)
+        # Each worker takes its share of the global caps (see README, "Limits").
+        self.max_connections = max(1, math.ceil(cfg.limits.max_connections / self.workers))
+        self.max_per_ip = max(1, math.ceil(cfg.limits.max_connections_per_ip / self.workers))
+
+    # --- connection accounting ------------------------------------------------------
+    def admit(self, proto: SmtpServerProtocol) -> bool:
+        ip = proto.client_ip
+        if (
+            self.draining
+            or len(self.sessions) >= self.max_connections
+            or self.per_ip.get(ip, 0) >= self.max_per_ip
+        ):
+            self.stats.refused_connections += 1
+            return False
+        self.sessions.add(proto)
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        self.stats.connections += 1
+        return True
+
+    def release(self, proto: SmtpServerProtocol) -> None:
+        if proto in self.sessions:
+            self.sessions.discard(proto)
+            left = self.per_ip.get(proto.client_ip, 1) - 1
+            if left:
+                self.per_ip[proto.client_ip] = left
+            else:
+                self.per_ip.pop(proto.client_ip, None)
+
+    # --- timeouts: one timer per worker, not one per session ---------------------------
+    def start_sweeper(self, interval: float = 1.0) -> None:
+        def sweep() -> None:
+            now = self.loop.time()
+            for proto in [p for p in self.sessions if p.deadline <= now]:
+                try:
+                    proto.timed_out()
+                except Exception as err:  # a broken session must not stop the sweeper
+                    log.error("sweep_error", error=repr(err))
+            self._sweeper = self.loop.call_later(interval, sweep)
+
+        self._sweeper = self.loop.call_later(interval, sweep)
+
+    def stop_sweeper(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+    async def check_password(self, user: str, password: str) -> bool:
+        return await auth.authenticate(self.users, user, password, self.executor)

@@ -1,0 +1,74 @@
+"""Pure receiving policy: session facts + config → a Reply, or None to accept.
+
+No I/O here, so relay and limit rules are tested as plain functions (P7).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from engine.config import Config, ListenerConfig
+from engine.smtp.commands import Mail, Rcpt
+from engine.smtp.replies import (
+    R452_TOO_MANY_RCPTS,
+    R530_AUTH_REQUIRED,
+    R552_MESSAGE_TOO_BIG,
+    R554_RELAY_DENIED,
+    Reply,
+)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What we know of the client when a command arrives."""
+
+    client_ip: str
+    may_relay: bool  # client in relay.networks, decided once per connection
+    authenticated: bool
+    listener: ListenerConfig
+
+
+class Policy:
+    """Built once per config (and again on reload); methods are pure."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.networks: tuple[IPNetwork, ...] = tuple(
+            ipaddress.ip_network(n, strict=False) for n in cfg.relay.networks
+        )
+        self.local_domains = frozenset(d.lower().rstrip(".") for d in cfg.relay.local_domains)
+        self.max_message_size = int(cfg.limits.max_message_size)
+        self.max_recipients = cfg.limits.max_recipients
+
+    def in_relay_networks(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.networks)
+
+    def check_mail(self, facts: Facts, mail: Mail) -> Reply | None:
+        if facts.listener.auth == "required" and not facts.authenticated:
+            return R530_AUTH_REQUIRED
+        # RFC 1870 §6: refuse at MAIL when the declared size is already too big.
+        if mail.size is not None and mail.size > self.max_message_size:
+            return R552_MESSAGE_TOO_BIG
+        return None
+
+    def check_rcpt(self, facts: Facts, rcpt: Rcpt, accepted: int) -> Reply | None:
+        if accepted >= self.max_recipients:
+            # RFC 5321 §4.5.3.1.10: 452 so the client sends the rest in a new transaction.
+            return R452_TOO_MANY_RCPTS
+        if facts.may_relay or facts.authenticated:
+            return None
+        # P7: the destination is the text after the last "@" and nothing else: no %,
+        # ! or source-route interpretation can change it.
+        domain = rcpt.address.rpartition("@")[2].lower().rstrip(".")
+        if domain in self.local_domains:
+            return None
+        return R554_RELAY_DENIED

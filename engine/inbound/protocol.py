@@ -1,0 +1,371 @@
+"""asyncio Protocol per inbound connection: the thin adapter around ServerSession.
+
+Every read is run through the machine until it needs more bytes or a decision that
+takes time (a queue commit, a password check); all replies produced by one read go
+out in one write (house rule 5). While a decision is pending the machine is PAUSED,
+so nothing pipelined behind it runs ahead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import ssl
+from typing import TYPE_CHECKING
+
+from engine.errors import VolleyError
+from engine.inbound import session_io
+from engine.inbound.policy import Facts
+from engine.observe import log
+from engine.smtp.commands import Auth, Ehlo, Helo, Mail, Rcpt, StartTls
+from engine.smtp.replies import (
+    R220_READY_TLS,
+    R421_SHUTTING_DOWN,
+    R421_TIMEOUT,
+    R421_TOO_MANY_CONNECTIONS,
+    R451_LOCAL_ERROR,
+    R454_TLS_UNAVAILABLE,
+    R502_NOT_IMPLEMENTED,
+    Reply,
+)
+from engine.smtp.server import (
+    NEED_DATA,
+    PAUSED,
+    AuthResponse,
+    AutoReply,
+    CommandReceived,
+    ConnectionClosed,
+    MessageReceived,
+    ServerSession,
+    State,
+)
+
+if TYPE_CHECKING:
+    from engine.config import ListenerConfig
+    from engine.inbound.context import WorkerContext
+
+# Pause reading when this much unprocessed input piles up behind a pending decision.
+_MAX_BUFFERED = 1 << 20
+_DATA_STATES = (State.DATA, State.BDAT, State.BDAT_MORE)
+
+
+class SmtpServerProtocol(asyncio.Protocol):
+    """One inbound SMTP connection."""
+
+    def __init__(self, ctx: WorkerContext, listener: ListenerConfig, implicit_tls: bool) -> None:
+        self.ctx = ctx
+        self.listener = listener
+        self.session = ServerSession(
+            max_message_size=int(ctx.cfg.limits.max_message_size),
+            max_unknown_commands=ctx.cfg.limits.max_unknown_commands,
+            tls_active=implicit_tls,
+        )
+        self.transport: asyncio.Transport | None = None
+        self.client_ip = ""
+        self.may_relay = False
+        self.deadline = math.inf  # loop.time() after which the sweeper ends us
+        self.busy = False  # a decision (commit, auth) is pending
+        self.closing = False
+        self.auth_failures = 0
+        self.auth_state: session_io.AuthExchange | None = None
+        self.tls_version = ""
+        self._reading_paused = False
+        self._write_paused = False
+        self._greeting_handle: asyncio.TimerHandle | None = None
+
+    # --- connection lifecycle ------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses; same interface.
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        assert self.transport is not None
+        self.client_ip = peer[0] if isinstance(peer, tuple) else "unix"
+        ctx = self.ctx
+        if not ctx.admit(self):
+            transport.write(R421_TOO_MANY_CONNECTIONS.to_bytes())
+            transport.close()
+            self.closing = True
+            return
+        self.may_relay = ctx.policy.in_relay_networks(self.client_ip)
+        if self.session.tls_active:
+            self._note_tls(transport)
+        delay = float(ctx.cfg.limits.greeting_delay)
+        if delay > 0:
+            self._greeting_handle = ctx.loop.call_later(delay, self._greet)
+            self.deadline = ctx.loop.time() + delay + float(ctx.cfg.limits.command_timeout)
+        else:
+            self._greet()
+
+    def _greet(self) -> None:
+        self._greeting_handle = None
+        if self.closing or self.transport is None:
+            return
+        if self.session.buffered:
+            # Pregreet: the client talked before our banner (postscreen's test).
+            self._process()
+            return
+        banner = Reply(220, "", f"{self.ctx.hostname} ESMTP Volley")
+        self.transport.write(self.session.send(banner))
+        self._arm_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        if self._greeting_handle is not None:
+            self._greeting_handle.cancel()
+        self.ctx.release(self)
+
+    def pause_writing(self) -> None:
+        # The client is not reading our replies: stop reading its commands (bounded
+        # memory under a pipelining flood).
+        self._write_paused = True
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if not self.busy:
+            self._resume_reading()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and not self.closing:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.session.receive_data(data)
+        if self.busy:
+            if self.session.buffered > _MAX_BUFFERED:
+                self._pause_reading()
+            return
+        if self._greeting_handle is not None:
+            return  # judged when the greeting timer fires
+        self._process()
+
+    def eof_received(self) -> bool | None:
+        self.session.receive_data(b"")
+        if not self.busy:
+            self._process()
+        return None
+
+    # --- the event loop of one session ---------------------------------------------
+    def _process(self) -> None:
+        """Run the machine over everything buffered; one write for all replies."""
+        out: list[bytes] = []
+        try:
+            self._run(out)
+        except Exception as err:  # one session's bug must never take the worker down
+            log.error("session_error", client=self.client_ip, error=repr(err))
+            out.append(R451_LOCAL_ERROR.to_bytes())
+            self._write(out)
+            self.close()
+            return
+        self._write(out)
+
+    def _run(self, out: list[bytes]) -> None:
+        session = self.session
+        while not self.closing:
+            event = session.next_event()
+            if event is NEED_DATA or event is PAUSED:
+                return
+            if isinstance(event, AutoReply):
+                out.append(session.send(event.reply))
+                if session.state is State.CLOSED:
+                    self._write(out)
+                    self.close()
+                    return
+            elif isinstance(event, CommandReceived):
+                if not self._command(event.command, out):
+                    return
+            elif isinstance(event, MessageReceived):
+                self._enqueue(event)
+                return
+            elif isinstance(event, AuthResponse):
+                if not self._auth_step(event.line, out):
+                    return
+            elif isinstance(event, ConnectionClosed):
+                self.close()
+                return
+
+    def _facts(self) -> Facts:
+        return Facts(self.client_ip, self.may_relay, self.session.auth_user is not None,
+                     self.listener)
+
+    def _command(self, command: object, out: list[bytes]) -> bool:
+        """Answer a command; False when processing must stop (a pending decision)."""
+        session, policy = self.session, self.ctx.policy
+        if isinstance(command, Rcpt):
+            reply = policy.check_rcpt(self._facts(), command, len(session.envelope.rcpts))
+            out.append(session.send(reply or session_io.R250_RCPT))
+        elif isinstance(command, Mail):
+            reply = policy.check_mail(self._facts(), command)
+            out.append(session.send(reply or session_io.R250_SENDER))
+        elif isinstance(command, (Ehlo, Helo)):
+            out.append(session.send(session_io.greeting_reply(self, command)))
+        elif isinstance(command, StartTls):
+            return self._starttls(out)
+        elif isinstance(command, Auth):
+            return self._auth_start(command, out)
+        else:  # pragma: no cover - the machine auto-replies every other verb
+            out.append(session.send(R502_NOT_IMPLEMENTED))
+        return True
+
+    # --- DATA → queue ----------------------------------------------------------------
+    def _enqueue(self, event: MessageReceived) -> None:
+        self.busy = True
+        self.deadline = math.inf  # our own commit time never counts against the client
+        try:
+            session_io.submit_message(self, event)
+        except VolleyError as err:
+            self._decided(getattr(err, "reply", R451_LOCAL_ERROR))
+
+    def committed(self, result: object, msg_id: str) -> None:
+        """Commit callback, on the loop thread."""
+        if isinstance(result, BaseException):
+            reply = getattr(result, "reply", R451_LOCAL_ERROR)
+            log.warning("queue_refused", client=self.client_ip, error=repr(result))
+        else:
+            reply = Reply(250, "2.0.0", f"OK queued as {msg_id}")
+            self.ctx.stats.received += 1
+        self._decided(reply)
+
+    def _decided(self, reply: Reply) -> None:
+        """A slow decision came back: send it and carry on with what is buffered."""
+        self.busy = False
+        if self.transport is None or self.transport.is_closing():
+            self.session.send(reply)  # keep the machine consistent; nobody listens
+            return
+        out = [self.session.send(reply)]
+        if self.ctx.draining and self.session.state is State.READY:
+            out.append(R421_SHUTTING_DOWN.to_bytes())
+            self._write(out)
+            self.close()
+            return
+        if not self._write_paused:
+            self._resume_reading()
+        try:
+            self._run(out)
+        except Exception as err:
+            log.error("session_error", client=self.client_ip, error=repr(err))
+            out.append(R451_LOCAL_ERROR.to_bytes())
+            self._write(out)
+            self.close()
+            return
+        self._write(out)
+
+    # --- STARTTLS (RFC 3207) ------------------------------------------------------------
+    def _starttls(self, out: list[bytes]) -> bool:
+        ctx = self.ctx.ssl_context
+        if self.listener.tls != "starttls" or ctx is None:
+            out.append(self.session.send(R502_NOT_IMPLEMENTED))
+            return True
+        if self.session.tls_active:
+            out.append(self.session.send(R454_TLS_UNAVAILABLE.with_text("TLS already active")))
+            return True
+        out.append(self.session.send(R220_READY_TLS))  # also drops pipelined plaintext (P6)
+        self._write(out)
+        out.clear()
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self.busy = True
+        self.ctx.loop.create_task(self._handshake(ctx))
+        return False
+
+    async def _handshake(self, ctx: ssl.SSLContext) -> None:
+        assert self.transport is not None
+        try:
+            transport = await self.ctx.loop.start_tls(
+                self.transport, self, ctx, server_side=True,
+                ssl_handshake_timeout=float(self.ctx.cfg.limits.command_timeout),
+            )
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as err:
+            log.info("tls_failed", client=self.client_ip, error=repr(err))
+            self.close()
+            return
+        if transport is None or self.closing:
+            return
+        self.transport = transport
+        self._reading_paused = False
+        self.session.tls_established()
+        self._note_tls(transport)
+        self.busy = False
+        self._arm_deadline()
+
+    def _note_tls(self, transport: asyncio.BaseTransport) -> None:
+        obj = transport.get_extra_info("ssl_object")
+        self.tls_version = obj.version() if obj is not None else "TLS"
+
+    # --- AUTH (RFC 4954) -------------------------------------------------------------
+    def _auth_start(self, command: Auth, out: list[bytes]) -> bool:
+        reply = session_io.auth_refusal(self, command)
+        if reply is not None:
+            out.append(self.session.send(reply))
+            return True
+        self.auth_state = session_io.AuthExchange(command.mechanism)
+        return self._auth_step(command.initial, out)
+
+    def _auth_step(self, response: str | None, out: list[bytes]) -> bool:
+        assert self.auth_state is not None
+        outcome = self.auth_state.step(response)
+        if isinstance(outcome, Reply):  # a challenge, or a syntax refusal
+            out.append(self.session.send(outcome))
+            if outcome.code != 334:
+                self.auth_state = None
+            return True
+        user, password = outcome
+        self.busy = True
+        self._write(out)
+        out.clear()
+        self.ctx.loop.create_task(self._verify(user, password))
+        return False
+
+    async def _verify(self, user: str, password: str) -> None:
+        ok = await self.ctx.check_password(user, password)
+        self.auth_state = None
+        reply = session_io.auth_result(self, user, ok)
+        if reply.code == 421:
+            self.busy = False
+            self._write([self.session.send(reply)])
+            self.close()
+            return
+        self._decided(reply)
+
+    # --- output and ending -----------------------------------------------------------
+    def _write(self, out: list[bytes]) -> None:
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+            out.clear()
+            self._arm_deadline()
+
+    def _arm_deadline(self) -> None:
+        # A deadline per command (or per DATA phase), not per read: a client that
+        # dribbles one byte a minute still times out (P8).
+        if self.busy:
+            return
+        limits = self.ctx.cfg.limits
+        budget = limits.data_timeout if self.session.state in _DATA_STATES else limits.command_timeout
+        self.deadline = self.ctx.loop.time() + float(budget)
+
+    def timed_out(self) -> None:
+        """Called by the worker's sweeper once `deadline` has passed."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(R421_TIMEOUT.to_bytes())
+        log.info("session_timeout", client=self.client_ip, state=self.session.state.value)
+        self.close()
+
+    def shutdown_if_idle(self) -> bool:
+        """Drain: end a session that is between transactions; True if it was ended."""
+        if self.busy or self.session.state not in (State.CONNECTED, State.READY, State.GREETING):
+            return False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(R421_SHUTTING_DOWN.to_bytes())
+        self.close()
+        return True
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()

@@ -1,0 +1,237 @@
+"""The supervisor: binds every listener, starts and restarts workers, handles signals.
+
+Workers are started by fork + exec (`python -m engine.worker`) with the listening
+sockets inherited, rather than by a bare fork: a child then never inherits an event
+loop, threads or an LMDB environment from us (RELIABILITY finding 9), and the
+supervisor may itself open the queue for the control socket later.
+
+Each (listener, worker) pair gets its own socket bound with SO_REUSEPORT, so the
+kernel spreads new connections evenly over workers (PERFORMANCE finding 4: one shared
+accept socket split persistent sessions 20,000 to 0). The supervisor keeps every
+socket open, so connections that reach a dead worker's socket wait in its backlog
+until the restart instead of being refused.
+
+Signals: TERM/INT → drain workers and exit 0; HUP → re-read the config file and
+hand limits, relay rules, users and TLS to every worker (listeners are fixed at start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import uvloop
+
+from engine import config as config_mod
+from engine.config import Config, split_host_port
+from engine.observe import log
+
+# Restart backoff: immediate-ish at first, capped, reset after a healthy run.
+BACKOFF_FIRST = 0.25
+BACKOFF_MAX = 30.0
+HEALTHY_RUN = 30.0
+
+
+def bind_listeners(cfg: Config, workers: int) -> tuple[list[list[socket.socket]], list[str]]:
+    """One socket per (listener, worker slot); returns them and the bound addresses."""
+    per_listener: list[list[socket.socket]] = []
+    bound: list[str] = []
+    for listener in cfg.listeners:
+        host, port = split_host_port(listener.address)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        socks: list[socket.socket] = []
+        for _ in range(workers):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as err:
+                sock.close()
+                for s in socks:
+                    s.close()
+                raise config_mod.ConfigError(
+                    f"listeners: cannot bind {listener.address}: {err.strerror}"
+                ) from None
+            sock.listen(1024)
+            sock.set_inheritable(True)
+            port = sock.getsockname()[1]  # port 0: the rest share the port the first got
+            socks.append(sock)
+        per_listener.append(socks)
+        bound.append(f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}")
+    return per_listener, bound
+
+
+class WorkerSlot:
+    """One worker position: its process, its control channel, its restarts."""
+
+    def __init__(self, sup: Supervisor, slot: int) -> None:
+        self.sup = sup
+        self.slot = slot
+        self.proc: asyncio.subprocess.Process | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.ready = asyncio.Event()
+        self.restarts = 0
+        self.started_at = 0.0
+
+    async def supervise(self) -> None:
+        failures = 0
+        while not self.sup.stopping:
+            self.started_at = time.monotonic()
+            try:
+                code = await self._run_once()
+            except OSError as err:
+                log.error("worker_spawn_failed", slot=self.slot, error=str(err))
+                code = -1
+            if self.sup.stopping:
+                return
+            ran = time.monotonic() - self.started_at
+            failures = 0 if ran > HEALTHY_RUN else failures + 1
+            delay = 0.0 if failures == 0 else min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 1))
+            log.warning("worker_exited", slot=self.slot, status=code, restart_in=delay)
+            self.restarts += 1
+            if delay:
+                try:
+                    await asyncio.wait_for(self.sup.stop_event.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+
+    async def _run_once(self) -> int:
+        parent, child = socket.socketpair()
+        fds = [s.fileno() for s in (self.sup.sockets[i][self.slot] for i in range(len(self.sup.sockets)))]
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "engine.worker",
+                "--slot", str(self.slot), "--control-fd", str(child.fileno()),
+                "--listen-fds", ",".join(map(str, fds)),
+                pass_fds=[child.fileno(), *fds], stdin=asyncio.subprocess.DEVNULL,
+            )
+        finally:
+            child.close()
+        reader, self.writer = await asyncio.open_unix_connection(sock=parent)
+        self.send({"cmd": "start", "slot": self.slot, "workers": self.sup.workers,
+                   "config": config_mod.to_builtins(self.sup.cfg)})
+        reading = asyncio.ensure_future(self._read(reader))
+        code = await self.proc.wait()
+        reading.cancel()
+        self.ready.clear()
+        self.writer.close()
+        self.writer = None
+        return code
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        while line := await reader.readline():
+            try:
+                message = msgspec.json.decode(line)
+            except msgspec.DecodeError:
+                continue
+            if message.get("event") == "ready":
+                self.ready.set()
+                self.sup.on_worker_ready(self)
+
+    def send(self, message: dict[str, object]) -> None:
+        if self.writer is not None and not self.writer.is_closing():
+            self.writer.write(msgspec.json.encode(message) + b"\n")
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, config_path: str | None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.workers = cfg.server.workers or os.cpu_count() or 1
+        self.stopping = False
+        self.stop_event = asyncio.Event()
+        self.sockets: list[list[socket.socket]] = []
+        self.addresses: list[str] = []
+        self.slots: list[WorkerSlot] = []
+        self.announced = False
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._prepare_dirs()
+        self.sockets, self.addresses = bind_listeners(self.cfg, self.workers)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.slots = [WorkerSlot(self, i) for i in range(self.workers)]
+        tasks = [asyncio.ensure_future(s.supervise()) for s in self.slots]
+        log.info("starting", workers=self.workers, listeners=self.addresses,
+                 queue=self.cfg.queue.path, durability=self.cfg.queue.durability)
+        await self.stop_event.wait()
+        await self._shutdown(tasks)
+        for socks in self.sockets:
+            for s in socks:
+                s.close()
+        log.info("stopped")
+        return 0
+
+    def _prepare_dirs(self) -> None:
+        # P10: the queue directory is ours alone.
+        Path(self.cfg.queue.path).mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.cfg.queue.path, 0o700)
+
+    def on_worker_ready(self, slot: WorkerSlot) -> None:
+        if not self.announced and all(s.ready.is_set() for s in self.slots):
+            self.announced = True
+            # Tests and benchmarks wait for this line; it carries the bound ports.
+            log.info("ready", listeners=self.addresses, workers=self.workers,
+                     pids=[s.proc.pid for s in self.slots if s.proc])
+        elif self.announced:
+            log.info("worker_restarted", slot=slot.slot, pid=slot.proc.pid if slot.proc else None)
+
+    def request_stop(self) -> None:
+        if not self.stopping:
+            log.info("stopping")
+            self.stopping = True
+            self.stop_event.set()
+
+    def reload(self) -> None:
+        if self.config_path is None:
+            log.info("reload_skipped", reason="running on the built-in defaults, no file")
+            return
+        try:
+            cfg = config_mod.load(self.config_path)
+        except config_mod.ConfigError as err:
+            log.error("reload_refused", error=str(err))
+            return
+        if cfg.listeners != self.cfg.listeners or cfg.queue != self.cfg.queue:
+            log.warning("reload_partial", reason="listeners and queue change only on restart")
+            cfg = msgspec.structs.replace(cfg, listeners=self.cfg.listeners, queue=self.cfg.queue)
+        self.cfg = cfg
+        log.configure(cfg.log.level)
+        for slot in self.slots:
+            slot.send({"cmd": "reload", "config": config_mod.to_builtins(cfg)})
+        log.info("reloaded")
+
+    async def _shutdown(self, tasks: list[asyncio.Future[None]]) -> None:
+        for slot in self.slots:
+            slot.send({"cmd": "stop"})
+            if slot.proc is not None and slot.proc.returncode is None:
+                try:
+                    slot.proc.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        bound = float(self.cfg.server.shutdown_timeout) + 10.0
+        done, pending = await asyncio.wait(tasks, timeout=bound)
+        for slot in self.slots:
+            if slot.proc is not None and slot.proc.returncode is None:
+                log.warning("worker_killed", slot=slot.slot)
+                slot.proc.kill()
+        if pending:
+            await asyncio.wait(pending, timeout=5.0)
+
+
+def serve(cfg: Config, config_path: str | None) -> int:
+    """Run the supervisor in the foreground until TERM/INT; returns the exit status."""
+    log.configure(cfg.log.level, role="supervisor")
+    try:
+        return uvloop.run(Supervisor(cfg, config_path).run())
+    except config_mod.ConfigError as err:
+        print(f"volley: {err}", file=sys.stderr)
+        return 2

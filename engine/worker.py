@@ -1,0 +1,165 @@
+"""One worker process: `python -m engine.worker`, started by the supervisor.
+
+The supervisor execs us (fork + exec, never a bare fork) with the listening sockets
+and one end of a control socketpair inherited. Only here, after the exec, is LMDB
+opened (RELIABILITY finding 9), so the supervisor stays free to open it too.
+
+Control channel: JSON lines. Supervisor → worker: {"cmd": "start", "config": …,
+"workers": N, "slot": i} first, then {"cmd": "reload", "config": …} or
+{"cmd": "stop"}. Worker → supervisor: {"event": "ready"} once it accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+import msgspec
+import uvloop
+
+from engine import config as config_mod
+from engine.inbound.context import WorkerContext
+from engine.inbound.protocol import SmtpServerProtocol
+from engine.observe import log
+from engine.queue.commit import Committer
+from engine.queue.ids import IdAllocator
+from engine.queue.store import QueueStore
+
+# Exit status that asks the supervisor for a restart without counting as a crash loop
+# of our own making: the storage environment is unusable (MDB_PANIC, finding 8).
+EXIT_STORAGE_PANIC = 3
+
+
+class Worker:
+    def __init__(self, slot: int, control_fd: int, listen_fds: list[int]) -> None:
+        self.slot = slot
+        self.control_fd = control_fd
+        self.listen_fds = listen_fds
+        self.stop_event = asyncio.Event()
+        self.exit_code = 0
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(fileno=self.control_fd)
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        start = msgspec.json.decode(await reader.readline())
+        cfg = config_mod.from_dict(start["config"])
+        workers = int(start["workers"])
+        log.configure(cfg.log.level, role=f"worker{self.slot}")
+
+        for sig in (signal.SIGTERM,):
+            loop.add_signal_handler(sig, self.stop_event.set)
+        # Ctrl-C reaches the whole process group; the supervisor decides for us.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+        store = QueueStore(cfg.queue.path, map_size=int(cfg.queue.max_size),
+                           durability=cfg.queue.durability, shards=workers)
+        ids = IdAllocator(store.next_boot())
+        committer = Committer(store, loop, durability=cfg.queue.durability,
+                              batch_interval=float(cfg.queue.batch_interval))
+        committer.start()
+        ctx = WorkerContext(cfg, loop, committer, ids, workers=workers)
+        servers = []
+        for fd, listener in zip(self.listen_fds, cfg.listeners):
+            lsock = socket.socket(fileno=fd)
+            implicit = listener.tls == "implicit"
+            servers.append(await loop.create_server(
+                lambda listener=listener, implicit=implicit: SmtpServerProtocol(ctx, listener, implicit),
+                sock=lsock, ssl=ctx.ssl_context if implicit else None, backlog=1024,
+                ssl_handshake_timeout=float(cfg.limits.command_timeout) if implicit else None,
+            ))
+        ctx.start_sweeper()
+        housekeeping = loop.create_task(self._housekeeping(store, committer))
+        self._send(writer, {"event": "ready", "slot": self.slot, "pid": os.getpid()})
+        log.info("worker_ready", slot=self.slot)
+
+        control = loop.create_task(self._control(reader, ctx))
+        await self.stop_event.wait()
+        control.cancel()
+        housekeeping.cancel()
+        await self._drain(ctx, servers)
+        await committer.stop()
+        store.close()
+        log.info("worker_stopped", slot=self.slot, received=ctx.stats.received)
+        return self.exit_code
+
+    @staticmethod
+    def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
+        writer.write(msgspec.json.encode(message) + b"\n")
+
+    async def _control(self, reader: asyncio.StreamReader, ctx: WorkerContext) -> None:
+        while True:
+            line = await reader.readline()
+            if not line:  # the supervisor is gone: nobody would restart or stop us
+                log.warning("supervisor_lost", slot=self.slot)
+                self.stop_event.set()
+                return
+            try:
+                message = msgspec.json.decode(line)
+                cmd = message.get("cmd")
+                if cmd == "stop":
+                    self.stop_event.set()
+                elif cmd == "reload":
+                    ctx.apply_config(config_mod.from_dict(message["config"]))
+                    log.info("worker_reloaded", slot=self.slot)
+            except (msgspec.DecodeError, config_mod.ConfigError, OSError, ValueError) as err:
+                log.error("control_message_refused", slot=self.slot, error=str(err))
+
+    async def _housekeeping(self, store: QueueStore, committer: Committer) -> None:
+        loop = asyncio.get_running_loop()
+        ticks = 0
+        while True:
+            await asyncio.sleep(1.0)
+            if committer.panicked:
+                log.error("storage_panic", slot=self.slot)
+                self.exit_code = EXIT_STORAGE_PANIC
+                self.stop_event.set()
+                return
+            ticks += 1
+            if ticks % 60 == 0:
+                # Stale readers of killed processes pin old pages (finding 7).
+                cleared = await loop.run_in_executor(None, store.reader_check)
+                if cleared:
+                    log.info("stale_readers_cleared", count=cleared)
+
+    async def _drain(self, ctx: WorkerContext, servers: list[asyncio.AbstractServer]) -> None:
+        """Stop accepting, end idle sessions, give busy ones the shutdown bound."""
+        ctx.draining = True
+        for server in servers:
+            server.close()
+        for proto in list(ctx.sessions):
+            proto.shutdown_if_idle()
+        deadline = asyncio.get_running_loop().time() + float(ctx.cfg.server.shutdown_timeout)
+        while ctx.sessions and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+            for proto in list(ctx.sessions):
+                proto.shutdown_if_idle()
+        for proto in list(ctx.sessions):
+            proto.close()
+        ctx.stop_sweeper()
+        ctx.executor.shutdown(wait=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="volley-worker")
+    parser.add_argument("--slot", type=int, required=True)
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--listen-fds", default="")
+    args = parser.parse_args(argv)
+    fds = [int(x) for x in args.listen_fds.split(",") if x]
+    worker = Worker(args.slot, args.control_fd, fds)
+    try:
+        return uvloop.run(worker.run())
+    except config_mod.ConfigError as err:
+        print(f"volley worker: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
