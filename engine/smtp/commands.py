@@ -104,7 +104,8 @@ MAX_ORCPT = 500
 
 def _split_verb(line: str) -> tuple[str, str]:
     verb, _, rest = line.partition(" ")
-    return verb.upper(), rest
+    # Only an ASCII verb is upper-cased: "maıl".upper() == "MAIL" must stay unknown.
+    return (verb.upper() if verb.isascii() else verb), rest
 
 
 def _path(text: str, *, utf8: bool, allow_null: bool) -> tuple[str, str]:

@@ -76,6 +76,12 @@ def xtext_decode(value: str) -> str:
 
 
 def xtext_encode(value: str) -> str:
+    """Encode as RFC 3461 xtext; ValueError for a character above U+00FF.
+
+    "+XX" carries one octet, so "€" would become "+20AC" and decode as " AC".
+    """
+    if any(ord(c) > 0xFF for c in value):
+        raise ValueError("xtext cannot carry characters above U+00FF")
     return "".join(
         c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}" for c in value
     )
@@ -85,14 +91,16 @@ def valid_address_literal(text: str) -> bool:
     """RFC 5321 §4.1.3: IPv4, "IPv6:" + address, or Standardized-tag ":" dcontent."""
     inner = text[1:-1]
     if inner[:5].lower() == "ipv6:":
+        if "%" in inner:  # ipaddress accepts a zone id ("fe80::1%eth0"); IPv6-addr has none
+            return False
         try:
             ipaddress.IPv6Address(inner[5:])
         except ValueError:
             return False
         return True
     if ":" in inner:
-        tag = inner.split(":", 1)[0]
-        return re.fullmatch(r"[A-Za-z0-9-]*[A-Za-z0-9]", tag) is not None
+        tag, _, content = inner.partition(":")  # Standardized-tag ":" 1*dcontent
+        return bool(content) and re.fullmatch(r"[A-Za-z0-9-]*[A-Za-z0-9]", tag) is not None
     try:
         ipaddress.IPv4Address(inner)
     except ValueError:
