@@ -6,9 +6,8 @@ No I/O here, so relay and limit rules are tested as plain functions (P7).
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
 
-from engine.config import Config, ListenerConfig
+from engine.config import Config
 from engine.smtp.commands import Mail, Rcpt
 from engine.smtp.replies import (
     R452_TOO_MANY_RCPTS,
@@ -19,16 +18,6 @@ from engine.smtp.replies import (
 )
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@dataclass(frozen=True, slots=True)
-class Facts:
-    """What we know of the client when a command arrives."""
-
-    client_ip: str
-    may_relay: bool  # client in relay.networks, decided once per connection
-    authenticated: bool
-    listener: ListenerConfig
 
 
 class Policy:
@@ -52,19 +41,21 @@ class Policy:
             addr = addr.ipv4_mapped
         return any(addr in net for net in self.networks)
 
-    def check_mail(self, facts: Facts, mail: Mail) -> Reply | None:
-        if facts.listener.auth == "required" and not facts.authenticated:
+    def check_mail(self, needs_auth: bool, mail: Mail) -> Reply | None:
+        """`needs_auth`: the listener requires AUTH and the client has not done it."""
+        if needs_auth:
             return R530_AUTH_REQUIRED
         # RFC 1870 §6: refuse at MAIL when the declared size is already too big.
         if mail.size is not None and mail.size > self.max_message_size:
             return R552_MESSAGE_TOO_BIG
         return None
 
-    def check_rcpt(self, facts: Facts, rcpt: Rcpt, accepted: int) -> Reply | None:
+    def check_rcpt(self, trusted: bool, rcpt: Rcpt, accepted: int) -> Reply | None:
+        """`trusted`: the client is in relay.networks or authenticated."""
         if accepted >= self.max_recipients:
             # RFC 5321 §4.5.3.1.10: 452 so the client sends the rest in a new transaction.
             return R452_TOO_MANY_RCPTS
-        if facts.may_relay or facts.authenticated:
+        if trusted:
             return None
         # P7: the destination is the text after the last "@" and nothing else: no %,
         # ! or source-route interpretation can change it.

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 from engine.errors import VolleyError
 from engine.inbound import session_io
-from engine.inbound.policy import Facts
 from engine.observe import log
 from engine.smtp.commands import Auth, Ehlo, Helo, Mail, Rcpt, StartTls
 from engine.smtp.replies import (
@@ -171,17 +170,18 @@ class SmtpServerProtocol(asyncio.Protocol):
             event = session.next_event()
             if event is NEED_DATA or event is PAUSED:
                 return
-            if isinstance(event, AutoReply):
-                out.append(session.send(event.reply))
+            kind = type(event)
+            if kind is CommandReceived:
+                if not self._command(event.command, out):  # type: ignore[union-attr]
+                    return
+            elif kind is AutoReply:
+                out.append(session.send(event.reply))  # type: ignore[union-attr]
                 if session.state is State.CLOSED:
                     self._write(out)
                     self.close()
                     return
-            elif isinstance(event, CommandReceived):
-                if not self._command(event.command, out):
-                    return
-            elif isinstance(event, MessageReceived):
-                self._enqueue(event)
+            elif kind is MessageReceived:
+                self._enqueue(event)  # type: ignore[arg-type]
                 return
             elif isinstance(event, AuthResponse):
                 if not self._auth_step(event.line, out):
@@ -190,18 +190,22 @@ class SmtpServerProtocol(asyncio.Protocol):
                 self.close()
                 return
 
-    def _facts(self) -> Facts:
-        return Facts(self.client_ip, self.may_relay, self.session.auth_user is not None,
-                     self.listener)
-
     def _command(self, command: object, out: list[bytes]) -> bool:
         """Answer a command; False when processing must stop (a pending decision)."""
         session, policy = self.session, self.ctx.policy
-        if isinstance(command, Rcpt):
-            reply = policy.check_rcpt(self._facts(), command, len(session.envelope.rcpts))
+        kind = type(command)
+        if kind is Rcpt:
+            reply = policy.check_rcpt(
+                self.may_relay or session.auth_user is not None,
+                command,  # type: ignore[arg-type]
+                len(session.envelope.rcpts),
+            )
             out.append(session.send(reply or session_io.R250_RCPT))
-        elif isinstance(command, Mail):
-            reply = policy.check_mail(self._facts(), command)
+        elif kind is Mail:
+            reply = policy.check_mail(
+                self.listener.auth == "required" and session.auth_user is None,
+                command,  # type: ignore[arg-type]
+            )
             out.append(session.send(reply or session_io.R250_SENDER))
         elif isinstance(command, (Ehlo, Helo)):
             out.append(session.send(session_io.greeting_reply(self, command)))

@@ -23,7 +23,10 @@ class Reply(msgspec.Struct, frozen=True):
         return self.code < 400
 
     def to_bytes(self) -> bytes:
-        return format_reply(self)
+        # Catalogue replies are formatted once at import; only replies built at run
+        # time (queue ids, capabilities) are formatted per use.
+        wire = _WIRE.get(id(self))
+        return wire if wire is not None else format_reply(self)
 
     def with_text(self, text: str | tuple[str, ...]) -> "Reply":
         return Reply(self.code, self.enhanced, text)
@@ -89,3 +92,11 @@ R553_UTF8_NOT_ALLOWED = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8
 R554_NO_VALID_RCPTS = Reply(554, "5.5.1", "No valid recipients")
 R554_PREGREET = Reply(554, "5.5.1", "Protocol error: you talked before the greeting")
 R555_UNKNOWN_PARAM = Reply(555, "5.5.4", "MAIL FROM/RCPT TO parameter not recognized or not implemented")
+
+
+# id() is a safe key: catalogue replies live as long as the module, so no other live
+# object can share their id.
+_WIRE: dict[int, bytes] = {}
+_WIRE.update(
+    {id(v): format_reply(v) for k, v in dict(globals()).items() if k[:1] == "R" and isinstance(v, Reply)}
+)

@@ -166,6 +166,16 @@ def _sequence_reply(command: Command, state: State) -> Reply:
     return R503_BAD_SEQUENCE
 
 
+# Commands the machine answers itself: no policy is involved.
+_AUTO_REPLIES: dict[type[Command], AutoReply] = {
+    Noop: AutoReply(R250_OK),
+    Help: AutoReply(R214_HELP),
+    Vrfy: AutoReply(R252_CANNOT_VRFY),
+    Rset: AutoReply(R250_RESET),
+    Quit: AutoReply(R221_BYE),
+    Data: AutoReply(R354_START_DATA),
+}
+
 # RFC 4954 §4: a SASL continuation line may be up to 12288 octets.
 MAX_AUTH_LINE = 12288
 
@@ -304,18 +314,9 @@ class ServerSession:
             if isinstance(command, Auth) and self.auth_user is not None:
                 return self._error(R503_ALREADY_AUTH)
             return self._error(_sequence_reply(command, self.state))
-        if isinstance(command, Noop):
-            return AutoReply(R250_OK)
-        if isinstance(command, Help):
-            return AutoReply(R214_HELP)
-        if isinstance(command, Vrfy):
-            return AutoReply(R252_CANNOT_VRFY)
-        if isinstance(command, Rset):
-            return AutoReply(R250_RESET)
-        if isinstance(command, Quit):
-            return AutoReply(R221_BYE)
-        if isinstance(command, Data):
-            return AutoReply(R354_START_DATA)
+        auto = _AUTO_REPLIES.get(type(command))
+        if auto is not None:
+            return auto
         if isinstance(command, Bdat):
             self._start_chunk(command, None)
             return self._read_chunk() or _AWAIT_CHUNK
@@ -406,39 +407,43 @@ class ServerSession:
         The reply decides the transition: see the module docstring.
         """
         event, self._pending = self._pending, None
-        if self.state is State.GREETING and event is None:
-            self.state = State.CONNECTED  # the banner
-        elif reply.code == 421 or (event is not None and _is_quit(event)) or (
-            isinstance(event, AutoReply) and event.reply is R554_PREGREET
-        ):
+        kind = type(event)
+        if reply.code == 421:
             self.state = State.CLOSED
-        elif isinstance(event, CommandReceived):
-            self._apply(event.command, reply)
-        elif isinstance(event, AuthResponse):
-            self._apply_auth(reply)
-        elif isinstance(event, AutoReply):
-            self._apply_auto(event.reply, reply)
-        elif isinstance(event, MessageReceived):
+        elif kind is CommandReceived:
+            self._apply(event.command, reply)  # type: ignore[union-attr]
+        elif kind is AutoReply:
+            decided = event.reply  # type: ignore[union-attr]
+            if decided is R221_BYE or decided is R554_PREGREET:
+                self.state = State.CLOSED
+            else:
+                self._apply_auto(decided, reply)
+        elif kind is MessageReceived:
             self.reset_transaction()
+        elif kind is AuthResponse:
+            self._apply_auth(reply)
+        elif event is None and self.state is State.GREETING:
+            self.state = State.CONNECTED  # the banner
         return reply.to_bytes()
 
     def _apply(self, command: Command, reply: Reply) -> None:
         ok = reply.code < 400
-        if isinstance(command, (Ehlo, Helo)):
+        kind = type(command)
+        if kind is Rcpt:
+            if ok:
+                self.envelope.rcpts.append(command)  # type: ignore[arg-type]
+                self.state = State.RCPT
+        elif kind is Mail:
+            if ok:
+                self.envelope.mail = command  # type: ignore[assignment]
+                self.state = State.MAIL
+        elif isinstance(command, (Ehlo, Helo)):
             if ok:
                 # RFC 5321 §4.1.4: EHLO resets the transaction as RSET would.
                 self.helo = command.domain
                 self.esmtp = isinstance(command, Ehlo)
                 self.envelope = Envelope()
                 self.state = State.READY
-        elif isinstance(command, Mail):
-            if ok:
-                self.envelope.mail = command
-                self.state = State.MAIL
-        elif isinstance(command, Rcpt):
-            if ok:
-                self.envelope.rcpts.append(command)
-                self.state = State.RCPT
         elif isinstance(command, StartTls):
             if reply.code == 220:
                 # CVE-2011-0411 / P6: whatever was pipelined after STARTTLS is dropped.
@@ -487,10 +492,6 @@ class ServerSession:
         self._chunks = []
         if self.state not in (State.CONNECTED, State.CLOSED, State.TLS_HANDSHAKE):
             self.state = State.READY
-
-
-def _is_quit(event: Event) -> bool:
-    return isinstance(event, AutoReply) and event.reply is R221_BYE
 
 
 # Returned when a BDAT command was parsed but its chunk has not fully arrived yet:
