@@ -24,7 +24,7 @@ import uvloop
 
 from engine import config as config_mod
 from engine.inbound.context import WorkerContext
-from engine.inbound.protocol import SmtpServerProtocol
+from engine.inbound.listener import start_listeners
 from engine.observe import log
 from engine.queue.commit import Committer
 from engine.queue.ids import IdAllocator
@@ -33,6 +33,58 @@ from engine.queue.store import QueueStore
 # Exit status that asks the supervisor for a restart without counting as a crash loop
 # of our own making: the storage environment is unusable (MDB_PANIC, finding 8).
 EXIT_STORAGE_PANIC = 3
+
+
+class WorkerRuntime:
+    """Everything one worker runs, on sockets it is given: the queue store opened in
+    this process, group commit, and the SMTP listeners. Tests start it in-process on
+    their own sockets; the worker process starts it on the supervisor's."""
+
+    def __init__(self, store: QueueStore, committer: Committer, ctx: WorkerContext,
+                 servers: list[asyncio.AbstractServer]) -> None:
+        self.store = store
+        self.committer = committer
+        self.ctx = ctx
+        self.servers = servers
+
+    @classmethod
+    async def start(cls, cfg: config_mod.Config, sockets: list[socket.socket], *,
+                    workers: int = 1) -> WorkerRuntime:
+        loop = asyncio.get_running_loop()
+        store = QueueStore(cfg.queue.path, map_size=int(cfg.queue.max_size),
+                           durability=cfg.queue.durability, shards=workers)
+        ids = IdAllocator(store.next_boot())
+        committer = Committer(store, loop, durability=cfg.queue.durability,
+                              batch_interval=float(cfg.queue.batch_interval))
+        committer.start()
+        ctx = WorkerContext(cfg, loop, committer, ids, workers=workers)
+        servers = await start_listeners(ctx, cfg, sockets)
+        ctx.start_sweeper()
+        return cls(store, committer, ctx, servers)
+
+    async def stop(self) -> None:
+        await self.drain()
+        await self.committer.stop()
+        self.store.close()
+
+    async def drain(self) -> None:
+        """Stop accepting, end idle sessions, give busy ones the shutdown bound."""
+        ctx = self.ctx
+        ctx.draining = True
+        for server in self.servers:
+            server.close()
+        for proto in list(ctx.sessions):
+            proto.shutdown_if_idle()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + float(ctx.cfg.server.shutdown_timeout)
+        while ctx.sessions and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+            for proto in list(ctx.sessions):
+                proto.shutdown_if_idle()
+        for proto in list(ctx.sessions):
+            proto.close()
+        ctx.stop_sweeper()
+        ctx.executor.shutdown(wait=False)
 
 
 class Worker:
@@ -58,24 +110,11 @@ class Worker:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
-        store = QueueStore(cfg.queue.path, map_size=int(cfg.queue.max_size),
-                           durability=cfg.queue.durability, shards=workers)
-        ids = IdAllocator(store.next_boot())
-        committer = Committer(store, loop, durability=cfg.queue.durability,
-                              batch_interval=float(cfg.queue.batch_interval))
-        committer.start()
-        ctx = WorkerContext(cfg, loop, committer, ids, workers=workers)
-        servers = []
-        for fd, listener in zip(self.listen_fds, cfg.listeners):
-            lsock = socket.socket(fileno=fd)
-            implicit = listener.tls == "implicit"
-            servers.append(await loop.create_server(
-                lambda listener=listener, implicit=implicit: SmtpServerProtocol(ctx, listener, implicit),
-                sock=lsock, ssl=ctx.ssl_context if implicit else None, backlog=1024,
-                ssl_handshake_timeout=float(cfg.limits.command_timeout) if implicit else None,
-            ))
-        ctx.start_sweeper()
-        housekeeping = loop.create_task(self._housekeeping(store, committer))
+        runtime = await WorkerRuntime.start(
+            cfg, [socket.socket(fileno=fd) for fd in self.listen_fds], workers=workers
+        )
+        ctx = runtime.ctx
+        housekeeping = loop.create_task(self._housekeeping(runtime.store, runtime.committer))
         self._send(writer, {"event": "ready", "slot": self.slot, "pid": os.getpid()})
         log.info("worker_ready", slot=self.slot)
 
@@ -83,9 +122,7 @@ class Worker:
         await self.stop_event.wait()
         control.cancel()
         housekeeping.cancel()
-        await self._drain(ctx, servers)
-        await committer.stop()
-        store.close()
+        await runtime.stop()
         log.info("worker_stopped", slot=self.slot, received=ctx.stats.received)
         return self.exit_code
 
@@ -127,23 +164,6 @@ class Worker:
                 cleared = await loop.run_in_executor(None, store.reader_check)
                 if cleared:
                     log.info("stale_readers_cleared", count=cleared)
-
-    async def _drain(self, ctx: WorkerContext, servers: list[asyncio.AbstractServer]) -> None:
-        """Stop accepting, end idle sessions, give busy ones the shutdown bound."""
-        ctx.draining = True
-        for server in servers:
-            server.close()
-        for proto in list(ctx.sessions):
-            proto.shutdown_if_idle()
-        deadline = asyncio.get_running_loop().time() + float(ctx.cfg.server.shutdown_timeout)
-        while ctx.sessions and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
-            for proto in list(ctx.sessions):
-                proto.shutdown_if_idle()
-        for proto in list(ctx.sessions):
-            proto.close()
-        ctx.stop_sweeper()
-        ctx.executor.shutdown(wait=False)
 
 
 def main(argv: list[str] | None = None) -> int:
