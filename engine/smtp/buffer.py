@@ -20,7 +20,7 @@ def unstuff(region: bytes) -> bytes:
     before the terminating dot, so the first line needs no special case and an empty
     message (region == CRLF) comes out as b"".
     """
-    return region.replace(b"\r\n..", b"\r\n.")[2:]
+    return region.replace(b"\r\n.", b"\r\n")[2:]
 
 
 def content_problem(content: bytes) -> Reply | None:

@@ -230,7 +230,9 @@ class ServerSession:
             # P6: nothing that arrives between our 220 and the handshake is executed.
             self.discarded_at_starttls += len(data)
             return
-        keep = self._data_start if self.state is State.DATA else self._pos
+        # Outside DATA keep the 2 octets before _pos: if the pending event is the 354 to
+        # DATA, send() starts the content region at the CRLF that ended the DATA line.
+        keep = self._data_start if self.state is State.DATA else max(0, self._pos - 2)
         if keep:
             del self._buf[:keep]
             self._pos -= keep
@@ -331,7 +333,11 @@ class ServerSession:
         if end < 0:
             # Resume the search where a terminator could still start.
             self._scan = max(self._data_start, len(buf) - 4)
-            if len(buf) - self._data_start > self.max_message_size + 2:
+            # Too big only when certain, so any split of the input decides alike: the
+            # last 4 octets may still be "\r\n.\r" (not content), and unstuffing can
+            # remove at most one octet in four ("\r\n.x" is the shortest dotted line).
+            certain = len(buf) - self._data_start - 4
+            if certain - (certain + 2) // 4 > self.max_message_size:
                 self._too_big = True
                 keep = buf[-4:]
                 del buf[self._data_start :]
@@ -461,7 +467,11 @@ class ServerSession:
             self.state = self._auth_return
 
     def _apply_auto(self, decided: Reply, sent: Reply) -> None:
-        if decided is R354_START_DATA and sent.code == 354:
+        if self.state is State.AUTH:
+            # A 5xx (overlong SASL line) ends the exchange for the client, whose next
+            # line is a command; staying in AUTH would read it as a SASL response.
+            self.state = self._auth_return
+        elif decided is R354_START_DATA and sent.code == 354:
             self.state = State.DATA
             self._data_start = self._pos - 2  # the CRLF of the DATA line
             self._scan = self._data_start
