@@ -60,6 +60,6 @@ class Policy:
         # P7: the destination is the text after the last "@" and nothing else: no %,
         # ! or source-route interpretation can change it.
         domain = rcpt.address.rpartition("@")[2].lower().rstrip(".")
-        if domain in self.local_domains:
+        if domain in self.local_domains or rcpt.address == "postmaster":
             return None
         return R554_RELAY_DENIED

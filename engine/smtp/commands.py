@@ -204,7 +204,12 @@ def _rcpt(rest: str, utf8: bool) -> Rcpt:
     if rest[:3].upper() != "TO:":
         raise SmtpSyntaxError(R501_SYNTAX, "Syntax: RCPT TO:<address>")
     arg = rest[3:].lstrip(" ")
-    address, tail = _path(arg, utf8=utf8, allow_null=False)
+    if arg[:12].lower() == "<postmaster>":
+        # RFC 5321 §4.1.1.3: "<Postmaster>" without a domain MUST be accepted; it
+        # means this host's postmaster (the relay policy treats it as local).
+        address, tail = "postmaster", arg[12:]
+    else:
+        address, tail = _path(arg, utf8=utf8, allow_null=False)
     if tail and not tail.startswith(" "):
         raise SmtpSyntaxError(R501_SYNTAX, "Syntax: RCPT TO:<address> [parameters]")
     notify = orcpt = None
@@ -247,7 +252,8 @@ def parse_command(raw: bytes, *, utf8_rcpt: bool = False) -> Command:
     `utf8_rcpt` allows a UTF-8 RCPT address: the transaction's MAIL carried SMTPUTF8.
     Raises SmtpSyntaxError with the reply to send; nothing else for any input.
     """
-    if b"\0" in raw:
+    # Finding 3: a bare CR or LF inside a command line is never part of a command.
+    if b"\0" in raw or b"\r" in raw or b"\n" in raw:
         raise SmtpSyntaxError(R500_BAD_BYTES)
     ascii_line = raw.isascii()
     if ascii_line:
