@@ -1,0 +1,355 @@
+"""RFC 3464 delivery status notifications (bounces, delay and relay reports). Pure.
+
+`build_dsn` returns the complete RFC 5322 message as bytes (CRLF only, no line over
+998 octets; P5), or None when no DSN is due. The caller queues it like any message
+and sends it with the null reverse-path, ``MAIL FROM:<>`` (RFC 3461 §6.2, RFC 5321
+§4.5.5), to the original envelope sender — that is what makes the Return-Path of the
+DSN null, so a DSN can never cause another one ("never bounce a bounce"): a message
+whose sender is "" gets no DSN at all. When the DSN is SMTPUTF8 (see below) the
+caller must also send it with the SMTPUTF8 parameter; when it returns an 8-bit
+original it must send BODY=8BITMIME.
+
+Choices (documented deviations from other MTAs):
+
+- No RET given → headers only (text/rfc822-headers, RFC 3462 / RFC 6522). RFC 3461
+  §4.3 leaves the default to the MTA. Postfix returns the full message by default,
+  KumoMTA the headers: Volley is a bulk relay, and returning every megabyte
+  newsletter to a sender that bounces thousands of them wastes bandwidth and storage;
+  the headers identify the message. RET=FULL returns message/rfc822, except when the
+  original is not line-clean (bare CR/LF or a line over 998 octets, possible only for
+  BINARYMIME): then headers only, and the human-readable part says so (P5).
+- No NOTIFY given → FAILURE only (`DEFAULT_NOTIFY`). RFC 3461 §4.1 lets the MTA pick
+  FAILURE or FAILURE,DELAY; delay reports for bulk mail nobody asked about are noise.
+- NOTIFY=SUCCESS: when the next hop advertised DSN, RFC 3461 §5.2 passes the duty on
+  with the NOTIFY/ORCPT parameters and we report nothing; otherwise one "relayed"
+  report (Action: relayed, RFC 3464 §2.3.3) — see `success_action`.
+- Delay reports: `dsn_wanted(r, "delayed")`; the caller decides when (e.g. the first
+  time a recipient is still deferred 4h after arrival) and sends one only once.
+- SMTPUTF8 (RFC 6533): when the original was SMTPUTF8 or any address is non-ASCII,
+  the report is message/global-delivery-status (report-type=global-delivery-status),
+  the returned headers message/global-headers, the full message message/global;
+  addresses are written as raw UTF-8 (RFC 6532 §3.2) — intact, never RFC 2047
+  encoded (an encoded-word is not allowed in an addr-spec). Non-ASCII addresses use
+  the "utf-8" address type (RFC 6533 §3). Otherwise every generated field is US-ASCII
+  (RFC 3464 §2.1) and stray non-ASCII reply text is replaced by "?".
+- Last-Attempt-Date (optional, RFC 3464 §2.3.7) is `now`: the record keeps no
+  per-recipient attempt time; it is omitted for recipients never attempted.
+- Long Diagnostic-Code text is folded at spaces (RFC 3464 §2.1.1 uses RFC 822
+  continuation lines). A run of more than 800 octets without a space cannot be folded
+  without a change, so it is split by "CRLF SP" (unfolding adds one space there).
+  Control characters in remote text become spaces (no header injection).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import textwrap
+from datetime import datetime, timezone
+from email.utils import format_datetime
+
+from engine.queue.records import MessageRecord, Recipient
+from engine.smtp.replies import Reply
+
+ACTIONS = frozenset({"failed", "delayed", "delivered", "relayed", "expanded"})  # RFC 3464 §2.3.3
+DEFAULT_NOTIFY: tuple[str, ...] = ("FAILURE",)
+
+# RFC 3461 §4.1: which NOTIFY keyword asks for which Action.
+_KEYWORD = {"failed": "FAILURE", "delayed": "DELAY", "delivered": "SUCCESS", "relayed": "SUCCESS", "expanded": "SUCCESS"}
+_SUBJECT = {
+    "failed": "Undelivered Mail Returned to Sender",
+    "delayed": "Delayed Mail (still being retried)",
+    "success": "Successful Mail Delivery Report",
+}
+_STATUS_CLASS = {"failed": "5", "delayed": "4", "delivered": "2", "relayed": "2", "expanded": "2"}
+
+SOFT_WIDTH = 78  # RFC 5322 §2.1.1 SHOULD
+HARD_LIMIT = 998  # RFC 5322 §2.1.1 MUST (octets, excluding CRLF)
+_CHUNK = 800  # longest unbreakable piece, octets
+_MAX_RUN = 64  # longer runs of spaces are shortened, so no line can pass 998
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+_SPACE_RUN = re.compile(" {%d,}" % (_MAX_RUN + 1))
+
+
+def dsn_wanted(recipient: Recipient, action: str) -> bool:
+    """Does this recipient's NOTIFY (RFC 3461 §4.1) ask for a report with `action`?
+
+    NEVER → no report of any kind; no NOTIFY → `DEFAULT_NOTIFY` (FAILURE only);
+    otherwise the keyword for the action (failed→FAILURE, delayed→DELAY,
+    delivered/relayed/expanded→SUCCESS) must be listed. Keywords compare case-blind.
+
+    Raises:
+        ValueError: unknown action.
+    """
+    if action not in ACTIONS:
+        raise ValueError(f"unknown DSN action {action!r}; expected one of {sorted(ACTIONS)}")
+    notify = recipient.notify if recipient.notify is not None else DEFAULT_NOTIFY
+    keywords = {k.strip().upper() for k in notify}
+    if "NEVER" in keywords:
+        return False
+    return _KEYWORD[action] in keywords
+
+
+def success_action(remote_advertised_dsn: bool) -> str | None:
+    """Action for a recipient with NOTIFY=SUCCESS once the remote accepted it.
+
+    RFC 3461 §5.2: a DSN-capable next hop gets NOTIFY/ORCPT passed on and reports
+    itself, so None (no report from us); otherwise "relayed" (RFC 3461 §5.2.2 (b)).
+    """
+    return None if remote_advertised_dsn else "relayed"
+
+
+def _clean(text: str, utf8: bool) -> str:
+    """Remote or stored text made safe for a field: controls → space; ASCII unless utf8."""
+    text = _CONTROL.sub(" ", text)
+    return text if utf8 else _NON_ASCII.sub("?", text)
+
+
+def _xtext_decode(value: str) -> str | None:
+    """RFC 3461 §4 xtext ("+2B" → "+"); None when malformed."""
+    out: list[str] = []
+    i = 0
+    while i < len(value):
+        c = value[i]
+        if c == "+":
+            hexpair = value[i + 1 : i + 3]
+            if len(hexpair) != 2 or not all(h in "0123456789ABCDEFabcdef" for h in hexpair):
+                return None
+            out.append(chr(int(hexpair, 16)))
+            i += 3
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _decoded(value: str, utf8: bool) -> str:
+    """ENVID / ORCPT address decoded from xtext (RFC 3464 §2.2.1, §2.3.1 show the
+    decoded form) when that gives printable text; the stored form otherwise."""
+    dec = _xtext_decode(value)
+    if dec is None or _CONTROL.search(dec) or (not utf8 and _NON_ASCII.search(dec)):
+        return _clean(value, utf8)
+    return dec
+
+
+def _split_long(word: str) -> list[str]:
+    """Split a space-free run into pieces of at most _CHUNK octets (whole characters)."""
+    pieces: list[str] = []
+    cur: list[str] = []
+    size = 0
+    for ch in word:
+        n = len(ch.encode("utf-8"))
+        if size + n > _CHUNK:
+            pieces.append("".join(cur))
+            cur, size = [], 0
+        cur.append(ch)
+        size += n
+    pieces.append("".join(cur))
+    return pieces
+
+
+def _field(name: str, value: str) -> list[str]:
+    """ "Name: value" folded before spaces (RFC 5322 §2.2.3) into lines ≤ 78 octets
+    where the text allows and ≤ 998 always; no line is whitespace only. Trailing
+    spaces are dropped and runs over 64 spaces shortened to 64 (a bound on the line)."""
+    lines: list[str] = []
+    cur = f"{name}:"
+    first = True
+    value = _SPACE_RUN.sub(" " * _MAX_RUN, value.rstrip(" "))
+    for word in value.split(" "):
+        for piece in _split_long(word) if len(word.encode("utf-8")) > _CHUNK else [word]:
+            add = " " + piece
+            width = len(cur.encode("utf-8")) + len(add.encode("utf-8"))
+            if piece and not first and width > SOFT_WIDTH:
+                lines.append(cur)
+                cur = add
+            else:
+                cur += add
+            first = False
+    lines.append(cur)
+    return lines
+
+
+def _date(t: float) -> str:
+    return format_datetime(datetime.fromtimestamp(t, tz=timezone.utc))
+
+
+def _addr_type(address: str) -> str:
+    return "utf-8" if _NON_ASCII.search(address) else "rfc822"
+
+
+def _status(reply: Reply, action: str) -> str:
+    """RFC 3464 §2.3.4 Status: the reply's enhanced code, its class made to match the
+    action (a failed recipient with a 4.4.7 is reported 5.4.7)."""
+    status = reply.enhanced if _ENHANCED.fullmatch(reply.enhanced) else f"{reply.code // 100}.0.0"
+    if not _ENHANCED.fullmatch(status):
+        status = "4.0.0"
+    return _STATUS_CLASS[action] + status[1:]
+
+
+def _diagnostic(reply: Reply) -> str:
+    """RFC 3464 §2.3.6: "smtp; " + the reply as received (lines joined by spaces)."""
+    text = " ".join(reply.lines)
+    head = f"{reply.code} {reply.enhanced}" if reply.enhanced else f"{reply.code}"
+    return f"smtp; {head} {text}" if text else f"smtp; {head}"
+
+
+def _headers_of(original: bytes) -> bytes:
+    """The header section: `original` up to the first empty line, CRLF-normalised,
+    each line ≤ 998 octets (longer lines, impossible after inbound checks, are split
+    by CRLF SP)."""
+    if original.startswith(b"\r\n"):
+        return b""
+    end = original.find(b"\r\n\r\n")
+    head = original if end < 0 else original[: end + 2]
+    out: list[bytes] = []
+    for line in _LINE_BREAK.split(head):
+        while len(line) > HARD_LIMIT:
+            out.append(line[:HARD_LIMIT])
+            line = b" " + line[HARD_LIMIT:]
+        out.append(line)
+    if out and out[-1] == b"":
+        out.pop()
+    return b"".join(x + b"\r\n" for x in out)
+
+
+def _line_clean(data: bytes) -> bool:
+    """Only CRLF line ends and no line over 998 octets (safe to embed verbatim, P5)."""
+    rest = data.replace(b"\r\n", b"")
+    if b"\r" in rest or b"\n" in rest:
+        return False
+    return all(len(x) <= HARD_LIMIT for x in data.split(b"\r\n"))
+
+
+def _wrap(text: str, indent: str = "") -> list[str]:
+    """Human-readable lines ≤ 76 characters (long words broken)."""
+    return textwrap.wrap(text, width=76, subsequent_indent=indent, break_long_words=True, break_on_hyphens=False) or [""]
+
+
+def build_dsn(
+    record: MessageRecord,
+    original: bytes,
+    recipients: list[tuple[Recipient, Reply, str]],
+    *,
+    reporting_mta: str,
+    now: float,
+    remote_mta: str | None = None,
+    message_id: str,
+    retry_until: float | None = None,
+) -> bytes | None:
+    """The DSN message for `recipients` [(recipient, reply, action)], or None.
+
+    None when the sender is null (RFC 3461 §6.2: never report on a report) or when
+    `dsn_wanted` leaves no recipient. `original` is the queued message (headers are
+    the part up to the first CRLF CRLF). `remote_mta` becomes Remote-MTA for every
+    recipient; `retry_until` becomes Will-Retry-Until on "delayed" recipients
+    (RFC 3464 §2.3.8). `message_id` is the new Message-ID (with or without <>).
+
+    Raises:
+        ValueError: an unknown action.
+    """
+    if record.sender == "":
+        return None
+    wanted = [(r, rep, a) for r, rep, a in recipients if dsn_wanted(r, a)]
+    if not wanted:
+        return None
+    utf8 = record.smtputf8 or any(
+        _NON_ASCII.search(s) for s in [record.sender] + [r.address + (r.orcpt or "") for r, _, _ in wanted]
+    )
+    actions = {a for _, _, a in wanted}
+    kind = "failed" if "failed" in actions else "delayed" if "delayed" in actions else "success"
+    mta = _clean(reporting_mta, False)
+
+    # --- part 1: human readable (RFC 3462 §2 / RFC 6522 §3) --------------------
+    full = (record.ret or "").upper() == "FULL"
+    returnable = full and _line_clean(original)
+    intro = {
+        "failed": "Your message could not be delivered to one or more recipients. "
+        "The reason reported for each recipient follows; the original message "
+        "(or its headers) is attached.",
+        "delayed": "Your message has not yet been delivered to one or more recipients. "
+        "The mail system will keep trying; you do not need to resend it.",
+        "success": "Your message was delivered or relayed to the recipients below. "
+        "The next system did not offer delivery reports, so no further report may follow.",
+    }[kind]
+    text = [f"This is the mail system at host {mta}.", ""] + _wrap(intro) + [""]
+    for r, rep, a in wanted:
+        text += _wrap(f"<{_clean(r.address, utf8)}> ({a}): {_clean(_diagnostic(rep)[6:], utf8)}", "    ")
+    if full and not returnable:
+        text += [""] + _wrap("The original message contains bare CR/LF or over-long lines, so only its headers are returned.")
+    part1 = "\r\n".join(text) + "\r\n"
+
+    # --- part 2: machine readable (RFC 3464 §2.2 per-message, §2.3 per-recipient)
+    ds: list[str] = _field("Reporting-MTA", f"dns; {mta}")
+    ds += _field("X-Volley-Queue-ID", record.id.hex())
+    if record.envid:
+        ds += _field("Original-Envelope-Id", _decoded(record.envid, utf8))  # §2.2.1
+    ds += _field("Arrival-Date", _date(record.received_at))  # §2.2.5
+    for r, rep, a in wanted:
+        ds.append("")
+        if r.orcpt:  # §2.3.1, from RFC 3461 §4.2 ORCPT=addr-type;xtext
+            atype, sep, addr = r.orcpt.partition(";")
+            value = f"{_clean(atype.strip(), utf8)}; {_decoded(addr.strip(), utf8)}" if sep else _clean(r.orcpt, utf8)
+            ds += _field("Original-Recipient", value)
+        ds += _field("Final-Recipient", f"{_addr_type(r.address)}; {_clean(r.address, utf8)}")  # §2.3.2
+        ds += _field("Action", a)  # §2.3.3
+        ds += _field("Status", _status(rep, a))  # §2.3.4
+        if remote_mta:
+            ds += _field("Remote-MTA", f"dns; {_clean(remote_mta, utf8)}")  # §2.3.5
+        ds += _field("Diagnostic-Code", _clean(_diagnostic(rep), utf8))  # §2.3.6
+        if r.attempts > 0:
+            ds += _field("Last-Attempt-Date", _date(now))  # §2.3.7
+        if a == "delayed" and retry_until is not None:
+            ds += _field("Will-Retry-Until", _date(retry_until))  # §2.3.8
+    part2 = "\r\n".join(ds) + "\r\n"
+
+    # --- part 3: the original (RFC 3462 §2: text/rfc822-headers or message/rfc822)
+    returned = original if returnable else _headers_of(original)
+    if returnable:
+        ctype3, desc3 = ("message/global" if utf8 else "message/rfc822"), "Undelivered Message"
+    else:
+        ctype3, desc3 = ("message/global-headers" if utf8 else "text/rfc822-headers"), "Undelivered Message Headers"
+    if kind != "failed":
+        desc3 = desc3.replace("Undelivered", "Original")
+
+    b1, b2 = part1.encode("utf-8"), part2.encode("utf-8")
+    seed = hashlib.sha256(message_id.encode("utf-8") + record.id).hexdigest()[:20]
+    boundary = f"=_volley-dsn-{seed}"
+    n = 0
+    while any(boundary.encode() in p for p in (b1, b2, returned)):
+        n += 1
+        boundary = f"=_volley-dsn-{seed}-{n}"
+
+    def cte(data: bytes) -> str:
+        return "8bit" if any(c > 0x7F for c in data) else "7bit"
+
+    mid = _clean(message_id.strip(), False)
+    if not mid.startswith("<"):
+        mid = f"<{mid}>"
+    report_type = "global-delivery-status" if utf8 else "delivery-status"
+    head: list[str] = []
+    head += _field("From", f"Mail Delivery System <MAILER-DAEMON@{mta}>")
+    head += _field("To", f"<{_clean(record.sender, utf8)}>")
+    head += _field("Subject", _SUBJECT[kind])
+    head += _field("Date", _date(now))
+    head += _field("Message-ID", mid)
+    head += _field("Auto-Submitted", "auto-replied")  # RFC 3834 §5: a DSN is a reply
+    head += _field("MIME-Version", "1.0")
+    head += _field("Content-Type", f'multipart/report; report-type={report_type}; boundary="{boundary}"')
+    head += ["", "This is a MIME-encapsulated message.", ""]
+
+    def part(ctype: str, desc: str, body: bytes) -> bytes:
+        hdr = [f"--{boundary}", f"Content-Description: {desc}", f"Content-Type: {ctype}", f"Content-Transfer-Encoding: {cte(body)}", ""]
+        return "\r\n".join(hdr).encode("utf-8") + b"\r\n" + body + b"\r\n"
+
+    charset = "utf-8" if cte(b1) == "8bit" else "us-ascii"
+    out = "\r\n".join(head).encode("utf-8") + b"\r\n"
+    out += part(f"text/plain; charset={charset}", "Notification", b1)
+    out += part("message/global-delivery-status" if utf8 else "message/delivery-status", "Delivery report", b2)
+    out += part(ctype3, desc3, returned)
+    out += f"--{boundary}--\r\n".encode()
+    return out
