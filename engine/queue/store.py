@@ -104,12 +104,12 @@ class WriteTxn:
 
     __slots__ = ("_store", "_txn")
 
-    def __init__(self, store: QueueStore, txn: lmdb.Transaction) -> None:
+    def __init__(self, store: QueueStore, txn: lmdb.Transaction[bytes]) -> None:
         self._store = store
-        self._txn: lmdb.Transaction | None = txn
+        self._txn: lmdb.Transaction[bytes] | None = txn
 
     @property
-    def txn(self) -> lmdb.Transaction:
+    def txn(self) -> lmdb.Transaction[bytes]:
         """The raw lmdb transaction, for store-internal extensions only."""
         if self._txn is None:
             raise RuntimeError("WriteTxn used after its op returned")
@@ -137,7 +137,7 @@ class WriteTxn:
         txn.put(record.id, body, db=s._body)
         for k in keys:
             txn.put(k, b"", db=s._due)
-        s._check_reserve(txn)
+        s._account_put(txn, len(body), len(keys))
 
     def delete_message(self, msg_id: bytes) -> bool:
         """Remove record, body and due entries; False if the message was not queued."""
@@ -179,15 +179,8 @@ class QueueStore:
     another; each read uses its own short read transaction.
     """
 
-    def __init__(
-        self,
-        path: str,
-        *,
-        map_size: int,
-        durability: str = "fsync",
-        shards: int = 1,
-        reserve: int | None = None,
-    ) -> None:
+    def __init__(self, path: str, *, map_size: int, durability: str = "fsync",
+                 shards: int = 1, reserve: int | None = None) -> None:
         """Open (creating if needed) the queue at `path`.
 
         `reserve` bytes of the map (default: 1% of map_size, at least 128 KiB) are kept
@@ -233,8 +226,13 @@ class QueueStore:
         if reserve is None:
             reserve = max(128 * 1024, map_size // 100)
         self._reserve_pages = -(-reserve // self._psize)
+        self._used_est = 0  # pages, see _account_put; only touched by the writing thread
         self._closed = False
-        self._check_layout()
+        try:
+            self._check_layout()
+        except BaseException:
+            self.close()  # else the path stays "already open in this process"
+            raise
 
     # ---- layout ---------------------------------------------------------------
 
@@ -253,7 +251,7 @@ class QueueStore:
 
         self.write_one(op)
 
-    def _rebuild_due(self, txn: lmdb.Transaction) -> None:
+    def _rebuild_due(self, txn: lmdb.Transaction[bytes]) -> None:
         # Owners moved (shard count changed): recompute every due key from its record.
         txn.drop(self._due, delete=False)
         with txn.cursor(db=self._msg) as cur:
@@ -261,7 +259,7 @@ class QueueStore:
                 for k in _due_keys(decode_record(data), self.shards):
                     txn.put(k, b"", db=self._due)
 
-    def _check_reserve(self, txn: lmdb.Transaction) -> None:
+    def _pages_used(self, txn: lmdb.Transaction[bytes]) -> int:
         # Pages in use as this txn sees them (mdb_stat reads the txn's own DB records).
         # Free pages pinned by live readers are not counted, so this is an estimate;
         # the hard MAP_FULL still maps to QueueFull if it is wrong.
@@ -269,12 +267,22 @@ class QueueStore:
         for db in (self._meta, self._msg, self._body, self._due):
             st = txn.stat(db)
             used += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
-        if used > self._map_pages - self._reserve_pages:
-            raise QueueFull("queue store full (space reserved for deletes)")
+        return used
+
+    def _account_put(self, txn: lmdb.Transaction[bytes], body_len: int, n_keys: int) -> None:
+        # Four mdb_stat calls per put cost ~10 us, a third of a put; so keep a
+        # pessimistic running count (every record and key may take a page of its own)
+        # and pay for the exact count only when that count nears the reserve.
+        self._used_est += 2 + n_keys + body_len // self._psize
+        limit = self._map_pages - self._reserve_pages
+        if self._used_est > limit:
+            self._used_est = self._pages_used(txn)
+            if self._used_est > limit:
+                raise QueueFull("queue store full (space reserved for deletes)")
 
     # ---- writes ---------------------------------------------------------------
 
-    def _begin_write(self) -> lmdb.Transaction:
+    def _begin_write(self) -> lmdb.Transaction[bytes]:
         try:
             return self._env.begin(write=True)
         except lmdb.MapResizedError:
@@ -312,6 +320,7 @@ class QueueStore:
         results: list[object | BaseException] = []
         txn = self._begin_write()
         try:
+            self._used_est = self._pages_used(txn)
             for op in ops:
                 child = self._env.begin(write=True, parent=txn)
                 w = WriteTxn(self, child)
@@ -375,7 +384,7 @@ class QueueStore:
 
     # ---- reads ----------------------------------------------------------------
 
-    def _read(self, fn: Callable[[lmdb.Transaction], _T]) -> _T:
+    def _read(self, fn: Callable[[lmdb.Transaction[bytes]], _T]) -> _T:
         for attempt in (0, 1):
             try:
                 with self._env.begin(write=False) as txn:
@@ -407,7 +416,7 @@ class QueueStore:
         after = b""
         while True:
 
-            def page(t: lmdb.Transaction) -> list[bytes]:
+            def page(t: lmdb.Transaction[bytes]) -> list[bytes]:
                 with t.cursor(db=self._msg) as cur:
                     if not cur.set_range(after):
                         return []
@@ -430,7 +439,7 @@ class QueueStore:
         `until_ms`, earliest first. Raises StorageError on lmdb failure."""
         prefix = _U16.pack(owner)
 
-        def scan(t: lmdb.Transaction) -> list[tuple[int, bytes, str]]:
+        def scan(t: lmdb.Transaction[bytes]) -> list[tuple[int, bytes, str]]:
             out: list[tuple[int, bytes, str]] = []
             with t.cursor(db=self._due) as cur:
                 if not cur.set_range(prefix):

@@ -25,7 +25,7 @@ def rec(msg_id: bytes, *rcpts: str, at: float = 1000.0) -> MessageRecord:
     return MessageRecord(msg_id, "s@x.org", [Recipient(r) for r in rcpts], at, 3)
 
 
-def put(r: MessageRecord, body: bytes = b"abc") -> Callable[[WriteTxn], None]:
+def put(r: MessageRecord, body: bytes = b"abc") -> Callable[[WriteTxn], object]:
     return lambda w: w.put_message(r, body)
 
 
@@ -258,4 +258,34 @@ def test_two_processes_write_concurrently(tmp_path: Path) -> None:
     assert len(ids) == len(set(ids)) == 1000
     assert {i[:4] for i in ids} == {(1).to_bytes(4, "big"), (2).to_bytes(4, "big")}
     assert all(s.get(i) is not None and s.get(i).recipients[0].state == PENDING for i in ids[:10])  # type: ignore[union-attr]
+    s.close()
+
+
+GROWER = textwrap.dedent(
+    """
+    import sys
+    from engine.queue.ids import IdAllocator
+    from engine.queue.records import MessageRecord, Recipient
+    from engine.queue.store import QueueStore
+    s = QueueStore(sys.argv[1], map_size=8 << 20)
+    ids = IdAllocator(s.next_boot())
+    for _ in range(40):
+        r = MessageRecord(ids.next(), "s@x", [Recipient("r@y.z")], 1.0, 1)
+        s.write_one(lambda w: w.put_message(r, b"g" * 65536))
+    s.close()
+    """
+)
+
+
+def test_map_grown_by_another_process_is_adopted(tmp_path: Path) -> None:
+    # lmdb.h mdb_env_set_mapsize: a process whose map another process outgrew gets
+    # MDB_MAP_RESIZED from txn_begin; the store adopts the new size and retries (P4).
+    path = str(tmp_path / "q")
+    s = QueueStore(path, map_size=1 << 20)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-c", GROWER, path], env=env, check=True, timeout=30)
+    assert s.count() == 40  # read path: resized, adopted, retried
+    ids = IdAllocator(s.next_boot())  # write path, on the adopted 8 MiB map
+    s.write_one(put(rec(ids.next(), "a@b.c"), b"z" * 65536))
+    assert s.count() == 41
     s.close()
