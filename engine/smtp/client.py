@@ -1,0 +1,502 @@
+"""The client side of SMTP: pure helpers and one pure machine per mail transaction.
+
+Theory of operation
+-------------------
+The delivery adapter (engine/delivery/session.py) owns the socket and the clock; this
+module owns every protocol decision. Per connection the adapter:
+
+1. parses the banner with a `ReplyParser`, writes `greeting_bytes(name)` and turns the 250
+   into `Capabilities` with `parse_ehlo` (if EHLO is refused: `helo_bytes`, and
+   `Capabilities()` — no extensions). Optionally `STARTTLS` (220 expected, then a fresh
+   parser and EHLO again, RFC 3207 §4.2) and AUTH (`auth_plain`, `auth_login`).
+2. per message builds `Transaction(envelope, caps, first_on_connection=…, needs_rset=…)`.
+   If `tx.done` right away, `precheck()` refused it and nothing is sent. Otherwise it
+   writes `tx.initial_bytes()` in one write, feeds every parsed reply to `tx.on_reply`,
+   writes what that returns (one write each), and stops when `tx.done`. `tx.phase` names
+   the reply being waited for, so the adapter picks its deadline (RFC 5321 §4.5.3.2:
+   MAIL 5 min, RCPT 5 min, DATA 2 min, end of data 10 min); `tx.pending_phases` lists all
+   outstanding ones, so a pipelined write gets the sum (house rule 8).
+3. reads `tx.outcomes` — one Reply per recipient, in order — and `tx.clean`.
+
+Shapes of one transaction (→ one write, ← the replies that write waits for):
+
+    PIPELINING, DATA:      → [RSET] MAIL RCPT… DATA   ← [250] 250 250… 354
+                           → body "." (or a lone "." : RFC 2920 §3.1)   ← 250
+    PIPELINING, CHUNKING:  → [RSET] MAIL RCPT…        ← [250] 250 250…
+                           → BDAT <n> LAST + body      ← 250
+    lockstep (no PIPELINING): one command per write, each after the previous reply.
+
+BDAT is *not* pipelined behind the RCPTs although RFC 3030 allows it with PIPELINING: waiting
+for the RCPT replies costs no extra round trip compared with DATA (whose 354 must be
+awaited anyway), sends no body when every recipient was refused (common on bulk lists),
+and never relies on a server that refused the BDAT discarding its chunk (RFC 3030 §2
+requires it; a server that does not would read the body as commands).
+
+Chaining (RFC 2920 §3.1 lets message content open the next group): with PIPELINING the
+adapter may append the next transaction's `initial_bytes()` to this one's end-of-data
+write, built with `needs_rset=False`; replies are then fed to this transaction until it
+is `done` and to the next after. Nothing here depends on how replies were split in reads.
+If the earlier one ends unclean after its data (421, ClientProtocolError) the connection
+is finished: `abort()` the chained one.
+
+Outcomes (RFC 2920 §3.1 and RFC 5321 §3.3): MAIL refused → every recipient gets the MAIL
+reply; RCPT refused → that recipient gets its RCPT reply; DATA (or BDAT) refused → every
+accepted recipient gets that reply; otherwise accepted recipients get the end-of-data
+reply. A 421 at any point ends the transaction (the server is closing, RFC 5321 §3.8):
+recipients not already refused get the 421.
+
+Preconditions on the Envelope: addresses and parameters are what `parse_command` accepted
+on the way in; the body has only CRLF line endings (the receiver refused bare CR/LF, P5)
+— it is not rescanned here. A body not ending in CRLF gets one, so DATA and BDAT deliver
+the same octets.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections import deque
+from typing import Final
+
+import msgspec
+
+from engine.smtp import grammar
+from engine.smtp.client_replies import (
+    MAX_REPLY_LINE,
+    MAX_REPLY_LINES,
+    Capabilities,
+    ClientProtocolError,
+    RemoteReply,
+    ReplyParser,
+    parse_ehlo,
+)
+from engine.smtp.commands import Ehlo, Helo, Mail, Rcpt, encode
+from engine.smtp.replies import Reply
+
+__all__ = [
+    "MAX_REPLY_LINE",
+    "MAX_REPLY_LINES",
+    "QUIT",
+    "RSET",
+    "STARTTLS",
+    "Capabilities",
+    "ClientProtocolError",
+    "Envelope",
+    "Recipient",
+    "RemoteReply",
+    "ReplyParser",
+    "Transaction",
+    "auth_login",
+    "auth_plain",
+    "dot_stuff",
+    "greeting_bytes",
+    "helo_bytes",
+    "parse_ehlo",
+    "starttls_ready",
+]
+
+QUIT: Final = b"QUIT\r\n"
+RSET: Final = b"RSET\r\n"
+STARTTLS: Final = b"STARTTLS\r\n"
+_DATA: Final = b"DATA\r\n"
+_DOT: Final = b".\r\n"
+
+# Phase names: which reply is awaited, hence which timeout applies.
+PHASE_RSET: Final = "rset"
+PHASE_MAIL: Final = "mail"
+PHASE_RCPT: Final = "rcpt"
+PHASE_DATA: Final = "data"  # the 354 to DATA
+PHASE_DATA_END: Final = "data_end"  # the reply to "." or to BDAT … LAST
+
+# Local refusals (precheck): permanent, so the message bounces without being sent.
+# RFC 6531: a message that needs SMTPUTF8 must not go to a server without it; Volley
+# does not downgrade, so it bounces (X.6.7, RFC 6531's code for this).
+R550_NEEDS_SMTPUTF8: Final = Reply(550, "5.6.7", "Remote server does not support SMTPUTF8, required by this message")
+# RFC 1870: the server's declared maximum (SIZE 0 = no fixed maximum).
+R552_OVER_REMOTE_SIZE: Final = Reply(552, "5.3.4", "Message size exceeds the remote server's limit")
+# RFC 6152: 8-bit content needs 8BITMIME; Volley does not convert to 7-bit (KumoMTA
+# also refuses rather than convert).
+R554_NEEDS_8BITMIME: Final = Reply(554, "5.6.3", "Remote server does not support 8BITMIME, required by this message")
+# Remote faults in sequencing: transient, the adapter closes the connection.
+R451_OUT_OF_TURN: Final = Reply(451, "4.5.0", "Remote server replied out of turn")
+R451_UNEXPECTED: Final = Reply(451, "4.5.0", "Unexpected reply from remote server")
+R451_RSET_REFUSED: Final = Reply(451, "4.5.0", "Remote server refused RSET")
+
+
+def _check_domain(name: str) -> str:
+    if not name or any(c in name for c in " \r\n\t\0"):
+        raise ValueError("bad EHLO/HELO name")
+    return name
+
+
+def greeting_bytes(helo_name: str) -> bytes:
+    """`EHLO <name>` with CRLF. Raises ValueError for an empty name or one with whitespace."""
+    return encode(Ehlo(_check_domain(helo_name)))
+
+
+def helo_bytes(helo_name: str) -> bytes:
+    """`HELO <name>`: the fallback when EHLO is refused (RFC 5321 §3.2)."""
+    return encode(Helo(_check_domain(helo_name)))
+
+
+def starttls_ready(reply: Reply) -> bool:
+    """True if the reply to STARTTLS lets the handshake start (RFC 3207 §4: 220)."""
+    return reply.code == 220
+
+
+def _sasl(value: bytes) -> bytes:
+    return base64.b64encode(value) if value else b"="  # RFC 4954 §4: "=" is empty
+
+
+def auth_plain(user: str, password: str, authzid: str = "") -> bytes:
+    """`AUTH PLAIN <initial response>` (RFC 4954 §4, RFC 4616 §2: [authzid] NUL authcid NUL passwd).
+
+    Raises ValueError if a field contains NUL.
+    """
+    if "\0" in user or "\0" in password or "\0" in authzid:
+        raise ValueError("SASL PLAIN fields cannot contain NUL")
+    message = f"{authzid}\0{user}\0{password}".encode()
+    return b"AUTH PLAIN " + _sasl(message) + b"\r\n"
+
+
+def auth_login(user: str, password: str) -> tuple[bytes, bytes, bytes]:
+    """The three lines of AUTH LOGIN (draft-murchison-sasl-login): the command, then the
+    base64 user name and password, each sent after a 334 challenge.
+
+    These are continuation responses, not initial responses: an empty one is an empty
+    line (RFC 4954 §4), not "=".
+    """
+    return (
+        b"AUTH LOGIN\r\n",
+        base64.b64encode(user.encode("utf-8")) + b"\r\n",
+        base64.b64encode(password.encode("utf-8")) + b"\r\n",
+    )
+
+
+class Recipient(msgspec.Struct, frozen=True):
+    address: str
+    notify: tuple[str, ...] | None = None  # RFC 3461 §4.1, sent only if the server has DSN
+    orcpt: str | None = None  # RFC 3461 §4.2 "rfc822;addr", sent only with DSN
+
+
+class Envelope(msgspec.Struct, frozen=True):
+    """One message to one server: what the Transaction sends."""
+
+    sender: str  # "" = the null reverse-path (bounces)
+    recipients: list[Recipient]
+    body: bytes  # CRLF lines, not dot-stuffed
+    needs_smtputf8: bool = False  # RFC 6531: UTF-8 addresses or headers
+    body_8bit: bool = False  # RFC 6152: octets above 127 in the body
+    ret: str | None = None  # RFC 3461 §4.3 "FULL" | "HDRS"
+    envid: str | None = None  # RFC 3461 §4.4
+    size: int | None = None  # RFC 1870 SIZE to declare; None = len(body)
+
+
+def dot_stuff(body: bytes) -> bytes:
+    """RFC 5321 §4.5.2: double the dot that starts any line (the first line too).
+
+    One C-level replace over the body with a CRLF prefix, so line 1 needs no special case.
+    """
+    if not body.startswith(b".") and b"\r\n." not in body:
+        return body  # the common case: no copy
+    return (b"\r\n" + body).replace(b"\r\n.", b"\r\n..")[2:]
+
+
+def _xtext_safe(value: str | None) -> str | None:
+    # grammar.xtext_encode carries one octet per "+XX"; drop what it cannot carry
+    # (optional DSN data is better lost than the whole transaction).
+    if value is None:
+        return None
+    try:
+        grammar.xtext_encode(value)
+    except ValueError:
+        return None
+    return value
+
+
+class Transaction:
+    """One mail transaction on a session whose Capabilities are known. Not thread-safe.
+
+    Raises ValueError from the constructor if the envelope has no recipients or an
+    address or parameter would put CR or LF on the wire (P5).
+    """
+
+    __slots__ = (
+        "_accepted",
+        "_body",
+        "_chunking",
+        "_expect",
+        "_failure",
+        "_lone_dot",
+        "_mail_line",
+        "_mail_reply",
+        "_next_rcpt",
+        "_outcomes",
+        "_pipelining",
+        "_rcpt_lines",
+        "_refusal",
+        "_refused",
+        "_rset",
+        "_started",
+        "caps",
+        "clean",
+        "done",
+        "envelope",
+    )
+
+    def __init__(
+        self,
+        envelope: Envelope,
+        caps: Capabilities,
+        *,
+        first_on_connection: bool,
+        needs_rset: bool = False,
+    ) -> None:
+        recipients = envelope.recipients
+        if not recipients:
+            raise ValueError("a transaction needs at least one recipient")
+        self.envelope = envelope
+        self.caps = caps
+        self.done = False
+        self.clean = True  # False: send RSET before the next transaction (needs_rset)
+        self._pipelining = caps.pipelining
+        self._chunking = caps.chunking
+        # KumoMTA: no RSET before the first message on a connection, because Postfix
+        # under load may count RSET as a junk command and drop the session; after EHLO
+        # (RFC 5321 §4.1.4) there is no transaction to reset anyway. Later, only after a
+        # transaction that left the server's state open.
+        self._rset = needs_rset and not first_on_connection
+        body = envelope.body
+        if body and not body.endswith(b"\r\n"):
+            body += b"\r\n"
+        self._body = body
+        size = envelope.size if envelope.size is not None else len(body)
+        dsn = caps.dsn
+        self._mail_line = encode(
+            Mail(
+                envelope.sender,
+                size=size if caps.size is not None else None,
+                body="8BITMIME" if envelope.body_8bit and caps.eightbitmime else None,
+                smtputf8=envelope.needs_smtputf8,
+                ret=envelope.ret if dsn else None,
+                envid=_xtext_safe(envelope.envid) if dsn else None,
+            )
+        )
+        self._rcpt_lines = [
+            encode(Rcpt(r.address, notify=r.notify, orcpt=_xtext_safe(r.orcpt)))
+            if dsn
+            else encode(Rcpt(r.address))
+            for r in recipients
+        ]
+        lines = 1 + len(recipients)
+        wire = self._mail_line + b"".join(self._rcpt_lines)
+        if wire.count(b"\n") != lines or wire.count(b"\r") != lines:
+            raise ValueError("envelope address or parameter contains CR or LF")
+        self._expect: deque[str] = deque()
+        self._next_rcpt = 0  # index of the RCPT whose reply comes next
+        self._refused: list[Reply | None] = [None] * len(recipients)
+        self._accepted = 0
+        self._mail_reply: Reply | None = None  # MAIL's refusal
+        self._failure: Reply | None = None  # RSET's refusal: applies to everyone
+        self._lone_dot = False
+        self._started = False
+        self._outcomes: list[Reply] = []
+        self._refusal = self._check(size)
+        if self._refusal is not None:
+            self._finish(self._refusal, clean=True)
+
+    def _check(self, size: int) -> Reply | None:
+        caps, envelope = self.caps, self.envelope
+        if envelope.needs_smtputf8 and not caps.smtputf8:
+            return R550_NEEDS_SMTPUTF8
+        if caps.size and size > caps.size:
+            return R552_OVER_REMOTE_SIZE
+        # RFC 6531: a server offering SMTPUTF8 must offer 8BITMIME as well.
+        if envelope.body_8bit and not (caps.eightbitmime or caps.smtputf8):
+            return R554_NEEDS_8BITMIME
+        return None
+
+    # --- public API ------------------------------------------------------------------
+    def precheck(self) -> Reply | None:
+        """The permanent refusal decided before sending anything, or None.
+
+        When not None the transaction is already `done`, every outcome is this reply,
+        `clean` is True and `initial_bytes` must not be called.
+        """
+        return self._refusal
+
+    def initial_bytes(self) -> bytes:
+        """The first write: the whole pipelined group, or (lockstep) the first command.
+
+        Raises RuntimeError if called twice or after a precheck refusal.
+        """
+        if self._started or self.done:
+            raise RuntimeError("initial_bytes() is called once, on a transaction not refused")
+        self._started = True
+        expect = self._expect
+        parts: list[bytes] = []
+        if self._rset:
+            parts.append(RSET)
+            expect.append(PHASE_RSET)
+            if not self._pipelining:
+                return RSET
+        parts.append(self._mail_line)
+        expect.append(PHASE_MAIL)
+        if not self._pipelining:
+            return self._mail_line
+        # RFC 2920 §3.1: RSET, MAIL and RCPT may sit anywhere in a group; DATA ends it.
+        parts += self._rcpt_lines
+        expect.extend([PHASE_RCPT] * len(self._rcpt_lines))
+        if not self._chunking:
+            parts.append(_DATA)
+            expect.append(PHASE_DATA)
+        return b"".join(parts)
+
+    @property
+    def phase(self) -> str | None:
+        """The phase of the reply awaited next ("rset", "mail", "rcpt", "data",
+        "data_end"), or None when no reply is awaited."""
+        return self._expect[0] if self._expect else None
+
+    @property
+    def pending_phases(self) -> tuple[str, ...]:
+        """Phases of every reply still awaited, oldest first (for a summed deadline)."""
+        return tuple(self._expect)
+
+    @property
+    def outcomes(self) -> list[Reply]:
+        """One Reply per recipient, in envelope order.
+
+        Raises RuntimeError before the transaction is done.
+        """
+        if not self.done:
+            raise RuntimeError("outcomes are known only when the transaction is done")
+        return self._outcomes
+
+    def on_reply(self, reply: Reply) -> bytes | None:
+        """Feed the next reply (in order); returns the next bytes to write, or None.
+
+        Raises ClientProtocolError if no reply was awaited, or a reply's class makes no
+        sense for its command (e.g. 354 to MAIL, 250 to DATA); the transaction is then
+        done and not clean, with that error's reply for every undecided recipient.
+        """
+        if not self._expect:
+            raise ClientProtocolError(R451_OUT_OF_TURN)
+        phase = self._expect.popleft()
+        if reply.code == 421:
+            # RFC 5321 §3.8: 421 may answer any command, and the server then closes; the
+            # replies still expected will never come.
+            self._finish(reply, clean=False)
+            return None
+        positive = 3 if phase == PHASE_DATA else 2
+        klass = reply.code // 100
+        if klass != positive and klass not in (4, 5):
+            error = ClientProtocolError(R451_UNEXPECTED, f"Remote server sent {reply.code} to {phase.upper()}")
+            self._finish(error.reply, clean=False)
+            raise error
+        ok = klass == positive
+        if phase == PHASE_RCPT:
+            return self._on_rcpt(reply, ok)
+        if phase == PHASE_MAIL:
+            return self._on_mail(reply, ok)
+        if phase == PHASE_DATA:
+            return self._on_data(reply, ok)
+        if phase == PHASE_DATA_END:
+            return self._on_data_end(reply, ok)
+        return self._on_rset(reply, ok)
+
+    def abort(self, reply: Reply) -> None:
+        """End the transaction from outside (timeout, connection lost, ClientProtocolError
+        from the parser): every undecided recipient gets `reply`. No-op if done."""
+        if not self.done:
+            self._finish(reply, clean=False)
+
+    # --- transitions -----------------------------------------------------------------
+    def _on_rset(self, reply: Reply, ok: bool) -> bytes | None:
+        if ok:
+            if self._pipelining:
+                return None
+            self._expect.append(PHASE_MAIL)
+            return self._mail_line
+        # The session's state is unknown: defer everyone, whatever the code was.
+        self._failure = reply if reply.code // 100 == 4 else R451_RSET_REFUSED.with_text(
+            (R451_RSET_REFUSED.lines[0] + ":", *reply.lines)
+        )
+        if not self._pipelining:
+            self._finish(None, clean=False)
+        return None  # pipelined: the group's other replies are still to come
+
+    def _on_mail(self, reply: Reply, ok: bool) -> bytes | None:
+        if not ok:
+            self._mail_reply = reply
+        if self._pipelining:
+            return None
+        if not ok:
+            self._finish(None, clean=self._failure is None)  # no transaction opened
+            return None
+        self._expect.append(PHASE_RCPT)
+        return self._rcpt_lines[0]
+
+    def _on_rcpt(self, reply: Reply, ok: bool) -> bytes | None:
+        i = self._next_rcpt
+        self._next_rcpt = i + 1
+        if ok:
+            self._accepted += 1
+        else:
+            self._refused[i] = reply
+        last = i + 1 == len(self._rcpt_lines)
+        if self._pipelining:
+            # With DATA the group's last reply is DATA's; with CHUNKING it is this one.
+            return self._after_rcpts() if last and self._chunking else None
+        if not last:
+            self._expect.append(PHASE_RCPT)
+            return self._rcpt_lines[i + 1]
+        return self._after_rcpts()
+
+    def _sendable(self) -> bool:
+        return self._failure is None and self._mail_reply is None and self._accepted > 0
+
+    def _after_rcpts(self) -> bytes | None:
+        if not self._sendable():
+            # Clean only if MAIL was refused: otherwise the server holds an open
+            # transaction with no recipient, and the next MAIL would be a 503.
+            self._finish(None, clean=self._failure is None and self._mail_reply is not None)
+            return None
+        if self._chunking:
+            # RFC 3030 §2: BDAT <octets> LAST, then exactly that many octets, no stuffing.
+            self._expect.append(PHASE_DATA_END)
+            return b"BDAT %d LAST\r\n" % len(self._body) + self._body
+        self._expect.append(PHASE_DATA)
+        return _DATA
+
+    def _on_data(self, reply: Reply, ok: bool) -> bytes | None:
+        if not ok:
+            self._finish(reply, clean=self._failure is None and self._mail_reply is not None)
+            return None
+        self._expect.append(PHASE_DATA_END)
+        if self._sendable():
+            return dot_stuff(self._body) + _DOT
+        # RFC 2920 §3.1: DATA got 354 although no RCPT succeeded (pipelined); "the client
+        # SMTP should send a single dot". The refusals already decided every outcome.
+        self._lone_dot = True
+        return _DOT
+
+    def _on_data_end(self, reply: Reply, ok: bool) -> bytes | None:
+        if self._lone_dot:
+            self._finish(None, clean=self._failure is None)
+            return None
+        # After ".", the transaction is over whatever the reply (RFC 5321 §4.1.1.4). After
+        # a refused BDAT, RFC 3030 §2 only says the transaction failed: RSET to be sure.
+        self._finish(reply, clean=ok or not self._chunking)
+        return None
+
+    def _finish(self, final: Reply | None, *, clean: bool) -> None:
+        self._expect.clear()
+        self.done = True
+        self.clean = clean
+        common = self._failure if self._failure is not None else self._mail_reply
+        outcomes: list[Reply] = []
+        for refused in self._refused:
+            outcome = common if common is not None else refused if refused is not None else final
+            assert outcome is not None, "every recipient has an outcome"
+            outcomes.append(outcome)
+        self._outcomes = outcomes
