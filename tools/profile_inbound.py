@@ -65,6 +65,9 @@ async def main(args: argparse.Namespace) -> None:
     wall = time.perf_counter() - w0
     print(f"server CPU {cpu:.2f}s = {cpu / args.messages * 1e6:.0f} us/msg over {wall:.2f}s wall")
     server.close()
+    stats = getattr(committer, "stats", None)
+    if stats is not None:
+        print(f"commit batches {stats.batches}, ops {stats.ops}, mean batch {stats.ops / max(1, stats.batches):.1f}, largest {stats.largest_batch}")
     if prof:
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
@@ -75,4 +78,8 @@ if __name__ == "__main__":
     p.add_argument("--durability", default="memory")
     p.add_argument("--cprofile", action="store_true")
     p.add_argument("-n", "--messages", type=int, default=20000)
-    uvloop.run(main(p.parse_args()))
+    p.add_argument("--switch", type=float, default=0.0, help="sys.setswitchinterval")
+    a = p.parse_args()
+    if a.switch:
+        sys.setswitchinterval(a.switch)
+    uvloop.run(main(a))
