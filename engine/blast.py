@@ -42,6 +42,9 @@ class BlastOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     size: int = 1024  # bytes per message, headers included (minimum ~200)
     domains: int = 1  # recipients spread over d0.example .. d{N-1}.example
     pipelining: bool = True  # used only when the server offers PIPELINING
+    # With pipelining, send the next message's MAIL/RCPT/DATA in the same write as the
+    # previous message's end of data (RFC 2920; what Postfix does): one write per message.
+    chain: bool = True
     rate: float = 0.0  # messages/s over the whole run; 0: as fast as possible
     duration: float = 0.0  # stop starting messages after this many seconds; 0: none
     timeout: float = 30.0  # seconds to wait for any one reply (and for connect)
@@ -151,6 +154,7 @@ async def run(options: BlastOptions) -> Report:
         domains=options.domains,
         size=options.size,
         pipelining=options.pipelining,
+        chain=options.chain,
         rate=options.rate,
         duration=options.duration,
         timeout=options.timeout,
@@ -208,6 +212,8 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[BlastOptions, bool]:
     p.add_argument("--size", type=int, default=1024, help="message bytes incl. headers")
     p.add_argument("--domains", type=int, default=1)
     p.add_argument("--no-pipelining", action="store_true")
+    p.add_argument("--no-chain", action="store_true",
+                   help="with pipelining, wait for each final reply before the next MAIL")
     p.add_argument("--rate", type=float, default=0.0, help="msgs/s cap, 0 = none")
     p.add_argument("--duration", type=float, default=0.0, help="seconds cap, 0 = none")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per reply")
@@ -219,8 +225,8 @@ def _parse_args(argv: Sequence[str] | None) -> tuple[BlastOptions, bool]:
     return BlastOptions(
         host=host.strip("[]"), port=int(port), messages=a.messages, concurrency=a.concurrency,
         messages_per_session=a.per_session, recipients=a.recipients, size=a.size,
-        domains=a.domains, pipelining=not a.no_pipelining, rate=a.rate, duration=a.duration,
-        timeout=a.timeout,
+        domains=a.domains, pipelining=not a.no_pipelining, chain=not a.no_chain, rate=a.rate,
+        duration=a.duration, timeout=a.timeout,
     ), a.json
 
 

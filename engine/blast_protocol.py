@@ -1,151 +1,28 @@
-"""The load generator's wire side: message bytes, shared counters, one state machine per connection.
+"""The load generator's wire side: one callback-driven state machine per connection.
 
 The connection is a plain `asyncio.Protocol` driven by callbacks, not a coroutine per
 session: a load generator shares the machine's cores with the server it measures, so
 every future, task wake-up and per-message allocation it avoids is CPU left to the
 server. Everything a message needs on the wire (its command block and body) is built
-once up front and reused; per message the client does one or two writes and parses
-replies with `bytes.find`.
+once up front (`engine.blast_shared`) and reused; replies are parsed with `bytes.find`.
+
+With PIPELINING the client chains transactions as RFC 2920 allows (and Postfix's
+client does): after the 354 it writes the body, the end of data *and* the next
+message's MAIL/RCPT.../DATA in one write, then reads the final reply and the next
+group's replies, in order. Steady state is one write and one read per message; without
+chaining (`chain=False`) it is two of each.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import functools
 import math
 import time
 from typing import Callable
 
-SENDER = "blast@volley.test"
-HELO_NAME = "blast.volley.test"
-_LINE = 76  # filler characters per body line (RFC 5322 recommends <= 78 with CRLF)
-_FILLER = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789" * 3)[:_LINE]
+from engine.blast_shared import HELO_NAME, SENDER, Shared, command_blocks, make_message
 
-
-@functools.lru_cache(maxsize=16)
-def make_message(size: int) -> bytes:
-    """A message of exactly `size` bytes (headers included) ending in CRLF; min ~200 bytes.
-
-    No line starts with "." so the bytes need no dot-stuffing and can be written as is;
-    the sink (and the server) see exactly these bytes after unstuffing.
-    """
-    date = email.utils.formatdate(usegmt=True)
-    head = (
-        f"From: <{SENDER}>\r\n"
-        f"To: <u0@d0.example>\r\n"
-        f"Subject: volley blast {size}\r\n"
-        f"Message-ID: <blast-{size}@volley.test>\r\n"
-        f"Date: {date}\r\n"
-        "\r\n"
-    ).encode()
-    room = size - len(head)
-    if room <= 0:
-        return head
-    if room < 3:  # too little for a filler line ("x\r\n"): pad the subject instead
-        return head.replace(b"\r\nMessage-ID", b"x" * room + b"\r\nMessage-ID", 1)
-    lines: list[bytes] = []
-    while room > 0:
-        n = min(_LINE + 2, room)
-        if 0 < room - n < 3:  # keep the last line at least "x\r\n"
-            n = room - 3
-        lines.append(_FILLER[: n - 2] + b"\r\n")
-        room -= n
-    return head + b"".join(lines)
-
-
-def command_blocks(recipients: int, domains: int) -> list[list[bytes]]:
-    """Per message i, its commands are blocks[i % domains]: MAIL, RCPT..., DATA lines.
-
-    Recipient j of the whole run is u{j % (D*R)}@d{j % D}.example, so consecutive
-    recipients walk the domains and the pattern repeats every `domains` messages:
-    precomputing D blocks removes all per-message formatting.
-    """
-    r, d = max(1, recipients), max(1, domains)
-    span = r * d
-    mail = f"MAIL FROM:<{SENDER}>\r\n".encode()
-    blocks = []
-    for m in range(d):
-        rcpts = [
-            f"RCPT TO:<u{j}@d{j % d}.example>\r\n".encode()
-            for j in ((m * r + k) % span for k in range(r))
-        ]
-        blocks.append([mail, *rcpts, b"DATA\r\n"])
-    return blocks
-
-
-class Shared:
-    """State shared by all connections of one run: tickets, message bytes, counters.
-
-    Plain attributes and dicts, no locks: everything runs on one event loop thread.
-    """
-
-    def __init__(
-        self,
-        *,
-        messages: int,
-        recipients: int,
-        domains: int,
-        size: int,
-        pipelining: bool,
-        rate: float,
-        duration: float,
-        timeout: float,
-        per_session: int,
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        self.loop = loop
-        self.total = messages
-        self.pipelining = pipelining
-        self.rate = rate
-        self.timeout = timeout
-        self.per_session = per_session
-        self.blocks = command_blocks(recipients, domains)
-        self.joined = [b"".join(b) for b in self.blocks]  # pipelined form: one write
-        self.recipients = max(1, recipients)
-        self.body = make_message(size) + b".\r\n"  # body + end of data: one write
-        self.started = loop.time()
-        self.stop_at = self.started + duration if duration > 0 else math.inf
-        self.next_ticket = 0
-        # Counters reported at the end.
-        self.attempted = 0
-        self.sent = 0
-        self.accepted = 0
-        self.failed = 0
-        self.refused: dict[int, int] = {}
-        self.rcpt_refused: dict[int, int] = {}
-        self.errors: dict[str, int] = {}
-        self.connections = 0
-        self.latencies: list[float] = []
-        self.live: set[BlastConnection] = set()
-
-    def take(self) -> int:
-        """The next message's ticket, or -1 when the run is out of messages or time."""
-        t = self.next_ticket
-        if t >= self.total:
-            return -1
-        if self.stop_at != math.inf and self.due(t) >= self.stop_at:
-            return -1
-        self.next_ticket = t + 1
-        return t
-
-    def due(self, ticket: int) -> float:
-        """Loop time at which `ticket` may start under the rate cap (start time if none)."""
-        if self.rate <= 0:
-            return max(self.started, self.loop.time())
-        return self.started + ticket / self.rate
-
-    def error(self, kind: str) -> None:
-        self.errors[kind] = self.errors.get(kind, 0) + 1
-
-    def refuse(self, code: int) -> None:
-        self.refused[code] = self.refused.get(code, 0) + 1
-
-    def sweep(self) -> None:
-        """Abort connections whose awaited reply is overdue (one timer per run, not per reply)."""
-        now = self.loop.time()
-        for conn in [c for c in self.live if c.deadline < now]:
-            conn.expire()
+__all__ = ["BlastConnection", "HELO_NAME", "SENDER", "Shared", "command_blocks", "make_message"]
 
 
 def _positive(code: int) -> bool:
@@ -169,8 +46,10 @@ class BlastConnection(asyncio.Protocol):
         self.handler: Callable[[list[tuple[int, bytes]]], None] = self._on_greeting
         self.deadline = math.inf
         self.ticket = -1  # message in flight, -1 when none
+        self.chained = -1  # message whose group rode along with `ticket`'s end of data
         self.completed = 0  # messages that reached a final outcome on this connection
         self.pipe = False
+        self.chain = False  # pipelining, and chaining transactions (RFC 2920)
         self.rset = False  # the previous transaction left state on the server
         self.server_closing = False
         self.rcpt_ok = 0
@@ -219,10 +98,16 @@ class BlastConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.s.live.discard(self)
-        if self.ticket >= 0:  # a message was in flight: it failed
-            self.s.failed += 1
+        if self.ticket >= 0 and self.server_closing:
+            # A 421 came in place of replies still awaited: the server refused the
+            # message(s) in flight and hung up, as it said it would.
+            self._finish(421, False)
+            if self.chained >= 0:
+                self._finish(421, False)
+                self.chained = -1
+        elif self.ticket >= 0:  # message(s) in flight: they failed
+            self._lose()
             self.s.error("connection lost" if exc is None else type(exc).__name__)
-            self.ticket = -1
         elif self.need and not self.server_closing and self.handler != self._on_quit:
             self.s.error("connection lost")
         self.transport = None
@@ -240,11 +125,14 @@ class BlastConnection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(data)
 
+    def _lose(self) -> None:
+        """Count the message(s) in flight as failed: the current one, and a chained one."""
+        self.s.failed += (self.ticket >= 0) + (self.chained >= 0)
+        self.ticket = self.chained = -1
+
     def _fail(self, kind: str) -> None:
-        """Count an error against the message in flight (if any) and drop the connection."""
-        if self.ticket >= 0:
-            self.s.failed += 1
-            self.ticket = -1
+        """Count an error against the message(s) in flight (if any) and drop the connection."""
+        self._lose()
         self.s.error(kind)
         self.need = 0
         self.deadline = math.inf
@@ -281,6 +169,7 @@ class BlastConnection(asyncio.Protocol):
             return
         # Pipeline only if asked *and* offered (RFC 2920 §3.1).
         self.pipe = self.s.pipelining and b"PIPELINING" in text.upper()
+        self.chain = self.pipe and self.s.chain
         self._next_message()
 
     def _next_message(self) -> None:
@@ -361,16 +250,43 @@ class BlastConnection(asyncio.Protocol):
         self._send_body()
 
     def _send_body(self) -> None:
-        self.s.sent += 1
-        self._write(self.s.body)
+        s = self.s
+        s.sent += 1
+        nxt = self._chain_ticket() if self.chain else -1
+        if nxt >= 0:
+            # RFC 2920: the next transaction's group follows the end of data, same write.
+            s.attempted += 1
+            self.chained = nxt
+            self._write(s.chained[nxt % len(s.blocks)])
+        else:
+            self._write(s.body)
         self.t_data_end = time.perf_counter()
         self._expect(1, self._on_final)
+
+    def _chain_ticket(self) -> int:
+        """A ticket for a message that may start now on this connection, else -1."""
+        s = self.s
+        if self.server_closing or (s.per_session and self.completed + 1 >= s.per_session):
+            return -1  # (`completed + 1`: the message whose body goes out now)
+        return s.take_now()
 
     def _on_final(self, r: list[tuple[int, bytes]]) -> None:
         code = r[0][0]
         self.s.latencies.append(time.perf_counter() - self.t_data_end)
         self._finish(code, _positive(code))
-        self._next_message()
+        nxt = self.chained
+        if nxt < 0:
+            self._next_message()
+            return
+        self.chained = -1
+        self.ticket = nxt
+        if code == 421:  # the server is closing: the chained group will not be served
+            self._finish(421, False)
+            self._next_message()
+            return
+        # The chained group's replies follow (typically already in this read); from here
+        # on it is an ordinary pipelined transaction, refusals and RSET included.
+        self._expect(self.s.recipients + 2, self._on_pipelined)
 
     # -- lock-step transaction ------------------------------------------------------
 
