@@ -148,7 +148,9 @@ class SmtpServerProtocol(asyncio.Protocol):
         self.session.receive_data(b"")
         if not self.busy:
             self._process()
-        return None
+        # Plain TCP: keep our side open until what was read before the half-close is
+        # answered (the 250 of a commit in flight); _run closes at ConnectionClosed.
+        return not self.session.tls_active
 
     # --- the event loop of one session ---------------------------------------------
     def _process(self) -> None:
@@ -187,6 +189,7 @@ class SmtpServerProtocol(asyncio.Protocol):
                 if not self._auth_step(event.line, out):
                     return
             elif isinstance(event, ConnectionClosed):
+                self._write(out)
                 self.close()
                 return
 
