@@ -173,6 +173,109 @@ class LimitsConfig(Frozen):
     greeting_delay: Duration = Duration(0)
 
 
+class DnsConfig(Frozen):
+    # "ip" or "ip:port" ("[v6]:port"); empty = the system's resolv.conf.
+    nameservers: list[str] = msgspec.field(default_factory=list)
+    timeout: Duration = Duration(5)
+    min_ttl: Duration = Duration(60)
+    max_ttl: Duration = Duration(3600)
+    negative_ttl_max: Duration = Duration(900)
+    # SERVFAIL/timeouts are remembered this long so a burst to a broken domain costs
+    # one query; those messages defer anyway.
+    failure_ttl: Duration = Duration(5)
+    cache_size: int = 100_000
+
+    def __post_init__(self) -> None:
+        from engine.dns.resolver import parse_nameserver
+
+        for i, ns in enumerate(self.nameservers):
+            try:
+                parse_nameserver(ns)
+            except ValueError as err:
+                raise ValueError(f"nameservers[{i}]: {err}") from None
+
+
+class TimeoutsConfig(Frozen):
+    """RFC 5321 §4.5.3.2 client timeouts, one per phase."""
+
+    connect: Duration = Duration(30)
+    greeting: Duration = Duration(300)  # §4.5.3.2.1: 5 minutes
+    ehlo: Duration = Duration(300)
+    starttls: Duration = Duration(120)
+    auth: Duration = Duration(120)
+    mail: Duration = Duration(300)  # §4.5.3.2.2
+    rcpt: Duration = Duration(300)  # §4.5.3.2.3
+    data: Duration = Duration(120)  # §4.5.3.2.4: DATA initiation
+    data_block: Duration = Duration(180)  # §4.5.3.2.5
+    data_end: Duration = Duration(600)  # §4.5.3.2.6
+    quit: Duration = Duration(30)
+
+
+TlsPolicy = Literal["opportunistic", "required", "none"]
+
+
+class DeliveryConfig(Frozen):
+    enabled: bool = True
+    port: int = 25
+    helo_name: str = ""  # empty: server.hostname
+    source_address: str = ""  # bind outbound connections to this address
+    max_connections_per_domain: int = 20  # Postfix's default_destination_concurrency_limit
+    max_messages_per_connection: int = 1000
+    idle_timeout: Duration = Duration(10)
+    max_connection_age: Duration = Duration(300)  # Postfix smtp_connection_reuse_time_limit
+    retry: str = "1m, 5m, 15m, 30m, 1h, 2h, 4h"
+    max_age: Duration = Duration(5 * 86400)
+    # How many (message, domain) units one worker holds in memory at once.
+    max_ready: int = 20_000
+    poll_interval: Duration = Duration(0.1)
+    # After a 421 or refused connection a destination waits this long, doubling up
+    # to backoff_max while it keeps failing.
+    backoff: Duration = Duration(60)
+    backoff_max: Duration = Duration(3600)
+    tls: TlsPolicy = "opportunistic"
+    tls_verify: bool = False
+    timeouts: TimeoutsConfig = msgspec.field(default_factory=TimeoutsConfig)
+
+    def __post_init__(self) -> None:
+        from engine.delivery.retry import parse_schedule
+
+        try:
+            parse_schedule(self.retry)
+        except ValueError as err:
+            raise ValueError(f"retry: {err}") from None
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port: out of range: {self.port}")
+        if self.max_connections_per_domain < 1:
+            raise ValueError("max_connections_per_domain: must be at least 1")
+
+
+class RouteConfig(Frozen):
+    # "example.com" (exact), "*.example.com" (any subdomain), or "*" (everything).
+    domain: str
+    # "host:port" smarthost; empty = resolve the domain's MX as usual.
+    host: str = ""
+    auth_user: str = ""
+    auth_password_file: str = ""
+    tls: TlsPolicy | None = None  # None: delivery.tls
+    tls_verify: bool | None = None
+    max_connections: int = 0  # 0: delivery.max_connections_per_domain
+    max_messages_per_connection: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.domain or (self.domain != "*" and "*" in self.domain.lstrip("*.")):
+            raise ValueError(f'domain: expected "example.com", "*.example.com" or "*", got "{self.domain}"')
+        if self.host:
+            try:
+                split_host_port(self.host)
+            except ValueError as err:
+                raise ValueError(f"host: {err}") from None
+        if self.auth_user and not self.auth_password_file:
+            raise ValueError("auth_password_file: required with auth_user")
+        if self.auth_user and (self.tls or "required") != "required":
+            # Credentials never travel in the clear (issue: "only over TLS").
+            raise ValueError('tls: must be "required" (or unset) when auth_user is set')
+
+
 class AuthConfig(Frozen):
     users_file: str = ""
 
@@ -197,6 +300,9 @@ class Config(Frozen):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     control: ControlConfig = msgspec.field(default_factory=ControlConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    dns: DnsConfig = msgspec.field(default_factory=DnsConfig)
+    delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
+    routes: list[RouteConfig] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.listeners:
@@ -281,7 +387,12 @@ def to_builtins(cfg: Config) -> dict[str, Any]:
 
     def walk(value: Any) -> Any:
         if isinstance(value, msgspec.Struct):
-            return {f: walk(getattr(value, f)) for f in value.__struct_fields__}
+            # TOML has no null: an unset optional key is simply left out.
+            return {
+                f: walk(getattr(value, f))
+                for f in value.__struct_fields__
+                if getattr(value, f) is not None
+            }
         if isinstance(value, list):
             return [walk(v) for v in value]
         if isinstance(value, (Size, Duration)):
