@@ -1,0 +1,80 @@
+"""The unit of delivery work handed from the scheduler to a site pool, and its result.
+
+A Job is one message's recipients in one domain: one SMTP transaction. The pool owns
+it from `submit` until it calls `done` exactly once, with a reply for every
+recipient index it was given (never fewer): that is how the scheduler knows nothing
+was dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import msgspec
+
+from engine.dns.mx import Route
+from engine.queue.records import MessageRecord
+from engine.smtp.replies import Reply
+
+
+class PoolSettings(msgspec.Struct, frozen=True):
+    """Per-destination limits, from [delivery] and a matching [[routes]] entry."""
+
+    max_connections: int = 20
+    max_messages_per_connection: int = 1000
+    idle_timeout: float = 10.0
+    max_connection_age: float = 300.0
+    port: int = 25
+    tls: str = "opportunistic"  # "opportunistic" | "required" | "none"
+    tls_verify: bool = False
+    auth_user: str = ""
+    auth_password: str = ""
+    helo_name: str = "localhost"
+    source_address: str = ""
+    backoff: float = 60.0
+    backoff_max: float = 3600.0
+
+
+class JobResult(msgspec.Struct):
+    # recipient index (into MessageRecord.recipients) → the reply that decided it
+    replies: dict[int, Reply]
+    mx_host: str = ""
+    ip: str = ""
+    tls: str = ""  # "TLSv1.3" etc., "" for plaintext
+    # A 421, a refused connection or no reachable host: the pool backs off and the
+    # scheduler should not try this destination again before `retry_after`.
+    destination_failed: bool = False
+    retry_after: float = 0.0  # loop.time() value; 0 = the normal retry schedule
+    remote_dsn: bool = False  # the receiver advertised DSN (it takes over NOTIFY=SUCCESS)
+    attempt_started: float = 0.0  # loop.time() when the transaction started
+
+
+class Job:
+    """One message's recipients in one domain, for one SMTP transaction."""
+
+    __slots__ = ("record", "body", "indices", "domain", "route", "done", "needs_smtputf8",
+                 "body_8bit", "created")
+
+    def __init__(
+        self,
+        record: MessageRecord,
+        body: bytes,
+        indices: list[int],
+        domain: str,
+        route: Route,
+        done: Callable[[JobResult], None],
+        created: float,
+    ) -> None:
+        self.record = record
+        self.body = body
+        self.indices = indices
+        self.domain = domain
+        self.route = route
+        self.done = done
+        self.created = created
+        # RFC 6531: a non-ASCII envelope address needs SMTPUTF8 from the receiver.
+        self.needs_smtputf8 = record.smtputf8 and (
+            not record.sender.isascii()
+            or any(not record.recipients[i].address.isascii() for i in indices)
+        )
+        self.body_8bit = record.body_type == "8BITMIME" or not body.isascii()
