@@ -141,7 +141,10 @@ class SmtpServerProtocol(asyncio.Protocol):
                 self._pause_reading()
             return
         if self._greeting_handle is not None:
-            return  # judged when the greeting timer fires
+            # Pregreet: judged when the greeting timer fires; read no more until then,
+            # or a flood during the delay is buffered without bound (P8).
+            self._pause_reading()
+            return
         self._process()
 
     def eof_received(self) -> bool | None:
