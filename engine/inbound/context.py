@@ -8,6 +8,7 @@ import asyncio
 import math
 import ssl
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from engine.config import Config
@@ -57,6 +58,7 @@ class WorkerContext:
         self.per_ip: dict[str, int] = {}
         self.stats = InboundStats()
         self.draining = False
+        self.on_new_mail: Callable[[], None] | None = None  # wakes the delivery scheduler
         # scrypt is ~50 ms of CPU: a small pool keeps it off the loop (house rule 4).
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="volley-auth")
         self._sweeper: asyncio.TimerHandle | None = None

@@ -239,7 +239,10 @@ class SmtpServerProtocol(asyncio.Protocol):
             log.warning("queue_refused", client=self.client_ip, error=repr(result))
         else:
             reply = Reply(250, "2.0.0", f"OK queued as {msg_id}")
-            self.ctx.stats.received += 1
+            ctx = self.ctx
+            ctx.stats.received += 1
+            if ctx.on_new_mail is not None:
+                ctx.on_new_mail()
         self._decided(reply)
 
     def _decided(self, reply: Reply) -> None:

@@ -462,15 +462,22 @@ class QueueStore:
             yield from ids
             after = ids[-1]
 
-    def due_entries(self, owner: int, until_ms: int, limit: int) -> list[tuple[int, bytes, str]]:
-        """Up to `limit` (due_ms, msg_id, domain) of shard `owner` due at or before
-        `until_ms`, earliest first. Raises StorageError on lmdb failure."""
+    def due_entries(
+        self, owner: int, until_ms: int, limit: int, since_ms: int = 0,
+        exclude: set[tuple[bytes, str]] | frozenset[tuple[bytes, str]] = frozenset(),
+    ) -> list[tuple[int, bytes, str]]:
+        """Up to `limit` (due_ms, msg_id, domain) of shard `owner` due in
+        [`since_ms`, `until_ms`], earliest first. Raises StorageError on lmdb failure.
+
+        `since_ms` lets the scheduler resume near where it left off; (msg_id, domain)
+        pairs in `exclude` (already in flight) are passed over and do not count."""
         prefix = _U16.pack(owner)
+        start = _DUE_HEAD.pack(owner, max(0, since_ms))
 
         def scan(t: lmdb.Transaction[bytes]) -> list[tuple[int, bytes, str]]:
             out: list[tuple[int, bytes, str]] = []
             with t.cursor(db=self._due) as cur:
-                if not cur.set_range(prefix):
+                if not cur.set_range(start):
                     return out
                 for k in cur.iternext(keys=True, values=False):
                     if len(out) >= limit or k[:2] != prefix:
@@ -479,7 +486,10 @@ class QueueStore:
                     if due > until_ms:
                         break
                     dom = k[_DUE_FIXED:].decode("utf-8", "surrogatepass")
-                    out.append((due, k[_DUE_HEAD.size:_DUE_FIXED], dom))
+                    mid = k[_DUE_HEAD.size:_DUE_FIXED]
+                    if exclude and (mid, dom) in exclude:
+                        continue
+                    out.append((due, mid, dom))
             return out
 
         return self._read(scan)

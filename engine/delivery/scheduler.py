@@ -1,0 +1,304 @@
+"""One worker's delivery loop: due (message, domain) units → routes → pools → outcomes.
+
+Theory of operation
+-------------------
+The due index holds one entry per (message, domain) with pending recipients, keyed by
+owner shard (a stable hash of the domain modulo the worker count), so every domain is
+delivered by exactly one worker and its connection limits hold for the whole server.
+Worker `owner` scans its shard for entries due now and keeps each in `inflight` from
+dispatch until the outcome is committed; an entry stays in the index meanwhile, so a
+crash at any point leaves it due again (at-least-once, P2).
+
+Scans resume near the newest entry dispatched (minus a margin for messages whose
+commit raced their timestamp) instead of walking past everything in flight; a full
+scan runs every few seconds as a safety net. The loop wakes when this worker queues
+new mail, when an outcome frees capacity, and otherwise every `poll_interval` (mail
+received by another worker for our shard waits at most that long).
+
+Outcomes are applied inside the commit: the op re-reads the record in the write
+transaction, so two workers delivering different domains of one message never
+overwrite each other's recipient states. Delivered, bounced and expired recipients
+are marked in the same group commit that follows the remote's final reply (P3);
+bounces queue their DSN in that same transaction, with the null sender.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+from engine.config import Config
+from engine.delivery import dsn as dsn_mod
+from engine.delivery import outcome as outcome_mod
+from engine.delivery.job import Job, JobResult
+from engine.delivery.retry import expired, parse_schedule
+from engine.delivery.routing import drop_self, match_route, pool_settings, smarthost_route
+from engine.dns.cache import DnsCache
+from engine.dns.mx import Route, RouteError
+from engine.errors import VolleyError
+from engine.observe import log
+from engine.observe.delivery_log import DeliveryLog
+from engine.queue.commit import Committer
+from engine.queue.ids import IdAllocator, id_text
+from engine.queue.records import PENDING, MessageRecord, Recipient, domain_of
+from engine.queue.store import QueueStore, WriteTxn
+from engine.smtp.replies import Reply
+
+# Resume scans this far before the newest due time dispatched: a message stamped at
+# t may commit a little later than one stamped after it.
+_SCAN_MARGIN_MS = 1000
+_MIN_SCAN_GAP = 0.005
+_FULL_SCAN_EVERY = 5.0
+_SCAN_BATCH = 512
+
+
+class DeliveryStats:
+    __slots__ = ("dispatched", "delivered", "deferred", "bounced", "dsns", "attempts")
+
+    def __init__(self) -> None:
+        self.dispatched = self.delivered = self.deferred = self.bounced = 0
+        self.dsns = self.attempts = 0
+
+
+class Scheduler:
+    def __init__(self, cfg: Config, *, store: QueueStore, committer: Committer,
+                 ids: IdAllocator, dns: DnsCache, pools: Any, owner: int,
+                 dlog: DeliveryLog, local: set[tuple[str, int]]) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.committer = committer
+        self.ids = ids
+        self.dns = dns
+        self.pools = pools
+        self.owner = owner
+        self.dlog = dlog
+        self.local = local
+        self.loop = asyncio.get_running_loop()
+        self.inflight: set[tuple[bytes, str]] = set()
+        self.stats = DeliveryStats()
+        self.rng = random.Random()
+        self.schedule = parse_schedule(cfg.delivery.retry)
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._newest_ms = 0
+        self._last_full = 0.0
+
+    def apply_config(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.schedule = parse_schedule(cfg.delivery.retry)
+
+    # --- the loop ----------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = self.loop.create_task(self._run())
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def stop(self, grace: float) -> None:
+        """Stop dispatching; give jobs in flight `grace` seconds to finish."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        deadline = self.loop.time() + grace
+        while self.inflight and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                self._scan()
+            except VolleyError as err:  # storage trouble: try again next tick
+                log.error("delivery_scan_failed", error=str(err))
+            try:
+                await asyncio.wait_for(self._wake.wait(), float(self.cfg.delivery.poll_interval))
+            except asyncio.TimeoutError:
+                continue
+            # Every received message wakes us: coalesce a burst of wake-ups into one
+            # scan per _MIN_SCAN_GAP instead of one per message.
+            await asyncio.sleep(_MIN_SCAN_GAP)
+
+    def _scan(self) -> None:
+        room = self.cfg.delivery.max_ready - len(self.inflight)
+        if room <= 0:
+            return
+        now = time.time()
+        mono = self.loop.time()
+        full = mono - self._last_full >= _FULL_SCAN_EVERY
+        since = 0 if full else max(0, self._newest_ms - _SCAN_MARGIN_MS)
+        if full:
+            self._last_full = mono
+        entries = self.store.due_entries(self.owner, int(now * 1000), min(room, _SCAN_BATCH),
+                                         since, exclude=self.inflight)
+        for due_ms, msg_id, domain in entries:
+            self.inflight.add((msg_id, domain))
+            if due_ms > self._newest_ms:
+                self._newest_ms = due_ms
+            self.loop.create_task(self._dispatch(msg_id, domain, now))
+        if len(entries) == _SCAN_BATCH:
+            self._wake.set()  # more may be due: scan again on the next turn
+
+    # --- one (message, domain) unit ----------------------------------------------------
+    async def _dispatch(self, msg_id: bytes, domain: str, now: float) -> None:
+        try:
+            await self._dispatch_inner(msg_id, domain, now)
+        except Exception as err:  # never lose track of an in-flight entry
+            log.error("dispatch_failed", id=id_text(msg_id), domain=domain, error=repr(err))
+            self.inflight.discard((msg_id, domain))
+
+    async def _dispatch_inner(self, msg_id: bytes, domain: str, now: float) -> None:
+        record = self.store.get(msg_id)
+        body = self.store.get_body(msg_id) if record is not None else None
+        if record is None or body is None:
+            self.inflight.discard((msg_id, domain))
+            return
+        indices = [i for i, r in enumerate(record.recipients)
+                   if r.state == PENDING and domain_of(r.address) == domain]
+        if not indices:
+            self.inflight.discard((msg_id, domain))
+            return
+        # Age is enforced at every stage (issue: "no message can sit forever").
+        if expired(record.received_at, now, float(self.cfg.delivery.max_age)):
+            self._commit_outcome(msg_id, domain, body, JobResult(replies={}), expire=True)
+            return
+        if self._stopping:
+            self.inflight.discard((msg_id, domain))
+            return
+        route_cfg = match_route(self.cfg.routes, domain)
+        settings = pool_settings(self.cfg, route_cfg)
+        route: Route | RouteError
+        if route_cfg is not None and route_cfg.host:
+            route = await smarthost_route(domain, route_cfg, self.dns.resolver)
+        else:
+            route = await self.dns.route(domain)
+            if isinstance(route, Route):
+                route = drop_self(route, settings.port, self.local)
+        if isinstance(route, RouteError):
+            self._commit_outcome(msg_id, domain, body,
+                                 JobResult(replies={i: route.reply for i in indices}))
+            return
+        job = Job(record, body, indices, domain, route,
+                  lambda result: self._commit_outcome(msg_id, domain, body, result),
+                  created=self.loop.time())
+        self.stats.dispatched += 1
+        self.pools.pool_for(route, settings).submit(job)
+
+    # --- outcomes ----------------------------------------------------------------------
+    def _commit_outcome(self, msg_id: bytes, domain: str, body: bytes, result: JobResult,
+                        *, expire: bool = False) -> None:
+        if self._stopping and _all_shutdown(result):
+            # Never attempted: leave it due; the next start picks it up unchanged.
+            self.inflight.discard((msg_id, domain))
+            return
+        now = time.time()
+        cfg = self.cfg
+        dsn_ids = (self.ids.next(), self.ids.next())  # ids are allocated on the loop thread
+        schedule, max_age = self.schedule, float(cfg.delivery.max_age)
+        reporting = cfg.server.hostname
+        rng = self.rng
+        mono_now = self.loop.time()
+
+        def op(w: WriteTxn) -> tuple[MessageRecord, outcome_mod.Applied] | None:
+            current = w.get(msg_id)
+            if current is None:
+                return None
+            if expire:
+                applied = outcome_mod.expire_pending(current, now, max_age)
+            else:
+                applied = outcome_mod.apply(current, result.replies, now, schedule=schedule,
+                                            max_age=max_age, rng=rng,
+                                            destination_failed=result.destination_failed)
+                if result.retry_after and applied.deferred:
+                    _not_before(applied.record, applied.deferred, now, result, mono_now)
+            if applied.done:
+                w.delete_message(msg_id)
+            else:
+                w.update_message(applied.record)
+            _queue_dsns(w, applied, body, dsn_ids, reporting, now, result)
+            return current, applied
+
+        self.committer.submit(op, lambda res: self._committed(msg_id, domain, result, res, now))
+
+    def _committed(self, msg_id: bytes, domain: str, result: JobResult, res: object,
+                   now: float) -> None:
+        self.inflight.discard((msg_id, domain))
+        self._wake.set()  # capacity freed
+        if isinstance(res, BaseException):
+            log.error("outcome_commit_failed", id=id_text(msg_id), domain=domain, error=repr(res))
+            return
+        if res is None:
+            return
+        before, applied = res  # type: ignore[misc]
+        st = self.stats
+        st.delivered += len(applied.delivered)
+        st.deferred += len(applied.deferred)
+        st.bounced += len(applied.bounced)
+        self._log(before, applied, domain, result, now)
+
+    def _log(self, before: MessageRecord, applied: outcome_mod.Applied, domain: str,
+             result: JobResult, now: float) -> None:
+        latency = (round(self.loop.time() - result.attempt_started, 4)
+                   if result.attempt_started else None)
+        verdicts = {i: "delivered" for i in applied.delivered}
+        verdicts.update({i: "deferred" for i in applied.deferred})
+        for i in applied.bounced:
+            verdicts[i] = "expired" if applied.record.recipients[i].state == 3 else "bounced"
+        for i, verdict in sorted(verdicts.items()):
+            reply = applied.replies.get(i)
+            rcpt = applied.record.recipients[i]
+            self.dlog.write({
+                "time": round(now, 3), "id": id_text(before.id), "sender": before.sender,
+                "recipient": rcpt.address, "domain": domain, "mx": result.mx_host,
+                "ip": result.ip, "tls": result.tls or "none",
+                "code": reply.code if reply else None,
+                "enhanced": reply.enhanced if reply else "",
+                "reply": "\n".join(reply.lines) if reply else "",
+                "outcome": verdict, "attempt": rcpt.attempts,
+                "queue_time": round(now - before.received_at, 3), "latency": latency,
+            })
+
+
+def _all_shutdown(result: JobResult) -> bool:
+    return bool(result.replies) and all(r.enhanced == "4.3.2" for r in result.replies.values())
+
+
+def _not_before(record: MessageRecord, indices: list[int], now: float, result: JobResult,
+                mono_now: float) -> None:
+    """A destination in backoff: its deferred recipients wait at least until it ends."""
+    wall = now + max(0.0, result.retry_after - mono_now)
+    for i in indices:
+        rcpt = record.recipients[i]
+        if rcpt.next_attempt < wall:
+            rcpt.next_attempt = wall
+
+
+def _queue_dsns(w: WriteTxn, applied: outcome_mod.Applied, body: bytes,
+                dsn_ids: tuple[bytes, bytes], reporting: str, now: float,
+                result: JobResult) -> None:
+    """Queue the failure DSN and, for NOTIFY=SUCCESS, the relayed DSN (RFC 3461)."""
+    record = applied.record
+    remote = result.mx_host or None
+    kinds: list[list[tuple[Recipient, Reply, str]]] = []
+    if applied.bounced:
+        kinds.append(applied.dsn_entries("failed"))
+    action = dsn_mod.success_action(result.remote_dsn)
+    if action and applied.delivered:
+        kinds.append([(record.recipients[i], applied.replies[i], action)
+                      for i in sorted(applied.delivered)])
+    for entries, raw_id in zip(kinds, dsn_ids):
+        message = dsn_mod.build_dsn(record, body, entries, reporting_mta=reporting, now=now,
+                                    remote_mta=remote, message_id=f"{id_text(raw_id)}@{reporting}")
+        if message is None:
+            continue
+        # RFC 3461 §6.2 / RFC 5321 §6.1: reports go out with the null reverse-path, so
+        # a DSN is never answered by another DSN.
+        dsn_record = MessageRecord(
+            id=raw_id, sender="", recipients=[Recipient(record.sender)], received_at=now,
+            size=len(message), smtputf8=record.smtputf8,
+            body_type="8BITMIME" if not message.isascii() else None, helo=reporting,
+        )
+        w.put_message(dsn_record, message)
