@@ -296,9 +296,12 @@ class SmtpServerProtocol(asyncio.Protocol):
             )
         except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as err:
             log.info("tls_failed", client=self.client_ip, error=repr(err))
-            self.close()
-            return
+            transport = None
         if transport is None or self.closing:
+            # Closed mid-handshake (e.g. by the sweeper): uvloop's start_tls then
+            # returns None and never calls connection_lost, so free the slot here.
+            self.close()
+            self.ctx.release(self)
             return
         self.transport = transport
         self._reading_paused = False
