@@ -27,6 +27,7 @@ class PoolSettings(msgspec.Struct, frozen=True):
     port: int = 25
     tls: str = "opportunistic"  # "opportunistic" | "required" | "none"
     tls_verify: bool = False
+    tls_ca_file: str = ""  # extra CA bundle (PEM) trusted when tls_verify is on
     auth_user: str = ""
     auth_password: str = ""
     helo_name: str = "localhost"

@@ -11,7 +11,12 @@ a pipelining server does, and records each read in `segments` so a test can chec
 a client grouped its commands. `script(verb, arg)` may replace any reply: verb is the
 upper-cased command ("MAIL", "RCPT", "DATA", "BDAT", ...), or "." for the end of a
 message (arg is then the message size); return a reply line (or lines joined by
-"\\r\\n"), or None for the default. A 421 reply closes the connection after it is sent.
+"\\r\\n"), or None for the default, or `NO_REPLY` to answer nothing at all (a server that
+hangs). A 421 reply closes the connection after it is sent.
+
+Optional: `auth={"user": "password"}` makes it a smarthost that advertises AUTH PLAIN only
+under TLS, refuses AUTH in plaintext (538) and MAIL before AUTH (530); `max_live` is the
+most connections that were open at once.
 
 Run as `python -m tests.peers.smtp_sink serve -c FILE` it is a stand-in for `volley
 serve` (reads [[listeners]] address from the TOML, prints the JSON "ready" line), so
@@ -21,12 +26,14 @@ bench/e2e.py can be exercised before the real server exists.
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import ssl
 from dataclasses import dataclass, field
 from typing import Callable
 
 Script = Callable[[str, str], "str | None"]
+NO_REPLY = "\0no reply"  # a script's answer meaning "send nothing"
 _ADDR = re.compile(r"(?i)^(?:FROM|TO):\s*<([^>]*)>")
 
 
@@ -52,6 +59,8 @@ class Sink:
     commands: list[tuple[str, str]] = field(default_factory=list)
     connections: int = 0
     keep_segments: bool = True
+    max_live: int = 0  # most connections open at the same time
+    auth_users: list[str] = field(default_factory=list)  # successful AUTH PLAIN logins
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _live: set["_SinkProtocol"] = field(default_factory=set)
 
@@ -86,8 +95,11 @@ class _SinkProtocol(asyncio.Protocol):
         chunking: bool,
         starttls_context: ssl.SSLContext | None,
         script: Script | None,
+        auth: dict[str, str] | None = None,
     ) -> None:
         self.sink = sink
+        self.auth = auth
+        self.authed = False
         self.pipelining = pipelining
         self.chunking = chunking
         self.tls_ctx = starttls_context
@@ -112,6 +124,7 @@ class _SinkProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.sink.connections += 1
         self.sink._live.add(self)
+        self.sink.max_live = max(self.sink.max_live, len(self.sink._live))
         self._send([self._reply("BANNER", "", "220 sink.test ESMTP volley test sink")])
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -126,6 +139,7 @@ class _SinkProtocol(asyncio.Protocol):
         return default
 
     def _send(self, replies: list[str]) -> None:
+        replies = [r for r in replies if r != NO_REPLY]
         if self.transport is None or not replies:
             return
         out = "".join(r.replace("\r\n", "\n").replace("\n", "\r\n") + "\r\n" for r in replies)
@@ -198,6 +212,8 @@ class _SinkProtocol(asyncio.Protocol):
         verb = verb.upper()
         self.sink.commands.append((verb, arg))
         default = self._default(verb, arg)
+        if self.auth is not None:
+            default = self._auth_default(verb, arg, default)
         reply = self._reply(verb, arg, default)
         code_ok = reply[:1] in ("2", "3")
         # State follows the reply actually sent, so a script can refuse anything.
@@ -240,6 +256,31 @@ class _SinkProtocol(asyncio.Protocol):
             replies.append(reply)
         if reply.startswith("421"):
             self.mode = "closed"  # the server is going away: read nothing more
+
+    def _auth_default(self, verb: str, arg: str, default: str) -> str:
+        # The optional smarthost mode: AUTH PLAIN with an initial response, TLS only.
+        assert self.auth is not None
+        if verb == "EHLO" and self.tls:
+            return default.replace("250 ", "250-AUTH PLAIN\r\n250 ", 1) if "\r\n" in default \
+                else default
+        if verb == "AUTH":
+            if not self.tls:
+                return "538 5.7.11 encryption required"
+            mech, _, initial = arg.partition(" ")
+            if mech.upper() != "PLAIN" or not initial:
+                return "504 5.5.4 only AUTH PLAIN with an initial response"
+            try:
+                _, user, password = base64.b64decode(initial).decode().split("\0")
+            except ValueError:
+                return "501 5.5.2 bad response"
+            if self.auth.get(user) != password:
+                return "535 5.7.8 authentication failed"
+            self.authed = True
+            self.sink.auth_users.append(user)
+            return "235 2.7.0 ok"
+        if verb == "MAIL" and not self.authed:
+            return "530 5.7.0 authentication required"
+        return default
 
     def _default(self, verb: str, arg: str) -> str:
         if verb == "EHLO":
@@ -292,6 +333,7 @@ class _SinkProtocol(asyncio.Protocol):
         # RFC 3207 §4.2: forget everything learnt before the handshake.
         self.transport = new  # type: ignore[assignment]
         self.tls = True
+        self.authed = False
         self._reset()
         self.mode = "command"
         self._process()  # the client's first command may already be buffered
@@ -306,6 +348,7 @@ async def start_sink(
     starttls_context: ssl.SSLContext | None = None,
     script: Script | None = None,
     keep_segments: bool = True,
+    auth: dict[str, str] | None = None,
 ) -> Sink:
     """Listen on host:port (0: any free port) in the running loop; returns the Sink."""
     loop = asyncio.get_running_loop()
@@ -313,7 +356,7 @@ async def start_sink(
     server = await loop.create_server(
         lambda: _SinkProtocol(
             holder[0], pipelining=pipelining, chunking=chunking,
-            starttls_context=starttls_context, script=script,
+            starttls_context=starttls_context, script=script, auth=auth,
         ),
         host, port, reuse_address=True,
     )

@@ -1,0 +1,361 @@
+"""Per-site connection pools: how many sessions, which one gets the next job, when a
+destination is dead.
+
+Theory of operation
+-------------------
+A `SitePool` serves one destination site (an MX host set, `Route.site_key`, ARCHITECTURE
+rule 10) for one (port, TLS policy, AUTH user). `submit` queues a job and dispatches:
+an idle session is woken (LIFO: the most recently used one, so warm connections stay
+warm and the rest age out through `idle_timeout`), and if jobs still wait and the
+concurrency limit allows, new sessions are opened. Sessions *pull* jobs (`next_job`),
+which is also how a busy session chains the next transaction onto its end of data.
+
+Concurrency: Postfix-style slow start. The limit starts at min(2, max_connections),
+grows by one per successful transaction up to max_connections, and drops by one
+(to at least 1) when a session times out, is lost, or a connection attempt fails
+while other sessions work.
+
+Dead destinations are detected separately (Postfix: "dead destination" vs concurrency
+feedback): when a connection attempt fails on every address and no session is open,
+or a server says 421, the pool backs off. For `backoff` seconds (doubling up to
+`backoff_max` while it keeps failing, reset by a successful connection) it opens no
+connection, and every queued or newly submitted job is answered at once with the
+failure reply, `destination_failed=True` and `retry_after` = the end of the backoff.
+
+Retirement (rule 10): a session takes no new job after `max_messages_per_connection`
+transactions or `max_connection_age` seconds (checked when it asks for work); it then
+QUITs. No RSET before a session's first message (client.py).
+
+Every submitted job gets exactly one `job.done(result)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import Callable
+
+import msgspec
+
+from engine.config import TimeoutsConfig
+from engine.delivery.connect import SetupError, client_tls_context, connect_route
+from engine.delivery.job import Job, JobResult, PoolSettings
+from engine.delivery.session import DeliverySession
+from engine.dns.mx import Route
+from engine.observe import log
+from engine.smtp.replies import Reply
+
+# RFC 3463 X.3.2 "System not accepting network messages": we are stopping. 451, not 421,
+# so the scheduler does not back the destination off for our own shutdown.
+R451_SHUTTING_DOWN = Reply(451, "4.3.2", "Delivery agent shutting down; will retry")
+
+TlsContextFactory = Callable[[], "ssl.SSLContext | None"]
+
+
+class PoolStats(msgspec.Struct):
+    connections_opened: int = 0
+    connections_open: int = 0
+    messages_sent: int = 0  # transactions whose end of data got a 2xx
+    jobs_queued: int = 0
+    backoff_until: float = 0.0  # loop.time(); 0 = not backing off
+    concurrency_limit: int = 0
+
+
+def _safe_done(job: Job, result: JobResult) -> None:
+    try:
+        job.done(result)
+    except Exception as err:  # the scheduler's bug must not break the pool
+        log.error("job_done_error", domain=job.domain, error=repr(err))
+
+
+class SitePool:
+    """Sessions to one destination site. Loop thread only; `submit` never blocks or raises."""
+
+    def __init__(self, site_key: str, settings: PoolSettings, timeouts: TimeoutsConfig,
+                 tls_context_factory: TlsContextFactory,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.site_key = site_key
+        self.settings = settings
+        self.timeouts = timeouts
+        self.loop = loop or asyncio.get_running_loop()
+        self._tls_factory = tls_context_factory
+        self._queue: deque[Job] = deque()
+        self._sessions: set[DeliverySession] = set()  # open, not retiring
+        self._retiring: set[DeliverySession] = set()
+        self._idle: list[DeliverySession] = []  # LIFO stack
+        self._connecting = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._limit = min(2, settings.max_connections)
+        self._backoff_until = 0.0
+        self._backoff_delay = float(settings.backoff)
+        self._backoff_reply: Reply = Reply(421, "4.4.1", "destination backing off")
+        self._plain_only: set[str] = set()  # opportunistic TLS failed at these addresses
+        self._opened = 0
+        self._sent = 0
+        self._closing = False
+        self._changed = asyncio.Event()
+
+    # --- public --------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        """Queue a job (answered at once when closing or backing off). Never raises."""
+        try:
+            if self._closing:
+                _safe_done(job, self._flat(job, R451_SHUTTING_DOWN, failed=False))
+            elif self.loop.time() < self._backoff_until:
+                _safe_done(job, self._flat(job, self._backoff_reply, failed=True))
+            else:
+                self._queue.append(job)
+                self._dispatch()
+        except Exception as err:  # pragma: no cover - defensive: never raise to the scheduler
+            log.error("pool_submit_error", site=self.site_key, error=repr(err))
+
+    @property
+    def stats(self) -> PoolStats:
+        until = self._backoff_until if self.loop.time() < self._backoff_until else 0.0
+        return PoolStats(self._opened, len(self._sessions) + len(self._retiring), self._sent,
+                         len(self._queue), until, self._limit)
+
+    @property
+    def in_backoff(self) -> bool:
+        return self.loop.time() < self._backoff_until
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, connecting or in flight."""
+        return not self._queue and not self._connecting and not any(s.busy for s in self._sessions)
+
+    async def wait_for(self, predicate: Callable[[SitePool], bool], timeout: float) -> None:
+        """Wait until `predicate(self)` holds, re-checked at every pool state change.
+
+        Raises TimeoutError after `timeout` seconds.
+        """
+        async def wait() -> None:
+            while not predicate(self):
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(wait(), timeout)
+
+    def close_idle(self) -> int:
+        """QUIT every idle session; returns how many."""
+        n = 0
+        while self._idle:
+            self._retire(self._idle.pop())
+            n += 1
+        return n
+
+    async def close(self, grace: float | None = None) -> None:
+        """Stop: queued and later jobs get a 4.3.2 deferral; sessions finish what is in
+        flight (up to `grace` seconds, default timeouts.quit), then QUIT; stragglers are
+        aborted (their jobs get 4.4.2). Every job gets exactly one result."""
+        self._closing = True
+        self._fail_queue(R451_SHUTTING_DOWN, failed=False)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        limit = float(self.timeouts.quit) if grace is None else grace
+        try:
+            await self.wait_for(lambda p: not any(s.busy for s in p._sessions), limit)
+        except TimeoutError:
+            pass
+        for session in list(self._sessions):
+            self._retire(session)
+        ending = list(self._retiring)
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*[s.wait_closed() for s in ending]), float(self.timeouts.quit))
+        except TimeoutError:
+            for session in ending:
+                session.close()
+
+    # --- SessionOwner ----------------------------------------------------------------------
+    def next_job(self, session: DeliverySession) -> Job | None:
+        if not self._queue or self._closing or self._worn_out(session):
+            return None
+        return self._queue.popleft()
+
+    def job_finished(self, session: DeliverySession, job: Job, result: JobResult) -> None:
+        replies = result.replies
+        if session.saw_421:
+            self._enter_backoff(next((r for r in replies.values() if r.code == 421), self._backoff_reply))
+            result.destination_failed = True
+            result.retry_after = self._backoff_until
+        elif any(r.code // 100 == 2 for r in replies.values()):
+            self._sent += 1
+            if self._limit < self.settings.max_connections:
+                self._limit += 1  # slow start: one more per success
+        _safe_done(job, result)
+        if session.saw_421:
+            self._fail_queue(self._backoff_reply, failed=True)
+        self._changed.set()
+
+    def session_idle(self, session: DeliverySession) -> None:
+        if session not in self._sessions:
+            return
+        if self._closing or self._worn_out(session):
+            self._retire(session)
+            self._dispatch()
+        else:
+            self._idle.append(session)
+        self._changed.set()
+
+    def session_closed(self, session: DeliverySession) -> None:
+        was_open = session in self._sessions
+        self._sessions.discard(session)
+        self._retiring.discard(session)
+        if session in self._idle:
+            self._idle.remove(session)
+        if was_open and not session.saw_421 and session.messages and not session.quitting:
+            self._limit = max(1, self._limit - 1)  # lost or timed out: feedback
+        self._changed.set()
+        self._dispatch()
+
+    # --- internals -----------------------------------------------------------------------
+    def _worn_out(self, session: DeliverySession) -> bool:
+        s = self.settings
+        return (session.messages >= s.max_messages_per_connection
+                or self.loop.time() - session.created_at >= s.max_connection_age)
+
+    def _retire(self, session: DeliverySession) -> None:
+        self._sessions.discard(session)
+        if session in self._idle:
+            self._idle.remove(session)
+        if not session.closed:
+            self._retiring.add(session)
+            session.begin_quit()
+
+    def _dispatch(self) -> None:
+        if self._closing:
+            return
+        while self._queue and self._idle:
+            self._idle.pop().kick()  # LIFO
+        if not self._queue or self.loop.time() < self._backoff_until:
+            return
+        # Each connecting session will take at least one queued job.
+        room = min(self._limit, self.settings.max_connections) - len(self._sessions) - self._connecting
+        want = min(room, len(self._queue) - self._connecting)
+        for _ in range(max(0, want)):
+            self._connecting += 1
+            task = self.loop.create_task(self._open(self._queue[0].route))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _open(self, route: Route) -> None:
+        try:
+            context = self._tls_factory() if self.settings.tls != "none" else None
+            session = await connect_route(route, self.settings, self.timeouts, context, self._plain_only)
+        except SetupError as err:
+            self._connecting -= 1
+            log.info("connect_failed", site=self.site_key, reply=str(err))
+            self._connect_failed(err.reply)
+            return
+        except BaseException:
+            self._connecting -= 1
+            raise
+        self._connecting -= 1
+        self._opened += 1
+        self._backoff_delay = float(self.settings.backoff)
+        session.owner = self
+        self._sessions.add(session)
+        self._changed.set()
+        if self._closing:
+            self._retire(session)
+            return
+        session.kick()
+        self._dispatch()
+
+    def _connect_failed(self, reply: Reply) -> None:
+        if self._sessions:
+            # Other connections work: a concurrency signal, not a dead destination.
+            self._limit = max(1, min(self._limit, len(self._sessions)))
+        elif not self._connecting:
+            self._enter_backoff(reply)
+            self._fail_queue(reply, failed=True)
+        self._changed.set()
+
+    def _enter_backoff(self, reply: Reply) -> None:
+        now = self.loop.time()
+        self._backoff_reply = reply
+        if now < self._backoff_until:
+            return  # this round already counted
+        self._backoff_until = now + self._backoff_delay
+        self._backoff_delay = min(self._backoff_delay * 2, float(self.settings.backoff_max))
+        self._limit = min(2, self.settings.max_connections)
+        log.info("destination_backoff", site=self.site_key, until=self._backoff_until)
+
+    def _flat(self, job: Job, reply: Reply, *, failed: bool) -> JobResult:
+        return JobResult({i: reply for i in job.indices}, destination_failed=failed,
+                         retry_after=self._backoff_until if failed else 0.0,
+                         attempt_started=self.loop.time())
+
+    def _fail_queue(self, reply: Reply, *, failed: bool) -> None:
+        while self._queue:
+            job = self._queue.popleft()
+            _safe_done(job, self._flat(job, reply, failed=failed))
+
+
+PoolKey = tuple[str, int, str, str]
+
+
+class PoolManager:
+    """Every SitePool of a worker, keyed by (site_key, port, tls policy, auth user), so
+    domains sharing an MX set share connections (ARCHITECTURE rule 10).
+
+    The first `settings` given for a key configure that pool; later differing limits
+    for the same key are ignored until the pool is closed.
+    """
+
+    def __init__(self, timeouts: TimeoutsConfig | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.timeouts = timeouts or TimeoutsConfig()
+        self.loop = loop or asyncio.get_running_loop()
+        self.pools: dict[PoolKey, SitePool] = {}
+        self._contexts: dict[tuple[bool, str], ssl.SSLContext] = {}
+        self._closing = False
+
+    def tls_context(self, settings: PoolSettings) -> ssl.SSLContext:
+        """One cached client context per (verify, CA file).
+
+        Raises OSError / ssl.SSLError if the CA file cannot be loaded.
+        """
+        key = (settings.tls_verify, settings.tls_ca_file)
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            ctx = self._contexts[key] = client_tls_context(*key)
+        return ctx
+
+    def pool_for(self, route: Route, settings: PoolSettings) -> SitePool:
+        key = (route.site_key, settings.port, settings.tls, settings.auth_user)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = SitePool(
+                route.site_key, settings, self.timeouts,
+                lambda: self.tls_context(settings), self.loop)
+        return pool
+
+    def submit(self, job: Job, settings: PoolSettings) -> None:
+        """`pool_for(job.route, settings).submit(job)`; after `close` a 4.3.2 deferral."""
+        if self._closing:
+            _safe_done(job, JobResult({i: R451_SHUTTING_DOWN for i in job.indices}))
+            return
+        self.pool_for(job.route, settings).submit(job)
+
+    def close_idle(self) -> int:
+        """QUIT idle sessions everywhere and drop pools with nothing left; returns the
+        number of sessions asked to QUIT."""
+        n = sum(pool.close_idle() for pool in self.pools.values())
+        for key, pool in list(self.pools.items()):
+            if pool.idle and not pool.stats.connections_open and not pool.in_backoff:
+                del self.pools[key]
+        return n
+
+    async def close(self, grace: float | None = None) -> None:
+        """Close every pool (see `SitePool.close`); every job gets exactly one result."""
+        self._closing = True
+        await asyncio.gather(*[pool.close(grace) for pool in self.pools.values()])
+
+    @property
+    def stats(self) -> dict[str, PoolStats]:
+        return {f"{k[0]}:{k[1]}/{k[2]}" + (f"/{k[3]}" if k[3] else ""): p.stats for k, p in self.pools.items()}

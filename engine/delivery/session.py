@@ -1,0 +1,527 @@
+"""One outbound SMTP connection: the asyncio adapter around `engine.smtp.client`.
+
+Theory of operation
+-------------------
+`DeliverySession.connect` opens TCP and runs the setup dialogue (greeting, EHLO,
+STARTTLS, AUTH: `engine.delivery.connect.setup`) with one awaited reply at a time: it
+happens once per connection, so clarity beats speed there. After that the session is
+callback-driven, like the inbound adapter: `data_received` parses every reply buffered,
+feeds each to the transaction at the head of `_inflight` and writes everything that
+produced in ONE write (house rule 5).
+
+Work arrives by pull: whenever the session can start a transaction it asks `_pull()`
+for one, from its own queue (`run`/`run_many`) or from its owner (the `SitePool`).
+Chaining (RFC 2920 §3.1, PERFORMANCE finding 2): when a reply makes the head
+transaction send its body (after 354) or its BDAT LAST chunk, so that only the
+end-of-data reply is still awaited, the session pulls the next job at once and appends
+that transaction's MAIL/RCPT.../DATA to the same write. Replies are matched in order:
+the head transaction until it is done, then the next. Steady state is one write and
+one read per message. If the head ends unclean (421, a bad reply, a refused BDAT) the
+chained one is aborted and the connection closed, as client.py requires.
+
+Deadlines (house rule 8): one per session, `_deadline`, set at every write to now + the
+sum of the timeouts of every reply still awaited (RFC 5321 §4.5.3.2 per phase; the
+end-of-data wait also gets one data-block allowance for sending the body). One
+`loop.call_at` timer re-arms itself lazily, so a write costs no timer churn. Idle, the
+same timer enforces `idle_timeout` (then QUIT); quitting, `timeouts.quit`.
+
+Every job handed to the session gets exactly one result: a finished transaction's
+outcomes, or on timeout / protocol error / lost connection the transaction's `abort`
+outcomes (recipients already refused keep their refusal; the rest get the failure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import ssl
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Protocol
+
+from engine.delivery import connect as _connect
+from engine.delivery.job import Job, JobResult, PoolSettings
+from engine.delivery.outcome import transient_failure
+from engine.observe import log
+from engine.smtp.client import (
+    QUIT,
+    Capabilities,
+    ClientProtocolError,
+    Envelope,
+    Recipient,
+    RemoteReply,
+    ReplyParser,
+    Transaction,
+)
+from engine.smtp.replies import Reply
+
+if TYPE_CHECKING:
+    from engine.config import TimeoutsConfig
+
+__all__ = ["DeliverySession", "Deliver", "SessionOwner", "SetupError"]
+
+SetupError = _connect.SetupError
+Deliver = Callable[["DeliverySession", Job, JobResult], None]
+_DATA_END = "data_end"
+
+
+class SessionOwner(Protocol):
+    """What a session asks of whoever feeds it (the SitePool)."""
+
+    def next_job(self, session: DeliverySession) -> Job | None: ...
+    def job_finished(self, session: DeliverySession, job: Job, result: JobResult) -> None: ...
+    def session_idle(self, session: DeliverySession) -> None: ...
+    def session_closed(self, session: DeliverySession) -> None: ...
+
+
+class _InFlight:
+    __slots__ = ("deliver", "job", "started", "tx")
+
+    def __init__(self, job: Job, tx: Transaction, deliver: Deliver, started: float) -> None:
+        self.job = job
+        self.tx = tx
+        self.deliver = deliver
+        self.started = started
+
+
+def build_envelope(job: Job) -> Envelope:
+    """The client Envelope for a job: its recipients in `job.indices` order.
+
+    Raises IndexError for an index outside the record (a caller bug).
+    """
+    record = job.record
+    recipients = record.recipients
+    rcpts = []
+    for i in job.indices:
+        r = recipients[i]
+        rcpts.append(Recipient(r.address, r.notify, r.orcpt))
+    return Envelope(
+        record.sender, rcpts, job.body,
+        needs_smtputf8=job.needs_smtputf8, body_8bit=job.body_8bit,
+        ret=record.ret, envid=record.envid,
+    )
+
+
+class DeliverySession(asyncio.Protocol):
+    """One SMTP client connection to one MX address. Not thread-safe; loop thread only."""
+
+    def __init__(self, mx_host: str, ip: str, port: int, settings: PoolSettings,
+                 timeouts: TimeoutsConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.mx_host = mx_host
+        self.ip = ip
+        self.port = port
+        self.settings = settings
+        self.timeouts = timeouts
+        self.loop = loop
+        self.owner: SessionOwner | None = None
+        self.transport: asyncio.Transport | None = None
+        self.caps = Capabilities()
+        self.tls_version = ""  # ssl_object.version(), "" for plaintext
+        self.messages = 0  # transactions started on this connection
+        self.created_at = loop.time()
+        self.last_used = self.created_at
+        self.saw_421 = False  # the server said 421: the pool backs the site off
+        self.closed = False
+        self.ready = False  # setup done, transactions may start
+        self.quitting = False
+        self._parser = ReplyParser()
+        self._waiter: asyncio.Future[None] | None = None  # setup: a reply or the close
+        self._closed_fut: asyncio.Future[None] = loop.create_future()
+        self._inflight: deque[_InFlight] = deque()
+        self._local: deque[tuple[Job, Deliver]] = deque()
+        self._last_clean = True
+        self._idle_notified = False
+        self._write_paused = False
+        self._backlog: list[bytes] = []
+        self._deadline = math.inf
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        t = timeouts
+        # RFC 5321 §4.5.3.2; RSET has no timeout of its own: the generic command one (MAIL).
+        self._phase_timeout = {
+            "rset": float(t.mail), "mail": float(t.mail), "rcpt": float(t.rcpt),
+            "data": float(t.data), _DATA_END: float(t.data_end) + float(t.data_block),
+        }
+
+    @property
+    def where(self) -> str:
+        return f"{self.mx_host}[{self.ip}]:{self.port}"
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._inflight)
+
+    # --- opening -----------------------------------------------------------------------
+    @classmethod
+    async def connect(cls, mx_host: str, ip: str, port: int, settings: PoolSettings,
+                      timeouts: TimeoutsConfig, tls_context: ssl.SSLContext | None, *,
+                      use_tls: bool = True,
+                      loop: asyncio.AbstractEventLoop | None = None) -> DeliverySession:
+        """Open TCP to ip:port (from `settings.source_address` if set) and run the setup
+        dialogue; returns a session ready for `run`.
+
+        Raises SetupError (its `reply` is the 4xx every job would get, `kind` says what
+        failed: "connect", "greeting", "ehlo", "tls_failed", "tls_required", "auth",
+        "protocol"); the connection is closed then.
+        """
+        loop = loop or asyncio.get_running_loop()
+        session = cls(mx_host, ip, port, settings, timeouts, loop)
+        local = (settings.source_address, 0) if settings.source_address else None
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: session, ip, port, local_addr=local),
+                float(timeouts.connect))
+        except TimeoutError:
+            raise SetupError(transient_failure(
+                "timeout", f"connect to {session.where}: timed out"), "connect") from None
+        except OSError as err:
+            reason = err.strerror or str(err) or type(err).__name__
+            raise SetupError(transient_failure(
+                "refused", f"connect to {session.where}: {reason}"), "connect") from None
+        try:
+            await _connect.setup(session, settings, timeouts, tls_context if use_tls else None)
+        except BaseException:
+            session.close()
+            raise
+        session.ready = True
+        session.created_at = session.last_used = loop.time()
+        return session
+
+    # --- asyncio.Protocol ----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self._parser.feed(data)
+        if not self.ready:
+            self._wake()
+            return
+        if self.quitting:
+            self._abort_transport()  # the 221 (or anything): done
+            return
+        out: list[bytes] = []
+        try:
+            while self._inflight:
+                reply = self._parser.next_reply()
+                if reply is None:
+                    break
+                self._on_reply(reply, out)
+            if not self._inflight and not self.closed:
+                extra = self._parser.next_reply()
+                if extra is not None:
+                    # Unsolicited (typically "421 idle timeout"): nothing to match it to.
+                    self.saw_421 = self.saw_421 or extra.code == 421
+                    self._abort_transport()
+                    return
+        except ClientProtocolError as err:
+            self._fail_all(err.reply)
+            self._abort_transport()
+            return
+        self._service(out)
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side; connection_lost settles what is in flight
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.ready = False
+        self._cancel_timer()
+        self._wake()
+        why = f"connection to {self.where} lost: {exc}" if exc else \
+            f"connection to {self.where} closed by the remote server"
+        self._fail_all(transient_failure("lost", why))
+        self._fail_local(transient_failure("lost", why))
+        if not self._closed_fut.done():
+            self._closed_fut.set_result(None)
+        if self.owner is not None:
+            try:
+                self.owner.session_closed(self)
+            except Exception as err:  # an owner bug must not escape into the loop
+                log.error("pool_error", where=self.where, error=repr(err))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._backlog and self.transport is not None and not self.closed:
+            data = b"".join(self._backlog)
+            self._backlog.clear()
+            self.transport.write(data)
+
+    # --- setup primitives (used by connect.setup) ----------------------------------------
+    def write_raw(self, data: bytes) -> None:
+        """Write during setup (no deadline bookkeeping)."""
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    @property
+    def buffered(self) -> int:
+        return self._parser.buffered
+
+    async def read_reply(self, timeout: float, what: str) -> RemoteReply:
+        """The next reply during setup, within `timeout` seconds.
+
+        Raises SetupError: timeout (4.4.1), connection lost (4.4.2), or a malformed reply
+        (the parser's 451 4.5.0).
+        """
+        deadline = self.loop.time() + timeout
+        while True:
+            try:
+                reply = self._parser.next_reply()
+            except ClientProtocolError as err:
+                raise SetupError(err.reply, "protocol") from None
+            if reply is not None:
+                return reply
+            if self.closed:
+                raise SetupError(transient_failure(
+                    "lost", f"connection to {self.where} lost while waiting for {what}"), "connect")
+            fut = self._waiter = self.loop.create_future()
+            try:
+                await asyncio.wait_for(fut, max(0.0, deadline - self.loop.time()))
+            except TimeoutError:
+                raise SetupError(transient_failure(
+                    "timeout", f"timeout waiting for {what} from {self.where}"), "connect") from None
+            finally:
+                self._waiter = None
+
+    async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
+        """Upgrade the connection (RFC 3207 §4.2: a fresh parser; the caller re-sends EHLO).
+
+        Raises ssl.SSLError, OSError, ConnectionError or TimeoutError on failure.
+        """
+        assert self.transport is not None
+        server_name = self.mx_host or None
+        new = await asyncio.wait_for(
+            self.loop.start_tls(self.transport, self, context, server_hostname=server_name,
+                                ssl_handshake_timeout=timeout),
+            timeout + 1.0)
+        if new is None or self.closed:
+            raise ConnectionError("connection closed during the TLS handshake")
+        self.transport = new  # type: ignore[assignment]
+        self._parser = ReplyParser()
+        obj = new.get_extra_info("ssl_object")
+        self.tls_version = obj.version() if obj is not None else "TLS"
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # --- running jobs --------------------------------------------------------------------
+    async def run(self, job: Job) -> JobResult:
+        """Deliver one job on this connection; resolves to its JobResult (never raises:
+        a failure is a result with 4xx replies)."""
+        fut: asyncio.Future[JobResult] = self.loop.create_future()
+        self._local.append((job, lambda _s, _j, r: fut.done() or fut.set_result(r)))
+        self.kick()
+        return await fut
+
+    async def run_many(self, jobs: Iterable[Job]) -> list[JobResult]:
+        """Deliver jobs in order, chained on this connection; one result per job."""
+        return list(await asyncio.gather(*[self.run(j) for j in jobs]))
+
+    def kick(self) -> None:
+        """Start pulling work if idle (the owner took the session off its idle stack)."""
+        self._idle_notified = False
+        if self.closed:
+            self._fail_local(transient_failure("lost", f"connection to {self.where} is closed"))
+            return
+        self._service([])
+
+    def _pull(self) -> tuple[Job, Deliver] | None:
+        if self._local:
+            return self._local.popleft()
+        owner = self.owner
+        if owner is not None and not self.quitting:
+            job = owner.next_job(self)
+            if job is not None:
+                return job, owner.job_finished
+        return None
+
+    def _begin(self, item: tuple[Job, Deliver], *, needs_rset: bool) -> _InFlight | None:
+        """A Transaction for a pulled job, or None when it was decided without sending."""
+        job, deliver = item
+        now = self.loop.time()
+        try:
+            tx = Transaction(build_envelope(job), self.caps,
+                             first_on_connection=self.messages == 0, needs_rset=needs_rset)
+        except (ValueError, IndexError) as err:
+            reply = transient_failure("local", f"cannot build the transaction: {err}")
+            self._call(deliver, job, self._result(job, [reply] * len(job.indices), now))
+            return None
+        if tx.precheck() is not None:  # a permanent local refusal: nothing is sent
+            self._call(deliver, job, self._result(job, tx.outcomes, now))
+            return None
+        self.messages += 1
+        self.last_used = now
+        return _InFlight(job, tx, deliver, now)
+
+    def _service(self, out: list[bytes]) -> None:
+        """Start the next transaction if idle, flush `out` in one write, report idleness."""
+        while not self._inflight and self.ready and not self.quitting:
+            item = self._pull()
+            if item is None:
+                break
+            entry = self._begin(item, needs_rset=not self._last_clean)
+            if entry is not None:
+                self._inflight.append(entry)
+                out.append(entry.tx.initial_bytes())
+        self._write(out)
+        if not self._inflight and self.ready and not self.quitting and not self._idle_notified:
+            self._idle_notified = True
+            self._arm(self.loop.time() + float(self.settings.idle_timeout))
+            if self.owner is not None:
+                self.owner.session_idle(self)
+
+    def _on_reply(self, reply: RemoteReply, out: list[bytes]) -> None:
+        entry = self._inflight[0]
+        tx = entry.tx
+        if reply.code == 421:
+            self.saw_421 = True  # RFC 5321 §3.8: the server is closing the channel
+        more = tx.on_reply(reply)  # ClientProtocolError: tx already finished; caller closes
+        if more is not None:
+            out.append(more)
+            if (tx.phase == _DATA_END and len(self._inflight) == 1 and self.caps.pipelining
+                    and not self._write_paused):
+                self._chain(out)
+        if not tx.done:
+            return
+        self._inflight.popleft()
+        self._last_clean = tx.clean
+        self._deliver(entry)
+        if self.saw_421 or (not tx.clean and self._inflight):
+            # The server is going away, or the chained transaction was sent on a state
+            # we cannot trust: settle the rest and close (client.py "Chaining").
+            self._fail_all(transient_failure(
+                "lost", f"not attempted: the previous transaction on {self.where} failed"))
+            self._abort_transport()
+
+    def _chain(self, out: list[bytes]) -> None:
+        """Append the next transaction's first group to this write (RFC 2920 §3.1)."""
+        while True:
+            item = self._pull()
+            if item is None:
+                return
+            entry = self._begin(item, needs_rset=False)
+            if entry is not None:
+                self._inflight.append(entry)
+                out.append(entry.tx.initial_bytes())
+                return
+
+    def _result(self, job: Job, outcomes: list[Reply], started: float) -> JobResult:
+        return JobResult(
+            dict(zip(job.indices, outcomes)), mx_host=self.mx_host, ip=self.ip,
+            tls=self.tls_version, remote_dsn=self.caps.dsn, attempt_started=started)
+
+    def _deliver(self, entry: _InFlight) -> None:
+        self._call(entry.deliver, entry.job, self._result(entry.job, entry.tx.outcomes, entry.started))
+
+    def _call(self, deliver: Deliver, job: Job, result: JobResult) -> None:
+        try:
+            deliver(self, job, result)
+        except Exception as err:  # a callback bug must not break the connection
+            log.error("delivery_callback_error", where=self.where, error=repr(err))
+
+    def _fail_all(self, reply: Reply) -> None:
+        """Abort every transaction in flight with `reply` for its undecided recipients."""
+        while self._inflight:
+            entry = self._inflight.popleft()
+            entry.tx.abort(reply)
+            self._last_clean = False
+            self._deliver(entry)
+
+    def _fail_local(self, reply: Reply) -> None:
+        now = self.loop.time()
+        while self._local:
+            job, deliver = self._local.popleft()
+            self._call(deliver, job, self._result(job, [reply] * len(job.indices), now))
+
+    # --- writing and deadlines -----------------------------------------------------------
+    def _write(self, out: list[bytes]) -> None:
+        if not out or self.transport is None or self.closed:
+            return
+        data = b"".join(out) if len(out) > 1 else out[0]
+        out.clear()
+        if self._write_paused:
+            self._backlog.append(data)  # flow control: resume_writing flushes
+        else:
+            self.transport.write(data)
+        # House rule 8: a pipelined write gets the sum of its phases' timeouts.
+        timeouts = self._phase_timeout
+        budget = 0.0
+        for entry in self._inflight:
+            for phase in entry.tx.pending_phases:
+                budget += timeouts[phase]
+        self._arm(self.loop.time() + budget)
+
+    def _arm(self, deadline: float) -> None:
+        self._deadline = deadline
+        if self._timer is None or deadline < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = math.inf
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        if self.closed or not self.ready:
+            return
+        if self.loop.time() < self._deadline:
+            self._arm(self._deadline)  # pushed back by later writes: sleep again
+            return
+        if self.quitting:
+            self._abort_transport()
+        elif self._inflight:
+            phase = self._inflight[0].tx.phase or "reply"
+            log.info("delivery_timeout", where=self.where, phase=phase)
+            self._fail_all(transient_failure(
+                "timeout", f"timeout waiting for the reply to {phase.upper()} from {self.where}"))
+            self._abort_transport()
+        else:
+            self.begin_quit()  # idle_timeout
+
+    # --- ending --------------------------------------------------------------------------
+    def begin_quit(self) -> None:
+        """Send QUIT (RFC 5321 §4.1.1.10) and close on its reply, or after timeouts.quit.
+        Anything in flight is aborted first (4.4.2)."""
+        if self.closed or self.quitting:
+            return
+        self.quitting = True
+        self._fail_all(transient_failure("lost", f"connection to {self.where} closed by us"))
+        if self.transport is None:
+            return
+        self.transport.write(QUIT)
+        self._arm(self.loop.time() + float(self.timeouts.quit))
+
+    async def quit(self) -> None:
+        """QUIT and wait (bounded by timeouts.quit) until the connection is closed."""
+        self.begin_quit()
+        await self.wait_closed()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed_fut)
+
+    def close(self, reply: Reply | None = None) -> None:
+        """Abort the connection now; in-flight jobs get `reply` (default 4.4.2)."""
+        self._fail_all(reply or transient_failure("lost", f"connection to {self.where} aborted"))
+        self._abort_transport()
+
+    def _abort_transport(self) -> None:
+        self.ready = False
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.abort()
+        elif not self._closed_fut.done():
+            self.closed = True
+            self._closed_fut.set_result(None)
+
+    def describe(self) -> str:
+        """One line for logs: where, TLS, messages."""
+        return f"{self.where} tls={self.tls_version or 'none'} messages={self.messages}"
