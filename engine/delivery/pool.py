@@ -41,6 +41,7 @@ import msgspec
 from engine.config import TimeoutsConfig
 from engine.delivery.connect import SetupError, client_tls_context, connect_route
 from engine.delivery.job import Job, JobResult, PoolSettings
+from engine.delivery.outcome import transient_failure
 from engine.delivery.session import DeliverySession
 from engine.dns.mx import Route
 from engine.observe import log
@@ -186,6 +187,8 @@ class SitePool:
             self._sent += 1
             if self._limit < self.settings.max_connections:
                 self._limit += 1  # slow start: one more per success
+                if self._queue:
+                    self._dispatch()
         _safe_done(job, result)
         if session.saw_421:
             self._fail_queue(self._backoff_reply, failed=True)
@@ -230,7 +233,9 @@ class SitePool:
         if self._closing:
             return
         while self._queue and self._idle:
-            self._idle.pop().kick()  # LIFO
+            session = self._idle.pop()  # LIFO: the warmest connection
+            if not (session.quitting or session.closed):
+                session.kick()
         if not self._queue or self.loop.time() < self._backoff_until:
             return
         # Each connecting session will take at least one queued job.
@@ -251,7 +256,12 @@ class SitePool:
             log.info("connect_failed", site=self.site_key, reply=str(err))
             self._connect_failed(err.reply)
             return
-        except BaseException:
+        except Exception as err:  # our own trouble (a bad CA file...): defer, never hang
+            self._connecting -= 1
+            log.error("connect_error", site=self.site_key, error=repr(err))
+            self._connect_failed(transient_failure("local", f"cannot connect: {err!r}"))
+            return
+        except BaseException:  # cancelled by close()
             self._connecting -= 1
             raise
         self._connecting -= 1

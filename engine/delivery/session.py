@@ -438,7 +438,8 @@ class DeliverySession(asyncio.Protocol):
 
     # --- writing and deadlines -----------------------------------------------------------
     def _write(self, out: list[bytes]) -> None:
-        if not out or self.transport is None or self.closed:
+        if not out or self.transport is None or self.closed or self.transport.is_closing():
+            out.clear()
             return
         data = b"".join(out) if len(out) > 1 else out[0]
         out.clear()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 import trustme
@@ -30,9 +30,24 @@ DEADLINE = 10.0
 BODY = b"Subject: test\r\n\r\n" + b"x" * 1000 + b"\r\n"
 
 
+_OPEN: list[Sink] = []
+
+
+async def sink_at(*args: Any, **kw: Any) -> Sink:
+    """`start_sink`, closed by `run_bounded` even when the test fails (an unclosed
+    server turns into a ResourceWarning error that can wedge the loop's close)."""
+    sink = await start_sink(*args, **kw)
+    _OPEN.append(sink)
+    return sink
+
+
 def run_bounded(factory: Callable[[], Awaitable[T]], deadline: float = DEADLINE) -> T:
     async def bounded() -> T:
-        return await asyncio.wait_for(factory(), deadline)
+        try:
+            return await asyncio.wait_for(factory(), deadline)
+        finally:
+            while _OPEN:
+                await _OPEN.pop().close()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(bounded())
@@ -123,7 +138,7 @@ def test_per_recipient_outcomes() -> None:
         return None
 
     async def main() -> None:
-        sink = await start_sink(script=script)
+        sink = await sink_at(script=script)
         session = await open_session(sink)
         result = await session.run(make_job(["a@d.test", "bad@d.test", "later@d.test", "b@d.test"]))
         assert codes(result) == [250, 550, 451, 250]
@@ -150,7 +165,7 @@ def test_all_recipients_refused_sends_lone_dot() -> None:
         return None
 
     async def main() -> None:
-        sink = await start_sink(script=script)
+        sink = await sink_at(script=script)
         session = await open_session(sink)
         result = await session.run(make_job(["x@d.test", "y@d.test"]))
         assert [(r.code, r.enhanced) for r in result.replies.values()] == [(550, "5.1.1"), (551, "5.1.6")]
@@ -166,7 +181,7 @@ def test_all_recipients_refused_sends_lone_dot() -> None:
 
 def test_run_many_chains_end_of_data_and_next_mail() -> None:
     async def main() -> None:
-        sink = await start_sink()
+        sink = await sink_at()
         session = await open_session(sink)
         results = await session.run_many([make_job([f"r{i}@d.test"], tag=str(i)) for i in range(10)])
         assert all(codes(r) == [250] for r in results)
@@ -183,7 +198,7 @@ def test_run_many_chains_end_of_data_and_next_mail() -> None:
 
 def test_bdat_when_chunking_is_offered() -> None:
     async def main() -> None:
-        sink = await start_sink(chunking=True)
+        sink = await sink_at(chunking=True)
         session = await open_session(sink)
         results = await session.run_many([make_job(["a@d.test"], tag="1"), make_job(["b@d.test"], tag="2")])
         assert [codes(r) for r in results] == [[250], [250]]
@@ -198,7 +213,7 @@ def test_bdat_when_chunking_is_offered() -> None:
 
 def test_helo_fallback_when_ehlo_refused() -> None:
     async def main() -> None:
-        sink = await start_sink(script=lambda v, a: "502 5.5.1 EHLO? never heard" if v == "EHLO" else None)
+        sink = await sink_at(script=lambda v, a: "502 5.5.1 EHLO? never heard" if v == "EHLO" else None)
         session = await open_session(sink)
         assert not session.caps.pipelining
         result = await session.run(make_job(["a@d.test", "b@d.test"]))  # lockstep
@@ -217,7 +232,7 @@ def test_helo_fallback_when_ehlo_refused() -> None:
 ])
 def test_refused_greeting(banner: str, code: int, enhanced: str) -> None:
     async def main() -> None:
-        sink = await start_sink(script=lambda v, a: banner if v == "BANNER" else None)
+        sink = await sink_at(script=lambda v, a: banner if v == "BANNER" else None)
         with pytest.raises(SetupError) as info:
             await open_session(sink)
         assert info.value.kind == "greeting"
@@ -229,7 +244,7 @@ def test_refused_greeting(banner: str, code: int, enhanced: str) -> None:
 
 def test_starttls_opportunistic(ca: trustme.CA) -> None:
     async def main() -> None:
-        sink = await start_sink(starttls_context=server_tls(ca))
+        sink = await sink_at(starttls_context=server_tls(ca))
         session = await open_session(sink, client_tls_context(False), tls="opportunistic")
         result = await session.run(make_job(["a@d.test"]))
         assert result.tls.startswith("TLS") and codes(result) == [250]
@@ -242,7 +257,7 @@ def test_starttls_opportunistic(ca: trustme.CA) -> None:
 
 def test_tls_required_without_starttls_defers_474() -> None:
     async def main() -> None:
-        sink = await start_sink()
+        sink = await sink_at()
         with pytest.raises(SetupError) as info:
             await open_session(sink, client_tls_context(False), tls="required")
         assert info.value.reply.code == 454 and info.value.reply.enhanced == "4.7.4"
@@ -254,7 +269,7 @@ def test_tls_required_without_starttls_defers_474() -> None:
 
 def test_tls_required_handshake_failure_defers_475(ca: trustme.CA) -> None:
     async def main() -> None:
-        sink = await start_sink(starttls_context=server_tls(trustme.CA()))  # unknown CA
+        sink = await sink_at(starttls_context=server_tls(trustme.CA()))  # unknown CA
         with pytest.raises(SetupError) as info:
             await open_session(sink, verifying_client(ca), tls="required", tls_verify=True)
         assert (info.value.kind, info.value.reply.enhanced) == ("tls_failed", "4.7.5")
@@ -266,7 +281,7 @@ def test_tls_required_handshake_failure_defers_475(ca: trustme.CA) -> None:
 def test_auth_only_after_tls(ca: trustme.CA) -> None:
     async def main() -> None:
         users = {"relay": "s3cret"}
-        sink = await start_sink(starttls_context=server_tls(ca), auth=users)
+        sink = await sink_at(starttls_context=server_tls(ca), auth=users)
         session = await open_session(sink, verifying_client(ca), tls="required", tls_verify=True,
                                      auth_user="relay", auth_password="s3cret")
         result = await session.run(make_job(["a@d.test"]))
@@ -279,7 +294,7 @@ def test_auth_only_after_tls(ca: trustme.CA) -> None:
         assert info.value.reply.code == 454 and "535" in str(info.value.reply.text)
         await sink.close()
         # A smarthost without STARTTLS never sees the credentials.
-        plain = await start_sink(auth=users)
+        plain = await sink_at(auth=users)
         with pytest.raises(SetupError) as info:
             await open_session(plain, client_tls_context(False), tls="opportunistic",
                                auth_user="relay", auth_password="s3cret")
@@ -293,7 +308,7 @@ def test_auth_only_after_tls(ca: trustme.CA) -> None:
 # --- failures mid-transaction ---------------------------------------------------------
 def test_malformed_reply_defers_and_closes() -> None:
     async def main() -> None:
-        sink = await start_sink(script=lambda v, a: "hello there" if v == "RCPT" and "b@" in a else None)
+        sink = await sink_at(script=lambda v, a: "hello there" if v == "RCPT" and "b@" in a else None)
         session = await open_session(sink)
         result = await session.run(make_job(["a@d.test", "b@d.test"]))
         assert [(r.code, r.enhanced) for r in result.replies.values()] == [(451, "4.5.0")] * 2
@@ -306,7 +321,7 @@ def test_malformed_reply_defers_and_closes() -> None:
 
 def test_overlong_reply_defers() -> None:
     async def main() -> None:
-        sink = await start_sink(script=lambda v, a: "250 " + "x" * 5000 if v == "MAIL" else None)
+        sink = await sink_at(script=lambda v, a: "250 " + "x" * 5000 if v == "MAIL" else None)
         session = await open_session(sink)
         result = await session.run(make_job(["a@d.test"]))
         assert result.replies[0].code == 451 and "too long" in str(result.replies[0].text)
@@ -328,7 +343,7 @@ def test_connection_lost_keeps_decided_replies() -> None:
                 return NO_REPLY
             return None
 
-        sink = await start_sink(script=script)
+        sink = await sink_at(script=script)
         session = await open_session(sink)
         pending = asyncio.ensure_future(session.run(make_job(["a@d.test", "bad@d.test"])))
         await reached
@@ -341,7 +356,7 @@ def test_connection_lost_keeps_decided_replies() -> None:
 
 def test_timeout_waiting_for_end_of_data() -> None:
     async def main() -> None:
-        sink = await start_sink(script=lambda v, a: NO_REPLY if v == "." else None)
+        sink = await sink_at(script=lambda v, a: NO_REPLY if v == "." else None)
         session = await open_session(sink, timeouts=fast_timeouts(0.25))
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -357,7 +372,7 @@ def test_timeout_waiting_for_end_of_data() -> None:
 
 def test_jobs_given_to_a_closed_session_still_get_results() -> None:
     async def main() -> None:
-        sink = await start_sink()
+        sink = await sink_at()
         session = await open_session(sink)
         await session.quit()
         result = await session.run(make_job(["a@d.test"]))
