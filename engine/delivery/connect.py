@@ -26,6 +26,7 @@ Policy decisions, each a `SetupError` whose `reply` is the 4xx the jobs would ge
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,9 @@ from engine.delivery.outcome import reply_summary, transient_failure
 from engine.smtp.client import (
     STARTTLS,
     Capabilities,
+    ClientProtocolError,
+    RemoteReply,
+    ReplyParser,
     auth_login,
     auth_plain,
     greeting_bytes,
@@ -61,6 +65,73 @@ class SetupError(Exception):
         super().__init__(reply_summary(reply))
         self.reply = reply
         self.kind = kind
+
+
+class SetupIO:
+    """The setup-time I/O of a DeliverySession (mixed into it): one awaited reply at a
+    time. Uses the session's `loop`, `transport`, `_parser`, `_waiter`, `closed`."""
+
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport | None
+    closed: bool
+    mx_host: str
+    tls_version: str
+    _parser: ReplyParser
+    _waiter: asyncio.Future[None] | None
+    where: str  # a property of the session: "mx[ip]:port"
+
+    def write_raw(self, data: bytes) -> None:
+        """Write during setup (no deadline bookkeeping)."""
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    @property
+    def buffered(self) -> int:
+        return self._parser.buffered
+
+    async def read_reply(self, timeout: float, what: str) -> RemoteReply:
+        """The next reply during setup, within `timeout` seconds.
+
+        Raises SetupError: timeout (4.4.1), connection lost (4.4.2), or a malformed reply
+        (the parser's 451 4.5.0).
+        """
+        deadline = self.loop.time() + timeout
+        while True:
+            try:
+                reply = self._parser.next_reply()
+            except ClientProtocolError as err:
+                raise SetupError(err.reply, "protocol") from None
+            if reply is not None:
+                return reply
+            if self.closed:
+                raise SetupError(transient_failure(
+                    "lost", f"connection to {self.where} lost while waiting for {what}"), "connect")
+            fut = self._waiter = self.loop.create_future()
+            try:
+                await asyncio.wait_for(fut, max(0.0, deadline - self.loop.time()))
+            except TimeoutError:
+                raise SetupError(transient_failure(
+                    "timeout", f"timeout waiting for {what} from {self.where}"), "connect") from None
+            finally:
+                self._waiter = None
+
+    async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
+        """Upgrade the connection (RFC 3207 §4.2: a fresh parser; the caller re-sends EHLO).
+
+        Raises ssl.SSLError, OSError, ConnectionError or TimeoutError on failure.
+        """
+        assert self.transport is not None
+        server_name = self.mx_host or None
+        new = await asyncio.wait_for(
+            self.loop.start_tls(self.transport, self, context,  # type: ignore[arg-type] server_hostname=server_name,
+                                ssl_handshake_timeout=timeout),
+            timeout + 1.0)
+        if new is None or self.closed:
+            raise ConnectionError("connection closed during the TLS handshake")
+        self.transport = new  # type: ignore[assignment]
+        self._parser = ReplyParser()
+        obj = new.get_extra_info("ssl_object")
+        self.tls_version = obj.version() if obj is not None else "TLS"
 
 
 def client_tls_context(verify: bool, ca_file: str = "") -> ssl.SSLContext:
@@ -170,6 +241,38 @@ async def _auth(session: DeliverySession, settings: PoolSettings, timeouts: Time
         raise SetupError(Reply(454, "4.7.0", f"{session.where} offers no AUTH PLAIN or LOGIN"), "auth")
     if reply.code != 235:
         raise SetupError(Reply(454, "4.7.0", f"authentication as {user} failed: {_said(session, reply)}"), "auth")
+
+
+async def open_session(cls: type[DeliverySession], mx_host: str, ip: str, port: int,
+                       settings: PoolSettings, timeouts: TimeoutsConfig,
+                       tls_context: ssl.SSLContext | None,
+                       loop: asyncio.AbstractEventLoop) -> DeliverySession:
+    """TCP to ip:port (bound to `settings.source_address` if set), then `setup`; the body
+    of `DeliverySession.connect`.
+
+    Raises SetupError; the connection is closed then.
+    """
+    session = cls(mx_host, ip, port, settings, timeouts, loop)
+    local = (settings.source_address, 0) if settings.source_address else None
+    try:
+        await asyncio.wait_for(
+            loop.create_connection(lambda: session, ip, port, local_addr=local),
+            float(timeouts.connect))
+    except TimeoutError:
+        raise SetupError(transient_failure(
+            "timeout", f"connect to {session.where}: timed out"), "connect") from None
+    except OSError as err:
+        reason = err.strerror or str(err) or type(err).__name__
+        raise SetupError(transient_failure(
+            "refused", f"connect to {session.where}: {reason}"), "connect") from None
+    try:
+        await setup(session, settings, timeouts, tls_context)
+    except BaseException:
+        session.close()
+        raise
+    session.ready = True
+    session.created_at = session.last_used = loop.time()
+    return session
 
 
 async def connect_route(route: Route, settings: PoolSettings, timeouts: TimeoutsConfig,

@@ -102,7 +102,7 @@ def build_envelope(job: Job) -> Envelope:
     )
 
 
-class DeliverySession(asyncio.Protocol):
+class DeliverySession(_connect.SetupIO, asyncio.Protocol):
     """One SMTP client connection to one MX address. Not thread-safe; loop thread only."""
 
     def __init__(self, mx_host: str, ip: str, port: int, settings: PoolSettings,
@@ -164,28 +164,9 @@ class DeliverySession(asyncio.Protocol):
         failed: "connect", "greeting", "ehlo", "tls_failed", "tls_required", "auth",
         "protocol"); the connection is closed then.
         """
-        loop = loop or asyncio.get_running_loop()
-        session = cls(mx_host, ip, port, settings, timeouts, loop)
-        local = (settings.source_address, 0) if settings.source_address else None
-        try:
-            await asyncio.wait_for(
-                loop.create_connection(lambda: session, ip, port, local_addr=local),
-                float(timeouts.connect))
-        except TimeoutError:
-            raise SetupError(transient_failure(
-                "timeout", f"connect to {session.where}: timed out"), "connect") from None
-        except OSError as err:
-            reason = err.strerror or str(err) or type(err).__name__
-            raise SetupError(transient_failure(
-                "refused", f"connect to {session.where}: {reason}"), "connect") from None
-        try:
-            await _connect.setup(session, settings, timeouts, tls_context if use_tls else None)
-        except BaseException:
-            session.close()
-            raise
-        session.ready = True
-        session.created_at = session.last_used = loop.time()
-        return session
+        return await _connect.open_session(cls, mx_host, ip, port, settings, timeouts,
+                                           tls_context if use_tls else None,
+                                           loop or asyncio.get_running_loop())
 
     # --- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -248,60 +229,6 @@ class DeliverySession(asyncio.Protocol):
             data = b"".join(self._backlog)
             self._backlog.clear()
             self.transport.write(data)
-
-    # --- setup primitives (used by connect.setup) ----------------------------------------
-    def write_raw(self, data: bytes) -> None:
-        """Write during setup (no deadline bookkeeping)."""
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
-
-    @property
-    def buffered(self) -> int:
-        return self._parser.buffered
-
-    async def read_reply(self, timeout: float, what: str) -> RemoteReply:
-        """The next reply during setup, within `timeout` seconds.
-
-        Raises SetupError: timeout (4.4.1), connection lost (4.4.2), or a malformed reply
-        (the parser's 451 4.5.0).
-        """
-        deadline = self.loop.time() + timeout
-        while True:
-            try:
-                reply = self._parser.next_reply()
-            except ClientProtocolError as err:
-                raise SetupError(err.reply, "protocol") from None
-            if reply is not None:
-                return reply
-            if self.closed:
-                raise SetupError(transient_failure(
-                    "lost", f"connection to {self.where} lost while waiting for {what}"), "connect")
-            fut = self._waiter = self.loop.create_future()
-            try:
-                await asyncio.wait_for(fut, max(0.0, deadline - self.loop.time()))
-            except TimeoutError:
-                raise SetupError(transient_failure(
-                    "timeout", f"timeout waiting for {what} from {self.where}"), "connect") from None
-            finally:
-                self._waiter = None
-
-    async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
-        """Upgrade the connection (RFC 3207 §4.2: a fresh parser; the caller re-sends EHLO).
-
-        Raises ssl.SSLError, OSError, ConnectionError or TimeoutError on failure.
-        """
-        assert self.transport is not None
-        server_name = self.mx_host or None
-        new = await asyncio.wait_for(
-            self.loop.start_tls(self.transport, self, context, server_hostname=server_name,
-                                ssl_handshake_timeout=timeout),
-            timeout + 1.0)
-        if new is None or self.closed:
-            raise ConnectionError("connection closed during the TLS handshake")
-        self.transport = new  # type: ignore[assignment]
-        self._parser = ReplyParser()
-        obj = new.get_extra_info("ssl_object")
-        self.tls_version = obj.version() if obj is not None else "TLS"
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -522,7 +449,3 @@ class DeliverySession(asyncio.Protocol):
         elif not self._closed_fut.done():
             self.closed = True
             self._closed_fut.set_result(None)
-
-    def describe(self) -> str:
-        """One line for logs: where, TLS, messages."""
-        return f"{self.where} tls={self.tls_version or 'none'} messages={self.messages}"

@@ -136,6 +136,22 @@ def test_all_addresses_dead_backs_off() -> None:
     run_bounded(main)
 
 
+def test_tls_required_without_starttls_defers_every_job() -> None:
+    async def main() -> None:
+        sink = await sink_at()
+        pool = make_pool(settings_for(sink, tls="required"))
+        results = Results()
+        for i in range(3):
+            pool.submit(make_job(["a@d.test"], tag=str(i), results=results))
+        await results.wait(3)
+        for result in results.by_tag.values():
+            assert result.replies[0].enhanced == "4.7.4" and result.destination_failed
+        assert all(verb != "MAIL" for verb, _ in sink.commands)
+        await pool.close()
+
+    run_bounded(main)
+
+
 def test_421_mid_session_backs_off() -> None:
     async def main() -> None:
         mails = 0

@@ -139,7 +139,9 @@ def test_per_recipient_outcomes() -> None:
 
     async def main() -> None:
         sink = await sink_at(script=script)
-        session = await open_session(sink)
+        session = await open_session(sink, source_address="127.0.0.5")
+        assert session.transport is not None
+        assert session.transport.get_extra_info("sockname")[0] == "127.0.0.5"
         result = await session.run(make_job(["a@d.test", "bad@d.test", "later@d.test", "b@d.test"]))
         assert codes(result) == [250, 550, 451, 250]
         assert result.replies[1].enhanced == "5.1.1"
@@ -378,5 +380,25 @@ def test_jobs_given_to_a_closed_session_still_get_results() -> None:
         result = await session.run(make_job(["a@d.test"]))
         assert result.replies[0].code == 451 and result.replies[0].enhanced == "4.4.2"
         await sink.close()
+
+    run_bounded(main)
+
+
+def test_failure_mid_chain_answers_every_job() -> None:
+    async def main() -> None:
+        hung = False
+
+        def script(verb: str, arg: str) -> str | None:
+            nonlocal hung
+            hung = hung or verb == "."
+            return NO_REPLY if hung else None  # hangs from the first end of data on
+
+        sink = await sink_at(script=script)
+        session = await open_session(sink, timeouts=fast_timeouts(0.1))
+        results = await session.run_many([make_job(["a@d.test", "b@d.test"], tag=str(i)) for i in range(3)])
+        # The head timed out with the second chained behind it; the third never started.
+        assert [codes(r) for r in results[:2]] == [[421, 421], [421, 421]]
+        assert [r.enhanced for r in results[2].replies.values()] == ["4.4.2", "4.4.2"]
+        assert any(b"\r\n.\r\nMAIL FROM:" in seg for seg in sink.segments)
 
     run_bounded(main)
