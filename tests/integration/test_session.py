@@ -402,3 +402,17 @@ def test_failure_mid_chain_answers_every_job() -> None:
         assert any(b"\r\n.\r\nMAIL FROM:" in seg for seg in sink.segments)
 
     run_bounded(main)
+
+
+def test_big_bodies_under_flow_control() -> None:
+    async def main() -> None:
+        sink = await sink_at(keep_segments=False)
+        session = await open_session(sink)
+        big = [(b"line %d " % i + b"y" * 70 + b"\r\n") * 60000 for i in range(3)]  # ~4.7 MB each
+        results = await session.run_many(
+            [make_job([f"r{i}@d.test"], tag=str(i), body=body) for i, body in enumerate(big)])
+        assert [codes(r) for r in results] == [[250]] * 3
+        assert [m.data for m in sink.messages] == big
+        await session.quit()
+
+    run_bounded(main)
