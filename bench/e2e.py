@@ -115,6 +115,14 @@ socket = "{tmp / 'volley.sock'}"
 
 [log]
 delivery = "{tmp / 'delivery.jsonl'}"
+
+# Receiving only: the queue grows and nothing is relayed, so no DNS query or
+# outbound connection ever leaves loopback (bench/relay.py measures relaying).
+[delivery]
+enabled = false
+
+[dns]
+nameservers = ["127.0.0.1:9"]
 """
     )
     return path

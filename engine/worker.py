@@ -24,6 +24,7 @@ import uvloop
 
 from engine import config as config_mod
 from engine.inbound.context import WorkerContext
+from engine.delivery.runtime import Delivery
 from engine.inbound.listener import start_listeners
 from engine.observe import log
 from engine.queue.commit import Committer
@@ -41,15 +42,16 @@ class WorkerRuntime:
     their own sockets; the worker process starts it on the supervisor's."""
 
     def __init__(self, store: QueueStore, committer: Committer, ctx: WorkerContext,
-                 servers: list[asyncio.AbstractServer]) -> None:
+                 servers: list[asyncio.AbstractServer], delivery: Delivery | None) -> None:
         self.store = store
         self.committer = committer
         self.ctx = ctx
         self.servers = servers
+        self.delivery = delivery
 
     @classmethod
     async def start(cls, cfg: config_mod.Config, sockets: list[socket.socket], *,
-                    workers: int = 1) -> WorkerRuntime:
+                    workers: int = 1, slot: int = 0) -> WorkerRuntime:
         loop = asyncio.get_running_loop()
         store = QueueStore(cfg.queue.path, map_size=int(cfg.queue.max_size),
                            durability=cfg.queue.durability, shards=workers)
@@ -60,10 +62,24 @@ class WorkerRuntime:
         ctx = WorkerContext(cfg, loop, committer, ids, workers=workers)
         servers = await start_listeners(ctx, cfg, sockets)
         ctx.start_sweeper()
-        return cls(store, committer, ctx, servers)
+        delivery = None
+        if cfg.delivery.enabled:
+            local = {(s.getsockname()[0], s.getsockname()[1]) for s in sockets}
+            delivery = Delivery(cfg, store=store, committer=committer, ids=ids, owner=slot,
+                                local=_expand_wildcards(local))
+            ctx.on_new_mail = delivery.scheduler.wake
+            delivery.start()
+        return cls(store, committer, ctx, servers, delivery)
+
+    def apply_config(self, cfg: config_mod.Config) -> None:
+        self.ctx.apply_config(cfg)
+        if self.delivery is not None:
+            self.delivery.apply_config(cfg)
 
     async def stop(self) -> None:
         await self.drain()
+        if self.delivery is not None:
+            await self.delivery.stop(float(self.ctx.cfg.server.shutdown_timeout))
         await self.committer.stop()
         self.store.close()
 
@@ -85,6 +101,19 @@ class WorkerRuntime:
             proto.close()
         ctx.stop_sweeper()
         ctx.executor.shutdown(wait=False)
+
+
+def _expand_wildcards(local: set[tuple[str, int]]) -> set[tuple[str, int]]:
+    """A wildcard listener answers on every local address; loopback stands in for
+    them in loop detection (plus whatever server.hostname resolves to, added by the
+    DNS layer's own local-name check)."""
+    out = set()
+    for ip, port in local:
+        if ip in ("0.0.0.0", "::"):
+            out.update({("127.0.0.1", port), ("::1", port)})
+        else:
+            out.add((ip, port))
+    return out
 
 
 class Worker:
@@ -111,14 +140,15 @@ class Worker:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
         runtime = await WorkerRuntime.start(
-            cfg, [socket.socket(fileno=fd) for fd in self.listen_fds], workers=workers
+            cfg, [socket.socket(fileno=fd) for fd in self.listen_fds], workers=workers,
+            slot=self.slot,
         )
         ctx = runtime.ctx
         housekeeping = loop.create_task(self._housekeeping(runtime.store, runtime.committer))
         self._send(writer, {"event": "ready", "slot": self.slot, "pid": os.getpid()})
         log.info("worker_ready", slot=self.slot)
 
-        control = loop.create_task(self._control(reader, ctx))
+        control = loop.create_task(self._control(reader, runtime))
         await self.stop_event.wait()
         control.cancel()
         housekeeping.cancel()
@@ -130,7 +160,7 @@ class Worker:
     def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
         writer.write(msgspec.json.encode(message) + b"\n")
 
-    async def _control(self, reader: asyncio.StreamReader, ctx: WorkerContext) -> None:
+    async def _control(self, reader: asyncio.StreamReader, runtime: WorkerRuntime) -> None:
         while True:
             line = await reader.readline()
             if not line:  # the supervisor is gone: nobody would restart or stop us
@@ -143,7 +173,7 @@ class Worker:
                 if cmd == "stop":
                     self.stop_event.set()
                 elif cmd == "reload":
-                    ctx.apply_config(config_mod.from_dict(message["config"]))
+                    runtime.apply_config(config_mod.from_dict(message["config"]))
                     log.info("worker_reloaded", slot=self.slot)
             except (msgspec.DecodeError, config_mod.ConfigError, OSError, ValueError) as err:
                 log.error("control_message_refused", slot=self.slot, error=str(err))

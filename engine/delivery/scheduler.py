@@ -37,6 +37,7 @@ from engine.delivery.retry import expired, parse_schedule
 from engine.delivery.routing import drop_self, match_route, pool_settings, smarthost_route
 from engine.dns.cache import DnsCache
 from engine.dns.mx import Route, RouteError
+from engine.dns.resolver import Resolver
 from engine.errors import VolleyError
 from engine.observe import log
 from engine.observe.delivery_log import DeliveryLog
@@ -64,13 +65,14 @@ class DeliveryStats:
 
 class Scheduler:
     def __init__(self, cfg: Config, *, store: QueueStore, committer: Committer,
-                 ids: IdAllocator, dns: DnsCache, pools: Any, owner: int,
-                 dlog: DeliveryLog, local: set[tuple[str, int]]) -> None:
+                 ids: IdAllocator, dns: DnsCache, resolver: Resolver, pools: Any,
+                 owner: int, dlog: DeliveryLog, local: set[tuple[str, int]]) -> None:
         self.cfg = cfg
         self.store = store
         self.committer = committer
         self.ids = ids
         self.dns = dns
+        self.resolver = resolver
         self.pools = pools
         self.owner = owner
         self.dlog = dlog
@@ -172,7 +174,7 @@ class Scheduler:
         settings = pool_settings(self.cfg, route_cfg)
         route: Route | RouteError
         if route_cfg is not None and route_cfg.host:
-            route = await smarthost_route(domain, route_cfg, self.dns.resolver)
+            route = await smarthost_route(domain, route_cfg, self.resolver)
         else:
             route = await self.dns.route(domain)
             if isinstance(route, Route):
@@ -185,7 +187,7 @@ class Scheduler:
                   lambda result: self._commit_outcome(msg_id, domain, body, result),
                   created=self.loop.time())
         self.stats.dispatched += 1
-        self.pools.pool_for(route, settings).submit(job)
+        self.pools.submit(job, settings)
 
     # --- outcomes ----------------------------------------------------------------------
     def _commit_outcome(self, msg_id: bytes, domain: str, body: bytes, result: JobResult,

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import trustme
 
-from tests.integration.harness import InboundServer, ServeProcess
+from tests.integration.harness import InboundServer, LoopThread, ServeProcess
+from tests.peers.dns_server import DnsServerThread
 
 
 @pytest.fixture
@@ -61,3 +62,30 @@ def tls_files(ca: trustme.CA, tmp_path: Path) -> dict[str, str]:
     cert.private_key_pem.write_to_path(str(key_file))
     ca.cert_pem.write_to_path(str(ca_file))
     return {"cert_file": str(cert_file), "key_file": str(key_file), "ca_file": str(ca_file)}
+
+
+@pytest.fixture
+def peers() -> Iterator[LoopThread]:
+    """A loop thread for sinks: `sink = peers.call(start_sink("127.0.0.2", 0))`."""
+    lt = LoopThread()
+    sinks: list[Any] = []
+    lt.sinks = sinks  # type: ignore[attr-defined]
+    yield lt
+    for sink in sinks:
+        lt.call(sink.close())
+    lt.close()
+
+
+@pytest.fixture
+def dns_zone() -> Iterator[Callable[[dict[str, Any]], Any]]:
+    """Factory: dns_zone(zone) → a running loopback DNS server (`.port`, `.set`, `.count`)."""
+    threads: list[DnsServerThread] = []
+
+    def start(zone: dict[str, Any]) -> Any:
+        t = DnsServerThread(zone)
+        threads.append(t)
+        return t.__enter__()
+
+    yield start
+    for t in threads:
+        t.__exit__(None, None, None)

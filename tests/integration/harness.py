@@ -46,6 +46,10 @@ class InboundServer:
                 "queue": {"path": str(tmp / "queue"), "max_size": "256MiB"},
                 "control": {"socket": str(tmp / "volley.sock")},
                 "log": {"delivery": str(tmp / "delivery.jsonl")},
+                # Tests never reach a real resolver or MX: delivery is off unless a
+                # test turns it on, and then DNS must point at a loopback server.
+                "delivery": {"enabled": False},
+                "dns": {"nameservers": ["127.0.0.1:9"], "timeout": "2s"},
             },
             overrides or {},
         )
@@ -107,6 +111,8 @@ class ServeProcess:
                 "queue": {"path": str(tmp / "queue"), "max_size": "256MiB"},
                 "control": {"socket": str(tmp / "volley.sock")},
                 "log": {"delivery": str(tmp / "delivery.jsonl")},
+                "delivery": {"enabled": False},
+                "dns": {"nameservers": ["127.0.0.1:9"], "timeout": "2s"},
             },
             overrides or {},
         )
@@ -173,3 +179,40 @@ class ServeProcess:
         if self.proc.stderr:
             self.proc.stderr.close()
         return self.proc.returncode
+
+
+class LoopThread:
+    """An asyncio loop on its own thread, for peers (sinks) that tests start and
+    inspect from synchronous code: `lt.call(coro)` runs a coroutine there."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def call(self, coro: Any, timeout: float = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        async def cancel_rest() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self.call(cancel_rest())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll `predicate` until true or the deadline; the pause is between checks of a
+    real condition, never a stand-in for one."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached in {timeout}s")
+        time.sleep(0.02)
