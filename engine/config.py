@@ -168,6 +168,8 @@ class LimitsConfig(Frozen):
     data_timeout: Duration = Duration(600)
     max_auth_failures: int = 3
     max_unknown_commands: int = 20
+    # NOOP/RSET/VRFY/HELP per session (Postfix smtpd_junk_command_limit); then 421.
+    max_junk_commands: int = 100
     # Delay before the banner; a client that talks first is refused (pregreet, as
     # postscreen does). 0 disables the check.
     greeting_delay: Duration = Duration(0)

@@ -31,8 +31,8 @@ from engine.queue.commit import Committer
 from engine.queue.ids import IdAllocator
 from engine.queue.store import QueueStore
 
-# Exit status that asks the supervisor for a restart without counting as a crash loop
-# of our own making: the storage environment is unusable (MDB_PANIC, finding 8).
+# Exit status of a worker whose storage environment became unusable (MDB_PANIC,
+# finding 8); the supervisor restarts it like any other exit, with the same backoff.
 EXIT_STORAGE_PANIC = 3
 
 
@@ -173,7 +173,9 @@ class Worker:
                 if cmd == "stop":
                     self.stop_event.set()
                 elif cmd == "reload":
-                    runtime.apply_config(config_mod.from_dict(message["config"]))
+                    cfg = config_mod.from_dict(message["config"])
+                    runtime.apply_config(cfg)
+                    log.configure(cfg.log.level)
                     log.info("worker_reloaded", slot=self.slot)
             except (msgspec.DecodeError, config_mod.ConfigError, OSError, ValueError) as err:
                 log.error("control_message_refused", slot=self.slot, error=str(err))

@@ -57,6 +57,7 @@ class SmtpServerProtocol(asyncio.Protocol):
         self.session = ServerSession(
             max_message_size=int(ctx.cfg.limits.max_message_size),
             max_unknown_commands=ctx.cfg.limits.max_unknown_commands,
+            max_junk_commands=ctx.cfg.limits.max_junk_commands,
             tls_active=implicit_tls,
         )
         self.transport: asyncio.Transport | None = None
@@ -374,7 +375,9 @@ class SmtpServerProtocol(asyncio.Protocol):
 
     def shutdown_if_idle(self) -> bool:
         """Drain: end a session that is between transactions; True if it was ended."""
-        if self.busy or self.session.state not in (State.CONNECTED, State.READY, State.GREETING):
+        # A session waiting for a SASL line holds no mail: end it like an idle one.
+        if self.busy or self.session.state not in (State.CONNECTED, State.READY,
+                                                   State.GREETING, State.AUTH):
             return False
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(R421_SHUTTING_DOWN.to_bytes())

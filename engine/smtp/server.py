@@ -176,6 +176,8 @@ _AUTO_REPLIES: dict[type[Command], AutoReply] = {
     Data: AutoReply(R354_START_DATA),
 }
 
+_JUNK = frozenset({Noop, Rset, Vrfy, Help})
+
 # RFC 4954 §4: a SASL continuation line may be up to 12288 octets.
 MAX_AUTH_LINE = 12288
 
@@ -188,11 +190,14 @@ class ServerSession:
         *,
         max_message_size: int,
         max_unknown_commands: int = 20,
+        max_junk_commands: int = 100,
         tls_active: bool = False,
     ) -> None:
         self.state = State.GREETING
         self.max_message_size = max_message_size
         self.max_unknown_commands = max_unknown_commands
+        self.max_junk_commands = max_junk_commands
+        self.junk = 0
         self.tls_active = tls_active
         self.envelope = Envelope()
         self.helo: str | None = None
@@ -318,6 +323,12 @@ class ServerSession:
             return self._error(_sequence_reply(command, self.state))
         auto = _AUTO_REPLIES.get(type(command))
         if auto is not None:
+            if type(command) in _JUNK:
+                # Postfix's smtpd_junk_command_limit: a session that only NOOPs, RSETs
+                # or VRFYs is kept from holding a slot forever (P8).
+                self.junk += 1
+                if self.junk > self.max_junk_commands:
+                    return AutoReply(R421_TOO_MANY_ERRORS)
             return auto
         if isinstance(command, Bdat):
             self._start_chunk(command, None)

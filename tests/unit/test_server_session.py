@@ -843,3 +843,16 @@ def test_auth_pipelined_after_the_continuation() -> None:
     result = drive(session, b"AUTH PLAIN\r\nAHVzZXIAcGFzcw==\r\nMAIL FROM:<a@b.example>\r\n", auth_decide)
     assert [type(e) for e in events(result)] == [CommandReceived, AuthResponse, CommandReceived]
     assert session.state is State.MAIL
+
+
+def test_junk_command_limit_closes_session():
+    """P8: a session that only NOOPs gets 421 after max_junk_commands."""
+    from engine.smtp.server import ServerSession, State
+    from tests.unit.helpers import drive, greet
+
+    session = ServerSession(max_message_size=1000, max_junk_commands=3)
+    greet(session)
+    results = drive(session, b"EHLO x\r\n" + b"NOOP\r\n" * 5)
+    codes = [reply[:3] for _, reply in results if reply]
+    assert codes == [b"250", b"250", b"250", b"250", b"421"]
+    assert session.state is State.CLOSED
