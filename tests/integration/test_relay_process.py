@@ -1,0 +1,172 @@
+"""Delivery in the real process tree (`volley serve`, two workers): kill -9 of both
+workers while deliveries are in flight loses nothing (INV-NOLOSS, P2) and adds few
+duplicates (INV-DUP, P3); each domain is delivered by the one worker owning its shard.
+
+The queue is opened here only after the server stopped (finding 9)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import tomllib
+from collections import Counter as Tally
+from typing import Any
+
+from engine import config as config_mod
+from engine.queue.store import QueueStore, stable_shard
+from tests.integration.harness import ServeProcess, wait_until
+from tests.integration.relay_helpers import body, rcpt_of, send, send_many, tag_of
+from tests.peers.smtp_sink import NO_REPLY, start_sink
+
+EVENT_TIMEOUT = 30.0
+
+
+def domains_by_shard(n_per_shard: int) -> dict[int, list[str]]:
+    """Domain names under .test whose owner shard (of 2) is 0 and 1."""
+    out: dict[int, list[str]] = {0: [], 1: []}
+    i = 0
+    while min(len(v) for v in out.values()) < n_per_shard:
+        name = f"d{i}.test"
+        shard = stable_shard(name, 2)
+        if len(out[shard]) < n_per_shard:
+            out[shard].append(name)
+        i += 1
+    return out
+
+
+def relay_config(dns_port: int, sink_port: int, **delivery: Any) -> dict[str, Any]:
+    return {
+        "server": {"workers": 2},
+        "dns": {"nameservers": [f"127.0.0.1:{dns_port}"], "min_ttl": "1s",
+                "failure_ttl": "0s", "timeout": "2s"},
+        "delivery": {"enabled": True, "port": sink_port, "poll_interval": "50ms",
+                     "retry": "1s", "backoff": "1s", "backoff_max": "2s",
+                     "timeouts": {"connect": "3s", "data": "60s", "quit": "2s"}, **delivery},
+    }
+
+
+def kill_worker(server: ServeProcess, slot: int, pid: int) -> int:
+    """SIGKILL worker `pid` of `slot`; returns the pid of its replacement."""
+    os.kill(pid, signal.SIGKILL)
+    exited = server.wait_for(lambda e: e.get("event") == "worker_exited" and e.get("slot") == slot,
+                             EVENT_TIMEOUT)
+    assert exited["status"] == -signal.SIGKILL, exited
+    restarted = server.wait_for(
+        lambda e: e.get("event") == "worker_restarted" and e.get("slot") == slot, EVENT_TIMEOUT)
+    return int(restarted["pid"])
+
+
+def queued_after_stop(server: ServeProcess) -> int:
+    assert server.stop(30) == 0, server.log[-20:]
+    data = tomllib.loads(server.config_path.read_text())
+    store = QueueStore(data["queue"]["path"],
+                       map_size=int(config_mod.parse_size(data["queue"]["max_size"])),
+                       shards=int(data["server"]["workers"]))
+    try:
+        return store.count()
+    finally:
+        store.close()
+
+
+def test_kill_9_both_workers_mid_delivery_loses_nothing(serve, peers, dns_zone):
+    shards = domains_by_shard(1)
+    doms = {0: shards[0][0], 1: shards[1][0]}
+    released = threading.Event()
+    lock = threading.Lock()
+    held: Tally[str] = Tally()  # domain → transactions held at DATA
+    last_rcpt_domain = [""]
+
+    def script(verb: str, arg: str) -> str | None:
+        with lock:
+            if verb == "RCPT":
+                last_rcpt_domain[0] = rcpt_of(arg).rsplit("@", 1)[1]
+            elif verb == "DATA" and not released.is_set():
+                held[last_rcpt_domain[0]] += 1
+                return NO_REPLY  # the transaction hangs: a delivery in flight
+        return None
+
+    sink = peers.call(start_sink("127.0.0.2", 0, script=script, keep_segments=False))
+    peers.sinks.append(sink)
+    zone: dict[str, Any] = {"mx.sink.test": {"A": ["127.0.0.2"]}}
+    for d in doms.values():
+        zone[d] = {"MX": [(10, "mx.sink.test")]}
+    dns = dns_zone(zone)
+    server = serve(relay_config(dns.port, sink.port, max_connections_per_domain=3))
+
+    tags = [f"crash-{i}" for i in range(30)]
+    for start in range(0, 30, 5):  # several connections, so both workers receive mail
+        send_many(server.port, [([f"r{i}@{doms[i % 2]}"], body(tags[i]))
+                                for i in range(start, start + 5)])
+
+    def held_for(d: str) -> int:
+        with lock:
+            return held[d]
+
+    wait_until(lambda: held_for(doms[0]) > 0 and held_for(doms[1]) > 0, 30, "both shards in flight")
+    pids = dict(enumerate(server.worker_pids))
+    kills = 0
+    for slot in (0, 1):
+        before = held_for(doms[slot])
+        kill_worker(server, slot, pids[slot])
+        kills += 1
+        # The replacement picks the same deliveries up again (they stayed due).
+        wait_until(lambda: held_for(doms[slot]) > before, 30, f"worker {slot} redelivers")
+
+    released.set()
+
+    async def drop_held() -> None:
+        for proto in list(sink._live):
+            if proto.transport is not None:
+                proto.transport.abort()
+
+    peers.call(drop_held())
+    wait_until(lambda: {tag_of(m.data) for m in sink.messages} >= set(tags), 40,
+               "every message delivered at least once")
+    copies = Tally(tag_of(m.data) for m in sink.messages)
+    extra = sum(n - 1 for n in copies.values())
+    assert extra <= kills * 3, copies  # at most the in-flight transactions of each kill
+    assert queued_after_stop(server) == 0
+
+
+def test_each_domain_is_attempted_by_its_owner_worker_only(serve, peers, dns_zone):
+    """Sharding: every connection attempt for a domain comes from the worker owning the
+    domain's shard. The delivery log has no worker field, so the workers' own
+    `connect_failed` log lines (role worker0/worker1) are the observable: the MX
+    addresses refuse connections."""
+    shards = domains_by_shard(2)
+    owner = {d: s for s, ds in shards.items() for d in ds}
+    placeholder = peers.call(start_sink("127.0.0.250", 0))  # fixes a port; nothing else listens on it
+    peers.sinks.append(placeholder)
+    zone: dict[str, Any] = {}
+    site: dict[str, str] = {}
+    for n, d in enumerate(sorted(owner), start=2):
+        zone[d] = {"MX": [(10, f"mx.{d}")]}
+        zone[f"mx.{d}"] = {"A": [f"127.0.0.{n}"]}
+        site[f"mx.{d}"] = d
+    dns = dns_zone(zone)
+    server = serve(relay_config(dns.port, placeholder.port))
+    for i in range(12):  # one connection each: both workers receive some of them
+        d = sorted(owner)[i % 4]
+        send(server.port, [f"r{i}@{d}"], body(f"shard-{i}"))
+
+    def attempts() -> dict[str, list[str]]:
+        seen: dict[str, list[str]] = {}
+        for e in server.log:
+            if e.get("event") == "connect_failed" and e.get("site") in site:
+                seen.setdefault(site[e["site"]], []).append(e.get("role", ""))
+        return seen
+
+    def enough() -> bool:
+        try:
+            server.wait_for(lambda e: False, 0.05)
+        except TimeoutError:
+            pass
+        seen = attempts()
+        return all(len(seen.get(d, [])) >= 2 for d in owner)
+
+    wait_until(enough, 30, "two rounds of attempts for every domain")
+    for d, roles in attempts().items():
+        assert set(roles) == {f"worker{owner[d]}"}, (d, owner[d], roles)
+    assert server.stop(30) == 0
