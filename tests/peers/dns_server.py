@@ -289,3 +289,53 @@ def dns_server_thread(zone: ZoneData, **kw: Any) -> Iterator[DnsServer]:
     """Function form of DnsServerThread."""
     with DnsServerThread(zone, **kw) as server:
         yield server
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tests.peers.dns_server --zone FILE`: serve a JSON zone as its own process.
+
+    The zone file maps names to data as `start_dns_server` takes it (MX values as
+    [[preference, "host"], ...]). Prints one JSON line on stdout,
+    `{"event": "ready", "address": "127.0.0.1:PORT", "port": PORT}`, serves UDP and TCP
+    on that loopback port until SIGTERM or SIGINT (or `--lifetime` seconds), then prints
+    `{"event": "stopped", "queries": N}`.
+    """
+    import argparse
+    import json
+    import signal
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m tests.peers.dns_server",
+                                description="A loopback authoritative DNS server for one JSON zone.")
+    p.add_argument("--zone", required=True, help="JSON file: {name: data}")
+    p.add_argument("--origin", default="test.",
+                   help='zone origin; names outside it are REFUSED ("." serves every name)')
+    p.add_argument("--ttl", type=int, default=300, help="TTL of records without their own")
+    p.add_argument("--soa-minimum", type=int, default=300)
+    p.add_argument("--lifetime", type=float, default=3600.0, help="exit after this many seconds")
+    a = p.parse_args(argv)
+    with open(a.zone, encoding="utf-8") as f:
+        zone = json.load(f)
+    if not isinstance(zone, dict):
+        p.error("the zone file must hold a JSON object")
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.call_later(a.lifetime, stop.set)
+        server = await start_dns_server(zone, origin=a.origin, default_ttl=a.ttl,
+                                        soa_minimum=a.soa_minimum)
+        print(json.dumps({"event": "ready", "address": server.address, "port": server.port,
+                          "names": len(zone)}), flush=True)
+        await stop.wait()
+        await server.close()
+        print(json.dumps({"event": "stopped", "queries": server.total()}), flush=True)
+
+    asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -21,12 +21,23 @@ most connections that were open at once.
 Run as `python -m tests.peers.smtp_sink serve -c FILE` it is a stand-in for `volley
 serve` (reads [[listeners]] address from the TOML, prints the JSON "ready" line), so
 bench/e2e.py can be exercised before the real server exists.
+
+Run as `python -m tests.peers.smtp_sink sink --listen 127.0.0.2:0 [--listen ...]` it is a
+standalone destination for relay benchmarks (like Postfix's `smtp-sink -c`): it stores
+nothing, prints one JSON line `{"event": "ready", "listeners": [...]}` on stdout, then a
+running counter line (`{"messages": n, "connections": c, ...}`) whenever the counts
+changed, at most every `--interval` seconds. With `--targets-from-stdin` it reads
+message counts, one per line, from stdin and prints `{"event": "reached", "target": n,
+"t": ...}` (t = time.monotonic() of the message that reached it; CLOCK_MONOTONIC is
+shared by every process on Linux) and exits when stdin closes. It stops on SIGTERM or
+SIGINT, and after `--lifetime` seconds in any case.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import re
 import ssl
 from dataclasses import dataclass, field
@@ -408,7 +419,133 @@ class _Counter(list):  # type: ignore[type-arg]
         return self.n
 
 
+class _Discard(list):  # type: ignore[type-arg]
+    """A list that keeps nothing (the per-command record, for long sink runs)."""
+
+    def append(self, item: object) -> None:
+        pass
+
+
+class _Tally(list):  # type: ignore[type-arg]
+    """Counts accepted messages, stamps the time of the latest one, and notes the time
+    each pending target count was reached."""
+
+    def __init__(self, on_reached: Callable[[int, float], None]) -> None:
+        super().__init__()
+        self.n = 0
+        self.last = 0.0
+        self.targets: list[int] = []  # sorted, pending
+        self.on_reached = on_reached
+
+    def append(self, item: object) -> None:
+        import time
+
+        self.n += 1
+        self.last = time.monotonic()
+        while self.targets and self.n >= self.targets[0]:
+            self.on_reached(self.targets.pop(0), self.last)
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _sink_main(argv: list[str]) -> int:
+    """`sink --listen HOST:PORT ...`: a standalone counting destination (see the module doc)."""
+    import argparse
+    import bisect
+    import json
+    import signal
+    import sys
+    import time
+
+    p = argparse.ArgumentParser(prog="python -m tests.peers.smtp_sink sink",
+                                description="A counting SMTP sink that stores nothing.")
+    p.add_argument("--listen", action="append", required=True, metavar="HOST:PORT",
+                   help="address to listen on (port 0: any free port); repeatable")
+    p.add_argument("--interval", type=float, default=0.5,
+                   help="seconds between counter lines (only printed when counts changed)")
+    p.add_argument("--lifetime", type=float, default=3600.0, help="exit after this many seconds")
+    p.add_argument("--targets-from-stdin", action="store_true",
+                   help="read message counts from stdin, report when each is reached; exit on EOF")
+    p.add_argument("--no-pipelining", action="store_true")
+    a = p.parse_args(argv)
+    addresses = []
+    for text in a.listen:
+        host, _, port = text.rpartition(":")
+        if not host or not port.isdigit():
+            p.error(f"--listen must be HOST:PORT, got {text!r}")
+        addresses.append((host.strip("[]"), int(port)))
+
+    def emit(obj: dict[str, object]) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.call_later(a.lifetime, stop.set)
+        tally = _Tally(lambda n, t: emit({"event": "reached", "target": n, "t": t}))
+        sinks = []
+        for host, port in addresses:
+            sink = await start_sink(host, port, pipelining=not a.no_pipelining, keep_segments=False)
+            sink.messages = tally  # type: ignore[assignment]  # one count over all listeners
+            sink.commands = _Discard()  # type: ignore[assignment]
+            sink.refused = _Discard()  # type: ignore[assignment]
+            sinks.append(sink)
+        emit({"event": "ready", "listeners": [f"{h}:{s.port}" for (h, _), s in zip(addresses, sinks)],
+              "pid": os.getpid()})
+
+        if a.targets_from_stdin:
+            reader = asyncio.StreamReader()
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+            async def targets() -> None:
+                while line := await reader.readline():
+                    text = line.decode().strip()
+                    if not text.isdigit():
+                        continue
+                    n = int(text)
+                    if tally.n >= n:
+                        emit({"event": "reached", "target": n, "t": tally.last})
+                    else:
+                        bisect.insort(tally.targets, n)
+                stop.set()  # our parent closed the pipe (or died): nobody is listening
+
+            reading = asyncio.ensure_future(targets())
+        seen = (-1, -1)
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), a.interval)
+            except asyncio.TimeoutError:
+                pass
+            conns = sum(s.connections for s in sinks)
+            if (tally.n, conns) != seen:
+                seen = (tally.n, conns)
+                emit({"messages": tally.n, "connections": conns,
+                      "live": sum(len(s._live) for s in sinks), "last": tally.last,
+                      "t": time.monotonic()})
+        if a.targets_from_stdin:
+            reading.cancel()
+        for sink in sinks:
+            await sink.close()
+        emit({"event": "stopped", "messages": tally.n, "connections": sum(s.connections for s in sinks),
+              "max_live": max(s.max_live for s in sinks)})
+
+    import uvloop
+
+    uvloop.run(serve())
+    return 0
+
+
+def _main(argv: list[str]) -> int:
+    if argv[:1] == ["sink"]:
+        return _sink_main(argv[1:])
+    return _serve_main(argv)
+
+
 if __name__ == "__main__":
     import sys
 
-    raise SystemExit(_serve_main(sys.argv[1:]))
+    raise SystemExit(_main(sys.argv[1:]))
