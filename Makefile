@@ -22,9 +22,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# Micro benchmarks, then the end-to-end receive and relay runners (a few minutes).
 bench: $(STAMP)
-	$(BIN)/python -m pytest -q bench --benchmark-only -p no:randomly
+	$(BIN)/python -m pytest -q bench --benchmark-only
 	$(BIN)/python bench/e2e.py
+	$(BIN)/python bench/relay.py
 
 clean:
 	rm -rf $(VENV) var build *.egg-info
