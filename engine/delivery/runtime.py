@@ -29,6 +29,10 @@ class Delivery:
             self.resolver, min_ttl=float(d.min_ttl), max_ttl=float(d.max_ttl),
             negative_ttl_max=float(d.negative_ttl_max), failure_ttl=float(d.failure_ttl),
             max_entries=d.cache_size,
+            # Loop detection by name (RFC 5321 §5.1): an MX that is our own host name is
+            # us even when its address is not one of our listeners' (NAT, a proxy), which
+            # the scheduler's (ip, port) check cannot see.
+            local=frozenset({cfg.server.hostname}) if cfg.server.hostname else frozenset(),
         )
         self.pools = PoolManager(cfg.delivery.timeouts, loop)
         self.dlog = DeliveryLog(cfg.log.delivery, loop)
