@@ -238,3 +238,50 @@ def test_opportunistic_starttls_is_used_and_logged(lab: Lab, ca):
     assert line["tls"] in ("TLSv1.2", "TLSv1.3"), line
     lab.wait_queue_empty()
 
+
+
+async def _forwarder(host: str, port: int, to_host: str, to_port: int):
+    """A TCP port forward host:port → to_host:to_port: this relay as seen through NAT."""
+    import asyncio
+
+    async def pipe(reader, writer):
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader, writer):
+        up_reader, up_writer = await asyncio.open_connection(to_host, to_port)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    return await asyncio.start_server(handle, host, port, reuse_address=True)
+
+
+def test_mx_named_as_our_hostname_behind_nat_bounces_5_4_6(lab: Lab):
+    """The best MX is this relay's own host name (server.hostname) but resolves to an
+    address that is not one of the listener's (NAT, a proxy): the (ip, port) check
+    cannot see it, the name check must (worker.py: "plus whatever server.hostname
+    resolves to, added by the DNS layer's own local-name check")."""
+    home = lab.home_sink()
+    port = lab.port
+    lab.zone({
+        "natloop.test": {"MX": [(10, "mx.volley.test")]},  # the harness's server.hostname
+        "mx.volley.test": {"A": ["127.0.0.2"]},
+    })
+    server = lab.start({"listeners": [{"address": f"127.0.0.1:{port}"}],
+                        "delivery": {"max_age": "20s"}})
+    nat = lab.peers.call(_forwarder("127.0.0.2", port, "127.0.0.1", port))
+    try:
+        qid = lab.send(["bob@natloop.test"], body("natloop"))
+        lab.wait_sink(home, 1, timeout=10)
+        [dsn] = dsns(home)
+        check_dsn(dsn, to=SENDER, recipients=["bob@natloop.test"], status="5.4.6")
+        [line] = lab.wait_log(lambda e: e["id"] == qid)
+        assert (line["outcome"], line["enhanced"]) == ("bounced", "5.4.6")
+        assert server.runtime.ctx.stats.received == 1, "the message looped through the relay"
+    finally:
+        nat.close()
