@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.integration.harness import InboundServer, merge, wait_until
 from tests.integration.relay_helpers import (
     FAST,
@@ -195,3 +197,38 @@ def test_stop_with_a_hung_delivery_keeps_the_message_and_restart_delivers(lab: L
     finally:
         again.stop()
     assert qid
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: Scheduler._commit_outcome(expire=True) calls outcome.expire_pending on the whole "
+    "record, so the expiry of one domain's unit also expires PENDING recipients of other "
+    "domains whose delivery is in flight right now: the DSN reports them failed (5.4.7) and "
+    "the message is deleted, then the in-flight transaction ends in 250 and the recipient "
+    "gets the mail anyway. Expiry should be per (message, domain) unit."))
+def test_expiry_of_one_domain_leaves_a_delivery_in_flight_elsewhere_alone(lab: Lab):
+    # x@a.test: the transaction hangs at DATA (in flight); y@b.test: always 451.
+    a = lab.sink("127.0.0.2", script=lambda v, arg: NO_REPLY if v == "DATA" else None)
+    lab.sink("127.0.0.3", script=lambda v, arg: "451 4.3.0 later" if v == "RCPT" else None)
+    home = lab.home_sink()
+    lab.zone({
+        "a.test": {"MX": [(10, "mx.a.test")]}, "mx.a.test": {"A": ["127.0.0.2"]},
+        "b.test": {"MX": [(10, "mx.b.test")]}, "mx.b.test": {"A": ["127.0.0.3"]},
+    })
+    lab.start({"delivery": {"max_age": "3s", "timeouts": {"data": "30s"}}})
+    qid = lab.send(["x@a.test", "y@b.test"], body("inflight"))
+    wait_until(lambda: any(v == "DATA" for v, _ in a.commands), 10, "a.test in flight")
+    lab.wait_log(lambda e: e["id"] == qid and e["recipient"] == "y@b.test"
+                 and e["outcome"] == "expired", timeout=15)
+
+    async def answer_data() -> None:  # a.test finally answers: 354, then 250 for the body
+        for proto in list(a._live):
+            proto.mode = "data"
+            proto.buf[:0] = b"\r\n"
+            proto.scan = 0
+            proto.transport.write(b"354 go ahead\r\n")
+
+    lab.peers.call(answer_data())
+    lab.wait_sink(a, 1)
+    lab.wait_sink(home, 1)
+    [dsn] = dsns(home)
+    assert dsn.final_recipients == ["y@b.test"], "x@a.test was delivered, not expired"
