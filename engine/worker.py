@@ -206,6 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     fds = [int(x) for x in args.listen_fds.split(",") if x]
     worker = Worker(args.slot, args.control_fd, fds)
+    profile_dir = os.environ.get("VOLLEY_PROFILE_DIR")
+    if profile_dir:
+        # Developer aid (tools/README): cProfile of the loop thread, one file per worker.
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
+        try:
+            return uvloop.run(worker.run())
+        finally:
+            prof.disable()
+            prof.dump_stats(os.path.join(profile_dir, f"worker{args.slot}-{os.getpid()}.prof"))
     try:
         return uvloop.run(worker.run())
     except config_mod.ConfigError as err:

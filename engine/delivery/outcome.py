@@ -205,19 +205,22 @@ def apply(
     return Applied(new, delivered, deferred, bounced, done, backoff, replies)
 
 
-def expire_pending(record: MessageRecord, now: float, max_age: float) -> Applied:
+def expire_pending(record: MessageRecord, now: float, max_age: float,
+                   indices: list[int] | None = None) -> Applied:
     """Expire every PENDING recipient of a message at/past `max_age` (scheduler stage).
 
     Covers recipients never attempted (their last_reply is empty, so the 5.4.7 text
     is just "delivery time expired") and recipients waiting for a retry. A message
     younger than `max_age` comes back unchanged (a copy), with empty lists.
+    `indices` limits it to those recipients: the scheduler expires one (message,
+    domain) unit at a time, and other domains' recipients may be in flight.
     """
     new = _copy(record)
     bounced: list[int] = []
     replies: dict[int, Reply] = {}
     if expired(new.received_at, now, max_age):
         for i, rcpt in enumerate(new.recipients):
-            if rcpt.state != PENDING:
+            if rcpt.state != PENDING or (indices is not None and i not in indices):
                 continue
             final = expiry_reply(rcpt.last_reply)
             rcpt.state = EXPIRED

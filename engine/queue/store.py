@@ -139,9 +139,17 @@ class WriteTxn:
             txn.put(k, b"", db=s._due)
         s._account_put(txn, len(body), len(keys))
 
-    def delete_message(self, msg_id: bytes) -> bool:
-        """Remove record, body and due entries; False if the message was not queued."""
+    def delete_message(self, msg_id: bytes, stored: MessageRecord | None = None) -> bool:
+        """Remove record, body and due entries; False if the message was not queued.
+
+        `stored`: the record as read in this transaction, when the caller has it
+        (saves a read and a decode on the delivery hot path)."""
         s, txn = self._store, self.txn
+        if stored is not None:
+            txn.delete(msg_id, db=s._body)
+            for k in _due_keys(stored, s.shards):
+                txn.delete(k, db=s._due)
+            return bool(txn.delete(msg_id, db=s._msg))
         old = txn.get(msg_id, db=s._msg)
         txn.delete(msg_id, db=s._body)
         if old is None:
@@ -151,20 +159,23 @@ class WriteTxn:
         txn.delete(msg_id, db=s._msg)
         return True
 
-    def update_message(self, record: MessageRecord) -> None:
+    def update_message(self, record: MessageRecord, stored: MessageRecord | None = None) -> None:
         """Rewrite a queued record; its due entries become those of its PENDING
         recipients (due at next_attempt). A record with nothing pending has none.
+        `stored`: the record as read in this transaction, if the caller has it.
 
         Raises:
             KeyError: the message is not queued (never resurrect a deleted one).
             ValueError: a domain too long for the due index.
         """
         s, txn = self._store, self.txn
-        old = txn.get(record.id, db=s._msg)
-        if old is None:
-            raise KeyError(f"message {record.id.hex()} not queued")
+        if stored is None:
+            old = txn.get(record.id, db=s._msg)
+            if old is None:
+                raise KeyError(f"message {record.id.hex()} not queued")
+            stored = decode_record(old)
         new_keys = _due_keys(record, s.shards)
-        for k in _due_keys(decode_record(old), s.shards):
+        for k in _due_keys(stored, s.shards):
             txn.delete(k, db=s._due)
         txn.put(record.id, encode_record(record), db=s._msg)
         for k in new_keys:

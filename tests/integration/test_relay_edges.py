@@ -199,12 +199,6 @@ def test_stop_with_a_hung_delivery_keeps_the_message_and_restart_delivers(lab: L
     assert qid
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Scheduler._commit_outcome(expire=True) calls outcome.expire_pending on the whole "
-    "record, so the expiry of one domain's unit also expires PENDING recipients of other "
-    "domains whose delivery is in flight right now: the DSN reports them failed (5.4.7) and "
-    "the message is deleted, then the in-flight transaction ends in 250 and the recipient "
-    "gets the mail anyway. Expiry should be per (message, domain) unit."))
 def test_expiry_of_one_domain_leaves_a_delivery_in_flight_elsewhere_alone(lab: Lab):
     # x@a.test: the transaction hangs at DATA (in flight); y@b.test: always 451.
     a = lab.sink("127.0.0.2", script=lambda v, arg: NO_REPLY if v == "DATA" else None)
