@@ -233,3 +233,20 @@ def test_the_dsn_goes_through_the_queue_and_is_logged(lab: Lab):
     assert tag_of(home.messages[0].data) == "dsn-queue"
     lab.wait_queue_empty()
     wait_until(lambda: len(lab.log()) == 2, 5, "two log lines")
+
+
+def test_undeliverable_dsn_is_dropped_not_bounced(lab: Lab):
+    """The sender's own domain does not exist: the DSN (null sender) bounces in turn and
+    nothing else is generated; the queue empties."""
+    lab.sink("127.0.0.2", script=lambda v, a: "550 5.1.1 no such user" if v == "RCPT" else None)
+    dns = lab.zone(ZONE, home=False)
+    lab.start()
+    qid = lab.send(["bob@dest.test"], body("double"), sender="ghost@vanished.test")
+    lines = lab.wait_log(lambda e: e["outcome"] == "bounced", 2)
+    first, second = lines
+    assert first["id"] == qid and first["recipient"] == "bob@dest.test"
+    assert second["sender"] == "" and second["recipient"] == "ghost@vanished.test"
+    assert second["enhanced"] == "5.1.2"
+    lab.wait_queue_empty()
+    assert len(lab.log()) == 2
+    assert dns.count("vanished.test", "MX") >= 1
