@@ -27,6 +27,7 @@ Policy decisions, each a `SetupError` whose `reply` is the 4xx the jobs would ge
 from __future__ import annotations
 
 import asyncio
+import random
 import ssl
 from typing import TYPE_CHECKING
 
@@ -50,7 +51,7 @@ from engine.smtp.replies import Reply
 if TYPE_CHECKING:
     from engine.config import TimeoutsConfig
     from engine.delivery.session import DeliverySession
-    from engine.dns.mx import Route
+    from engine.dns.mx import Route, RouteHost
 
 # Bound on addresses tried per connection attempt (house rule 8). Postfix's
 # smtp_mx_address_limit is 5; a little more, since a smarthost route may list several.
@@ -275,6 +276,27 @@ async def open_session(cls: type[DeliverySession], mx_host: str, ip: str, port: 
     return session
 
 
+def _connection_order(route: Route) -> list[RouteHost]:
+    """The route's hosts with each run of equal preference shuffled afresh.
+
+    RFC 5321 §5.1: equal-preference MX hosts are picked at random to spread the load.
+    The route may be reused for many connections (the scheduler memoises routes), so
+    the choice is made here, once per connection, not once per route."""
+    hosts = list(route.hosts)
+    out: list[RouteHost] = []
+    i = 0
+    while i < len(hosts):
+        j = i + 1
+        while j < len(hosts) and hosts[j].preference == hosts[i].preference:
+            j += 1
+        group = hosts[i:j]
+        if len(group) > 1:
+            random.shuffle(group)
+        out += group
+        i = j
+    return out
+
+
 async def connect_route(route: Route, settings: PoolSettings, timeouts: TimeoutsConfig,
                         tls_context: ssl.SSLContext | None, plain_only: set[str]) -> DeliverySession:
     """The first session that opens, trying hosts in preference order and each host's
@@ -290,7 +312,7 @@ async def connect_route(route: Route, settings: PoolSettings, timeouts: Timeouts
     last: SetupError | None = None
     tried = 0
     use_context = tls_context if settings.tls != "none" else None
-    for host in route.hosts:
+    for host in _connection_order(route):
         for ip in host.addresses:
             if tried >= MAX_ADDRESSES:
                 break
