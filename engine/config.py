@@ -170,6 +170,8 @@ class LimitsConfig(Frozen):
     max_unknown_commands: int = 20
     # NOOP/RSET/VRFY/HELP per session (Postfix smtpd_junk_command_limit); then 421.
     max_junk_commands: int = 100
+    # Received: headers a message may carry (RFC 5321 §6.3; Postfix hopcount_limit).
+    max_hops: int = 50
     # Delay before the banner; a client that talks first is refused (pregreet, as
     # postscreen does). 0 disables the check.
     greeting_delay: Duration = Duration(0)

@@ -25,6 +25,7 @@ from engine.smtp.replies import (
     R451_LOCAL_ERROR,
     R454_TLS_UNAVAILABLE,
     R502_NOT_IMPLEMENTED,
+    R554_TOO_MANY_HOPS,
     Reply,
 )
 from engine.smtp.server import (
@@ -228,6 +229,11 @@ class SmtpServerProtocol(asyncio.Protocol):
     def _enqueue(self, event: MessageReceived) -> None:
         self.busy = True
         self.deadline = math.inf  # our own commit time never counts against the client
+        if session_io.hop_count(event.content) >= self.ctx.cfg.limits.max_hops:
+            # RFC 5321 §6.3: a message that has passed this many relays is looping
+            # somewhere our MX check cannot see (Postfix: hopcount_limit, 50).
+            self._decided(R554_TOO_MANY_HOPS)
+            return
         try:
             session_io.submit_message(self, event)
         except VolleyError as err:

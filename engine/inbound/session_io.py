@@ -106,6 +106,13 @@ def received_header(proto: SmtpServerProtocol, msg_id: str, rcpts: list[str], ut
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
 
+def hop_count(content: bytes) -> int:
+    """Received: headers in the message's header section (RFC 5321 §6.3 loop check)."""
+    end = content.find(b"\r\n\r\n")
+    head = (content if end < 0 else content[: end + 2]).lower()
+    return head.count(b"\r\nreceived:") + head.startswith(b"received:")
+
+
 def submit_message(proto: SmtpServerProtocol, event: MessageReceived) -> None:
     """Build the record and body and hand them to group commit; the 250 waits for it."""
     ctx = proto.ctx

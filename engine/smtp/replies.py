@@ -90,6 +90,7 @@ R552_MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 R553_BAD_ADDRESS = Reply(553, "5.1.3", "Bad address syntax")
 R553_UTF8_NOT_ALLOWED = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
 R554_NO_VALID_RCPTS = Reply(554, "5.5.1", "No valid recipients")
+R554_TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops: mail loop suspected")
 R554_PREGREET = Reply(554, "5.5.1", "Protocol error: you talked before the greeting")
 R555_UNKNOWN_PARAM = Reply(555, "5.5.4", "MAIL FROM/RCPT TO parameter not recognized or not implemented")
 

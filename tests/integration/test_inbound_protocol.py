@@ -483,3 +483,23 @@ def test_end_of_data_split_across_sends(inbound, cut):
         assert c.cmd("NOOP").code == 250
     body = _body(server, queue_id(done.text))
     assert body.endswith(b"\r\nSubject: split\r\n\r\nline\r\n.stuffed\r\nx\r\nlast\r\n")
+
+
+def test_too_many_hops_is_refused_as_a_loop(inbound):
+    """RFC 5321 §6.3: a message with max_hops Received: headers is refused 554 5.4.6."""
+    import smtplib
+
+    server = inbound({"limits": {"max_hops": 5}})
+    looping = b"".join(b"Received: from hop%d by x; date\r\n" % i for i in range(5))
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.ehlo("c.test")
+        client.mail("a@example.com")
+        client.rcpt("b@example.org")
+        code, text = client.data(looping + b"Subject: x\r\n\r\nbody\r\n")
+        assert (code, text[:5]) == (554, b"5.4.6")
+        client.mail("a@example.com")
+        client.rcpt("b@example.org")
+        four = looping[: looping.index(b"Received: from hop4")]
+        code, _ = client.data(four + b"Subject: x\r\n\r\nbody\r\n")
+        assert code == 250  # four hops are fine
+    assert server.queued() == 1
