@@ -185,10 +185,11 @@ class Peer:
 
 
 class Sink(Peer):
-    def __init__(self) -> None:
+    def __init__(self, chunking: bool = False) -> None:
         super().__init__("sink", ["-m", "tests.peers.smtp_sink", "sink", "--listen", f"{SINK_HOST}:0",
                                   "--interval", "0.2", "--lifetime", str(LIFETIME - 60),
-                                  "--targets-from-stdin"], stdin=True)
+                                  "--targets-from-stdin", *(["--chunking"] if chunking else [])],
+                         stdin=True)
         ready = self.wait_event("ready", 30)
         self.port = int(ready["listeners"][0].rpartition(":")[2])
 
@@ -556,6 +557,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server-cmd", default="", help='default: "<venv>/bin/volley serve"')
     p.add_argument("--output", type=Path, default=RESULTS)
     p.add_argument("--quick", action="store_true", help="smoke check: fewer messages, 1 run")
+    p.add_argument("--chunking", action="store_true",
+                   help="the sink advertises CHUNKING, so Volley pipelines BDAT (RFC 3030)")
     a = p.parse_args(argv)
     a.runs = a.runs or (1 if a.quick else 3)
     a.warmup = a.warmup or (300 if a.quick else 1000)
@@ -590,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
             dns = Peer("dns", ["-m", "tests.peers.dns_server", "--zone", str(zone), "--origin", ".",
                                "--lifetime", str(LIFETIME - 60)])
             dns_port = int(dns.wait_event("ready", 30)["port"])
-            sink = Sink()
+            sink = Sink(chunking=args.chunking)
             for size in sizes:
                 for level in levels:
                     for domains in domain_counts:

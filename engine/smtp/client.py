@@ -346,7 +346,15 @@ class Transaction:
         # RFC 2920 §3.1: RSET, MAIL and RCPT may sit anywhere in a group; DATA ends it.
         parts += self._rcpt_lines
         expect.extend([PHASE_RCPT] * len(self._rcpt_lines))
-        if not self._chunking:
+        if self._chunking:
+            # RFC 3030 §4.2 allows BDAT in a pipelined group: MAIL, RCPTs and the whole
+            # content go in one write, so a message costs one write and one read even
+            # when no other message waits to be chained behind it. If every RCPT (or
+            # MAIL) is refused the server discards the chunk and refuses the BDAT.
+            parts.append(b"BDAT %d LAST\r\n" % len(self._body))
+            parts.append(self._body)
+            expect.append(PHASE_DATA_END)
+        else:
             parts.append(_DATA)
             expect.append(PHASE_DATA)
         return b"".join(parts)
@@ -445,8 +453,8 @@ class Transaction:
             self._refused[i] = reply
         last = i + 1 == len(self._rcpt_lines)
         if self._pipelining:
-            # With DATA the group's last reply is DATA's; with CHUNKING it is this one.
-            return self._after_rcpts() if last and self._chunking else None
+            # The group ends with DATA's reply, or with pipelined BDAT's (data_end).
+            return None
         if not last:
             self._expect.append(PHASE_RCPT)
             return self._rcpt_lines[i + 1]

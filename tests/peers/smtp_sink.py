@@ -468,6 +468,7 @@ def _sink_main(argv: list[str]) -> int:
     p.add_argument("--targets-from-stdin", action="store_true",
                    help="read message counts from stdin, report when each is reached; exit on EOF")
     p.add_argument("--no-pipelining", action="store_true")
+    p.add_argument("--chunking", action="store_true", help="advertise CHUNKING (BDAT)")
     a = p.parse_args(argv)
     addresses = []
     for text in a.listen:
@@ -489,7 +490,8 @@ def _sink_main(argv: list[str]) -> int:
         tally = _Tally(lambda n, t: emit({"event": "reached", "target": n, "t": t}))
         sinks = []
         for host, port in addresses:
-            sink = await start_sink(host, port, pipelining=not a.no_pipelining, keep_segments=False)
+            sink = await start_sink(host, port, pipelining=not a.no_pipelining,
+                                    chunking=a.chunking, keep_segments=False)
             sink.messages = tally  # type: ignore[assignment]  # one count over all listeners
             sink.commands = _Discard()  # type: ignore[assignment]
             sink.refused = _Discard()  # type: ignore[assignment]

@@ -390,26 +390,29 @@ def test_chunking(pipelining: bool) -> None:
     tx = Transaction(env("a@x.org", "b@x.org"), caps, first_on_connection=True)
     first = tx.initial_bytes()
     rcpts = b"RCPT TO:<a@x.org>\r\nRCPT TO:<b@x.org>\r\n"
+    bdat = b"BDAT %d LAST\r\n" % len(BODY) + BODY  # no stuffing, no terminator (RFC 3030 §2)
     if pipelining:
-        assert first == b"MAIL FROM:<s@example.com>\r\n" + rcpts
+        # RFC 3030 §4.2: BDAT and its chunk ride in the pipelined group.
+        assert first == b"MAIL FROM:<s@example.com>\r\n" + rcpts + bdat
         assert tx.on_reply(OK) is None and tx.on_reply(OK) is None
+        assert tx.on_reply(NO_USER) is None
     else:
         assert tx.on_reply(OK) == b"RCPT TO:<a@x.org>\r\n"
         assert tx.on_reply(OK) == b"RCPT TO:<b@x.org>\r\n"
-    # BDAT: no dot-stuffing, no terminator (RFC 3030 §2).
-    assert tx.on_reply(NO_USER) == b"BDAT %d LAST\r\n" % len(BODY) + BODY
+        assert tx.on_reply(NO_USER) == bdat
     assert tx.phase == "data_end"
     tx.on_reply(QUEUED)
     assert tx.done and tx.clean and tx.outcomes == [QUEUED, NO_USER]
 
 
-def test_chunking_refused_needs_rset_and_all_refused_sends_nothing() -> None:
+def test_chunking_refused_needs_rset_and_all_refused_keeps_refusals() -> None:
     caps = Capabilities(pipelining=True, chunking=True)
     tx = Transaction(env(), caps, first_on_connection=True)
     script(tx, [OK, OK, Reply(552, "5.3.4", "Too big")])
     assert tx.done and not tx.clean and tx.outcomes[0].code == 552
+    # Every RCPT refused: the chunk was already sent; the server refuses the BDAT.
     tx = Transaction(env(), caps, first_on_connection=True)
-    assert len(script(tx, [OK, NO_USER])) == 1
+    assert len(script(tx, [OK, NO_USER, Reply(554, "5.5.1", "No valid recipients")])) == 1
     assert tx.done and not tx.clean and tx.outcomes == [NO_USER]
 
 
