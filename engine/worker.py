@@ -28,6 +28,7 @@ from engine.delivery.runtime import Delivery
 from engine.inbound.listener import start_listeners
 from engine.observe import log
 from engine.queue.commit import Committer
+from engine.queue.inline_commit import InlineCommitter
 from engine.queue.ids import IdAllocator
 from engine.queue.store import QueueStore
 
@@ -56,8 +57,11 @@ class WorkerRuntime:
         store = QueueStore(cfg.queue.path, map_size=int(cfg.queue.max_size),
                            durability=cfg.queue.durability, shards=workers)
         ids = IdAllocator(store.next_boot())
-        committer = Committer(store, loop, durability=cfg.queue.durability,
-                              batch_interval=float(cfg.queue.batch_interval))
+        # "fsync" flushes inside the commit, which must not stall the loop: a thread.
+        # The other levels commit on the loop (engine/queue/inline_commit.py says why).
+        committer_cls = Committer if cfg.queue.durability == "fsync" else InlineCommitter
+        committer = committer_cls(store, loop, durability=cfg.queue.durability,
+                                  batch_interval=float(cfg.queue.batch_interval))
         committer.start()
         ctx = WorkerContext(cfg, loop, committer, ids, workers=workers)
         servers = await start_listeners(ctx, cfg, sockets)

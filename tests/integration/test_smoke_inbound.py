@@ -31,3 +31,15 @@ def test_serve_process_accepts_mail(serve):
         errors = client.sendmail("a@example.com", ["b@example.org"], b"Subject: x\r\n\r\nhi\r\n")
         assert errors == {}
     assert proc.stop() == 0
+
+
+import pytest
+
+
+@pytest.mark.parametrize("durability", ["batch", "memory"])
+def test_every_durability_level_queues_before_250(inbound, durability):
+    server = inbound({"queue": {"durability": durability}})
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        for i in range(5):
+            assert client.sendmail("a@example.com", ["b@example.org"], b"Subject: %d\r\n\r\nx\r\n" % i) == {}
+    assert server.queued() == 5
