@@ -216,9 +216,13 @@ class QueueStore:
         try:
             # finding 4 / P1: sync+metasync and no writemap make commit() the durability
             # point; max_spare_txns=0 so no cached read txn holds a reader slot (finding 7).
+            # metasync=False (MDB_NOMETASYNC) under "fsync" too: lmdb.h says the meta
+            # page is then flushed by "the next non-MDB_RDONLY commit or
+            # mdb_env_sync()", and integrity is kept either way. commit.py acks a batch
+            # only after one of those two, so each commit costs one flush, not two.
             self._env = lmdb.open(
                 path, map_size=map_size, subdir=True, max_dbs=8, mode=0o600,
-                sync=flush, metasync=flush, writemap=False, map_async=False,
+                sync=flush, metasync=False, writemap=False, map_async=False,
                 max_spare_txns=0, meminit=True,
             )
         except lmdb.Error as err:
@@ -319,7 +323,9 @@ class QueueStore:
         An op that raises an ordinary exception (or hits MAP_FULL / the delete
         reserve, → QueueFull) is rolled back alone and gets the exception as its
         result; the others still commit. Results are in op order. When this returns
-        under "fsync" durability, every successful op is on disk (P1).
+        under "fsync" durability, every successful op's pages are on disk, and the
+        transaction itself is once the next commit or `sync()` returns (P1; the
+        committer waits for one of them before it acks).
 
         Ops run straight in the batch transaction first: every LMDB call releases the
         GIL, and with the event loop thread wanting it back each release costs a
@@ -399,6 +405,8 @@ class QueueStore:
         (res,) = self.write([op])
         if isinstance(res, BaseException):
             raise res
+        if self.durability == "fsync":
+            self.sync()  # durable on return: the meta page too (see lmdb.open above)
         return res  # type: ignore[return-value]
 
     def next_boot(self) -> int:
@@ -417,7 +425,7 @@ class QueueStore:
             return n
 
         boot = self.write_one(op)
-        if self.durability != "fsync":
+        if self.durability != "fsync":  # write_one already flushed under "fsync"
             self.sync()  # a reused boot number would reuse ids (P12): always flush it
         return boot
 
