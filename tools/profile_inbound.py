@@ -57,7 +57,7 @@ async def main(args: argparse.Namespace) -> None:
         prof.enable()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "engine.blast", "--to", f"127.0.0.1:{port}", "-n", str(args.messages),
-        "-c", "50", "--size", "1024")
+        "-c", "50", "--size", str(args.size))
     await proc.wait()
     if prof:
         prof.disable()
@@ -78,6 +78,7 @@ if __name__ == "__main__":
     p.add_argument("--durability", default="memory")
     p.add_argument("--cprofile", action="store_true")
     p.add_argument("-n", "--messages", type=int, default=20000)
+    p.add_argument("--size", type=int, default=1024, help="message bytes")
     p.add_argument("--switch", type=float, default=0.0, help="sys.setswitchinterval")
     a = p.parse_args()
     if a.switch:
