@@ -160,7 +160,9 @@ class SmtpServerProtocol(asyncio.Protocol):
     # --- the event loop of one session ---------------------------------------------
     def _process(self) -> None:
         """Run the machine over everything buffered; one write for all replies."""
-        out: list[bytes] = []
+        self._run_and_write([])
+
+    def _run_and_write(self, out: list[bytes]) -> None:
         try:
             self._run(out)
         except Exception as err:  # one session's bug must never take the worker down
@@ -266,15 +268,7 @@ class SmtpServerProtocol(asyncio.Protocol):
             return
         if not self._write_paused:
             self._resume_reading()
-        try:
-            self._run(out)
-        except Exception as err:
-            log.error("session_error", client=self.client_ip, error=repr(err))
-            out.append(R451_LOCAL_ERROR.to_bytes())
-            self._write(out)
-            self.close()
-            return
-        self._write(out)
+        self._run_and_write(out)
 
     # --- STARTTLS (RFC 3207) ------------------------------------------------------------
     def _starttls(self, out: list[bytes]) -> bool:

@@ -244,17 +244,23 @@ class Committer:
         if held is None:
             return
         callbacks, results = held
-        if sync:
-            try:
-                self._store.sync()
-                self.stats.syncs += 1
-            except StorageError as err:
-                # Not known to be on disk: never a 250 for it (P1); restart the worker.
-                self._report("queue flush failed", err)
-                self._panic = StoragePanic(f"flush failed: {err}")
-                self.panicked = True
-                results = [self._panic] * len(callbacks)
+        if sync and not self._flush():
+            results = [self._panic] * len(callbacks)  # not known to be on disk: no 250 (P1)
         self._call_soon(lambda: self._deliver(callbacks, results))
+
+    def _flush(self) -> bool:
+        """store.sync(); on failure panic (False): a failed fsync may have dropped dirty
+        pages (the kernel marks them clean), so acknowledged mail may be lost: stop
+        taking mail and let the worker restart."""
+        try:
+            self._store.sync()
+            self.stats.syncs += 1
+            return True
+        except StorageError as err:
+            self._report("queue flush failed", err)
+            self._panic = StoragePanic(f"flush failed: {err}")
+            self.panicked = True
+            return False
 
     def _maybe_flush(self, *, force: bool) -> None:
         if not self._dirty:
@@ -264,15 +270,7 @@ class Committer:
             return
         self._dirty = False
         self._next_flush = now + self._interval
-        try:
-            self._store.sync()
-            self.stats.syncs += 1
-        except StorageError as err:
-            # A failed fsync may have dropped dirty pages (the kernel marks them clean):
-            # what was acknowledged may be lost, so stop taking mail and restart.
-            self._report("queue flush failed", err)
-            self._panic = StoragePanic(f"flush failed: {err}")
-            self.panicked = True
+        self._flush()
 
     def _deliver(self, callbacks: list[Callback], results: list[object]) -> None:
         # Runs on the loop thread. One failing callback must not starve the others.

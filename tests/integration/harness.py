@@ -35,24 +35,25 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def base_config(tmp: Path) -> dict[str, Any]:
+    """Everything under `tmp`, a free port, and no way out of loopback: delivery is
+    off unless a test turns it on, and then DNS must point at a loopback server."""
+    return {
+        "server": {"hostname": "mx.volley.test", "shutdown_timeout": "5s"},
+        "listeners": [{"address": "127.0.0.1:0"}],
+        "queue": {"path": str(tmp / "queue"), "max_size": "256MiB"},
+        "control": {"socket": str(tmp / "volley.sock")},
+        "log": {"delivery": str(tmp / "delivery.jsonl")},
+        "delivery": {"enabled": False},
+        "dns": {"nameservers": ["127.0.0.1:9"], "timeout": "2s"},
+    }
+
+
 class InboundServer:
     """A worker runtime (store, group commit, SMTP listeners) on a loop thread."""
 
     def __init__(self, tmp: Path, overrides: dict[str, Any] | None = None) -> None:
-        data = merge(
-            {
-                "server": {"hostname": "mx.volley.test", "shutdown_timeout": "5s"},
-                "listeners": [{"address": "127.0.0.1:0"}],
-                "queue": {"path": str(tmp / "queue"), "max_size": "256MiB"},
-                "control": {"socket": str(tmp / "volley.sock")},
-                "log": {"delivery": str(tmp / "delivery.jsonl")},
-                # Tests never reach a real resolver or MX: delivery is off unless a
-                # test turns it on, and then DNS must point at a loopback server.
-                "delivery": {"enabled": False},
-                "dns": {"nameservers": ["127.0.0.1:9"], "timeout": "2s"},
-            },
-            overrides or {},
-        )
+        data = merge(base_config(tmp), overrides or {})
         self.cfg = config_mod.from_dict(data)
         self.loop = uvloop.new_event_loop()
         self.errors: list[dict[str, Any]] = []
@@ -104,18 +105,7 @@ class ServeProcess:
 
     def __init__(self, tmp: Path, overrides: dict[str, Any] | None = None,
                  ready_timeout: float = 60.0) -> None:
-        data = merge(
-            {
-                "server": {"hostname": "mx.volley.test", "workers": 2, "shutdown_timeout": "5s"},
-                "listeners": [{"address": "127.0.0.1:0"}],
-                "queue": {"path": str(tmp / "queue"), "max_size": "256MiB"},
-                "control": {"socket": str(tmp / "volley.sock")},
-                "log": {"delivery": str(tmp / "delivery.jsonl")},
-                "delivery": {"enabled": False},
-                "dns": {"nameservers": ["127.0.0.1:9"], "timeout": "2s"},
-            },
-            overrides or {},
-        )
+        data = merge(merge(base_config(tmp), {"server": {"workers": 2}}), overrides or {})
         self.config_path = tmp / "volley.toml"
         self.config_path.write_text(tomli_w.dumps(data))
         self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
