@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import struct
 import threading
-import zlib
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -31,14 +30,12 @@ import lmdb
 
 from engine.errors import QueueFull, StorageError, StoragePanic
 from engine.queue.ids import ID_LEN
-from engine.queue.records import MessageRecord, decode_record, encode_record, pending_domains
+from engine.queue.layout import DUE_FIXED, DUE_HEAD, due_key, due_keys, stable_shard
+from engine.queue.records import MessageRecord, decode_record, encode_record
 
 _T = TypeVar("_T")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
-_DUE_HEAD = struct.Struct(">HQ")  # owner, due ms
-_DUE_FIXED = _DUE_HEAD.size + ID_LEN  # 18 bytes before the domain
-_MAX_KEY = 511  # lmdb.h: MDB_MAXKEYSIZE default
 FORMAT = 1
 DURABILITIES = ("fsync", "batch", "memory")
 
@@ -55,35 +52,6 @@ _OP_LOCAL = (
     lmdb.KeyExistsError,
     lmdb.NotFoundError,
 )
-
-
-def stable_shard(domain: str, shards: int) -> int:
-    """Owner shard of a domain: crc32 of the lower-cased utf-8 domain, mod `shards`.
-
-    Stable across processes and restarts, unlike hash() (PYTHONHASHSEED).
-    """
-    if shards <= 1:
-        return 0
-    return zlib.crc32(domain.lower().encode("utf-8", "surrogatepass")) % shards
-
-
-def due_key(owner: int, due_ms: int, msg_id: bytes, domain: str) -> bytes:
-    """Build one due-index key.
-
-    Raises:
-        ValueError: the key would exceed LMDB's 511-byte key limit (domain too long).
-    """
-    key = _DUE_HEAD.pack(owner, due_ms) + msg_id + domain.encode("utf-8", "surrogatepass")
-    if len(key) > _MAX_KEY:
-        raise ValueError(f"recipient domain too long for the due index: {len(key)} bytes")
-    return key
-
-
-def _due_keys(rec: MessageRecord, shards: int) -> list[bytes]:
-    return [
-        due_key(stable_shard(d, shards), int(t * 1000), rec.id, d)
-        for d, t in pending_domains(rec).items()
-    ]
 
 
 def map_error(err: lmdb.Error) -> StorageError:
@@ -131,7 +99,7 @@ class WriteTxn:
         s, txn = self._store, self.txn
         if len(record.id) != ID_LEN:
             raise ValueError(f"queue id must be {ID_LEN} bytes")
-        keys = _due_keys(record, s.shards)  # validates before anything is written
+        keys = due_keys(record, s.shards)  # validates before anything is written
         if not txn.put(record.id, encode_record(record), db=s._msg, overwrite=False):
             raise KeyError(f"message {record.id.hex()} already queued")
         txn.put(record.id, body, db=s._body)
@@ -147,14 +115,14 @@ class WriteTxn:
         s, txn = self._store, self.txn
         if stored is not None:
             txn.delete(msg_id, db=s._body)
-            for k in _due_keys(stored, s.shards):
+            for k in due_keys(stored, s.shards):
                 txn.delete(k, db=s._due)
             return bool(txn.delete(msg_id, db=s._msg))
         old = txn.get(msg_id, db=s._msg)
         txn.delete(msg_id, db=s._body)
         if old is None:
             return False
-        for k in _due_keys(decode_record(old), s.shards):
+        for k in due_keys(decode_record(old), s.shards):
             txn.delete(k, db=s._due)
         txn.delete(msg_id, db=s._msg)
         return True
@@ -174,8 +142,8 @@ class WriteTxn:
             if old is None:
                 raise KeyError(f"message {record.id.hex()} not queued")
             stored = decode_record(old)
-        new_keys = _due_keys(record, s.shards)
-        for k in _due_keys(stored, s.shards):
+        new_keys = due_keys(record, s.shards)
+        for k in due_keys(stored, s.shards):
             txn.delete(k, db=s._due)
         txn.put(record.id, encode_record(record), db=s._msg)
         for k in new_keys:
@@ -272,7 +240,7 @@ class QueueStore:
         txn.drop(self._due, delete=False)
         with txn.cursor(db=self._msg) as cur:
             for _, data in cur:
-                for k in _due_keys(decode_record(data), self.shards):
+                for k in due_keys(decode_record(data), self.shards):
                     txn.put(k, b"", db=self._due)
 
     def _pages_used(self, txn: lmdb.Transaction[bytes]) -> int:
@@ -491,7 +459,7 @@ class QueueStore:
         `since_ms` lets the scheduler resume near where it left off; (msg_id, domain)
         pairs in `exclude` (already in flight) are passed over and do not count."""
         prefix = _U16.pack(owner)
-        start = _DUE_HEAD.pack(owner, max(0, since_ms))
+        start = DUE_HEAD.pack(owner, max(0, since_ms))
 
         def scan(t: lmdb.Transaction[bytes]) -> list[tuple[int, bytes, str]]:
             out: list[tuple[int, bytes, str]] = []
@@ -501,11 +469,11 @@ class QueueStore:
                 for k in cur.iternext(keys=True, values=False):
                     if len(out) >= limit or k[:2] != prefix:
                         break
-                    _, due = _DUE_HEAD.unpack_from(k)
+                    _, due = DUE_HEAD.unpack_from(k)
                     if due > until_ms:
                         break
-                    dom = k[_DUE_FIXED:].decode("utf-8", "surrogatepass")
-                    mid = k[_DUE_HEAD.size:_DUE_FIXED]
+                    dom = k[DUE_FIXED:].decode("utf-8", "surrogatepass")
+                    mid = k[DUE_HEAD.size:DUE_FIXED]
                     if exclude and (mid, dom) in exclude:
                         continue
                     out.append((due, mid, dom))

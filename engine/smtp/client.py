@@ -53,7 +53,6 @@ the same octets.
 
 from __future__ import annotations
 
-import base64
 from collections import deque
 from typing import Final
 
@@ -69,7 +68,17 @@ from engine.smtp.client_replies import (
     ReplyParser,
     parse_ehlo,
 )
-from engine.smtp.commands import Ehlo, Helo, Mail, Rcpt, encode
+from engine.smtp.client_wire import (
+    QUIT,
+    RSET,
+    STARTTLS,
+    auth_login,
+    auth_plain,
+    greeting_bytes,
+    helo_bytes,
+    starttls_ready,
+)
+from engine.smtp.commands import Mail, Rcpt, encode
 from engine.smtp.replies import Reply
 
 __all__ = [
@@ -94,9 +103,6 @@ __all__ = [
     "starttls_ready",
 ]
 
-QUIT: Final = b"QUIT\r\n"
-RSET: Final = b"RSET\r\n"
-STARTTLS: Final = b"STARTTLS\r\n"
 _DATA: Final = b"DATA\r\n"
 _DOT: Final = b".\r\n"
 
@@ -120,56 +126,6 @@ R554_NEEDS_8BITMIME: Final = Reply(554, "5.6.3", "Remote server does not support
 R451_OUT_OF_TURN: Final = Reply(451, "4.5.0", "Remote server replied out of turn")
 R451_UNEXPECTED: Final = Reply(451, "4.5.0", "Unexpected reply from remote server")
 R451_RSET_REFUSED: Final = Reply(451, "4.5.0", "Remote server refused RSET")
-
-
-def _check_domain(name: str) -> str:
-    if not name or any(c in name for c in " \r\n\t\0"):
-        raise ValueError("bad EHLO/HELO name")
-    return name
-
-
-def greeting_bytes(helo_name: str) -> bytes:
-    """`EHLO <name>` with CRLF. Raises ValueError for an empty name or one with whitespace."""
-    return encode(Ehlo(_check_domain(helo_name)))
-
-
-def helo_bytes(helo_name: str) -> bytes:
-    """`HELO <name>`: the fallback when EHLO is refused (RFC 5321 §3.2)."""
-    return encode(Helo(_check_domain(helo_name)))
-
-
-def starttls_ready(reply: Reply) -> bool:
-    """True if the reply to STARTTLS lets the handshake start (RFC 3207 §4: 220)."""
-    return reply.code == 220
-
-
-def _sasl(value: bytes) -> bytes:
-    return base64.b64encode(value) if value else b"="  # RFC 4954 §4: "=" is empty
-
-
-def auth_plain(user: str, password: str, authzid: str = "") -> bytes:
-    """`AUTH PLAIN <initial response>` (RFC 4954 §4, RFC 4616 §2: [authzid] NUL authcid NUL passwd).
-
-    Raises ValueError if a field contains NUL.
-    """
-    if "\0" in user or "\0" in password or "\0" in authzid:
-        raise ValueError("SASL PLAIN fields cannot contain NUL")
-    message = f"{authzid}\0{user}\0{password}".encode()
-    return b"AUTH PLAIN " + _sasl(message) + b"\r\n"
-
-
-def auth_login(user: str, password: str) -> tuple[bytes, bytes, bytes]:
-    """The three lines of AUTH LOGIN (draft-murchison-sasl-login): the command, then the
-    base64 user name and password, each sent after a 334 challenge.
-
-    These are continuation responses, not initial responses: an empty one is an empty
-    line (RFC 4954 §4), not "=".
-    """
-    return (
-        b"AUTH LOGIN\r\n",
-        base64.b64encode(user.encode("utf-8")) + b"\r\n",
-        base64.b64encode(password.encode("utf-8")) + b"\r\n",
-    )
 
 
 class Recipient(msgspec.Struct, frozen=True):

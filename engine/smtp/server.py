@@ -27,11 +27,6 @@ beyond the size limit is discarded while the terminator is still looked for.
 
 from __future__ import annotations
 
-import enum
-from typing import Final
-
-import msgspec
-
 from engine.smtp import buffer
 from engine.smtp.commands import (
     Auth,
@@ -73,62 +68,21 @@ from engine.smtp.replies import (
 )
 
 
-class State(enum.Enum):
-    GREETING = "greeting"  # connected, banner not yet sent
-    CONNECTED = "connected"  # banner sent, no EHLO/HELO yet
-    READY = "ready"  # greeted, no transaction
-    MAIL = "mail"  # sender accepted
-    RCPT = "rcpt"  # at least one recipient accepted
-    DATA = "data"  # reading DATA content
-    BDAT = "bdat"  # reading a BDAT chunk
-    BDAT_MORE = "bdat_more"  # between BDAT chunks
-    AUTH = "auth"  # waiting for a SASL continuation line
-    TLS_HANDSHAKE = "tls_handshake"  # 220 to STARTTLS sent; plaintext is dead
-    CLOSED = "closed"
-
-
-class _Sentinel(enum.Enum):
-    NEED_DATA = "need_data"
-    PAUSED = "paused"
-
-
-NEED_DATA: Final = _Sentinel.NEED_DATA
-PAUSED: Final = _Sentinel.PAUSED
-
-
-class CommandReceived(msgspec.Struct, frozen=True):
-    command: Command
-
-
-class MessageReceived(msgspec.Struct, frozen=True):
-    content: bytes  # unstuffed, exactly as the client meant it; no Received: yet
-    chunked: bool  # BDAT rather than DATA
-
-
-class AuthResponse(msgspec.Struct, frozen=True):
-    line: str  # one SASL continuation line (base64 or "*")
-
-
-class AutoReply(msgspec.Struct, frozen=True):
-    reply: Reply
-
-
-class ConnectionClosed(msgspec.Struct, frozen=True):
-    pass
-
-
-Event = CommandReceived | MessageReceived | AuthResponse | AutoReply | ConnectionClosed
-
-
-class Envelope:
-    """Per-transaction facts (RFC 5321's mail transaction)."""
-
-    __slots__ = ("mail", "rcpts")
-
-    def __init__(self) -> None:
-        self.mail: Mail | None = None
-        self.rcpts: list[Rcpt] = []
-
+# The event and state vocabulary lives in events.py; re-exported here so adapters can
+# take everything from engine.smtp.server.
+from engine.smtp.events import (  # noqa: E402
+    NEED_DATA,
+    PAUSED,
+    AuthResponse,
+    AutoReply,
+    CommandReceived,
+    ConnectionClosed,
+    Envelope,
+    Event,
+    MessageReceived,
+    State,
+    _Sentinel,
+)
 
 _S = State
 _TRANSACTION = frozenset({_S.MAIL, _S.RCPT})
