@@ -11,9 +11,7 @@ import argparse
 import asyncio
 import cProfile
 import pstats
-import resource
 import socket
-import subprocess
 import sys
 import tempfile
 import time

@@ -124,7 +124,8 @@ class SetupIO:
         assert self.transport is not None
         server_name = self.mx_host or None
         new = await asyncio.wait_for(
-            self.loop.start_tls(self.transport, self, context,  # type: ignore[arg-type] server_hostname=server_name,
+            self.loop.start_tls(self.transport, self, context,  # type: ignore[arg-type]
+                                server_hostname=server_name,
                                 ssl_handshake_timeout=timeout),
             timeout + 1.0)
         if new is None or self.closed:

@@ -30,7 +30,8 @@ import lmdb
 
 from engine.errors import QueueFull, StorageError, StoragePanic
 from engine.queue.ids import ID_LEN
-from engine.queue.layout import DUE_FIXED, DUE_HEAD, due_key, due_keys, stable_shard
+from engine.queue.layout import DUE_FIXED, DUE_HEAD, due_keys
+from engine.queue.layout import due_key, stable_shard  # noqa: F401  (re-exported)
 from engine.queue.records import MessageRecord, decode_record, encode_record
 
 _T = TypeVar("_T")
