@@ -416,3 +416,22 @@ def test_big_bodies_under_flow_control() -> None:
         await session.quit()
 
     run_bounded(main)
+
+
+def test_verified_tls_checks_the_mx_name(ca: trustme.CA) -> None:
+    """tls_verify: the certificate must name the MX host we connected to (SNI and
+    hostname check both use it); a valid certificate for another name is refused."""
+    async def main() -> None:
+        sink = await sink_at(starttls_context=server_tls(ca))  # cert for mx.volley.test
+        with pytest.raises(SetupError) as info:
+            await DeliverySession.connect(
+                "other.volley.test", "127.0.0.1", sink.port,
+                settings_for(sink, tls="required", tls_verify=True), fast_timeouts(),
+                verifying_client(ca))
+        assert info.value.kind == "tls_failed"
+        session = await open_session(sink, verifying_client(ca), tls="required", tls_verify=True)
+        assert session.tls_version.startswith("TLS")
+        await session.quit()
+        await sink.close()
+
+    run_bounded(main)
