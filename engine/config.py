@@ -229,6 +229,9 @@ class DeliveryConfig(Frozen):
     max_connection_age: Duration = Duration(300)  # Postfix smtp_connection_reuse_time_limit
     retry: str = "1m, 5m, 15m, 30m, 1h, 2h, 4h"
     max_age: Duration = Duration(5 * 86400)
+    # A recipient that asked for NOTIFY=DELAY gets one "delayed" DSN once its message
+    # has waited this long (RFC 3461 leaves the time to the MTA); 0 turns it off.
+    delay_warning: Duration = Duration(4 * 3600)
     # How many (message, domain) units one worker holds in memory at once.
     max_ready: int = 20_000
     poll_interval: Duration = Duration(0.1)

@@ -224,8 +224,10 @@ class Scheduler:
             return
         now = time.time()
         cfg = self.cfg
-        dsn_ids = (self.ids.next(), self.ids.next())  # ids are allocated on the loop thread
+        # DSN ids (failed, relayed, delayed) are allocated here: ids come from the loop thread.
+        dsn_ids = (self.ids.next(), self.ids.next(), self.ids.next())
         schedule, max_age = self.schedule, float(cfg.delivery.max_age)
+        delay_warning = float(cfg.delivery.delay_warning)
         reporting = cfg.server.hostname
         rng = self.rng
         mono_now = self.loop.time()
@@ -244,11 +246,13 @@ class Scheduler:
                                             destination_failed=result.destination_failed)
                 if result.retry_after and applied.deferred:
                     _not_before(applied.record, applied.deferred, now, result, mono_now)
+            delayed = _due_delay_reports(applied, now, delay_warning)
             if applied.done:
                 w.delete_message(msg_id, stored=current)
             else:
                 w.update_message(applied.record, stored=current)
-            _queue_dsns(w, applied, body, dsn_ids, reporting, now, result)
+            _queue_dsns(w, applied, body, dsn_ids, reporting, now, result, delayed,
+                        current.received_at + max_age)
             return current, applied
 
         self.committer.submit(op, lambda res: self._committed(msg_id, domain, result, res, now))
@@ -306,22 +310,43 @@ def _not_before(record: MessageRecord, indices: list[int], now: float, result: J
             rcpt.next_attempt = wall
 
 
+def _due_delay_reports(applied: outcome_mod.Applied, now: float,
+                       delay_warning: float) -> list[tuple[Recipient, Reply, str]]:
+    """Deferred recipients that asked for NOTIFY=DELAY and waited `delay_warning`:
+    each is reported once (marked in the record that is about to be written)."""
+    record = applied.record
+    if delay_warning <= 0 or now - record.received_at < delay_warning:
+        return []
+    due = []
+    for i in sorted(applied.deferred):
+        rcpt = record.recipients[i]
+        if not rcpt.delay_warned and dsn_mod.dsn_wanted(rcpt, "delayed"):
+            rcpt.delay_warned = True
+            due.append((rcpt, applied.replies[i], "delayed"))
+    return due
+
+
 def _queue_dsns(w: WriteTxn, applied: outcome_mod.Applied, body: bytes,
-                dsn_ids: tuple[bytes, bytes], reporting: str, now: float,
-                result: JobResult) -> None:
-    """Queue the failure DSN and, for NOTIFY=SUCCESS, the relayed DSN (RFC 3461)."""
+                dsn_ids: tuple[bytes, bytes, bytes], reporting: str, now: float,
+                result: JobResult, delayed: list[tuple[Recipient, Reply, str]],
+                retry_until: float) -> None:
+    """Queue the failure DSN, the relayed DSN for NOTIFY=SUCCESS, and the delay DSN for
+    NOTIFY=DELAY (RFC 3461 §4.1), each as its own message."""
     record = applied.record
     remote = result.mx_host or None
-    kinds: list[list[tuple[Recipient, Reply, str]]] = []
+    kinds: list[list[tuple[Recipient, Reply, str]]] = [[], [], delayed]
     if applied.bounced:
-        kinds.append(applied.dsn_entries("failed"))
+        kinds[0] = applied.dsn_entries("failed")
     action = dsn_mod.success_action(result.remote_dsn)
     if action and applied.delivered:
-        kinds.append([(record.recipients[i], applied.replies[i], action)
-                      for i in sorted(applied.delivered)])
+        kinds[1] = [(record.recipients[i], applied.replies[i], action)
+                    for i in sorted(applied.delivered)]
     for entries, raw_id in zip(kinds, dsn_ids):
+        if not entries:
+            continue
         message = dsn_mod.build_dsn(record, body, entries, reporting_mta=reporting, now=now,
-                                    remote_mta=remote, message_id=f"{id_text(raw_id)}@{reporting}")
+                                    remote_mta=remote, message_id=f"{id_text(raw_id)}@{reporting}",
+                                    retry_until=retry_until)
         if message is None:
             continue
         # RFC 3461 §6.2 / RFC 5321 §6.1: reports go out with the null reverse-path, so

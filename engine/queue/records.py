@@ -45,6 +45,9 @@ class Recipient(msgspec.Struct, array_like=True, tag_field="v", tag=RECORD_VERSI
     attempts: int = 0
     next_attempt: float = 0.0  # epoch seconds; 0 = as soon as received
     last_reply: str = ""
+    # RFC 3461 NOTIFY=DELAY: the one delay report has been queued (appended last, so
+    # records written before it decode with the default).
+    delay_warned: bool = False
 
 
 class MessageRecord(msgspec.Struct, array_like=True, tag_field="v", tag=RECORD_VERSION):

@@ -250,3 +250,28 @@ def test_undeliverable_dsn_is_dropped_not_bounced(lab: Lab):
     lab.wait_queue_empty()
     assert len(lab.log()) == 2
     assert dns.count("vanished.test", "MX") >= 1
+
+
+def test_notify_delay_gets_one_delay_dsn_then_the_message_is_delivered(lab: Lab):
+    """RFC 3461 NOTIFY=DELAY: one "delayed" report once the message has waited
+    delivery.delay_warning, however many deferrals follow; then normal delivery."""
+    tries = Counter()
+
+    def script(verb: str, arg: str) -> str | None:
+        if verb == "RCPT" and tries.bump(rcpt_of(arg)) <= 4:
+            return "451 4.3.0 busy, try later"
+        return None
+
+    sink = lab.sink("127.0.0.2", script=script)
+    home = lab.home_sink()
+    lab.zone(ZONE)
+    lab.start({"delivery": {"delay_warning": "1s"}})
+    qid = lab.send(["bob@dest.test"], body("delay"), rcpt_params="NOTIFY=DELAY,FAILURE")
+    lab.wait_sink(sink, 1, timeout=30)
+    lines = lab.wait_log(lambda e: e["id"] == qid and e["outcome"] == "delivered")
+    assert lines and lines[0]["attempt"] == 5
+    lab.wait_queue_empty()
+    [dsn] = dsns(home)  # exactly one report for four deferrals
+    assert dsn.mail_from == "" and "Action: delayed" in dsn.status_text
+    check_dsn(dsn, to=SENDER, recipients=["bob@dest.test"], status="4.3.0")
+    assert "Will-Retry-Until:" in dsn.status_text
