@@ -157,7 +157,9 @@ class Worker:
         control.cancel()
         housekeeping.cancel()
         await runtime.stop()
-        log.info("worker_stopped", slot=self.slot, received=ctx.stats.received)
+        st = runtime.committer.stats
+        log.info("worker_stopped", slot=self.slot, received=ctx.stats.received,
+                 commits=st.batches, committed_ops=st.ops, syncs=st.syncs)
         return self.exit_code
 
     @staticmethod
