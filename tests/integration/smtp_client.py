@@ -7,6 +7,8 @@ from __future__ import annotations
 import socket
 import time
 
+from tests.integration.harness import wait_until
+
 CRLF = b"\r\n"
 
 
@@ -87,20 +89,28 @@ def connect_until_banner(host: str, port: int, deadline: float = 20.0,
     A short per-attempt timeout lets a retry (a new source port, so possibly another
     worker's socket) get past a connection parked in a dead worker's backlog."""
     end = time.monotonic() + deadline
-    last: BaseException | None = None
-    while time.monotonic() < end:
+    found: list[RawSmtp] = []
+    last: list[BaseException | None] = [None]
+
+    def attempt() -> bool:
         try:
             client = RawSmtp(host, port, timeout=min(attempt_timeout, max(0.1, end - time.monotonic())))
         except (OSError, ConnectionDropped) as err:
-            last = err
-            time.sleep(0.05)  # a retry pace, not synchronisation: the loop has a deadline
-            continue
-        if client.banner[0] == 220:
-            client.sock.settimeout(30.0)
-            return client
-        last = AssertionError(f"banner {client.banner}")
-        client.close()
-    raise TimeoutError(f"no 220 banner from {host}:{port} within {deadline}s: {last!r}")
+            last[0] = err
+            return False
+        if client.banner[0] != 220:
+            last[0] = AssertionError(f"banner {client.banner}")
+            client.close()
+            return False
+        client.sock.settimeout(30.0)
+        found.append(client)
+        return True
+
+    try:
+        wait_until(attempt, deadline, f"a 220 banner from {host}:{port}")
+    except TimeoutError as err:
+        raise TimeoutError(f"{err}: {last[0]!r}") from None
+    return found[0]
 
 
 def message(test_id: str, subject: str = "test") -> bytes:

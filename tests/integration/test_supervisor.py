@@ -26,10 +26,9 @@ import tomli_w
 from engine import config as config_mod
 from engine.queue.ids import id_bytes
 from engine.queue.store import QueueStore
-from tests.integration.harness import REPO, ServeProcess
+from tests.integration.harness import REPO, ServeProcess, wait_until
 from tests.integration.smtp_client import (
     ConnectionDropped,
-    RawSmtp,
     connect_until_banner,
     send_one,
 )
@@ -273,12 +272,12 @@ def test_workers_exit_when_the_supervisor_is_killed(serve):
         for slot in (0, 1):
             server.wait_for(event("supervisor_lost", slot=slot), EVENT_TIMEOUT)
             server.wait_for(event("worker_stopped", slot=slot), EVENT_TIMEOUT)
-        deadline = time.monotonic() + 20.0
-        while alive := [pid for pid in pids if running(pid)]:
-            # Orphans are reparented to init (which may not reap them: a zombie counts
-            # as exited); the stopped events above mean this is short. Poll, bounded.
-            assert time.monotonic() < deadline, [proc_stat(pid) for pid in alive]
-            time.sleep(0.05)
+        # Orphans are reparented to init (which may not reap them: a zombie counts as
+        # exited); the stopped events above mean this is short.
+        try:
+            wait_until(lambda: not [pid for pid in pids if running(pid)], 20.0, "workers gone")
+        except TimeoutError:
+            raise AssertionError([proc_stat(pid) for pid in pids if running(pid)]) from None
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection((HOST, server.port), timeout=5.0).close()
     finally:
