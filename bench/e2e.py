@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "latest.json"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -92,39 +94,27 @@ def probe_ms() -> float:
 
 # --- the server under test ------------------------------------------------------------
 
-def write_config(tmp: Path, durability: str, workers: int) -> Path:
+def bench_config(tmp: Path, durability: str, workers: int) -> dict[str, Any]:
+    """The settings every benchmark server shares: everything under `tmp`, a free port,
+    loopback relaying only. Receiving only by default: the queue grows and nothing is
+    relayed, so no DNS query or outbound connection ever leaves loopback
+    (bench/relay.py turns delivery on against its own loopback DNS and sink)."""
+    return {
+        "server": {"workers": workers, "shutdown_timeout": "5s"},
+        "listeners": [{"address": "127.0.0.1:0"}],
+        "queue": {"path": str(tmp / "queue"), "max_size": "8GiB", "durability": durability},
+        "relay": {"networks": ["127.0.0.0/8"]},
+        "control": {"socket": str(tmp / "volley.sock")},
+        "log": {"delivery": str(tmp / "delivery.jsonl")},
+        "delivery": {"enabled": False},
+        "dns": {"nameservers": ["127.0.0.1:9"]},
+    }
+
+
+def write_config(tmp: Path, durability: str, workers: int,
+                 config: dict[str, Any] | None = None) -> Path:
     path = tmp / "volley.toml"
-    path.write_text(
-        f"""[server]
-workers = {workers}
-shutdown_timeout = "5s"
-
-[[listeners]]
-address = "127.0.0.1:0"
-
-[queue]
-path = "{tmp / 'queue'}"
-max_size = "8GiB"
-durability = "{durability}"
-
-[relay]
-networks = ["127.0.0.0/8"]
-
-[control]
-socket = "{tmp / 'volley.sock'}"
-
-[log]
-delivery = "{tmp / 'delivery.jsonl'}"
-
-# Receiving only: the queue grows and nothing is relayed, so no DNS query or
-# outbound connection ever leaves loopback (bench/relay.py measures relaying).
-[delivery]
-enabled = false
-
-[dns]
-nameservers = ["127.0.0.1:9"]
-"""
-    )
+    path.write_text(tomli_w.dumps(config or bench_config(tmp, durability, workers)))
     return path
 
 

@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e import write_config as e2e_write_config  # noqa: E402
 from e2e import (  # noqa: E402  (bench/ is not a package; e2e.py holds the shared helpers)
-    REPO, Server, _env, git_commit, machine_busy_seconds, probe_ms,
+    REPO, Server, _env, bench_config, git_commit, machine_busy_seconds, probe_ms,
     tree_cpu_seconds,
 )
 
@@ -73,44 +74,14 @@ def write_zone(path: Path, domains: int, mx: str) -> None:
 
 def write_config(tmp: Path, args: argparse.Namespace, durability: str, dns_port: int,
                  sink_port: int) -> Path:
-    per_domain = (f"max_connections_per_domain = {args.max_connections}\n"
-                  if args.max_connections else "")
-    path = tmp / "volley.toml"
-    path.write_text(
-        f"""[server]
-workers = {args.workers}
-shutdown_timeout = "5s"
-hostname = "relay.volley.test"
-
-[[listeners]]
-address = "127.0.0.1:0"
-
-[queue]
-path = "{tmp / 'queue'}"
-max_size = "8GiB"
-durability = "{durability}"
-
-[relay]
-networks = ["127.0.0.0/8"]
-
-[control]
-socket = "{tmp / 'volley.sock'}"
-
-[log]
-delivery = "{tmp / 'delivery.jsonl'}"
-
-[delivery]
-enabled = true
-port = {sink_port}
-poll_interval = "50ms"
-{per_domain}
-# Only the loopback DNS server: every MX resolves to {SINK_HOST}.
-[dns]
-nameservers = ["127.0.0.1:{dns_port}"]
-timeout = "2s"
-"""
-    )
-    return path
+    config = bench_config(tmp, durability, args.workers)
+    config["server"]["hostname"] = "relay.volley.test"
+    config["delivery"] = {"enabled": True, "port": sink_port, "poll_interval": "50ms"}
+    if args.max_connections:
+        config["delivery"]["max_connections_per_domain"] = args.max_connections
+    # Only the loopback DNS server: every MX resolves to SINK_HOST.
+    config["dns"] = {"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": "2s"}
+    return e2e_write_config(tmp, durability, args.workers, config)
 
 
 def blast(address: str, messages: int, size: int, concurrency: int, domains: int,
