@@ -48,6 +48,9 @@ class JobResult(msgspec.Struct):
     retry_after: float = 0.0  # loop.time() value; 0 = the normal retry schedule
     remote_dsn: bool = False  # the receiver advertised DSN (it takes over NOTIFY=SUCCESS)
     attempt_started: float = 0.0  # loop.time() when the transaction started
+    # False: the job was handed back unsent (the pool is shutting down); it stays due
+    # in the queue unchanged, with no attempt counted.
+    attempted: bool = True
 
 
 class Job:

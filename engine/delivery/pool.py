@@ -102,7 +102,7 @@ class SitePool:
         """Queue a job (answered at once when closing or backing off). Never raises."""
         try:
             if self._closing:
-                _safe_done(job, self._flat(job, R451_SHUTTING_DOWN, failed=False))
+                _safe_done(job, _unsent(job))
             elif self.loop.time() < self._backoff_until:
                 _safe_done(job, self._flat(job, self._backoff_reply, failed=True))
             else:
@@ -151,7 +151,7 @@ class SitePool:
         flight (up to `grace` seconds, default timeouts.quit), then QUIT; stragglers are
         aborted (their jobs get 4.4.2). Every job gets exactly one result."""
         self._closing = True
-        self._fail_queue(R451_SHUTTING_DOWN, failed=False)
+        self._hand_back_queue()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -305,6 +305,16 @@ class SitePool:
             job = self._queue.popleft()
             _safe_done(job, self._flat(job, reply, failed=failed))
 
+    def _hand_back_queue(self) -> None:
+        while self._queue:
+            job = self._queue.popleft()
+            _safe_done(job, _unsent(job))
+
+
+def _unsent(job: Job) -> JobResult:
+    """The result of a job handed back unsent because the pool is closing."""
+    return JobResult({i: R451_SHUTTING_DOWN for i in job.indices}, attempted=False)
+
 
 PoolKey = tuple[str, int, str, str]
 
@@ -348,7 +358,7 @@ class PoolManager:
     def submit(self, job: Job, settings: PoolSettings) -> None:
         """`pool_for(job.route, settings).submit(job)`; after `close` a 4.3.2 deferral."""
         if self._closing:
-            _safe_done(job, JobResult({i: R451_SHUTTING_DOWN for i in job.indices}))
+            _safe_done(job, _unsent(job))
             return
         self.pool_for(job.route, settings).submit(job)
 

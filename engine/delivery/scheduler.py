@@ -218,7 +218,7 @@ class Scheduler:
     # --- outcomes ----------------------------------------------------------------------
     def _commit_outcome(self, msg_id: bytes, domain: str, body: bytes, result: JobResult,
                         *, expire: bool = False) -> None:
-        if self._stopping and _all_shutdown(result):
+        if not result.attempted:
             # Never attempted: leave it due; the next start picks it up unchanged.
             self.inflight.discard((msg_id, domain))
             return
@@ -294,10 +294,6 @@ class Scheduler:
                 "outcome": verdict, "attempt": rcpt.attempts,
                 "queue_time": round(now - before.received_at, 3), "latency": latency,
             })
-
-
-def _all_shutdown(result: JobResult) -> bool:
-    return bool(result.replies) and all(r.enhanced == "4.3.2" for r in result.replies.values())
 
 
 def _not_before(record: MessageRecord, indices: list[int], now: float, result: JobResult,

@@ -288,9 +288,12 @@ def test_manager_shares_pools_and_close_answers_everything(ca: trustme.CA) -> No
         assert set(results.count.values()) == {1}
         deferred = [r for r in results.by_tag.values() if r.replies[next(iter(r.replies))].enhanced == "4.3.2"]
         assert len(deferred) >= 4  # the queued ones; the held one was aborted
+        assert not any(r.attempted for r in deferred)  # handed back unsent: no attempt
         assert all(code // 100 == 4 for r in results.by_tag.values() for code in codes(r)), results.by_tag
         manager.submit(make_job(["z@d.test"], tag="after", results=results), settings)
         assert results.by_tag["after"].replies[0].enhanced == "4.3.2"
+        assert not results.by_tag["after"].attempted
         await sink.close()
 
     run_bounded(main)
+
