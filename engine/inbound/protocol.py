@@ -19,6 +19,8 @@ from engine.observe import log
 from engine.smtp.commands import Auth, Ehlo, Helo, Mail, Rcpt, StartTls
 from engine.smtp.replies import (
     R220_READY_TLS,
+    R250_RCPT_OK,
+    R250_SENDER_OK,
     R421_SHUTTING_DOWN,
     R421_TIMEOUT,
     R421_TOO_MANY_CONNECTIONS,
@@ -210,13 +212,13 @@ class SmtpServerProtocol(asyncio.Protocol):
                 command,  # type: ignore[arg-type]
                 len(session.envelope.rcpts),
             )
-            out.append(session.send(reply or session_io.R250_RCPT))
+            out.append(session.send(reply or R250_RCPT_OK))
         elif kind is Mail:
             reply = policy.check_mail(
                 self.listener.auth == "required" and session.auth_user is None,
                 command,  # type: ignore[arg-type]
             )
-            out.append(session.send(reply or session_io.R250_SENDER))
+            out.append(session.send(reply or R250_SENDER_OK))
         elif isinstance(command, (Ehlo, Helo)):
             out.append(session.send(session_io.greeting_reply(self, command)))
         elif isinstance(command, StartTls):

@@ -14,8 +14,6 @@ from engine.queue.ids import id_text
 from engine.smtp.commands import Auth, Ehlo, Helo
 from engine.smtp.replies import (
     R235_AUTH_OK,
-    R250_RCPT_OK,
-    R250_SENDER_OK,
     R421_AUTH_FAILURES,
     R501_AUTH_CANCELLED,
     R502_NOT_IMPLEMENTED,
@@ -29,8 +27,6 @@ from engine.smtp.server import MessageReceived
 if TYPE_CHECKING:
     from engine.inbound.protocol import SmtpServerProtocol
 
-R250_SENDER = R250_SENDER_OK
-R250_RCPT = R250_RCPT_OK
 MECHANISMS = ("PLAIN", "LOGIN")
 
 

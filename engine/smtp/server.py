@@ -271,7 +271,9 @@ class ServerSession:
             if isinstance(command, Bdat):
                 # RFC 3030 §2: the chunk follows regardless; swallow it, then refuse.
                 self._start_chunk(command, _sequence_reply(command, self.state))
-                return self._read_chunk() or _AWAIT_CHUNK
+                # None until the whole chunk is here: a BDAT has no reply of its own
+                # before its chunk (RFC 3030 §2).
+                return self._read_chunk()
             if isinstance(command, Auth) and self.auth_user is not None:
                 return self._error(R503_ALREADY_AUTH)
             return self._error(_sequence_reply(command, self.state))
@@ -286,7 +288,7 @@ class ServerSession:
             return auto
         if isinstance(command, Bdat):
             self._start_chunk(command, None)
-            return self._read_chunk() or _AWAIT_CHUNK
+            return self._read_chunk()  # None until the chunk is complete
         if isinstance(command, Auth) and self.auth_user is not None:
             return self._error(R503_ALREADY_AUTH)
         return CommandReceived(command)
@@ -467,8 +469,3 @@ class ServerSession:
         self._chunks = []
         if self.state not in (State.CONNECTED, State.CLOSED, State.TLS_HANDSHAKE):
             self.state = State.READY
-
-
-# Returned when a BDAT command was parsed but its chunk has not fully arrived yet:
-# the command itself gets no reply of its own (RFC 3030 §2), so this is "no event".
-_AWAIT_CHUNK: None = None
