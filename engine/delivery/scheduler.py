@@ -30,9 +30,9 @@ import time
 from typing import Any
 
 from engine.config import Config
-from engine.delivery import dsn as dsn_mod
 from engine.delivery import outcome as outcome_mod
 from engine.delivery.job import Job, JobResult, PoolSettings
+from engine.delivery.reports import due_delay_reports, queue_dsns
 from engine.delivery.retry import expired, parse_schedule
 from engine.delivery.routing import drop_self, match_route, pool_settings, smarthost_route
 from engine.dns.cache import DnsCache
@@ -43,9 +43,8 @@ from engine.observe import log
 from engine.observe.delivery_log import DeliveryLog
 from engine.queue.commit import Committer
 from engine.queue.ids import IdAllocator, id_text
-from engine.queue.records import PENDING, MessageRecord, Recipient, domain_of
+from engine.queue.records import PENDING, MessageRecord, domain_of
 from engine.queue.store import QueueStore, WriteTxn
-from engine.smtp.replies import Reply
 
 # Resume scans this far before the newest due time dispatched: a message stamped at
 # t may commit a little later than one stamped after it.
@@ -246,12 +245,12 @@ class Scheduler:
                                             destination_failed=result.destination_failed)
                 if result.retry_after and applied.deferred:
                     _not_before(applied.record, applied.deferred, now, result, mono_now)
-            delayed = _due_delay_reports(applied, now, delay_warning)
+            delayed = due_delay_reports(applied, now, delay_warning)
             if applied.done:
                 w.delete_message(msg_id, stored=current)
             else:
                 w.update_message(applied.record, stored=current)
-            _queue_dsns(w, applied, body, dsn_ids, reporting, now, result, delayed,
+            queue_dsns(w, applied, body, dsn_ids, reporting, now, result, delayed,
                         current.received_at + max_age)
             return current, applied
 
@@ -304,52 +303,3 @@ def _not_before(record: MessageRecord, indices: list[int], now: float, result: J
         rcpt = record.recipients[i]
         if rcpt.next_attempt < wall:
             rcpt.next_attempt = wall
-
-
-def _due_delay_reports(applied: outcome_mod.Applied, now: float,
-                       delay_warning: float) -> list[tuple[Recipient, Reply, str]]:
-    """Deferred recipients that asked for NOTIFY=DELAY and waited `delay_warning`:
-    each is reported once (marked in the record that is about to be written)."""
-    record = applied.record
-    if delay_warning <= 0 or now - record.received_at < delay_warning:
-        return []
-    due = []
-    for i in sorted(applied.deferred):
-        rcpt = record.recipients[i]
-        if not rcpt.delay_warned and dsn_mod.dsn_wanted(rcpt, "delayed"):
-            rcpt.delay_warned = True
-            due.append((rcpt, applied.replies[i], "delayed"))
-    return due
-
-
-def _queue_dsns(w: WriteTxn, applied: outcome_mod.Applied, body: bytes,
-                dsn_ids: tuple[bytes, bytes, bytes], reporting: str, now: float,
-                result: JobResult, delayed: list[tuple[Recipient, Reply, str]],
-                retry_until: float) -> None:
-    """Queue the failure DSN, the relayed DSN for NOTIFY=SUCCESS, and the delay DSN for
-    NOTIFY=DELAY (RFC 3461 §4.1), each as its own message."""
-    record = applied.record
-    remote = result.mx_host or None
-    kinds: list[list[tuple[Recipient, Reply, str]]] = [[], [], delayed]
-    if applied.bounced:
-        kinds[0] = applied.dsn_entries("failed")
-    action = dsn_mod.success_action(result.remote_dsn)
-    if action and applied.delivered:
-        kinds[1] = [(record.recipients[i], applied.replies[i], action)
-                    for i in sorted(applied.delivered)]
-    for entries, raw_id in zip(kinds, dsn_ids):
-        if not entries:
-            continue
-        message = dsn_mod.build_dsn(record, body, entries, reporting_mta=reporting, now=now,
-                                    remote_mta=remote, message_id=f"{id_text(raw_id)}@{reporting}",
-                                    retry_until=retry_until)
-        if message is None:
-            continue
-        # RFC 3461 §6.2 / RFC 5321 §6.1: reports go out with the null reverse-path, so
-        # a DSN is never answered by another DSN.
-        dsn_record = MessageRecord(
-            id=raw_id, sender="", recipients=[Recipient(record.sender)], received_at=now,
-            size=len(message), smtputf8=record.smtputf8,
-            body_type="8BITMIME" if not message.isascii() else None, helo=reporting,
-        )
-        w.put_message(dsn_record, message)

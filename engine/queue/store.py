@@ -5,8 +5,9 @@ Layout (named DBs in one environment):
         b"format" → u8 layout version
   msg   id (8 bytes) → encoded MessageRecord
   body  id → raw message bytes
-  due   owner u16 BE | due u64 BE (ms since epoch) | id | domain utf-8 → b""
+  due   owner u16 BE | due u64 BE (ms since epoch) | id | domain utf-8 → arrival u32 BE
         one entry per (message, recipient domain with PENDING recipients)
+  ctl   control state that must survive a restart (suspensions, throttles): name → bytes
 
 Due keys are a pure function of the stored record and the shard count (see
 `records.pending_domains`), so deleting or updating a message recomputes its old keys
@@ -29,7 +30,7 @@ from typing import TypeVar
 import lmdb
 
 from engine.errors import QueueFull, StorageError, StoragePanic
-from engine.queue.layout import DUE_FIXED, DUE_HEAD, due_keys
+from engine.queue.layout import DUE_FIXED, DUE_HEAD, due_keys, due_value
 from engine.queue.layout import due_key, stable_shard  # noqa: F401  (re-exported)
 from engine.queue.records import MessageRecord, decode_record
 from engine.queue.writetxn import WriteTxn
@@ -37,7 +38,7 @@ from engine.queue.writetxn import WriteTxn
 _T = TypeVar("_T")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
-FORMAT = 1
+FORMAT = 2  # 2: due values carry the arrival time (1: empty values)
 DURABILITIES = ("fsync", "batch", "memory")
 
 # lmdb errors raised INSIDE one op's child transaction that leave the parent intact:
@@ -115,6 +116,7 @@ class QueueStore:
             self._msg = self._env.open_db(b"msg")
             self._body = self._env.open_db(b"body")
             self._due = self._env.open_db(b"due")
+            self._ctl = self._env.open_db(b"ctl")
             self._psize: int = self._env.stat()["psize"]
             self._env.reader_check()  # finding 7: clear slots of dead readers at start
         except lmdb.Error as err:
@@ -141,10 +143,11 @@ class QueueStore:
             fmt = txn.get(b"format", db=self._meta)
             if fmt is not None and fmt[0] > FORMAT:
                 raise StorageError(f"queue format {fmt[0]} is newer than this engine")
-            if fmt is None:
+            old_format = fmt[0] if fmt is not None else FORMAT
+            if fmt is None or fmt[0] < FORMAT:
                 txn.put(b"format", bytes([FORMAT]), db=self._meta)
             raw = txn.get(b"shards", db=self._meta)
-            if raw is None or _U16.unpack(raw)[0] != self.shards:
+            if raw is None or _U16.unpack(raw)[0] != self.shards or old_format < FORMAT:
                 self._rebuild_due(txn)
                 txn.put(b"shards", _U16.pack(self.shards), db=self._meta)
 
@@ -155,8 +158,10 @@ class QueueStore:
         txn.drop(self._due, delete=False)
         with txn.cursor(db=self._msg) as cur:
             for _, data in cur:
-                for k in due_keys(decode_record(data), self.shards):
-                    txn.put(k, b"", db=self._due)
+                rec = decode_record(data)
+                arrival = due_value(rec)
+                for k in due_keys(rec, self.shards):
+                    txn.put(k, arrival, db=self._due)
 
     def _pages_used(self, txn: lmdb.Transaction[bytes]) -> int:
         # Pages in use as this txn sees them (mdb_stat reads the txn's own DB records).
@@ -395,6 +400,27 @@ class QueueStore:
             return out
 
         return self._read(scan)
+
+    # ---- control state ----------------------------------------------------------
+
+    def get_control(self, name: bytes) -> bytes | None:
+        """Control state saved under `name` (see `put_control`), or None."""
+        return self._read(lambda t: t.get(name, db=self._ctl))
+
+    def put_control(self, name: bytes, value: bytes | None) -> None:
+        """Save (or with None, remove) control state durably; it survives restarts.
+
+        Raises:
+            StorageError/QueueFull/StoragePanic: as `write`.
+        """
+
+        def op(w: WriteTxn) -> None:
+            if value is None:
+                w.txn.delete(name, db=self._ctl)
+            else:
+                w.txn.put(name, value, db=self._ctl)
+
+        self.write_one(op)
 
     # ---- maintenance ----------------------------------------------------------
 

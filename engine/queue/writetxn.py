@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from engine.queue.ids import ID_LEN
-from engine.queue.layout import due_keys
+from engine.queue.layout import due_keys, due_value
 from engine.queue.records import MessageRecord, decode_record, encode_record
 
 if TYPE_CHECKING:
@@ -57,8 +57,9 @@ class WriteTxn:
         if not txn.put(record.id, encode_record(record), db=s._msg, overwrite=False):
             raise KeyError(f"message {record.id.hex()} already queued")
         txn.put(record.id, body, db=s._body)
+        arrival = due_value(record)
         for k in keys:
-            txn.put(k, b"", db=s._due)
+            txn.put(k, arrival, db=s._due)
         s._account_put(txn, len(body), len(keys))
 
     def delete_message(self, msg_id: bytes, stored: MessageRecord | None = None) -> bool:
@@ -100,5 +101,6 @@ class WriteTxn:
         for k in due_keys(stored, s.shards):
             txn.delete(k, db=s._due)
         txn.put(record.id, encode_record(record), db=s._msg)
+        arrival = due_value(record)
         for k in new_keys:
-            txn.put(k, b"", db=s._due)
+            txn.put(k, arrival, db=s._due)

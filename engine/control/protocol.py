@@ -1,0 +1,181 @@
+"""The control socket's wire protocol: one JSON object per line, each way.
+
+Request:  {"cmd": "<name>", ...arguments}     (a msgspec tagged union on "cmd")
+Reply:    {"ok": true, ...result}  or  {"ok": false, "error": "<what is wrong>"}
+
+Requests are typed here so a bad argument is refused with a message naming it
+(`decode_request`), never a dropped connection. Replies are plain JSON objects built
+by the server's handlers; their fields are documented in the README ("Control
+socket") and rendered by `engine/control/client.py`.
+
+Times on the wire are epoch seconds (floats); durations are seconds; queue ids are the
+16-hex-digit form of `engine.queue.ids.id_text`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+MAX_LINE = 64 * 1024  # a request longer than this is refused, not buffered forever
+MAX_LIMIT = 10_000  # rows in one `list`/`queue` reply
+
+MessageState = Literal["queued", "deferred", "suspended"]
+
+
+class Request(msgspec.Struct, tag_field="cmd", forbid_unknown_fields=True, kw_only=True):
+    """Base of every request; `cmd` is the tag."""
+
+
+class Status(Request, tag="status"):
+    pass
+
+
+class Queue(Request, tag="queue"):
+    by: Literal["domain", "sender", "age"] = "domain"
+    limit: int = 100  # rows, biggest first
+
+
+class Filter(Request):
+    """Selects queued messages; empty fields match everything."""
+
+    domain: str = ""  # a pending recipient in this domain (exact, case-insensitive)
+    sender: str = ""  # the envelope sender, case-insensitive; "<>" is the null sender
+    state: MessageState | None = None
+
+
+class List(Filter, tag="list"):
+    limit: int = 50
+    after: str = ""  # resume after this id (the `next` of the previous page)
+
+
+class Show(Request, tag="show"):
+    id: str
+
+
+class Flush(Request, tag="flush"):
+    domain: str = ""
+    id: str = ""
+
+
+class Suspend(Request, tag="suspend"):
+    domain: str
+    duration: float | None = None  # seconds; None = until resumed
+    reason: str = ""
+
+
+class Resume(Request, tag="resume"):
+    domain: str
+
+
+class Bounce(Filter, tag="bounce"):
+    id: str = ""
+    dry_run: bool = False
+    reason: str = ""
+    all: bool = False  # an empty filter must be asked for explicitly
+
+
+class Delete(Filter, tag="delete"):
+    id: str = ""
+    dry_run: bool = False
+    all: bool = False
+
+
+class Throttle(Request, tag="throttle"):
+    domain: str
+    max_connections: int | None = None
+    rate: float | None = None  # messages per second; None = unchanged
+    clear: bool = False
+
+
+class Mx(Request, tag="mx"):
+    domain: str = ""
+    flush: bool = False
+
+
+class Reload(Request, tag="reload"):
+    pass
+
+
+class Drain(Request, tag="drain"):
+    timeout: float = 300.0  # seconds to wait for the queue to empty before reporting
+
+
+class Shutdown(Request, tag="shutdown"):
+    pass
+
+
+class Metrics(Request, tag="metrics"):
+    pass
+
+
+AnyRequest = (Status | Queue | List | Show | Flush | Suspend | Resume | Bounce | Delete
+              | Throttle | Mx | Reload | Drain | Shutdown | Metrics)
+COMMANDS = ("status", "queue", "list", "show", "flush", "suspend", "resume", "bounce",
+            "delete", "throttle", "mx", "reload", "drain", "shutdown", "metrics")
+
+_decoder = msgspec.json.Decoder(AnyRequest)
+
+
+class RequestError(ValueError):
+    """A request that cannot be served; the text goes back as the error reply."""
+
+
+def decode_request(line: bytes) -> AnyRequest:
+    """Parse one request line.
+
+    Raises:
+        RequestError: not JSON, not an object, unknown `cmd`, or a bad argument; the
+            message names what is wrong (msgspec's `$.field` paths).
+    """
+    try:
+        req = _decoder.decode(line)
+    except msgspec.ValidationError as err:
+        text = str(err)
+        if "Invalid value" in text and "$.cmd" in text:
+            raise RequestError(f"unknown command; one of: {', '.join(COMMANDS)}") from None
+        if "missing required field `cmd`" in text or "Expected `object`" in text:
+            raise RequestError('a request is a JSON object with "cmd": ' + ", ".join(COMMANDS)) from None
+        raise RequestError(f"bad request: {text}") from None
+    except msgspec.DecodeError as err:
+        raise RequestError(f"not JSON: {err}") from None
+    _check(req)
+    return req
+
+
+def _check(req: AnyRequest) -> None:
+    if isinstance(req, (Queue, List)) and not 1 <= req.limit <= MAX_LIMIT:
+        raise RequestError(f"limit: must be 1..{MAX_LIMIT}")
+    if isinstance(req, (Suspend, Resume, Throttle)) and not req.domain.strip():
+        raise RequestError("domain: required")
+    if isinstance(req, Suspend) and req.duration is not None and req.duration <= 0:
+        raise RequestError("duration: must be positive")
+    if isinstance(req, Throttle):
+        if req.max_connections is not None and req.max_connections < 1:
+            raise RequestError("max_connections: must be at least 1")
+        if req.rate is not None and req.rate <= 0:
+            raise RequestError("rate: must be positive (messages per second)")
+        if not req.clear and req.max_connections is None and req.rate is None:
+            raise RequestError("throttle: give max_connections and/or rate, or clear")
+    if isinstance(req, Flush) and req.domain and req.id:
+        raise RequestError("flush: give a domain or an id, not both")
+    if isinstance(req, (Bounce, Delete)):
+        if req.id and (req.domain or req.sender or req.state):
+            raise RequestError(f"{req.__struct_config__.tag}: give an id or a filter, not both")
+        if not (req.id or req.domain or req.sender or req.state or req.all):
+            raise RequestError(f"{req.__struct_config__.tag}: give an id, a filter, or all")
+
+
+def ok(**fields: object) -> bytes:
+    """One success reply line."""
+    return msgspec.json.encode({"ok": True, **fields}) + b"\n"
+
+
+def error(text: str) -> bytes:
+    """One error reply line."""
+    return msgspec.json.encode({"ok": False, "error": text}) + b"\n"
+
+
+def encode_request(req: Request) -> bytes:
+    return msgspec.json.encode(req) + b"\n"
