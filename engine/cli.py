@@ -184,6 +184,17 @@ def _cmd_passwd(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- ctl -------------------------------------------------------------------------------
+
+
+def _add_ctl(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # Imported here, not at the top: engine.control.cli_ctl imports CliError from this
+    # module, which must be complete by then.
+    from engine.control.cli_ctl import add_ctl
+
+    add_ctl(sub)
+
+
 # --- the parser ----------------------------------------------------------------------
 
 # Order here is the order in `volley --help`.
@@ -192,6 +203,7 @@ _SUBCOMMANDS = (
     _add_serve,
     _add_config,
     _add_passwd,
+    _add_ctl,
 )
 
 
