@@ -34,6 +34,9 @@ class PoolSettings(msgspec.Struct, frozen=True):
     source_address: str = ""
     backoff: float = 60.0
     backoff_max: float = 3600.0
+    rate: float = 0.0  # messages per second handed to sessions; 0 = unlimited
+    # A throttled domain's pool serves that domain alone; "" = every domain of the site.
+    only_domain: str = ""
 
 
 class JobResult(msgspec.Struct):

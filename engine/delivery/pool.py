@@ -23,8 +23,17 @@ connection, and every queued or newly submitted job is answered at once with the
 failure reply, `destination_failed=True` and `retry_after` = the end of the backoff.
 
 Retirement (rule 10): a session takes no new job after `max_messages_per_connection`
-transactions or `max_connection_age` seconds (checked when it asks for work); it then
-QUITs. No RSET before a session's first message (client.py).
+transactions or `max_connection_age` seconds, or while more sessions are open than
+`max_connections` allows (lowered by `update_settings`); checked when it asks for work,
+it then QUITs. No RSET before a session's first message (client.py).
+
+Rate (an operator's throttle, `settings.rate` messages/s): a token bucket is consulted
+where a job is handed to a session (`next_job`) and before idle sessions are woken or
+new ones opened. The burst is one message, or a tenth of a second's worth above
+10 msgs/s so that a timer firing late does not lower the rate: messages leave evenly
+spaced, which is what a receiver's per-window limit wants. With no token ready the
+session goes idle and one `loop.call_at` timer re-dispatches when the next is due.
+With rate 0 (the default) the hot path pays an attribute test per job.
 
 Every submitted job gets exactly one `job.done(result)`.
 """
@@ -39,7 +48,7 @@ from collections.abc import Callable
 import msgspec
 
 from engine.config import TimeoutsConfig
-from engine.delivery.connect import SetupError, client_tls_context, connect_route
+from engine.delivery.connect import SetupError, connect_route
 from engine.delivery.job import Job, JobResult, PoolSettings
 from engine.delivery.outcome import transient_failure
 from engine.delivery.session import DeliverySession
@@ -51,7 +60,9 @@ from engine.smtp.replies import Reply
 # so the scheduler does not back the destination off for our own shutdown.
 R451_SHUTTING_DOWN = Reply(451, "4.3.2", "Delivery agent shutting down; will retry")
 
-TlsContextFactory = Callable[[], "ssl.SSLContext | None"]
+TlsContextFactory = Callable[[], ssl.SSLContext | None]
+_RECENT = 64  # distinct domains remembered per pool (shown with a backoff; flush by domain)
+_ONE = 1.0 - 1e-9  # a whole token, give or take float rounding of the refill
 
 
 class PoolStats(msgspec.Struct):
@@ -61,9 +72,10 @@ class PoolStats(msgspec.Struct):
     jobs_queued: int = 0
     backoff_until: float = 0.0  # loop.time(); 0 = not backing off
     concurrency_limit: int = 0
+    bytes_sent: int = 0  # message content of those transactions
 
 
-def _safe_done(job: Job, result: JobResult) -> None:
+def safe_done(job: Job, result: JobResult) -> None:
     try:
         job.done(result)
     except Exception as err:  # the scheduler's bug must not break the pool
@@ -94,17 +106,28 @@ class SitePool:
         self._plain_only: set[str] = set()  # opportunistic TLS failed at these addresses
         self._opened = 0
         self._sent = 0
+        self._sent_bytes = 0
         self._closing = False
         self._changed = asyncio.Event()
+        self._domains: dict[str, None] = {}  # insertion-ordered set, see _RECENT
+        # token bucket (settings.rate > 0)
+        self._tokens = 1.0
+        self._tokens_at = self.loop.time()
+        self._rate_timer: asyncio.TimerHandle | None = None
 
     # --- public --------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
         """Queue a job (answered at once when closing or backing off). Never raises."""
         try:
+            domains = self._domains
+            if job.domain not in domains:
+                if len(domains) >= _RECENT:
+                    del domains[next(iter(domains))]
+                domains[job.domain] = None
             if self._closing:
-                _safe_done(job, _unsent(job))
+                safe_done(job, unsent(job))
             elif self.loop.time() < self._backoff_until:
-                _safe_done(job, self._flat(job, self._backoff_reply, failed=True))
+                safe_done(job, self._flat(job, self._backoff_reply, failed=True))
             else:
                 self._queue.append(job)
                 self._dispatch()
@@ -115,7 +138,20 @@ class SitePool:
     def stats(self) -> PoolStats:
         until = self._backoff_until if self.loop.time() < self._backoff_until else 0.0
         return PoolStats(self._opened, len(self._sessions) + len(self._retiring), self._sent,
-                         len(self._queue), until, self._limit)
+                         len(self._queue), until, self._limit, self._sent_bytes)
+
+    @property
+    def recent_domains(self) -> list[str]:
+        """Domains submitted here lately (the last 64 distinct ones), oldest first."""
+        return list(self._domains)
+
+    def serves(self, domain: str) -> bool:
+        return domain in self._domains
+
+    @property
+    def backoff_reply(self) -> Reply:
+        """The reply that started the current (or last) backoff."""
+        return self._backoff_reply
 
     @property
     def in_backoff(self) -> bool:
@@ -138,6 +174,42 @@ class SitePool:
 
         await asyncio.wait_for(wait(), timeout)
 
+    def update_settings(self, settings: PoolSettings) -> None:
+        """Adopt new limits (a reload, an operator's throttle) without dropping work:
+        the concurrency limit is clamped to the new maximum, idle sessions over it QUIT
+        now and busy ones when they finish (`_worn_out`); a changed rate starts a fresh
+        bucket holding one message."""
+        old, self.settings = self.settings, settings
+        self._limit = max(1, min(self._limit, settings.max_connections))
+        if settings.rate != old.rate:
+            self._tokens, self._tokens_at = 1.0, self.loop.time()
+            self._cancel_rate_timer()
+        while len(self._sessions) > settings.max_connections and self._idle:
+            self._retire(self._idle.pop(0))  # the coldest first (bottom of the LIFO stack)
+        self._dispatch()
+        self._changed.set()
+
+    def withdraw(self, domain: str) -> int:
+        """Hand back every queued job for `domain` unsent (it stays due in the queue,
+        no attempt counted): its hold changed. Returns how many."""
+        mine = [job for job in self._queue if job.domain == domain]
+        if mine:
+            self._queue = deque(job for job in self._queue if job.domain != domain)
+            for job in mine:
+                safe_done(job, unsent(job))
+            self._changed.set()
+        return len(mine)
+
+    def end_backoff(self) -> bool:
+        """An operator's flush: connect again now; the next backoff starts over from
+        `backoff`. True if the pool was backing off."""
+        was = self.in_backoff
+        self._backoff_until = 0.0
+        self._backoff_delay = float(self.settings.backoff)
+        self._dispatch()
+        self._changed.set()
+        return was
+
     def close_idle(self) -> int:
         """QUIT every idle session; returns how many."""
         n = 0
@@ -151,6 +223,7 @@ class SitePool:
         flight (up to `grace` seconds, default timeouts.quit), then QUIT; stragglers are
         aborted (their jobs get 4.4.2). Every job gets exactly one result."""
         self._closing = True
+        self._cancel_rate_timer()
         self._hand_back_queue()
         for task in list(self._tasks):
             task.cancel()
@@ -175,6 +248,10 @@ class SitePool:
     def next_job(self, session: DeliverySession) -> Job | None:
         if not self._queue or self._closing or self._worn_out(session):
             return None
+        if self.settings.rate:
+            if self._ready_tokens() < _ONE:
+                return None  # the session idles; the rate timer wakes it
+            self._tokens -= 1.0
         return self._queue.popleft()
 
     def job_finished(self, session: DeliverySession, job: Job, result: JobResult) -> None:
@@ -185,11 +262,12 @@ class SitePool:
             result.retry_after = self._backoff_until
         elif any(r.code // 100 == 2 for r in replies.values()):
             self._sent += 1
+            self._sent_bytes += len(job.body)
             if self._limit < self.settings.max_connections:
                 self._limit += 1  # slow start: one more per success
                 if self._queue:
                     self._dispatch()
-        _safe_done(job, result)
+        safe_done(job, result)
         if session.saw_421:
             self._fail_queue(self._backoff_reply, failed=True)
         self._changed.set()
@@ -219,7 +297,28 @@ class SitePool:
     def _worn_out(self, session: DeliverySession) -> bool:
         s = self.settings
         return (session.messages >= s.max_messages_per_connection
-                or self.loop.time() - session.created_at >= s.max_connection_age)
+                or self.loop.time() - session.created_at >= s.max_connection_age
+                or len(self._sessions) > s.max_connections)
+
+    def _ready_tokens(self) -> float:
+        """Refill the bucket (rate > 0 only) and return the tokens in it; below one, arm
+        the timer that re-dispatches when the next is due."""
+        rate = self.settings.rate
+        now = self.loop.time()
+        tokens = min(max(1.0, rate / 10), self._tokens + (now - self._tokens_at) * rate)
+        self._tokens, self._tokens_at = tokens, now
+        if tokens < _ONE and self._rate_timer is None:
+            self._rate_timer = self.loop.call_at(now + (1.0 - tokens) / rate, self._rate_tick)
+        return tokens
+
+    def _rate_tick(self) -> None:
+        self._rate_timer = None
+        self._dispatch()
+
+    def _cancel_rate_timer(self) -> None:
+        if self._rate_timer is not None:
+            self._rate_timer.cancel()
+            self._rate_timer = None
 
     def _retire(self, session: DeliverySession) -> None:
         self._sessions.discard(session)
@@ -232,7 +331,10 @@ class SitePool:
     def _dispatch(self) -> None:
         if self._closing:
             return
+        rated = self.settings.rate > 0
         while self._queue and self._idle:
+            if rated and self._ready_tokens() < _ONE:
+                return  # nothing may go yet; the rate timer calls again
             session = self._idle.pop()  # LIFO: the warmest connection
             if not (session.quitting or session.closed):
                 session.kick()
@@ -241,6 +343,8 @@ class SitePool:
         # Each connecting session will take at least one queued job.
         room = min(self._limit, self.settings.max_connections) - len(self._sessions) - self._connecting
         want = min(room, len(self._queue) - self._connecting)
+        if rated:  # and one token each, or it would only wait idle
+            want = min(want, int(self._ready_tokens() + 1e-9) - self._connecting)
         for _ in range(max(0, want)):
             self._connecting += 1
             task = self.loop.create_task(self._open(self._queue[0].route))
@@ -303,79 +407,14 @@ class SitePool:
     def _fail_queue(self, reply: Reply, *, failed: bool) -> None:
         while self._queue:
             job = self._queue.popleft()
-            _safe_done(job, self._flat(job, reply, failed=failed))
+            safe_done(job, self._flat(job, reply, failed=failed))
 
     def _hand_back_queue(self) -> None:
         while self._queue:
             job = self._queue.popleft()
-            _safe_done(job, _unsent(job))
+            safe_done(job, unsent(job))
 
 
-def _unsent(job: Job) -> JobResult:
+def unsent(job: Job) -> JobResult:
     """The result of a job handed back unsent because the pool is closing."""
     return JobResult({i: R451_SHUTTING_DOWN for i in job.indices}, attempted=False)
-
-
-PoolKey = tuple[str, int, str, str]
-
-
-class PoolManager:
-    """Every SitePool of a worker, keyed by (site_key, port, tls policy, auth user), so
-    domains sharing an MX set share connections (ARCHITECTURE rule 10).
-
-    The first `settings` given for a key configure that pool; later differing limits
-    for the same key are ignored until the pool is closed.
-    """
-
-    def __init__(self, timeouts: TimeoutsConfig | None = None,
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self.timeouts = timeouts or TimeoutsConfig()
-        self.loop = loop or asyncio.get_running_loop()
-        self.pools: dict[PoolKey, SitePool] = {}
-        self._contexts: dict[tuple[bool, str], ssl.SSLContext] = {}
-        self._closing = False
-
-    def tls_context(self, settings: PoolSettings) -> ssl.SSLContext:
-        """One cached client context per (verify, CA file).
-
-        Raises OSError / ssl.SSLError if the CA file cannot be loaded.
-        """
-        key = (settings.tls_verify, settings.tls_ca_file)
-        ctx = self._contexts.get(key)
-        if ctx is None:
-            ctx = self._contexts[key] = client_tls_context(*key)
-        return ctx
-
-    def pool_for(self, route: Route, settings: PoolSettings) -> SitePool:
-        key = (route.site_key, settings.port, settings.tls, settings.auth_user)
-        pool = self.pools.get(key)
-        if pool is None:
-            pool = self.pools[key] = SitePool(
-                route.site_key, settings, self.timeouts,
-                lambda: self.tls_context(settings), self.loop)
-        return pool
-
-    def submit(self, job: Job, settings: PoolSettings) -> None:
-        """`pool_for(job.route, settings).submit(job)`; after `close` a 4.3.2 deferral."""
-        if self._closing:
-            _safe_done(job, _unsent(job))
-            return
-        self.pool_for(job.route, settings).submit(job)
-
-    def close_idle(self) -> int:
-        """QUIT idle sessions everywhere and drop pools with nothing left; returns the
-        number of sessions asked to QUIT."""
-        n = sum(pool.close_idle() for pool in self.pools.values())
-        for key, pool in list(self.pools.items()):
-            if pool.idle and not pool.stats.connections_open and not pool.in_backoff:
-                del self.pools[key]
-        return n
-
-    async def close(self, grace: float | None = None) -> None:
-        """Close every pool (see `SitePool.close`); every job gets exactly one result."""
-        self._closing = True
-        await asyncio.gather(*[pool.close(grace) for pool in self.pools.values()])
-
-    @property
-    def stats(self) -> dict[str, PoolStats]:
-        return {f"{k[0]}:{k[1]}/{k[2]}" + (f"/{k[3]}" if k[3] else ""): p.stats for k, p in self.pools.items()}

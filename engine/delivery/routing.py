@@ -1,13 +1,16 @@
 """Where a domain's mail goes and with which limits: [[routes]] matching, smarthost
-routes, pool settings, and MX-to-self detection. Pure except `smarthost_route`, which
-resolves a smarthost's name."""
+routes, pool settings (and an operator's throttle on them), and MX-to-self detection.
+Pure except `smarthost_route`, which resolves a smarthost's name."""
 
 from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
 
+import msgspec
+
 from engine.config import Config, RouteConfig, split_host_port
+from engine.delivery.holds import Throttle
 from engine.delivery.job import PoolSettings
 from engine.dns.mx import Route, RouteError, RouteHost, Status
 from engine.dns.resolver import Resolver
@@ -57,6 +60,18 @@ def pool_settings(cfg: Config, route: RouteConfig | None) -> PoolSettings:
         source_address=d.source_address,
         backoff=float(d.backoff),
         backoff_max=float(d.backoff_max),
+    )
+
+
+def throttled(settings: PoolSettings, throttle: Throttle) -> PoolSettings:
+    """`settings` with an operator's throttle applied: a pool of the domain's own (so
+    the limit is that domain's alone, not its MX site's), at most `max_connections`
+    sessions and `rate` messages per second."""
+    return msgspec.structs.replace(
+        settings,
+        max_connections=throttle.max_connections or settings.max_connections,
+        rate=throttle.rate or 0.0,
+        only_domain=throttle.domain,
     )
 
 

@@ -1,28 +1,42 @@
 """One worker's delivery side, assembled: resolver, MX cache, site pools, delivery
-log and the scheduler for the worker's shard of the queue."""
+log and the scheduler for the worker's shard of the queue; and what the worker's
+control handler asks of it (holds, flush, the MX cache, live state).
+
+Times on the control wire are epoch seconds; pools keep `loop.time()`, converted here.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from typing import Any
 
 from engine.config import Config
-from engine.delivery.pool import PoolManager
+from engine.delivery.holds import Holds
+from engine.delivery.pool import SitePool
+from engine.delivery.pool_manager import PoolManager
 from engine.delivery.scheduler import Scheduler
 from engine.dns.cache import DnsCache
+from engine.dns.mx import Route
 from engine.dns.resolver import Resolver
 from engine.observe.delivery_log import DeliveryLog
 from engine.queue.commit import Committer
 from engine.queue.ids import IdAllocator
 from engine.queue.store import QueueStore
+from engine.smtp.replies import Reply
 
 # Idle sessions are checked for QUIT this often (each pool also has its own timer).
 _IDLE_SWEEP = 1.0
+# Pools listed in `live_state` (busiest first): a worker delivering to thousands of
+# sites must not push megabytes a second over its control pipe.
+MAX_POOLS_SHOWN = 200
 
 
 class Delivery:
     def __init__(self, cfg: Config, *, store: QueueStore, committer: Committer,
                  ids: IdAllocator, owner: int, local: set[tuple[str, int]]) -> None:
         loop = asyncio.get_running_loop()
+        self.loop = loop
         d = cfg.dns
         self.resolver = Resolver(list(d.nameservers), float(d.timeout))
         self.dns = DnsCache(
@@ -53,3 +67,93 @@ class Delivery:
         await self.pools.close(grace / 2)
         await self.scheduler.stop(1.0)
         await self.dlog.close()
+
+    # --- control -------------------------------------------------------------------------
+    def set_holds(self, holds: Holds) -> None:
+        """The operator's suspensions and throttles (the whole table, see holds.py)."""
+        self.scheduler.set_holds(holds)
+
+    def flush(self, domain: str | None = None) -> int:
+        """End the backoff of every pool serving `domain` (all pools if None), forget
+        memoised routes and scan now. Returns the number of pools that were backing off.
+
+        Re-dating the queue's entries is the caller's (through the store); call this
+        before that too, or an entry made due while its pool still backs off is
+        deferred again until the backoff's end."""
+        if domain is None:
+            pools = list(self.pools.pools.values())
+        else:
+            domain = domain.strip().rstrip(".").lower()
+            cached = self.dns.peek(domain)
+            site = cached[0].site_key if cached and isinstance(cached[0], Route) else ""
+            pools = self.pools.serving(domain, site)
+        ended = sum(pool.end_backoff() for pool in pools)
+        self.scheduler.forget_routes()
+        self.scheduler.wake()
+        return ended
+
+    def mx(self, domain: str) -> dict[str, Any]:
+        """What the MX cache holds for `domain` (no query): kind "route" with the hosts
+        in the order they would be tried, "error" with the reply that decides the mail,
+        or "none" when nothing (or only part of it) is cached."""
+        name = domain.strip().rstrip(".").lower()
+        out: dict[str, Any] = {"domain": name, "kind": "none", "hosts": [], "reply": "",
+                               "ttl": 0.0}
+        cached = self.dns.peek(name)
+        if cached is None:
+            return out
+        plan, ttl = cached
+        out["ttl"] = round(ttl, 1)
+        if isinstance(plan, Route):
+            out["kind"] = "route"
+            out["hosts"] = [{"name": h.name, "preference": h.preference,
+                             "addresses": list(h.addresses)} for h in plan.hosts]
+        else:
+            out["kind"] = "error"
+            out["reply"] = reply_text(plan.reply)
+        return out
+
+    def mx_flush(self, domain: str | None = None) -> int:
+        """Forget cached DNS answers for `domain` (all if None) and the route memo;
+        returns the number of cache entries removed."""
+        removed = self.dns.flush(domain)
+        self.scheduler.forget_routes()
+        return removed
+
+    def live_state(self) -> dict[str, Any]:
+        """Figures for `volley ctl status` (see the README, "Control socket")."""
+        mono, wall = self.loop.time(), time.time()
+        pools = list(self.pools.pools.values())
+        shown = sorted(pools, key=lambda p: -(p.stats.connections_open + p.stats.jobs_queued))
+        rows = [_pool_row(p, mono, wall) for p in shown[:MAX_POOLS_SHOWN]]
+        backoffs = [{"site": p.site_key, "domains": p.recent_domains,
+                     "until": round(wall + p.stats.backoff_until - mono, 3),
+                     "reply": reply_text(p.backoff_reply)}
+                    for p in pools if p.in_backoff]
+        return {
+            "sessions_out": sum(p.stats.connections_open for p in pools),
+            "inflight": len(self.scheduler.inflight),
+            "queued_jobs": sum(p.stats.jobs_queued for p in pools),
+            "pools": rows,
+            "pools_total": len(pools),
+            "backoffs": backoffs,
+        }
+
+
+def _pool_row(pool: SitePool, mono: float, wall: float) -> dict[str, Any]:
+    st = pool.stats
+    s = pool.settings
+    backing_off = st.backoff_until > 0
+    return {
+        "site": pool.site_key, "domain": s.only_domain, "open": st.connections_open,
+        "queued": st.jobs_queued, "limit": st.concurrency_limit,
+        "max_connections": s.max_connections, "rate": s.rate,
+        "backoff_until": round(wall + st.backoff_until - mono, 3) if backing_off else None,
+        "backoff_reply": reply_text(pool.backoff_reply) if backing_off else "",
+    }
+
+
+def reply_text(reply: Reply) -> str:
+    """One line: "421 4.4.1 text" (multi-line texts joined by spaces)."""
+    parts = [str(reply.code)] + ([reply.enhanced] if reply.enhanced else []) + list(reply.lines)
+    return " ".join(parts)

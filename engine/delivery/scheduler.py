@@ -20,6 +20,12 @@ transaction, so two workers delivering different domains of one message never
 overwrite each other's recipient states. Delivered, bounced and expired recipients
 are marked in the same group commit that follows the remote's final reply (P3);
 bounces queue their DSN in that same transaction, with the null sender.
+
+Holds (engine/delivery/holds.py): an entry of a suspended domain is not dispatched but
+parked, all of one scan's in one op, and stays in `inflight` until that op commits. A
+throttled domain gets pool settings of its own (`routing.throttled`), hence its own
+pool. Jobs still queued in pools for a domain whose hold changed are handed back
+unsent, so the hold applies to them too.
 """
 
 from __future__ import annotations
@@ -31,10 +37,11 @@ from typing import Any
 
 from engine.config import Config
 from engine.delivery import outcome as outcome_mod
+from engine.delivery.holds import Holds, Parked, park_op
 from engine.delivery.job import Job, JobResult, PoolSettings
 from engine.delivery.reports import due_delay_reports, queue_dsns
 from engine.delivery.retry import expired, parse_schedule
-from engine.delivery.routing import drop_self, match_route, pool_settings, smarthost_route
+from engine.delivery.routing import drop_self, match_route, pool_settings, smarthost_route, throttled
 from engine.dns.cache import DnsCache
 from engine.dns.mx import Route, RouteError
 from engine.dns.resolver import Resolver
@@ -43,7 +50,7 @@ from engine.observe import log
 from engine.observe.delivery_log import DeliveryLog
 from engine.queue.commit import Committer
 from engine.queue.ids import IdAllocator, id_text
-from engine.queue.records import PENDING, MessageRecord, domain_of
+from engine.queue.records import EXPIRED, PENDING, MessageRecord, domain_of
 from engine.queue.store import QueueStore, WriteTxn
 
 # Resume scans this far before the newest due time dispatched: a message stamped at
@@ -56,11 +63,14 @@ _ROUTE_MEMO = 1.0  # seconds a resolved route is reused without asking the DNS c
 
 
 class DeliveryStats:
-    __slots__ = ("dispatched", "delivered", "deferred", "bounced", "dsns", "attempts")
+    """Counters since start; outcomes count recipients (`bounced` includes `expired`)."""
+
+    __slots__ = ("dispatched", "delivered", "deferred", "bounced", "expired", "dsns",
+                 "attempts", "parked")
 
     def __init__(self) -> None:
-        self.dispatched = self.delivered = self.deferred = self.bounced = 0
-        self.dsns = self.attempts = 0
+        self.dispatched = self.delivered = self.deferred = self.bounced = self.expired = 0
+        self.dsns = self.attempts = self.parked = 0
 
 
 class Scheduler:
@@ -89,11 +99,37 @@ class Scheduler:
         # domain → (valid until loop.time(), route, pool settings); see _resolve
         self._routes: dict[str, tuple[float, Route | RouteError, PoolSettings]] = {}
         self._last_full = 0.0
+        self.holds = Holds()
+        # Equal settings as one object, so the pool manager's "changed?" test is an
+        # identity check for every job but the first after a change.
+        self._settings: dict[PoolSettings, PoolSettings] = {}
+        self.metrics: Any = None  # WorkerMetrics, when the worker wants histograms
 
     def apply_config(self, cfg: Config) -> None:
         self.cfg = cfg
         self.schedule = parse_schedule(cfg.delivery.retry)
+        self.forget_routes()
+
+    def forget_routes(self) -> None:
+        """Drop the route memo: the next entry of each domain asks the DNS cache again."""
         self._routes.clear()
+        self._settings.clear()
+
+    def set_holds(self, holds: Holds) -> None:
+        """Adopt the operator's table. Jobs still queued in pools for a domain whose
+        suspension or throttle changed are handed back unsent (they stay due, and the
+        next scan parks them or sends them to the right pool)."""
+        old, self.holds = self.holds, holds
+        now = time.time()
+        changed = {d for d in holds.suspensions.keys() | old.suspensions.keys()
+                   if holds.suspended(d, now) != old.suspended(d, now)}
+        changed |= {d for d in holds.throttles.keys() | old.throttles.keys()
+                    if holds.throttles.get(d) != old.throttles.get(d)}
+        self.forget_routes()
+        for domain in changed:
+            self.pools.withdraw(domain)
+        self._last_full = 0.0  # handed-back entries may lie before the resume point
+        self.wake()
 
     # --- the loop ----------------------------------------------------------------------
     def start(self) -> None:
@@ -140,10 +176,15 @@ class Scheduler:
         entries = self.store.due_entries(self.owner, int(now * 1000), min(room, _SCAN_BATCH),
                                          since, exclude=self.inflight)
         routes = self._routes
+        held = self.holds.suspensions
+        parks: list[tuple[bytes, str]] = []
         for due_ms, msg_id, domain in entries:
             self.inflight.add((msg_id, domain))
             if due_ms > self._newest_ms:
                 self._newest_ms = due_ms
+            if held and domain in held and held[domain].in_force(now):
+                parks.append((msg_id, domain))
+                continue
             memo = routes.get(domain)
             if memo is not None and memo[0] > mono:
                 try:
@@ -154,8 +195,38 @@ class Scheduler:
                     self.inflight.discard((msg_id, domain))
             else:
                 self.loop.create_task(self._dispatch(msg_id, domain, now))
+        if parks:
+            self._park(parks, now)
         if len(entries) == _SCAN_BATCH:
             self._wake.set()  # more may be due: scan again on the next turn
+
+    # --- holds -------------------------------------------------------------------------
+    def _park(self, entries: list[tuple[bytes, str]], now: float) -> None:
+        """One op for the scan's held entries (see holds.park_op); they leave
+        `inflight` when it has committed."""
+        op = park_op(entries, now, float(self.cfg.delivery.max_age))
+        self.committer.submit(op, lambda res: self._parked(entries, res, now))
+
+    def _parked(self, entries: list[tuple[bytes, str]], res: object, now: float) -> None:
+        if isinstance(res, BaseException):
+            log.error("park_failed", entries=len(entries), error=repr(res))
+            res = Parked()
+        assert isinstance(res, Parked)
+        self.stats.parked += res.parked
+        keep = set(res.released) | set(res.expired)
+        for entry in entries:
+            if entry not in keep:
+                self.inflight.discard(entry)
+        # Resumed between our scan and the commit: deliver as usual.
+        for msg_id, domain in res.released:
+            self.loop.create_task(self._dispatch(msg_id, domain, now))
+        for msg_id, domain in res.expired:
+            body = self.store.get_body(msg_id)
+            if body is None:
+                self.inflight.discard((msg_id, domain))
+            else:
+                self._commit_outcome(msg_id, domain, body, JobResult(replies={}), expire=True)
+        self._wake.set()
 
     # --- one (message, domain) unit ----------------------------------------------------
     async def _dispatch(self, msg_id: bytes, domain: str, now: float) -> None:
@@ -170,6 +241,10 @@ class Scheduler:
     async def _resolve(self, domain: str) -> tuple[Route | RouteError, PoolSettings]:
         route_cfg = match_route(self.cfg.routes, domain)
         settings = pool_settings(self.cfg, route_cfg)
+        throttle = self.holds.throttles.get(domain)
+        if throttle is not None:
+            settings = throttled(settings, throttle)
+        settings = self._settings.setdefault(settings, settings)
         route: Route | RouteError
         if route_cfg is not None and route_cfg.host:
             route = await smarthost_route(domain, route_cfg, self.resolver)
@@ -182,7 +257,7 @@ class Scheduler:
         # settings, a coroutine) per message cost ~12% of a worker. Keep it briefly.
         self._routes[domain] = (self.loop.time() + _ROUTE_MEMO, route, settings)
         if len(self._routes) > 10_000:
-            self._routes.clear()
+            self.forget_routes()
         return route, settings
 
     def _dispatch_now(self, msg_id: bytes, domain: str, now: float,
@@ -270,7 +345,22 @@ class Scheduler:
         st.delivered += len(applied.delivered)
         st.deferred += len(applied.deferred)
         st.bounced += len(applied.bounced)
+        if applied.bounced:
+            recipients = applied.record.recipients
+            st.expired += sum(1 for i in applied.bounced if recipients[i].state == EXPIRED)
+        if self.metrics is not None:
+            self._observe(before, applied, result, now)
         self._log(before, applied, domain, result, now)
+
+    def _observe(self, before: MessageRecord, applied: outcome_mod.Applied, result: JobResult,
+                 now: float) -> None:
+        """Histograms: one latency per SMTP transaction, one queue time per recipient
+        delivered."""
+        m = self.metrics
+        if result.attempt_started and result.mx_host:
+            m.delivery_latency.observe(max(0.0, self.loop.time() - result.attempt_started))
+        for _ in applied.delivered:
+            m.queue_time.observe(max(0.0, now - before.received_at))
 
     def _log(self, before: MessageRecord, applied: outcome_mod.Applied, domain: str,
              result: JobResult, now: float) -> None:
@@ -279,7 +369,7 @@ class Scheduler:
         verdicts = {i: "delivered" for i in applied.delivered}
         verdicts.update({i: "deferred" for i in applied.deferred})
         for i in applied.bounced:
-            verdicts[i] = "expired" if applied.record.recipients[i].state == 3 else "bounced"
+            verdicts[i] = "expired" if applied.record.recipients[i].state == EXPIRED else "bounced"
         for i, verdict in sorted(verdicts.items()):
             reply = applied.replies.get(i)
             rcpt = applied.record.recipients[i]

@@ -42,6 +42,11 @@ class WriteTxn:
         data = self.txn.get(msg_id, db=self._store._msg)
         return None if data is None else decode_record(data)
 
+    def get_control(self, name: bytes) -> bytes | None:
+        """Control state (`QueueStore.put_control`) as seen inside this transaction: an
+        op that must agree with the operator's latest word (a suspension) reads it here."""
+        return self.txn.get(name, db=self._store._ctl)
+
     def put_message(self, record: MessageRecord, body: bytes) -> None:
         """Store a new message: record, body and its due entries.
 

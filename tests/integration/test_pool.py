@@ -12,7 +12,8 @@ import trustme
 
 from engine.delivery.connect import client_tls_context
 from engine.delivery.job import PoolSettings
-from engine.delivery.pool import PoolManager, SitePool
+from engine.delivery.pool import SitePool
+from engine.delivery.pool_manager import PoolManager
 from engine.dns.mx import Route
 from tests.integration.test_session import (
     LOCAL_ROUTE,

@@ -1,0 +1,107 @@
+"""Every connection pool of one worker, keyed by destination site (pool.py has one
+pool's theory of operation)."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+from engine.config import TimeoutsConfig
+from engine.delivery.connect import client_tls_context
+from engine.delivery.job import Job, PoolSettings
+from engine.delivery.pool import PoolStats, SitePool, safe_done, unsent
+from engine.dns.mx import Route
+
+PoolKey = tuple[str, int, str, str, str]
+
+
+class PoolManager:
+    """Every SitePool of a worker, keyed by (site_key, port, tls policy, auth user,
+    throttled domain), so domains sharing an MX set share connections (ARCHITECTURE
+    rule 10) unless an operator throttled one of them (`PoolSettings.only_domain`).
+
+    Differing `settings` for an existing key are applied to that pool
+    (`SitePool.update_settings`): a reload or a throttle changes running pools.
+    """
+
+    def __init__(self, timeouts: TimeoutsConfig | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.timeouts = timeouts or TimeoutsConfig()
+        self.loop = loop or asyncio.get_running_loop()
+        self.pools: dict[PoolKey, SitePool] = {}
+        self._contexts: dict[tuple[bool, str], ssl.SSLContext] = {}
+        self._closing = False
+        self._retired = PoolStats()  # totals of pools dropped by close_idle
+
+    def tls_context(self, settings: PoolSettings) -> ssl.SSLContext:
+        """One cached client context per (verify, CA file).
+
+        Raises OSError / ssl.SSLError if the CA file cannot be loaded.
+        """
+        key = (settings.tls_verify, settings.tls_ca_file)
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            ctx = self._contexts[key] = client_tls_context(*key)
+        return ctx
+
+    def pool_for(self, route: Route, settings: PoolSettings) -> SitePool:
+        key = (route.site_key, settings.port, settings.tls, settings.auth_user,
+               settings.only_domain)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = SitePool(
+                route.site_key, settings, self.timeouts,
+                lambda: self.tls_context(pool.settings), self.loop)
+        elif pool.settings is not settings and pool.settings != settings:
+            pool.update_settings(settings)
+        return pool
+
+    def submit(self, job: Job, settings: PoolSettings) -> None:
+        """`pool_for(job.route, settings).submit(job)`; after `close` a 4.3.2 deferral."""
+        if self._closing:
+            safe_done(job, unsent(job))
+            return
+        self.pool_for(job.route, settings).submit(job)
+
+    def withdraw(self, domain: str) -> int:
+        """`SitePool.withdraw` on every pool; returns the jobs handed back."""
+        return sum(pool.withdraw(domain) for pool in self.pools.values())
+
+    def serving(self, domain: str, site_key: str = "") -> list[SitePool]:
+        """Pools that lately took jobs for `domain`, its own (throttled) pool, and the
+        pools of `site_key` (its MX site, when known)."""
+        return [p for k, p in self.pools.items()
+                if k[4] == domain or (site_key and k[0] == site_key) or p.serves(domain)]
+
+    def close_idle(self) -> int:
+        """QUIT idle sessions everywhere and drop pools with nothing left; returns the
+        number of sessions asked to QUIT."""
+        n = sum(pool.close_idle() for pool in self.pools.values())
+        for key, pool in list(self.pools.items()):
+            st = pool.stats
+            if pool.idle and not st.connections_open and not pool.in_backoff:
+                self._retired.connections_opened += st.connections_opened
+                self._retired.bytes_sent += st.bytes_sent
+                del self.pools[key]
+        return n
+
+    @property
+    def connections_opened(self) -> int:
+        """Outbound connections opened since start (all pools, dropped ones too)."""
+        live = sum(p.stats.connections_opened for p in self.pools.values())
+        return self._retired.connections_opened + live
+
+    @property
+    def bytes_sent(self) -> int:
+        """Message content accepted by next hops since start."""
+        return self._retired.bytes_sent + sum(p.stats.bytes_sent for p in self.pools.values())
+
+    async def close(self, grace: float | None = None) -> None:
+        """Close every pool (see `SitePool.close`); every job gets exactly one result."""
+        self._closing = True
+        await asyncio.gather(*[pool.close(grace) for pool in self.pools.values()])
+
+    @property
+    def stats(self) -> dict[str, PoolStats]:
+        return {f"{k[0]}:{k[1]}/{k[2]}" + (f"/{k[3]}" if k[3] else "")
+                + (f"[{k[4]}]" if k[4] else ""): p.stats for k, p in self.pools.items()}
