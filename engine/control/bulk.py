@@ -1,0 +1,282 @@
+"""Operator changes to many queued messages: flush, delete, bounce, in chunks.
+
+A filter (one id, or domain/sender/state/all with the semantics of `volley ctl list`)
+selects messages in short read transactions (`select`); each chunk of ids is then
+changed in ONE write transaction (`flush_chunk`, `delete_chunk`, `bounce_chunk`), so
+the LMDB write lock (one per environment) is held for a few milliseconds at a time
+and the workers' commits interleave with the operator's. Every op re-reads its
+record inside the write transaction and passes over a message that is gone or has
+nothing left to change: the queue moves on between selection and change.
+
+`run_bulk` drives the chunks from the supervisor's event loop, one thread call per
+chunk, so the loop keeps serving between them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from itertools import compress, repeat
+from operator import eq, itemgetter
+from typing import Any
+
+import msgspec
+
+from engine.control.message_view import Selector, record_pages
+from engine.delivery import outcome
+from engine.delivery.job import JobResult
+from engine.delivery.reports import queue_dsns
+from engine.errors import StorageError
+from engine.queue.ids import IdAllocator
+from engine.queue.layout import DUE_FIXED, DUE_HEAD, stable_shard
+from engine.queue.records import BOUNCED, PENDING, MessageRecord, domain_of
+from engine.queue.store import QueueStore
+from engine.queue.writetxn import WriteTxn
+from engine.smtp.replies import Reply
+
+CHUNK = 500  # messages per write transaction (a few ms of write lock)
+ACTIONS = ("flush", "delete", "bounce")
+DELETED_REPLY = "deleted by the operator"
+
+_ID = itemgetter(slice(DUE_HEAD.size, DUE_FIXED))
+_DOMAIN = itemgetter(slice(DUE_FIXED, None))
+
+
+def _domain_ids(store: QueueStore, domain: str) -> list[bytes]:
+    """Ids with a PENDING recipient in `domain`, from its owner's range of the due
+    index (keys only, in pages), sorted. One key per (message, domain): no duplicates."""
+    target = domain.encode("utf-8", "surrogatepass")
+    prefix = stable_shard(domain, store.shards).to_bytes(2, "big")
+    ids: list[bytes] = []
+    start = prefix
+    while True:
+        keys = store.scan_due_keys(start, 8192)
+        mine = [k for k in keys if k.startswith(prefix)]
+        ids += compress(map(_ID, mine), map(eq, map(_DOMAIN, mine), repeat(target)))
+        if len(mine) < len(keys) or not keys:
+            break
+        start = keys[-1] + b"\0"
+    ids.sort()
+    return ids
+
+
+def select(store: QueueStore, *, domain: str = "", sender: str = "", state: str | None = None,
+           now: float, suspended: Mapping[str, object], chunk: int = CHUNK) -> Iterator[list[bytes]]:
+    """Yield the ids of the messages the filter selects, in chunks of up to `chunk`.
+
+    Only messages received before `now` are selected: the reports a bounce queues
+    (received at `now`) are never bounced by the same run. With a domain the due index
+    gives the candidates; otherwise the records are walked in id order. Each page is
+    read in its own short transaction; a message changed after its page was read is
+    re-checked by the chunk action itself.
+    """
+    domain = domain.strip().lower().rstrip(".")
+    sel = Selector(domain=domain, sender=sender, state=state, suspended=suspended, before=now)
+    out: list[bytes] = []
+    if domain:
+        ids = _domain_ids(store, domain)
+        for i in range(0, len(ids), chunk):
+            part = ids[i:i + chunk]
+            out += [mid for mid, rec in zip(part, store.get_many(part))
+                    if rec is not None and sel.match(rec) is not None]
+            while len(out) >= chunk:
+                yield out[:chunk]
+                out = out[chunk:]
+    else:
+        for page in record_pages(store):
+            out += [mid for mid, raw in page if sel.match_raw(raw) is not None]
+            while len(out) >= chunk:
+                yield out[:chunk]
+                out = out[chunk:]
+    if out:
+        yield out
+
+
+def _one(store: QueueStore, msg_id: bytes) -> Iterator[list[bytes]]:
+    """The chunk of a single-id request: [id] when it is queued (read in the thread)."""
+    if store.get(msg_id) is not None:
+        yield [msg_id]
+
+
+def _copy(rec: MessageRecord) -> MessageRecord:
+    return msgspec.structs.replace(rec, recipients=[msgspec.structs.replace(r) for r in rec.recipients])
+
+
+def _mine(rec: MessageRecord, domain: str) -> list[int]:
+    """Indexes of the PENDING recipients (of `domain`, when given)."""
+    return [i for i, r in enumerate(rec.recipients)
+            if r.state == PENDING and (not domain or domain_of(r.address) == domain)]
+
+
+def _commit(store: QueueStore, ops: list[Callable[[WriteTxn], int]]) -> int:
+    """One write transaction for the chunk; the number of messages changed."""
+    if not ops:
+        return 0
+    results = store.write(ops)
+    if store.durability == "fsync":
+        store.sync()  # the operator's change is on disk when the reply says so (P1)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:  # the other ops are committed; say what went wrong with the rest
+        raise StorageError(f"{len(failed)} of {len(ops)} changes failed: {failed[0]!r}")
+    return sum(r for r in results if isinstance(r, int))
+
+
+def flush_chunk(store: QueueStore, ids: list[bytes], domain: str = "") -> int:
+    """Make the pending recipients (of `domain`, if given) due at once: next_attempt
+    0.0, so their due entries move to the arrival time (in the past, i.e. now).
+    Returns how many messages had such recipients."""
+
+    def op_for(mid: bytes) -> Callable[[WriteTxn], int]:
+        def op(w: WriteTxn) -> int:
+            current = w.get(mid)
+            if current is None:
+                return 0
+            idx = _mine(current, domain)
+            if not idx:
+                return 0
+            new = _copy(current)
+            for i in idx:
+                new.recipients[i].next_attempt = 0.0
+            if new != current:
+                w.update_message(new, stored=current)
+            return 1
+
+        return op
+
+    return _commit(store, [op_for(mid) for mid in ids])
+
+
+def delete_chunk(store: QueueStore, ids: list[bytes], domain: str = "") -> int:
+    """Without a domain, delete each message. With one, its pending recipients in that
+    domain become BOUNCED ("deleted by the operator", no report) and the message is
+    deleted when nothing is pending any more. Returns how many messages changed."""
+
+    def op_for(mid: bytes) -> Callable[[WriteTxn], int]:
+        def op(w: WriteTxn) -> int:
+            current = w.get(mid)
+            if current is None:
+                return 0
+            if not domain:
+                w.delete_message(mid, stored=current)
+                return 1
+            idx = _mine(current, domain)
+            if not idx:
+                return 0
+            new = _copy(current)
+            for i in idx:
+                new.recipients[i].state = BOUNCED
+                new.recipients[i].last_reply = DELETED_REPLY
+            if any(r.state == PENDING for r in new.recipients):
+                w.update_message(new, stored=current)
+            else:
+                w.delete_message(mid, stored=current)
+            return 1
+
+        return op
+
+    return _commit(store, [op_for(mid) for mid in ids])
+
+
+def bounce_reply(reason: str = "") -> Reply:
+    """550 5.0.0 (RFC 3463 §3.1 "Other undefined status"): no code says "an operator
+    decided"; the text does. Control characters in the reason become spaces."""
+    text = "bounced by the operator"
+    reason = "".join(" " if ord(c) < 32 or ord(c) == 127 else c for c in reason).strip()
+    return Reply(550, "5.0.0", f"{text}: {reason}" if reason else text)
+
+
+def bounce_chunk(store: QueueStore, ids: list[bytes], *, domain: str = "", reason: str = "",
+                 id_alloc: IdAllocator, hostname: str, now: float) -> int:
+    """Bounce the pending recipients (of `domain`, or all) with `bounce_reply`, as the
+    scheduler does a remote 5xx: outcome.apply marks them BOUNCED and a failure report
+    goes to the sender (reports.queue_dsns; none for the null sender, RFC 3461 §6.2, nor
+    for NOTIFY=NEVER) in the same op. The message is deleted when nothing is pending.
+    Returns how many messages had recipients bounced."""
+    reply = bounce_reply(reason)
+    bodies = store.get_bodies(ids)  # bodies never change once queued: read them outside
+    # Report ids come from the allocator outside the ops: an op may be run twice.
+    dsn_ids = [(id_alloc.next(), id_alloc.next(), id_alloc.next()) for _ in ids]
+    no_result = JobResult(replies={})
+
+    def op_for(mid: bytes, body: bytes, report_ids: tuple[bytes, bytes, bytes]) -> Callable[[WriteTxn], int]:
+        def op(w: WriteTxn) -> int:
+            current = w.get(mid)
+            if current is None:
+                return 0
+            idx = _mine(current, domain)
+            if not idx:
+                return 0
+            applied = outcome.apply(current, {i: reply for i in idx}, now, schedule=(60.0,),
+                                    max_age=float("inf"))
+            if applied.done:
+                w.delete_message(mid, stored=current)
+            else:
+                w.update_message(applied.record, stored=current)
+            queue_dsns(w, applied, body, report_ids, hostname, now, no_result, [],
+                       current.received_at)
+            return 1
+
+        return op
+
+    return _commit(store, [op_for(mid, body, rid) for mid, body, rid in zip(ids, bodies, dsn_ids)
+                           if body is not None])
+
+
+async def run_bulk(store: QueueStore, action: str, *, now: float,
+                   suspended: Mapping[str, object],
+                   run_in_thread: Callable[[Callable[[], Any]], Awaitable[Any]],
+                   id: bytes | None = None, domain: str = "", sender: str = "",
+                   state: str | None = None, all: bool = False, dry_run: bool = False,
+                   reason: str = "", id_alloc: IdAllocator | None = None, hostname: str = "",
+                   chunk: int = CHUNK) -> dict[str, Any]:
+    """Select and change messages chunk by chunk: {"matched", "done", "dry_run",
+    "chunks", "seconds"}. Each chunk (selection and write) is one `run_in_thread(fn)`
+    call, so the event loop runs between chunks. `dry_run` only counts the matches.
+
+    `id` selects one message (its pending recipients, of `domain` if given, for
+    flush); otherwise the filter, which must not be empty unless `all`.
+
+    Raises:
+        ValueError: unknown action, an empty filter without `all`, or a bounce
+            without `id_alloc`/`hostname`.
+        StorageError: the store failed (chunks already done stay done).
+    """
+    if action not in ACTIONS:
+        raise ValueError(f"unknown bulk action {action!r}; expected one of {ACTIONS}")
+    if action == "bounce" and (id_alloc is None or not hostname):
+        raise ValueError("bounce needs id_alloc and hostname (the reports' ids and Reporting-MTA)")
+    domain = domain.strip().lower().rstrip(".")
+    if id is None and not (domain or sender.strip() or state or all):
+        raise ValueError(f"{action}: give an id, a filter, or all")
+    started = time.monotonic()
+    if id is not None:
+        chunks = _one(store, id)
+    else:
+        chunks = select(store, domain=domain, sender=sender, state=state, now=now,
+                        suspended=suspended, chunk=chunk)
+
+    def change(ids: list[bytes]) -> int:
+        if action == "flush":
+            return flush_chunk(store, ids, domain)
+        if action == "delete":
+            return delete_chunk(store, ids, domain)
+        assert id_alloc is not None
+        return bounce_chunk(store, ids, domain=domain, reason=reason, id_alloc=id_alloc,
+                            hostname=hostname, now=now)
+
+    def step() -> tuple[int, int] | None:
+        ids = next(chunks, None)
+        if ids is None:
+            return None
+        return len(ids), 0 if dry_run else change(ids)
+
+    matched = done = n_chunks = 0
+    while True:
+        res = await run_in_thread(step)
+        if res is None:
+            break
+        matched += res[0]
+        done += res[1]
+        n_chunks += 1
+    return {"matched": matched, "done": done, "dry_run": dry_run, "chunks": n_chunks,
+            "seconds": round(time.monotonic() - started, 3)}
