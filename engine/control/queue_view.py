@@ -125,14 +125,9 @@ class _DomainWalk:
             if cut == hi:
                 continue
             _group(self.waiting, doms[cut:hi], vals[cut:hi])
-            # Keys run by due within an owner, and a domain has one owner, so the first
-            # deferred key seen of a domain is its earliest: dict() over the run backwards
-            # keeps the first; only domains not seen before are added.
-            firsts = dict(zip(reversed(doms[cut:hi]), reversed(keys[cut:hi])))
-            known = self.first_deferred
-            new = firsts.keys() - known.keys()
-            if new:
-                known.update({d: firsts[d] for d in new})
+            # Keys run by due within an owner and a domain has one owner, so the first
+            # deferred key seen of a domain is its earliest; setdefault keeps the first.
+            deque(map(self.first_deferred.setdefault, doms[cut:hi], keys[cut:hi]), maxlen=0)
 
     def counts(self) -> dict[bytes, tuple[int, int]]:
         """domain → (units, ready units)."""
