@@ -121,10 +121,12 @@ def _commit(store: QueueStore, ops: list[Callable[[WriteTxn], int]]) -> int:
     return sum(r for r in results if isinstance(r, int))
 
 
-def flush_chunk(store: QueueStore, ids: list[bytes], domain: str = "") -> int:
-    """Make the pending recipients (of `domain`, if given) due at once: next_attempt
-    0.0, so their due entries move to the arrival time (in the past, i.e. now).
-    Returns how many messages had such recipients."""
+def _each_pending(store: QueueStore, ids: list[bytes], domain: str,
+                  change: Callable[[WriteTxn, MessageRecord, list[int]], None]) -> int:
+    """One op per message in one write txn: the record is read again inside it, and a
+    message that is gone or has no pending recipient (of `domain`) is passed over;
+    otherwise `change(w, record, indexes of those recipients)`. Returns how many
+    messages were changed."""
 
     def op_for(mid: bytes) -> Callable[[WriteTxn], int]:
         def op(w: WriteTxn) -> int:
@@ -134,47 +136,50 @@ def flush_chunk(store: QueueStore, ids: list[bytes], domain: str = "") -> int:
             idx = _mine(current, domain)
             if not idx:
                 return 0
-            new = _copy(current)
-            for i in idx:
-                new.recipients[i].next_attempt = 0.0
-            if new != current:
-                w.update_message(new, stored=current)
+            change(w, current, idx)
             return 1
 
         return op
 
     return _commit(store, [op_for(mid) for mid in ids])
+
+
+def flush_chunk(store: QueueStore, ids: list[bytes], domain: str = "") -> int:
+    """Make the pending recipients (of `domain`, if given) due at once: next_attempt
+    0.0, so their due entries move to the arrival time (in the past, i.e. now).
+    Returns how many messages had such recipients."""
+
+    def change(w: WriteTxn, current: MessageRecord, idx: list[int]) -> None:
+        new = _copy(current)
+        for i in idx:
+            new.recipients[i].next_attempt = 0.0
+        if new != current:
+            w.update_message(new, stored=current)
+
+    return _each_pending(store, ids, domain, change)
 
 
 def delete_chunk(store: QueueStore, ids: list[bytes], domain: str = "") -> int:
     """Without a domain, delete each message. With one, its pending recipients in that
     domain become BOUNCED ("deleted by the operator", no report) and the message is
     deleted when nothing is pending any more. Returns how many messages changed."""
+    if not domain:
+        def op_for(mid: bytes) -> Callable[[WriteTxn], int]:
+            return lambda w: int(w.delete_message(mid))
 
-    def op_for(mid: bytes) -> Callable[[WriteTxn], int]:
-        def op(w: WriteTxn) -> int:
-            current = w.get(mid)
-            if current is None:
-                return 0
-            if not domain:
-                w.delete_message(mid, stored=current)
-                return 1
-            idx = _mine(current, domain)
-            if not idx:
-                return 0
-            new = _copy(current)
-            for i in idx:
-                new.recipients[i].state = BOUNCED
-                new.recipients[i].last_reply = DELETED_REPLY
-            if any(r.state == PENDING for r in new.recipients):
-                w.update_message(new, stored=current)
-            else:
-                w.delete_message(mid, stored=current)
-            return 1
+        return _commit(store, [op_for(mid) for mid in ids])
 
-        return op
+    def change(w: WriteTxn, current: MessageRecord, idx: list[int]) -> None:
+        new = _copy(current)
+        for i in idx:
+            new.recipients[i].state = BOUNCED
+            new.recipients[i].last_reply = DELETED_REPLY
+        if any(r.state == PENDING for r in new.recipients):
+            w.update_message(new, stored=current)
+        else:
+            w.delete_message(current.id, stored=current)
 
-    return _commit(store, [op_for(mid) for mid in ids])
+    return _each_pending(store, ids, domain, change)
 
 
 def bounce_reply(reason: str = "") -> Reply:
@@ -193,33 +198,23 @@ def bounce_chunk(store: QueueStore, ids: list[bytes], *, domain: str = "", reaso
     for NOTIFY=NEVER) in the same op. The message is deleted when nothing is pending.
     Returns how many messages had recipients bounced."""
     reply = bounce_reply(reason)
-    bodies = store.get_bodies(ids)  # bodies never change once queued: read them outside
-    # Report ids come from the allocator outside the ops: an op may be run twice.
-    dsn_ids = [(id_alloc.next(), id_alloc.next(), id_alloc.next()) for _ in ids]
+    # Bodies never change once queued, so they are read outside the write txn; report
+    # ids are taken outside the ops too, because an op may be run twice.
+    bodies = dict(zip(ids, store.get_bodies(ids)))
+    report_ids = {mid: (id_alloc.next(), id_alloc.next(), id_alloc.next()) for mid in ids}
     no_result = JobResult(replies={})
 
-    def op_for(mid: bytes, body: bytes, report_ids: tuple[bytes, bytes, bytes]) -> Callable[[WriteTxn], int]:
-        def op(w: WriteTxn) -> int:
-            current = w.get(mid)
-            if current is None:
-                return 0
-            idx = _mine(current, domain)
-            if not idx:
-                return 0
-            applied = outcome.apply(current, {i: reply for i in idx}, now, schedule=(60.0,),
-                                    max_age=float("inf"))
-            if applied.done:
-                w.delete_message(mid, stored=current)
-            else:
-                w.update_message(applied.record, stored=current)
-            queue_dsns(w, applied, body, report_ids, hostname, now, no_result, [],
-                       current.received_at)
-            return 1
+    def change(w: WriteTxn, current: MessageRecord, idx: list[int]) -> None:
+        applied = outcome.apply(current, {i: reply for i in idx}, now, schedule=(60.0,),
+                                max_age=float("inf"))
+        if applied.done:
+            w.delete_message(current.id, stored=current)
+        else:
+            w.update_message(applied.record, stored=current)
+        queue_dsns(w, applied, bodies[current.id] or b"", report_ids[current.id], hostname, now,
+                   no_result, [], current.received_at)
 
-        return op
-
-    return _commit(store, [op_for(mid, body, rid) for mid, body, rid in zip(ids, bodies, dsn_ids)
-                           if body is not None])
+    return _each_pending(store, ids, domain, change)
 
 
 async def run_bulk(store: QueueStore, action: str, *, now: float,
