@@ -292,6 +292,19 @@ class ControlConfig(Frozen):
     group: str = ""
 
 
+class MetricsConfig(Frozen):
+    # "host:port" to serve GET /metrics (Prometheus text) over HTTP; "" = only over
+    # the control socket (`volley ctl metrics`).
+    listen: str = ""
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            try:
+                split_host_port(self.listen)
+            except ValueError as err:
+                raise ValueError(f"listen: {err}") from None
+
+
 class LogConfig(Frozen):
     level: Literal["debug", "info", "warning", "error"] = "info"
     delivery: str = "var/log/delivery.jsonl"
@@ -306,6 +319,7 @@ class Config(Frozen):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     control: ControlConfig = msgspec.field(default_factory=ControlConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     dns: DnsConfig = msgspec.field(default_factory=DnsConfig)
     delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)

@@ -13,11 +13,16 @@ until the restart instead of being refused.
 
 Signals: TERM/INT → drain workers and exit 0; HUP → re-read the config file and
 hand limits, relay rules, users and TLS to every worker (listeners are fixed at start).
+
+The supervisor also serves the control socket (engine/control/): it opens its own
+handle of the queue for that (safe: workers are exec'd, finding 9), keeps each
+worker's last pushed state, and asks workers over the same pipes when it needs them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import socket
@@ -30,7 +35,11 @@ import uvloop
 
 from engine import config as config_mod
 from engine.config import Config, split_host_port
+from engine.control.commands import ControlPlane
+from engine.control.metrics_http import start_metrics_http
+from engine.control.server import ControlSocketError, start_control_server
 from engine.observe import log
+from engine.queue.store import QueueStore
 
 # Restart backoff: immediate-ish at first, capped, reset after a healthy run.
 BACKOFF_FIRST = 0.25
@@ -79,6 +88,8 @@ class WorkerSlot:
         self.ready = asyncio.Event()
         self.restarts = 0
         self.started_at = 0.0
+        self._asks = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[dict[str, object]]] = {}
 
     async def supervise(self) -> None:
         failures = 0
@@ -104,7 +115,9 @@ class WorkerSlot:
 
     async def _run_once(self) -> int:
         parent, child = socket.socketpair()
-        fds = [s.fileno() for s in (self.sup.sockets[i][self.slot] for i in range(len(self.sup.sockets)))]
+        # After a drain the listeners are closed for good: a new worker gets none.
+        fds = [] if self.sup.draining else [
+            s.fileno() for s in (self.sup.sockets[i][self.slot] for i in range(len(self.sup.sockets)))]
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "engine.worker",
@@ -123,6 +136,12 @@ class WorkerSlot:
         self.ready.clear()
         self.writer.close()
         self.writer = None
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_result({"error": "worker exited"})
+        self._waiting.clear()
+        if self.sup.plane is not None:
+            self.sup.plane.fleet.worker_exited(self.slot)
         return code
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
@@ -131,9 +150,34 @@ class WorkerSlot:
                 message = msgspec.json.decode(line)
             except msgspec.DecodeError:
                 continue
-            if message.get("event") == "ready":
+            event = message.get("event")
+            if event == "state" and self.sup.plane is not None:
+                self.sup.plane.fleet.update(self.slot, message)
+            elif event == "answer":
+                fut = self._waiting.pop(message.get("ask", 0), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(message)
+            elif event == "ready":
                 self.ready.set()
+                if self.sup.draining:
+                    self.send({"cmd": "drain"})
                 self.sup.on_worker_ready(self)
+
+    async def ask(self, message: dict[str, object], timeout: float) -> dict[str, object]:
+        """Send a request to the worker and wait for its {"event": "answer"}; a worker
+        that is down or silent answers {"error": ...} instead of raising."""
+        if self.writer is None or not self.ready.is_set():
+            return {"error": "worker not running"}
+        n = next(self._asks)
+        fut: asyncio.Future[dict[str, object]] = asyncio.get_running_loop().create_future()
+        self._waiting[n] = fut
+        self.send({**message, "ask": n})
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            return {"error": "worker did not answer"}
+        finally:
+            self._waiting.pop(n, None)
 
     def send(self, message: dict[str, object]) -> None:
         if self.writer is not None and not self.writer.is_closing():
@@ -151,25 +195,88 @@ class Supervisor:
         self.addresses: list[str] = []
         self.slots: list[WorkerSlot] = []
         self.announced = False
+        self.draining = False
+        self.plane: ControlPlane | None = None
+        self._servers: list[asyncio.AbstractServer] = []
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self._prepare_dirs()
         self.sockets, self.addresses = bind_listeners(self.cfg, self.workers)
+        store = QueueStore(self.cfg.queue.path, map_size=int(self.cfg.queue.max_size),
+                           durability=self.cfg.queue.durability, shards=self.workers)
+        try:
+            await self._start_control(store)
+        except BaseException:
+            store.close()
+            raise
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.slots = [WorkerSlot(self, i) for i in range(self.workers)]
         tasks = [asyncio.ensure_future(s.supervise()) for s in self.slots]
+        ticking = asyncio.ensure_future(self._tick())
         log.info("starting", workers=self.workers, listeners=self.addresses,
-                 queue=self.cfg.queue.path, durability=self.cfg.queue.durability)
+                 queue=self.cfg.queue.path, durability=self.cfg.queue.durability,
+                 control=self.cfg.control.socket)
         await self.stop_event.wait()
+        ticking.cancel()
+        for server in self._servers:
+            server.close()
         await self._shutdown(tasks)
         for socks in self.sockets:
             for s in socks:
                 s.close()
+        Path(self.cfg.control.socket).unlink(missing_ok=True)
+        store.close()
         log.info("stopped")
         return 0
+
+    async def _start_control(self, store: QueueStore) -> None:
+        self.plane = plane = ControlPlane(self, store)
+        try:
+            self._servers.append(await start_control_server(
+                self.cfg.control.socket, self.cfg.control.group, plane.handle))
+        except ControlSocketError as err:
+            raise config_mod.ConfigError(str(err)) from None
+        if self.cfg.metrics.listen:
+            host, port = split_host_port(self.cfg.metrics.listen)
+            try:
+                self._servers.append(await start_metrics_http(host, port, plane.metrics_text))
+            except OSError as err:
+                raise config_mod.ConfigError(
+                    f"metrics.listen: cannot bind {self.cfg.metrics.listen}: {err.strerror}") from None
+
+    async def _tick(self) -> None:
+        """Once a second: end suspensions whose time is up; every 5 s: sample rates and
+        refresh the queue totals that metrics scrapes read."""
+        n = 0
+        while True:
+            await asyncio.sleep(1.0)
+            assert self.plane is not None
+            try:
+                await self.plane.expire_holds()
+                if n % 5 == 0:
+                    await self.plane.refresh()
+            except Exception as err:  # housekeeping must not end the supervisor
+                log.error("control_tick_failed", error=repr(err))
+            n += 1
+
+    def broadcast(self, message: dict[str, object]) -> None:
+        for slot in self.slots:
+            slot.send(message)
+
+    def drain(self) -> None:
+        """Stop accepting everywhere (also in workers started later); delivery goes on."""
+        if not self.draining:
+            self.draining = True
+            log.info("draining")
+            self.broadcast({"cmd": "drain"})
+            # Our copies too: while any process holds a listening socket the kernel
+            # keeps completing handshakes that nobody would ever answer.
+            for socks in self.sockets:
+                for sock in socks:
+                    sock.close()
 
     def _prepare_dirs(self) -> None:
         # P10: the queue directory is ours alone.
@@ -191,23 +298,25 @@ class Supervisor:
             self.stopping = True
             self.stop_event.set()
 
-    def reload(self) -> None:
+    def reload(self) -> bool:
         if self.config_path is None:
             log.info("reload_skipped", reason="running on the built-in defaults, no file")
-            return
+            return True
         try:
             cfg = config_mod.load(self.config_path)
         except config_mod.ConfigError as err:
             log.error("reload_refused", error=str(err))
-            return
-        if cfg.listeners != self.cfg.listeners or cfg.queue != self.cfg.queue:
-            log.warning("reload_partial", reason="listeners and queue change only on restart")
-            cfg = msgspec.structs.replace(cfg, listeners=self.cfg.listeners, queue=self.cfg.queue)
+            return False
+        fixed = ("listeners", "queue", "control", "metrics")
+        if any(getattr(cfg, f) != getattr(self.cfg, f) for f in fixed):
+            log.warning("reload_partial", reason="listeners, queue, control and metrics change only on restart")
+            cfg = msgspec.structs.replace(cfg, **{f: getattr(self.cfg, f) for f in fixed})
         self.cfg = cfg
         log.configure(cfg.log.level)
         for slot in self.slots:
             slot.send({"cmd": "reload", "config": config_mod.to_builtins(cfg)})
         log.info("reloaded")
+        return True
 
     async def _shutdown(self, tasks: list[asyncio.Future[None]]) -> None:
         for slot in self.slots:

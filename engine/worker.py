@@ -5,8 +5,13 @@ and one end of a control socketpair inherited. Only here, after the exec, is LMD
 opened (RELIABILITY finding 9), so the supervisor stays free to open it too.
 
 Control channel: JSON lines. Supervisor → worker: {"cmd": "start", "config": …,
-"workers": N, "slot": i} first, then {"cmd": "reload", "config": …} or
-{"cmd": "stop"}. Worker → supervisor: {"event": "ready"} once it accepts.
+"workers": N, "slot": i} first, then any of {"cmd": "reload", "config": …},
+{"cmd": "stop"}, {"cmd": "drain"} (stop accepting, keep delivering), {"cmd": "holds",
+"holds": …} (suspensions and throttles), {"cmd": "flush", "domain": d | null} (end
+backoffs, scan now), {"cmd": "mx", "domain": …, "flush": bool, "ask": n}.
+Worker → supervisor: {"event": "ready"} once it accepts, {"event": "state", …} every
+second (metrics and live figures, engine/control/fleet.py), {"event": "answer",
+"ask": n, …} to a request that carries "ask".
 """
 
 from __future__ import annotations
@@ -24,13 +29,16 @@ import uvloop
 
 from engine import config as config_mod
 from engine.inbound.context import WorkerContext
+from engine.delivery.holds import Holds, decode_holds, holds_from_builtins
 from engine.delivery.runtime import Delivery
 from engine.inbound.listener import start_listeners
 from engine.observe import log
+from engine.observe.metrics import WorkerMetrics
 from engine.queue.commit import Committer
 from engine.queue.inline_commit import InlineCommitter
 from engine.queue.ids import IdAllocator
 from engine.queue.store import QueueStore
+from engine.observe.worker_state import worker_state
 
 # Exit status of a worker whose storage environment became unusable (MDB_PANIC,
 # finding 8); the supervisor restarts it like any other exit, with the same backoff.
@@ -43,12 +51,15 @@ class WorkerRuntime:
     their own sockets; the worker process starts it on the supervisor's."""
 
     def __init__(self, store: QueueStore, committer: Committer, ctx: WorkerContext,
-                 servers: list[asyncio.AbstractServer], delivery: Delivery | None) -> None:
+                 servers: list[asyncio.AbstractServer], delivery: Delivery | None,
+                 sockets: list[socket.socket] | None = None) -> None:
+        self.sockets = sockets or []
         self.store = store
         self.committer = committer
         self.ctx = ctx
         self.servers = servers
         self.delivery = delivery
+        self.metrics = WorkerMetrics()
 
     @classmethod
     async def start(cls, cfg: config_mod.Config, sockets: list[socket.socket], *,
@@ -72,8 +83,13 @@ class WorkerRuntime:
             delivery = Delivery(cfg, store=store, committer=committer, ids=ids, owner=slot,
                                 local=_expand_wildcards(local))
             ctx.on_new_mail = delivery.scheduler.wake
+            raw = store.get_control(b"holds")  # suspensions hold from the first scan on
+            delivery.set_holds(decode_holds(raw) if raw else Holds({}, {}))
             delivery.start()
-        return cls(store, committer, ctx, servers, delivery)
+        runtime = cls(store, committer, ctx, servers, delivery, sockets)
+        if delivery is not None:
+            delivery.scheduler.metrics = runtime.metrics  # latency and queue-time histograms
+        return runtime
 
     def apply_config(self, cfg: config_mod.Config) -> None:
         self.ctx.apply_config(cfg)
@@ -87,12 +103,24 @@ class WorkerRuntime:
         await self.committer.stop()
         self.store.close()
 
-    async def drain(self) -> None:
-        """Stop accepting, end idle sessions, give busy ones the shutdown bound."""
+    def stop_accepting(self) -> None:
+        """Close the listeners (the supervisor keeps the sockets) and end idle sessions;
+        delivery goes on."""
         ctx = self.ctx
         ctx.draining = True
         for server in self.servers:
             server.close()
+        # The event loop serves a duplicate of each socket; ours must go too, or the
+        # kernel keeps completing handshakes nobody will answer.
+        for sock in self.sockets:
+            sock.close()
+        for proto in list(ctx.sessions):
+            proto.shutdown_if_idle()
+
+    async def drain(self) -> None:
+        """Stop accepting, end idle sessions, give busy ones the shutdown bound."""
+        ctx = self.ctx
+        self.stop_accepting()
         for proto in list(ctx.sessions):
             proto.shutdown_if_idle()
         loop = asyncio.get_running_loop()
@@ -152,9 +180,11 @@ class Worker:
         self._send(writer, {"event": "ready", "slot": self.slot, "pid": os.getpid()})
         log.info("worker_ready", slot=self.slot)
 
-        control = loop.create_task(self._control(reader, runtime))
+        control = loop.create_task(self._control(reader, writer, runtime))
+        pushing = loop.create_task(self._push_state(writer, runtime))
         await self.stop_event.wait()
         control.cancel()
+        pushing.cancel()
         housekeeping.cancel()
         await runtime.stop()
         st = runtime.committer.stats
@@ -166,9 +196,21 @@ class Worker:
     def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
         writer.write(msgspec.json.encode(message) + b"\n")
 
-    async def _control(self, reader: asyncio.StreamReader, runtime: WorkerRuntime) -> None:
+    async def _push_state(self, writer: asyncio.StreamWriter, runtime: WorkerRuntime) -> None:
+        while not writer.is_closing():
+            try:
+                self._send(writer, {"event": "state", "slot": self.slot, **worker_state(runtime)})
+            except Exception as err:  # reporting must never stop the worker
+                log.error("state_push_failed", error=repr(err))
+            await asyncio.sleep(1.0)
+
+    async def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       runtime: WorkerRuntime) -> None:
         while True:
-            line = await reader.readline()
+            try:
+                line = await reader.readline()
+            except (ConnectionError, OSError, ValueError):
+                line = b""  # a failed write to the pipe closed it: the same as EOF
             if not line:  # the supervisor is gone: nobody would restart or stop us
                 log.warning("supervisor_lost", slot=self.slot)
                 self.stop_event.set()
@@ -183,8 +225,35 @@ class Worker:
                     runtime.apply_config(cfg)
                     log.configure(cfg.log.level)
                     log.info("worker_reloaded", slot=self.slot)
-            except (msgspec.DecodeError, config_mod.ConfigError, OSError, ValueError) as err:
+                else:
+                    answer = self._steer(cmd, message, runtime)
+                    if "ask" in message:
+                        self._send(writer, {"event": "answer", "ask": message["ask"], **answer})
+            except (msgspec.DecodeError, msgspec.ValidationError, config_mod.ConfigError,
+                    OSError, ValueError, KeyError, TypeError) as err:
                 log.error("control_message_refused", slot=self.slot, error=str(err))
+
+    def _steer(self, cmd: object, message: dict[str, Any],
+               runtime: WorkerRuntime) -> dict[str, Any]:
+        """Control commands that change or read delivery; returns the answer."""
+        delivery = runtime.delivery
+        if cmd == "drain":
+            runtime.stop_accepting()
+            log.info("worker_draining", slot=self.slot)
+            return {}
+        if delivery is None:
+            return {"error": "delivery is disabled"}
+        if cmd == "holds":
+            delivery.set_holds(holds_from_builtins(message["holds"]))
+        elif cmd == "flush":
+            delivery.flush(message.get("domain"))
+        elif cmd == "mx":
+            if message.get("flush"):
+                return {"flushed": delivery.mx_flush(message.get("domain"))}
+            return {"entries": [delivery.mx(str(message["domain"]))]}
+        else:
+            raise ValueError(f"unknown control command {cmd!r}")
+        return {}
 
     async def _housekeeping(self, store: QueueStore, committer: Committer) -> None:
         loop = asyncio.get_running_loop()
@@ -204,6 +273,22 @@ class Worker:
                     log.info("stale_readers_cleared", count=cleared)
 
 
+def _close_foreign_sockets(keep: set[int]) -> None:
+    """Close sockets inherited by accident. uvloop's process spawning keeps every
+    inheritable descriptor of the supervisor, so without this each worker would hold
+    every other worker's listening socket open too: a drain could then never stop the
+    kernel from accepting, and a dead worker's socket would never look dead."""
+    for name in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []:
+        fd = int(name)
+        if fd <= 2 or fd in keep:
+            continue
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                os.close(fd)
+        except OSError:
+            continue  # the listing's own descriptor, already gone
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="volley-worker")
     parser.add_argument("--slot", type=int, required=True)
@@ -211,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen-fds", default="")
     args = parser.parse_args(argv)
     fds = [int(x) for x in args.listen_fds.split(",") if x]
+    _close_foreign_sockets({args.control_fd, *fds})
     worker = Worker(args.slot, args.control_fd, fds)
     profile_dir = os.environ.get("VOLLEY_PROFILE_DIR")
     if profile_dir:

@@ -28,7 +28,7 @@ from engine.queue.records import PENDING, domain_of
 from engine.queue.writetxn import WriteTxn
 
 HOLDS_KEY = b"holds"  # QueueStore control-state name of the table
-PARK = 300.0  # seconds an open-ended suspension parks an entry before looking again
+PARK = 3600.0  # an open-ended suspension re-parks its entries this far ahead; resume flushes them back
 
 
 def _norm(domain: str) -> str:

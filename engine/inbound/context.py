@@ -23,10 +23,10 @@ if TYPE_CHECKING:
 
 
 class InboundStats:
-    __slots__ = ("received", "connections", "refused_connections")
+    __slots__ = ("received", "received_bytes", "connections", "refused_connections")
 
     def __init__(self) -> None:
-        self.received = 0
+        self.received = self.received_bytes = 0
         self.connections = 0
         self.refused_connections = 0
 

@@ -243,7 +243,7 @@ class SmtpServerProtocol(asyncio.Protocol):
         except VolleyError as err:
             self._decided(getattr(err, "reply", R451_LOCAL_ERROR))
 
-    def committed(self, result: object, msg_id: str) -> None:
+    def committed(self, result: object, msg_id: str, size: int = 0) -> None:
         """Commit callback, on the loop thread."""
         if isinstance(result, BaseException):
             reply = getattr(result, "reply", R451_LOCAL_ERROR)
@@ -251,7 +251,9 @@ class SmtpServerProtocol(asyncio.Protocol):
         else:
             reply = Reply(250, "2.0.0", f"OK queued as {msg_id}")
             ctx = self.ctx
-            ctx.stats.received += 1
+            stats = ctx.stats
+            stats.received += 1
+            stats.received_bytes += size
             if ctx.on_new_mail is not None:
                 ctx.on_new_mail()
         self._decided(reply)

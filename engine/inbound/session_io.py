@@ -140,7 +140,7 @@ def submit_message(proto: SmtpServerProtocol, event: MessageReceived) -> None:
     )
     ctx.committer.submit(
         lambda txn: txn.put_message(record, body),
-        lambda result: proto.committed(result, msg_id),
+        lambda result: proto.committed(result, msg_id, len(body)),
     )
 
 

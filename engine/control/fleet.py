@@ -1,0 +1,55 @@
+"""What the supervisor knows about its workers' live state.
+
+Each worker pushes {"event": "state", ...} about once a second over its control pipe:
+its metrics snapshot and live figures (sessions, pools, backoffs). The fleet keeps
+the last push per slot. When a worker dies its last counters are folded into a
+`retired` base, so counters stay monotonic across restarts (what was counted after
+the last push, at most a second's worth, is lost with the process).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from engine.observe.metrics import WorkerMetrics
+from engine.observe.rates import RateWindow
+
+RATE_COUNTERS = ("received", "delivered", "deferred", "bounced")
+
+
+class Fleet:
+    def __init__(self) -> None:
+        self.states: dict[int, dict[str, Any]] = {}
+        self.retired: dict[str, Any] | None = None
+        self.rates = RateWindow(RATE_COUNTERS)
+
+    def update(self, slot: int, state: dict[str, Any]) -> None:
+        self.states[slot] = state
+
+    def worker_exited(self, slot: int) -> None:
+        last = self.states.pop(slot, None)
+        if last and last.get("metrics"):
+            parts = [last["metrics"]] + ([self.retired] if self.retired else [])
+            self.retired = WorkerMetrics.merge(parts)
+
+    def metrics(self) -> dict[str, Any]:
+        parts = [s["metrics"] for s in self.states.values() if s.get("metrics")]
+        if self.retired:
+            parts.append(self.retired)
+        return WorkerMetrics.merge(parts) if parts else WorkerMetrics().snapshot()
+
+    def sample(self) -> None:
+        """Feed the rate window (the supervisor calls this every few seconds)."""
+        counters = self.metrics().get("counters", {})
+        self.rates.add(time.monotonic(), {k: counters.get(k, 0) for k in RATE_COUNTERS})
+
+    def live(self, slot: int, key: str, default: Any = 0) -> Any:
+        return self.states.get(slot, {}).get("live", {}).get(key, default)
+
+    def backoffs(self) -> list[dict[str, Any]]:
+        """Automatic suspensions: destinations a worker's pool is backing off."""
+        out: list[dict[str, Any]] = []
+        for state in self.states.values():
+            out.extend(state.get("live", {}).get("backoffs", []))
+        return out
