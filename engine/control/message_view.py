@@ -8,7 +8,6 @@ are read in pages of short read transactions (finding 7) and decoded partially
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -24,7 +23,7 @@ from engine.queue.records import (
     PENDING,
     RECORD_VERSION,
     MessageRecord,
-    domain_of,
+    pending_domains,
 )
 from engine.queue.store import QueueStore
 
@@ -62,17 +61,9 @@ AnyRecord = MessageRecord | MessageView
 
 # --- per-message facts, shared by list, show and bulk selection --------------------------
 def pending_of(rec: AnyRecord) -> dict[str, float]:
-    """Domain → earliest due (epoch seconds) of its PENDING recipients (records.pending_domains
-    for partial views too)."""
-    due: dict[str, float] = {}
-    received = rec.received_at
-    for r in rec.recipients:
-        if r.state == PENDING:
-            d = domain_of(r.address)
-            t = r.next_attempt if r.next_attempt > received else received
-            if t < due.get(d, math.inf):
-                due[d] = t
-    return due
+    """Domain → earliest due of its PENDING recipients: `records.pending_domains`, which
+    reads only fields a partial view has too."""
+    return pending_domains(rec)  # type: ignore[arg-type]
 
 
 def message_state(rec: AnyRecord, pending: Mapping[str, float],
