@@ -89,7 +89,7 @@ class Delivery:
             pools = self.pools.serving(domain, site)
         ended = sum(pool.end_backoff() for pool in pools)
         self.scheduler.forget_routes()
-        self.scheduler.wake()
+        self.scheduler.rescan()
         return ended
 
     def mx(self, domain: str) -> dict[str, Any]:

@@ -138,6 +138,12 @@ class Scheduler:
     def wake(self) -> None:
         self._wake.set()
 
+    def rescan(self) -> None:
+        """Scan the whole shard now: entries were re-dated to before the resume point
+        (a flush moves them back to their arrival time)."""
+        self._last_full = 0.0
+        self._wake.set()
+
     async def stop(self, grace: float) -> None:
         """Stop dispatching; give jobs in flight `grace` seconds to finish."""
         self._stopping = True
