@@ -11,11 +11,14 @@ over its control pipe: they take effect at the worker's next scan (milliseconds)
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgspec
 
 from engine.control import bulk, protocol, queue_view
 from engine.control.fleet import Fleet
@@ -32,6 +35,9 @@ if TYPE_CHECKING:
     from engine.supervisor import Supervisor
 
 _T = TypeVar("_T")
+# Who sent the request being handled; each connection is its own task, so its own context.
+_peer: contextvars.ContextVar[str] = contextvars.ContextVar("peer", default="unknown")
+_READS = (protocol.Status, protocol.Queue, protocol.List, protocol.Show, protocol.Metrics)
 HOLDS_KEY = b"holds"
 WORKER_ANSWER = 5.0  # seconds to wait for a worker's answer (mx)
 
@@ -54,7 +60,11 @@ class ControlPlane:
             protocol.Metrics: self.metrics,
         }
 
-    async def handle(self, req: protocol.AnyRequest) -> dict[str, Any]:
+    async def handle(self, req: protocol.AnyRequest, peer: str = "unknown") -> dict[str, Any]:
+        if not isinstance(req, _READS):
+            # An audit trail of every change: what, by whom (SO_PEERCRED).
+            log.info("control_command", peer=peer, request=msgspec.to_builtins(req))
+        _peer.set(peer)
         return await self._handlers[type(req)](req)  # type: ignore[no-any-return]
 
     # --- plumbing ----------------------------------------------------------------------
@@ -203,7 +213,7 @@ class ControlPlane:
         now = time.time()
         domain = _domain(req.domain)
         until = now + req.duration if req.duration else None
-        s = Suspension(domain, since=now, until=until, reason=req.reason, by="operator")
+        s = Suspension(domain, since=now, until=until, reason=req.reason, by=_peer.get())
         self.holds.suspensions[domain] = s
         await self._save_holds()
         log.info("suspended", domain=domain, until=until, reason=req.reason)

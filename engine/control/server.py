@@ -17,15 +17,18 @@ import asyncio
 import errno
 import grp
 import os
+import pwd
 import socket
 import stat
+import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from engine.control import protocol
 from engine.observe import log
 
-Handler = Callable[[protocol.AnyRequest], Awaitable[dict[str, object]]]
+Handler = Callable[[protocol.AnyRequest, str], Awaitable[dict[str, object]]]
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid (socket(7) SO_PEERCRED)
 
 
 class ControlSocketError(Exception):
@@ -85,8 +88,24 @@ async def start_control_server(path: str, group: str, handle: Handler) -> asynci
     return server
 
 
+def peer_name(writer: asyncio.StreamWriter) -> str:
+    """Who is on the other end, from the kernel (SO_PEERCRED): "user (pid N)". Saved
+    with suspensions and logged with every change, so "who suspended this" has an answer."""
+    sock = writer.get_extra_info("socket")
+    try:
+        pid, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    except (OSError, AttributeError, struct.error):
+        return "unknown"
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = f"uid {uid}"
+    return f"{user} (pid {pid})"
+
+
 async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  handle: Handler) -> None:
+    peer = peer_name(writer)
     try:
         while True:
             try:
@@ -98,7 +117,7 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                 break
             if not line.strip():
                 continue
-            writer.write(await _answer(line, handle))
+            writer.write(await _answer(line, handle, peer))
             await writer.drain()
     except (ConnectionError, BrokenPipeError):
         pass
@@ -106,13 +125,13 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         writer.close()
 
 
-async def _answer(line: bytes, handle: Handler) -> bytes:
+async def _answer(line: bytes, handle: Handler, peer: str) -> bytes:
     try:
         req = protocol.decode_request(line)
     except protocol.RequestError as err:
         return protocol.error(str(err))
     try:
-        return protocol.ok(**await handle(req))
+        return protocol.ok(**await handle(req, peer))
     except protocol.RequestError as err:
         return protocol.error(str(err))
     except Exception as err:  # a handler bug answers, it never kills the supervisor

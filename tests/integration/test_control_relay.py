@@ -5,11 +5,13 @@ destination is a sink on 127.0.0.x."""
 
 from __future__ import annotations
 
+import os
+import pwd
 import threading
 import time
 from typing import Any
 
-from tests.integration.control_helpers import ctl, ctl_json, relay_overrides
+from tests.integration.control_helpers import ask, ctl, ctl_json, relay_overrides
 from tests.integration.harness import wait_until
 from tests.integration.relay_helpers import HOME, HOME_IP, body, rcpt_of, send_many, tag_of
 from tests.peers.smtp_sink import start_sink
@@ -52,8 +54,11 @@ def test_suspend_holds_a_domain_while_others_flow_and_resume_releases(serve, pee
     assert rows["a.test"]["state"] == "suspended" and rows["a.test"]["total"] == 3
     assert rows["a.test"]["reason"] == "maintenance window"
     assert {m["state"] for m in ctl_json(server, "list", "--domain", "a.test")["messages"]} == {"suspended"}
-    status = ctl_json(server, "status")
-    assert [s["domain"] for s in status["suspensions"]] == ["a.test"]
+    (held,) = ctl_json(server, "status")["suspensions"]
+    assert held["domain"] == "a.test"
+    # Who: the kernel's word for the ctl process's user (SO_PEERCRED), as in the log.
+    assert held["by"].startswith(pwd.getpwuid(os.getuid()).pw_name + " (pid ")
+    assert server.wait_for(lambda e: e.get("event") == "control_command", WAIT)["peer"] == held["by"]
 
     resumed = ctl_json(server, "resume", "a.test")
     assert resumed["resumed"] is True and resumed["released"] == 3
@@ -142,3 +147,35 @@ def test_throttle_and_mx(serve, peers, dns_zone):
     assert entries[0]["hosts"][0]["addresses"] == [B_IP]
     assert ctl_json(server, "mx", "--flush")["flushed"] >= 1
     assert ctl_json(server, "throttle", "b.test", "--clear")["throttle"] is None
+
+
+def test_an_automatic_backoff_shows_with_the_reply_that_caused_it(serve, peers, dns_zone):
+    def script(verb: str, arg: str) -> str | None:
+        return "421 4.7.0 too many connections from you" if verb == "BANNER" else None
+
+    a, _, _ = sinks(peers, script)
+    dns = dns_zone(zone())
+    server = serve(relay_overrides(dns.port, a.port, backoff="10m", backoff_max="1h"))
+    mail(server.port, "a.test", 1, "backoff")
+
+    def backing_off() -> list[dict[str, Any]]:
+        return ctl_json(server, "status")["backoffs"]
+
+    wait_until(lambda: bool(backing_off()), WAIT, "the destination backs off")
+    (off,) = backing_off()
+    assert "a.test" in off["domains"] and "421 4.7.0 too many connections" in off["reply"]
+    assert off["until"] > time.time() + 300
+    row = {r["key"]: r for r in ctl_json(server, "queue")["rows"]}["a.test"]
+    assert row["state"] == "suspended" and row["by_who"] == "backoff"
+    assert "421 4.7.0" in row["reason"]
+
+
+def test_reload_over_the_socket(serve):
+    server = serve()
+    assert ctl_json(server, "reload") == {"ok": True}
+    server.wait_for(lambda e: e.get("event") == "reloaded", WAIT)
+    server.config_path.write_text(server.config_path.read_text() + "\n[limits]\nbogus = 1\n")
+    # (`volley ctl -c` would refuse the broken file itself: ask on the raw socket)
+    refused = ask(server.config_path.parent / "volley.sock", {"cmd": "reload"})
+    assert refused == {"ok": False, "error": "reload refused; see the supervisor log"}
+    assert "limits.bogus" in server.wait_for(lambda e: e.get("event") == "reload_refused", WAIT)["error"]
