@@ -11,6 +11,8 @@ import threading
 import time
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.integration.control_helpers import ask, ctl, ctl_json, relay_overrides
 from tests.integration.harness import wait_until
 from tests.integration.relay_helpers import HOME, HOME_IP, body, rcpt_of, send_many, tag_of
@@ -64,6 +66,16 @@ def test_suspend_holds_a_domain_while_others_flow_and_resume_releases(serve, pee
     assert resumed["resumed"] is True and resumed["released"] == 3
     wait_until(lambda: len(a.messages) == 3, WAIT, "a.test delivered after resume")
     assert sorted(tag_of(m.data) for m in a.messages) == ["held0", "held1", "held2"]
+
+    def samples() -> dict[str, float]:
+        text = ctl(server, "metrics").stdout
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+    wait_until(lambda: samples()["volley_messages_delivered_total"] == 6, WAIT, "six counted")
+    seen = samples()
+    assert seen["volley_queue_time_seconds_count"] == 6
+    assert seen["volley_delivery_latency_seconds_count"] >= 2  # one per transaction
+    assert seen["volley_connections_out_total"] >= 2
 
 
 def test_a_suspension_survives_a_restart(serve, peers, dns_zone, tmp_path):
