@@ -157,7 +157,7 @@ def render_status(reply: Row, now: float) -> str:
         f"pid {reply.get('pid', DASH)}, up {short_duration(reply.get('uptime'))}"
         f"{', DRAINING' if reply.get('draining') else ''}\n",
         f"listeners  {', '.join(reply.get('listeners') or []) or DASH}\n",
-        f"queue      {plural(q.get('messages'), 'message')}, {plural(q.get('units'), 'recipient')}, "
+        f"queue      {plural(q.get('messages'), 'message')}, {plural(q.get('units'), 'delivery unit')}, "
         f"{human_size(q.get('bytes'))}: {number(q.get('ready'))} ready, "
         f"{number(q.get('deferred'))} deferred, {number(q.get('suspended'))} suspended\n",
         "\n",
@@ -249,7 +249,7 @@ def _queue_totals(reply: Row) -> str:
     shown, total = len(reply.get("rows") or []), reply.get("rows_total")
     more = f" (showing {shown} of {total} rows)" if isinstance(total, int) and total > shown else ""
     where = f" in {number(t['domains'])} domains" if t.get("domains") is not None else ""
-    return (f"{number(t.get('units'))} recipients{where}: "
+    return (f"{number(t.get('units'))} delivery units{where}: "
             f"{number(t.get('ready'))} ready, {number(t.get('deferred'))} deferred, "
             f"{number(t.get('suspended'))} suspended{more}\n")
 

@@ -321,7 +321,7 @@ def test_status_render() -> None:
     draining = render.render("status", {**STATUS_REPLY, "draining": True}, now=NOW)
     assert draining.startswith("volley 0.5.0 on mx1.example, pid 4242, up 2h03m, DRAINING\n")
     assert "listeners  0.0.0.0:25, [::]:587" in text
-    assert "900 messages, 1230 recipients, 5.0MiB: 1000 ready, 200 deferred, 30 suspended" in text
+    assert "900 messages, 1230 delivery units, 5.0MiB: 1000 ready, 200 deferred, 30 suspended" in text
     worker = next(line for line in text.splitlines() if " 4300 " in line)
     assert worker.split() == ["1", "4300", "1m05s", "2", "3", "17"]
     assert any(line.split() == ["1m", "120", "118", "2.00", "0"] for line in text.splitlines())
@@ -338,7 +338,7 @@ def test_queue_by_age_render() -> None:
     lines = render.render("queue", reply, now=NOW).splitlines()
     assert [line.split() for line in lines[:3]] == [
         ["AGE", "T", "READY", "DEFERRED"], ["5", "7", "5", "2"], ["10+", "1", "0", "1"]]
-    assert lines[3] == "8 recipients: 5 ready, 3 deferred, 0 suspended"
+    assert lines[3] == "8 delivery units: 5 ready, 3 deferred, 0 suspended"
 
 
 def test_list_render_and_next_page() -> None:
