@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench soak clean install
+.PHONY: run test bench soak clean install bench-peers
 
 # The stamp depends on pyproject.toml, so a changed dependency list reinstalls and an
 # unchanged one costs nothing.
@@ -27,6 +27,11 @@ bench: $(STAMP)
 	$(BIN)/python -m pytest -q bench --benchmark-only
 	$(BIN)/python bench/e2e.py
 	$(BIN)/python bench/relay.py
+
+# The peers of bench/run.py: Postfix (apt-get, needs root; skipped with a message
+# otherwise) and aiosmtpd in the venv. Idempotent.
+bench-peers: $(STAMP)
+	sh bench/peers/install.sh $(BIN)/pip
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

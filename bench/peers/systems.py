@@ -1,0 +1,165 @@
+"""The systems under test, behind one small interface for bench/run.py.
+
+Each is started in a fresh temporary directory, for one row (receive only, or relay to
+the sink), and offers: `start() -> "host:port"`, `root_pid` (the top of its process tree
+for CPU and memory), `drain(n, stall, cap) -> [seconds]` (relay: wait until the n
+messages just sent have left its queue; returns each one's time from arrival to
+delivery, as far as the system tells), `info()` and `stop()`.
+
+* `Volley`: `volley serve` (bench/e2e.py's Server), delivery off for receive rows; for
+  relay rows the loopback DNS server is its only nameserver and `delivery.port` is
+  the sink's. Optionally the queue is prefilled before it starts (bench/control_live.py).
+* `Postfix`: a private instance (bench/peers/postfix.py).
+* `Aiosmtpd`: bench/peers/aiosmtpd_lmdb.py, receive only.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from e2e import Server, bench_config, write_config
+from relay import queue_left
+from relay_peers import LIFETIME, DeliveryLog
+
+from peers import postfix
+from peers.procs import free_port
+
+HERE = Path(__file__).resolve().parent
+
+
+class Volley:
+    def __init__(self, durability: str, workers: int, cmd: list[str], relay: tuple[int, int] | None,
+                 ready_timeout: float, prefill: tuple[int, int] = (0, 0)) -> None:
+        """relay: (dns_port, sink_port) or None for receive only; prefill: (messages,
+        domains) deferred an hour ahead, written before the server starts."""
+        self._tmpdir = tempfile.TemporaryDirectory(prefix=f"volley-run-{durability}-")
+        self.tmp = Path(self._tmpdir.name)
+        self.durability, self.workers, self.cmd = durability, workers, cmd
+        self.relay, self.ready_timeout, self.prefill = relay, ready_timeout, prefill
+        self.server: Server | None = None
+        self.dlog = DeliveryLog(self.tmp / "delivery.jsonl")
+        self.delivered = 0
+        self.details: dict[str, Any] = {}
+
+    def config(self) -> dict[str, Any]:
+        config = bench_config(self.tmp, self.durability, self.workers)
+        if self.relay is not None:
+            dns_port, sink_port = self.relay
+            config["server"]["hostname"] = "relay.volley.test"
+            config["delivery"] = {"enabled": True, "port": sink_port, "poll_interval": "50ms"}
+            config["dns"] = {"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": "2s"}
+        return config
+
+    def start(self) -> str:
+        if self.prefill[0]:
+            sys.path.insert(0, str(HERE.parent))
+            from control_live import WORKERS, fill  # noqa: E402  (a bench script, imported late: heavy)
+
+            if WORKERS != self.workers:
+                raise RuntimeError(f"prefill writes {WORKERS} shards; the server runs {self.workers} workers")
+            seconds, _ = fill(self.tmp / "queue", self.prefill[0], self.prefill[1], time.time())
+            self.details["prefill_s"] = round(seconds, 1)
+        path = write_config(self.tmp, self.durability, self.workers, self.config())
+        # `timeout`: a server outlives no crashed runner by more than LIFETIME seconds.
+        self.server = Server(["timeout", "-k", "10", str(LIFETIME), *self.cmd], path, self.tmp)
+        return self.server.wait_ready(self.ready_timeout)
+
+    @property
+    def root_pid(self) -> int:
+        assert self.server is not None
+        return self.server.proc.pid
+
+    def drain(self, n: int, stall: float, cap: float) -> list[float]:
+        self.delivered += n
+        lines = self.dlog.wait_delivered(self.delivered, stall, cap)
+        return [float(r["queue_time"]) for r in lines
+                if r.get("outcome") == "delivered" and r.get("queue_time") is not None]
+
+    def diagnostics(self) -> str:
+        tail = "\n".join(f"  > {line}" for line in self.dlog.tail)
+        return f"delivery log {dict(self.dlog.outcomes)}\n{tail}\n{self.server.log() if self.server else ''}"
+
+    def stop(self) -> None:
+        try:
+            if self.server is not None:
+                self.details["exit"] = self.server.stop()
+                if self.relay is not None and not self.prefill[0]:
+                    self.details["queue_left"] = queue_left(self.tmp / "queue")
+        finally:
+            self._tmpdir.cleanup()
+
+
+class Postfix:
+    def __init__(self, relay_to: str | None) -> None:
+        self._tmpdir = tempfile.TemporaryDirectory(prefix="volley-run-postfix-")
+        self.listen = f"127.0.0.1:{free_port('127.0.0.1')}"
+        self.instance = postfix.PostfixInstance(Path(self._tmpdir.name), self.listen, relay_to)
+        self.relay = relay_to is not None
+        self.details: dict[str, Any] = {}
+
+    def start(self) -> str:
+        self.instance.start()
+        return self.listen
+
+    @property
+    def root_pid(self) -> int:
+        return self.instance.master_pid
+
+    def drain(self, n: int, stall: float, cap: float) -> list[float]:
+        self.instance.wait_drained(stall, cap)
+        # postlogd writes the log a moment after the queue file is gone.
+        delays: list[float] = []
+        deadline = time.monotonic() + 5
+        while len(delays) < n and time.monotonic() < deadline:
+            delays += self.instance.delays()
+            time.sleep(0.05)
+        return delays
+
+    def diagnostics(self) -> str:
+        return f"postfix queue {self.instance.queued()} files; log:\n{self.instance.log_tail()}"
+
+    def stop(self) -> None:
+        try:
+            self.instance.stop()
+            self.details["queue_left"] = self.instance.queued() if self.relay else None
+        finally:
+            self._tmpdir.cleanup()
+
+
+class Aiosmtpd:
+    def __init__(self, ready_timeout: float) -> None:
+        self._tmpdir = tempfile.TemporaryDirectory(prefix="volley-run-aiosmtpd-")
+        self.tmp = Path(self._tmpdir.name)
+        self.ready_timeout = ready_timeout
+        self.server: Server | None = None
+        self.details: dict[str, Any] = {}
+
+    def start(self) -> str:
+        config = bench_config(self.tmp, "fsync", 1)
+        (self.tmp / "queue").mkdir()
+        path = write_config(self.tmp, "fsync", 1, config)
+        self.server = Server(["timeout", "-k", "10", str(LIFETIME), sys.executable,
+                              str(HERE / "aiosmtpd_lmdb.py")], path, self.tmp)
+        return self.server.wait_ready(self.ready_timeout)
+
+    @property
+    def root_pid(self) -> int:
+        assert self.server is not None
+        return self.server.proc.pid
+
+    def drain(self, n: int, stall: float, cap: float) -> list[float]:
+        raise RuntimeError("aiosmtpd+lmdb only receives")
+
+    def diagnostics(self) -> str:
+        return self.server.log() if self.server else ""
+
+    def stop(self) -> None:
+        try:
+            if self.server is not None:
+                self.details["exit"] = self.server.stop()
+        finally:
+            self._tmpdir.cleanup()

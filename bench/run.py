@@ -1,0 +1,354 @@
+"""Side-by-side end-to-end benchmark: Volley against Postfix and aiosmtpd+LMDB, one table.
+
+    .venv/bin/python bench/run.py                        # every row (~15 min on 2 cores)
+    .venv/bin/python bench/run.py --quick                # 1 run, fewer messages, no latency/scale rows
+    .venv/bin/python bench/run.py --only receive-1k,relay-1k --systems volley-fsync,postfix,aiosmtpd
+
+Peers come from `make bench-peers` (Postfix, with its smtp-source and smtp-sink, and
+aiosmtpd); a missing peer's rows are skipped with a note. Every system is driven by
+the same load generator and delivers to the same sink: smtp-source and smtp-sink when
+installed, else engine.blast (lock-step) and the Python sink. All traffic stays on
+127.0.0.0/8: servers listen on 127.0.0.1, the sink on 127.0.0.2, Volley's only DNS
+server (a loopback zone) on 127.0.0.1. Results: the table on stdout and
+bench/results/latest.json. See bench/README.md, "Side by side with real peers".
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e import REPO  # noqa: E402  (bench/ is not a package)
+from relay import write_zone  # noqa: E402
+from relay_peers import LIFETIME, Peer  # noqa: E402
+
+from peers import load, postfix, report, sinks, systems  # noqa: E402
+from peers.procs import probe_ms, sample  # noqa: E402
+
+RESULTS = REPO / "bench" / "results" / "latest.json"
+SIZES = {"1k": 1024, "10k": 10240, "100k": 102400}
+MESSAGES = {1024: 5000, 10240: 3000, 102400: 1000}  # per run, by size
+LATENCY = "20ms"  # what the latency rows' sink adds
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    kind: str  # "receive" or "relay"
+    size: int
+    label: str
+    latency_sink: bool = False
+    domains: int = 1  # for engine.blast (smtp-source sends to one domain)
+    prefill: int = 0
+
+
+@dataclass(frozen=True)
+class System:
+    id: str
+    label: str
+    kind: str  # "volley", "postfix", "aiosmtpd"
+    durability: str = "fsync"
+    own_load: bool = False  # engine.blast with pipelining instead of the common generator
+
+
+VOLLEY = [System(f"volley-{d}", f"volley {d}", "volley", d) for d in ("fsync", "batch", "memory")]
+PIPELINING = System("volley-pipelining", "volley fsync, blast pipelined", "volley", own_load=True)
+POSTFIX = System("postfix", "postfix (fsync queue)", "postfix")
+AIOSMTPD = System("aiosmtpd", "aiosmtpd+uvloop+lmdb (sync)", "aiosmtpd")
+SCALE = System("volley-scale", "volley fsync, blast pipelined", "volley", own_load=True)
+GROUPS = ("receive", "relay", "latency", "scale")
+
+
+def plan(args: argparse.Namespace) -> list[tuple[Row, list[System]]]:
+    """Every row with its systems, in the order they run."""
+    out: list[tuple[Row, list[System]]] = []
+    for name, size in SIZES.items():
+        out.append((Row(f"receive-{name}", "receive", size, f"receive {name.upper()}B"),
+                    [*VOLLEY, PIPELINING, POSTFIX, AIOSMTPD]))
+    for name, size in SIZES.items():
+        out.append((Row(f"relay-{name}", "relay", size, f"relay {name.upper()}B"), [*VOLLEY, PIPELINING, POSTFIX]))
+    for name, size in SIZES.items():
+        out.append((Row(f"latency-{name}", "relay", size, f"relay {name.upper()}B, sink +{LATENCY}",
+                        latency_sink=True), [VOLLEY[0], POSTFIX]))
+    prefill = f"{args.prefill / 1e6:g}M" if args.prefill >= 1e6 else f"{args.prefill:,}"
+    out += [(Row("scale-base", "relay", 1024, "relay 1KB, 50 dom", domains=50), [SCALE]),
+            (Row("scale-queued", "relay", 1024, f"  + {prefill} queued", domains=50, prefill=args.prefill), [SCALE]),
+            (Row("scale-domains", "relay", 1024, "  10k domains", domains=10_000), [SCALE])]
+    only = {t.strip() for t in args.only.split(",") if t.strip()}
+    chosen = {t.strip() for t in args.systems.split(",") if t.strip()}
+    result = []
+    for row, members in out:
+        group = row.id.split("-")[0]
+        if only and row.id not in only and group not in only:
+            continue
+        if not only and args.quick and group in ("latency", "scale"):
+            continue  # the slow rows
+        picked = [s for s in members if not chosen or s.id in chosen or s.kind in chosen]
+        if picked:
+            result.append((row, picked))
+    return result
+
+
+class Bench:
+    """The peers shared by all cells (sinks, DNS) and the measuring loop."""
+
+    def __init__(self, args: argparse.Namespace, volley_cmd: list[str]) -> None:
+        self.args = args
+        self.volley_cmd = volley_cmd
+        self.notes: list[str] = []
+        self.source = args.load == "smtp-source" or (args.load == "auto" and Path(load.SMTP_SOURCE).exists())
+        self.load_label = ("smtp-source (Postfix, C, lock-step, -d: one connection per session)" if self.source
+                           else "engine.blast --no-pipelining (lock-step)")
+        self.load_label += f", {args.sessions} sessions"
+        self._sink: Any = None
+        self._latency_sink: Any = None
+        self.dns: Peer | None = None
+        self.dns_port = 0
+        self._tmp = tempfile.TemporaryDirectory(prefix="volley-run-peers-")
+
+    # --- shared peers, started on first use -------------------------------------------
+    def sink(self, latency: bool) -> Any:
+        if latency:
+            if self._latency_sink is None:
+                # No STARTTLS: Postfix is configured without TLS, so Volley must not use it either.
+                self._latency_sink = sinks.PySink("engine sink", ("--latency", LATENCY, "--json", "--no-starttls"))
+            return self._latency_sink
+        if self._sink is None:
+            use_c = self.args.sink == "smtp-sink" or (self.args.sink == "auto" and Path(sinks.SMTP_SINK).exists())
+            self._sink = sinks.CSink() if use_c else sinks.PySink()
+        return self._sink
+
+    def dns_for_volley(self, domains: int) -> int:
+        if self.dns is None:
+            zone = Path(self._tmp.name) / "zone.json"
+            write_zone(zone, domains, "per-domain")
+            self.dns = Peer("dns", ["-m", "tests.peers.dns_server", "--zone", str(zone), "--origin", ".",
+                                    "--lifetime", str(LIFETIME - 60)])
+            self.dns_port = int(self.dns.wait_event("ready", 60)["port"])
+        return self.dns_port
+
+    def close(self) -> None:
+        for peer in (self._sink, self._latency_sink, self.dns):
+            if peer is not None:
+                peer.stop()
+        self._tmp.cleanup()
+
+    # --- one cell ---------------------------------------------------------------------
+    def server(self, row: Row, system: System, sink: Any) -> Any:
+        a = self.args
+        if system.kind == "volley":
+            relay = (self.dns_for_volley(a.zone_domains), sink.port) if row.kind == "relay" else None
+            ready = a.ready_timeout + (120 if row.prefill else 0)  # a big queue takes longer to open
+            return systems.Volley(system.durability, a.workers, self.volley_cmd, relay, ready,
+                                  prefill=(row.prefill, a.prefill_domains))
+        if system.kind == "postfix":
+            return systems.Postfix(f"{sinks.SINK_HOST}:{sink.port}" if row.kind == "relay" else None)
+        return systems.Aiosmtpd(a.ready_timeout)
+
+    def generate(self, row: Row, system: System, address: str, n: int) -> load.LoadResult:
+        cap = 120 + n / 20  # seconds: anything slower than 20 msgs/s is broken
+        if system.own_load:
+            return load.blast(address, n, self.args.sessions, row.size, row.domains, True, cap)
+        if self.source:
+            return load.smtp_source(address, n, self.args.sessions, row.size, "d0.example", cap)
+        return load.blast(address, n, self.args.sessions, row.size, 1, False, cap)
+
+    def messages(self, row: Row) -> int:
+        if self.args.messages:
+            return self.args.messages
+        if row.id.startswith("scale-"):
+            return self.args.scale_messages
+        return MESSAGES[row.size] // (5 if self.args.quick else 1)
+
+    def cell(self, row: Row, system: System) -> dict[str, Any]:
+        a = self.args
+        n = self.messages(row)
+        runs = 1 if row.latency_sink else a.runs
+        sink = self.sink(row.latency_sink) if row.kind == "relay" else None
+        server = self.server(row, system, sink)
+        results: list[dict[str, Any]] = []
+        try:
+            address = server.start()
+            self.warm_up(row, system, server, address, sink)
+            for i in range(runs):
+                r = self.one_run(row, system, server, address, sink, n)
+                results.append(r)
+                print(f"  {row.id:<14} {system.id:<18} run {i + 1}/{runs}: {r['msgs_per_s']:,.0f} msgs/s,"
+                      f" CPU {r['cpu_s_per_1k']:.3f} s/1k, RSS {r['rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
+        except (RuntimeError, subprocess.SubprocessError, OSError) as err:
+            raise RuntimeError(f"{err}\n{server.diagnostics()}") from None
+        finally:
+            server.stop()
+        return report.summarise(row, system, results, server.details)
+
+    def warm_up(self, row: Row, system: System, server: Any, address: str, sink: Any) -> None:
+        w = self.args.warmup
+        if sink is not None:
+            target = sink.settle()[0] + w
+            sink.expect(target)
+        res = self.generate(row, system, address, w)
+        if res.error:
+            raise RuntimeError(f"warm-up: {res.error}")
+        if sink is not None:
+            sink.wait_reached(target, self.args.stall, 120 + w / 20)
+            server.drain(w, self.args.stall, 120 + w / 20)
+
+    def one_run(self, row: Row, system: System, server: Any, address: str, sink: Any, n: int) -> dict[str, Any]:
+        a = self.args
+        time.sleep(a.rest)
+        probe = probe_ms()
+        if sink is not None:
+            target = sink.settle()[0] + n
+            sink.expect(target)
+            sink0 = sample(sink.proc.pid).cpu_s
+        before = sample(server.root_pid)
+        res = self.generate(row, system, address, n)
+        if res.error:
+            raise RuntimeError(res.error)
+        r: dict[str, Any] = {"messages": n, "accepted": res.accepted, "probe_ms": probe,
+                             "intake_msgs_per_s": res.msgs_per_s, "msgs_per_s": res.msgs_per_s,
+                             "client_cpu_us_per_msg": 1e6 * res.cpu_s / n,
+                             "reply_p50_ms": res.p50_ms, "reply_p99_ms": res.p99_ms}
+        if sink is not None:
+            cap = 120 + n / 20
+            t_done = sink.wait_reached(target, a.stall, cap)
+            delays = server.drain(n, a.stall, cap)
+            r["msgs_per_s"] = n / (t_done - res.t0)
+            r["sink_cpu_us_per_msg"] = 1e6 * (sample(sink.proc.pid).cpu_s - sink0) / n
+            r["delivery_p50_ms"] = None if not delays else 1000 * report.pct(delays, 0.50)
+            r["delivery_p99_ms"] = None if not delays else 1000 * report.pct(delays, 0.99)
+            r["delivery_samples"] = len(delays)
+        after = sample(server.root_pid, pss=True)
+        cpu = after.cpu_s - before.cpu_s
+        r.update({"server_cpu_s": cpu, "cpu_s_per_1k": 1000 * cpu / n, "rss_mib": after.rss_kib / 1024,
+                  "pss_mib": after.pss_kib / 1024,
+                  "max_process_rss_mib": max((p[3] for p in after.processes), default=0) / 1024,
+                  "processes": len(after.processes)})
+        return r
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="", help=f"comma list of row ids or groups ({', '.join(GROUPS)});"
+                   " ids: receive-1k/10k/100k, relay-1k/..., latency-1k/..., scale-base/queued/domains")
+    p.add_argument("--systems", default="", help="comma list: volley-fsync, volley-batch, volley-memory,"
+                   " volley-pipelining, volley-scale, postfix, aiosmtpd, or volley (all of Volley)")
+    p.add_argument("--runs", type=int, default=0, help="measured runs per cell (default 3, --quick 1;"
+                   " latency rows always 1)")
+    p.add_argument("--messages", type=int, default=0, help="per run (default 5,000 at 1 KB, 3,000 at"
+                   " 10 KB, 1,000 at 100 KB, --quick a fifth; scale rows --scale-messages)")
+    p.add_argument("--warmup", type=int, default=0, help="warm-up messages per cell (default 500, --quick 100)")
+    p.add_argument("--sessions", type=int, default=50, help="concurrent sessions of the load generator")
+    p.add_argument("--workers", type=int, default=2, help="Volley's server.workers")
+    p.add_argument("--load", choices=("auto", "smtp-source", "blast"), default="auto",
+                   help="the common load generator (auto: smtp-source when installed)")
+    p.add_argument("--sink", choices=("auto", "smtp-sink", "python"), default="auto",
+                   help="the common sink (auto: smtp-sink when installed)")
+    p.add_argument("--sink-latency", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"run the latency rows (relay through `volley sink --latency {LATENCY}`)")
+    p.add_argument("--scale-messages", type=int, default=10_000, help="per run in the scale rows")
+    p.add_argument("--prefill", type=int, default=1_000_000, help="messages queued before scale-queued")
+    p.add_argument("--prefill-domains", type=int, default=10_000)
+    p.add_argument("--rest", type=float, default=0.5, help="seconds before each run")
+    p.add_argument("--stall", type=float, default=30.0, help="fail a run when delivery stops this long")
+    p.add_argument("--ready-timeout", type=float, default=30.0)
+    p.add_argument("--output", type=Path, default=RESULTS)
+    p.add_argument("--quick", action="store_true", help="1 run, a fifth of the messages, no latency/scale rows")
+    a = p.parse_args(argv)
+    a.runs = a.runs or (1 if a.quick else 3)
+    a.warmup = a.warmup or (100 if a.quick else 500)
+    return a
+
+
+def skip_reasons(args: argparse.Namespace) -> dict[str, str]:
+    """System kinds or row groups that cannot run here, with why."""
+    out = {}
+    if why := postfix.unavailable():
+        out["postfix"] = why
+    if importlib.util.find_spec("aiosmtpd") is None:
+        out["aiosmtpd"] = "aiosmtpd is not installed in this venv (make bench-peers)"
+    if not args.sink_latency:
+        out["latency"] = "--no-sink-latency"
+    elif not sinks.volley_sink_supports("--latency", "--targets-from-stdin", "--json", "--no-starttls"):
+        out["latency"] = "`volley sink` has no --latency (or --targets-from-stdin, --json, --no-starttls) yet"
+    return out
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    volley = Path(sys.executable).parent / "volley"
+    if not volley.exists():
+        print(f"{volley} not found (make install)", file=sys.stderr)
+        return 2
+    # SIGTERM unwinds like Ctrl-C, so every finally block stops its processes.
+    signal.signal(signal.SIGTERM, _interrupt)
+    bench = Bench(args, [str(volley), "serve"])
+    cells: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    skipped = skip_reasons(args)
+    todo = plan(args)
+    args.zone_domains = max([50, *(row.domains for row, _ in todo)])
+    facts = report.machine_facts()
+    started = time.monotonic()
+    interrupted = False
+    try:
+        for row, members in todo:
+            group = row.id.split("-")[0]
+            for system in members:
+                why = skipped.get(system.kind) or skipped.get(group)
+                if why:
+                    failures.append({"row": row.id, "system": system.id, "skipped": why})
+                    continue
+                try:
+                    cells.append(bench.cell(row, system))
+                except RuntimeError as err:
+                    print(f"  {row.id} {system.id}: FAILED: {err}", file=sys.stderr)
+                    failures.append({"row": row.id, "system": system.id, "error": str(err)[-4000:]})
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: stopping everything", file=sys.stderr)
+    finally:
+        sink_label = bench._sink.label if bench._sink is not None else None
+        latency_label = bench._latency_sink.label if bench._latency_sink is not None else None
+        bench.close()
+    facts.update(elapsed_s=round(time.monotonic() - started), loadavg_end=os.getloadavg())
+    report.add_ratios(cells)
+    meta = {"load_generator": bench.load_label, "sink": sink_label or "(no relay rows)",
+            "latency_sink": latency_label}
+    print()
+    report.print_table(cells, meta)
+    for why in sorted({f.get("skipped", "") for f in failures} - {""}):
+        print(f"skipped: {why}")
+    goals = report.targets(cells)
+    report.print_targets(goals)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({
+        "machine": facts, **meta, "interrupted": interrupted,
+        "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "cells": cells, "failures": failures, "targets": goals,
+    }, indent=2) + "\n")
+    shown = args.output.relative_to(REPO) if args.output.is_relative_to(REPO) else args.output
+    print(f"\nwritten {shown} ({facts['elapsed_s'] / 60:.1f} min; load average {facts['loadavg'][0]:.1f}"
+          f" at the start, {facts['loadavg_end'][0]:.1f} at the end)")
+    ok = cells and not interrupted and all(c["complete"] for c in cells) and \
+        not any("error" in f for f in failures)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
