@@ -22,6 +22,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# The whole loop on loopback (lab DNS, sinks, `volley serve`, blast) and a one-screen report.
+.PHONY: demo
+demo: $(STAMP)
+	$(BIN)/volley demo
+
 # Micro benchmarks, then the end-to-end receive and relay runners (a few minutes).
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q bench --benchmark-only

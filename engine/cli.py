@@ -195,6 +195,24 @@ def _add_ctl(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_ctl(sub)
 
 
+# --- sink ------------------------------------------------------------------------------
+
+
+def _add_sink(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from engine.sink import add_parser  # light: the protocol is imported when it runs
+
+    add_parser(sub)
+
+
+# --- demo ------------------------------------------------------------------------------
+
+
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from engine.demo import add_parser  # light: the lab is imported when it runs
+
+    add_parser(sub)
+
+
 # --- the parser ----------------------------------------------------------------------
 
 # Order here is the order in `volley --help`.
@@ -204,6 +222,8 @@ _SUBCOMMANDS = (
     _add_config,
     _add_passwd,
     _add_ctl,
+    _add_sink,
+    _add_demo,
 )
 
 
