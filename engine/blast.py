@@ -6,23 +6,25 @@ or, to measure its CPU apart from the server's:
 
     python -m engine.blast --to 127.0.0.1:2525 -n 10000 -c 50 --size 1024 --json
 
-Every message is counted exactly once: accepted, refused (by the code that refused
-it), or failed (an error while it was in flight); messages never started (the run
-stopped early: duration cap, or every session gave up connecting) are `unsent`.
-Every wait has a deadline, so a silent server costs `timeout` seconds, not a hang.
+(the same command line as `volley blast`, engine.blast_cli). Every message is counted
+exactly once: accepted, refused (by the code that refused it), or failed (an error
+while it was in flight); messages never started (the run stopped early: interrupted,
+or every session gave up connecting) are `unsent`. Every wait has a deadline, so a
+silent server costs `timeout` seconds, not a hang.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import math
-import sys
+import os
+import ssl
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import msgspec
 
+from engine.blast_message import RCPT_TEMPLATE, SENDER, bodies
 from engine.blast_protocol import BlastConnection, Shared
 
 # A session that cannot connect (or gets nothing done on) this many connections in a
@@ -35,16 +37,25 @@ class BlastOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     host: str = "127.0.0.1"
     port: int = 2525
-    messages: int = 1000  # total over all sessions
+    messages: int = 1000  # total over all sessions; 0 with a duration: no count limit
     concurrency: int = 10  # parallel sessions (connections at a time)
     messages_per_session: int = 0  # 0: keep each connection for as many as it gets
     recipients: int = 1  # RCPT TO per message
     size: int = 1024  # bytes per message, headers included (minimum ~200)
+    sizes: str = ""  # a size distribution ("1k:70,10k:30", "1k-100k"); overrides size
     domains: int = 1  # recipients spread over d0.example .. d{N-1}.example
+    sender: str = SENDER  # MAIL FROM (and the generated From: header)
+    rcpt_template: str = RCPT_TEMPLATE  # {n}: recipient number, {d}: domain number
+    message_file: str = ""  # send this RFC 5322 file as every message's content
+    template: bool = False  # substitute {n} / {id} in message_file per message
     pipelining: bool = True  # used only when the server offers PIPELINING
     # With pipelining, send the next message's MAIL/RCPT/DATA in the same write as the
     # previous message's end of data (RFC 2920; what Postfix does): one write per message.
     chain: bool = True
+    tls: bool = False  # STARTTLS on every connection (a connection without it sends nothing)
+    tls_verify: bool = False  # check the certificate and the host name (default: don't)
+    tls_ca: str = ""  # CA file for tls_verify (default: the system's)
+    auth: str = ""  # "user:password": AUTH PLAIN after EHLO (after STARTTLS with tls)
     rate: float = 0.0  # messages/s over the whole run; 0: as fast as possible
     duration: float = 0.0  # stop starting messages after this many seconds; 0: none
     timeout: float = 30.0  # seconds to wait for any one reply (and for connect)
@@ -59,41 +70,68 @@ class Latency(msgspec.Struct, kw_only=True):
     max: float = 0.0
 
 
+class Progress(msgspec.Struct, kw_only=True):
+    """Counters so far, handed to a `run(progress=...)` callback a few times a second."""
+
+    elapsed: float
+    total: int  # messages the run will send; 0: no count limit
+    attempted: int
+    sent: int
+    accepted: int
+    refused: int
+    failed: int
+    connections: int
+
+
 class Report(msgspec.Struct, kw_only=True):
     """The outcome of one run."""
 
-    options: BlastOptions
+    options: BlastOptions  # (the password in `auth` blanked)
     attempted: int  # transactions started (MAIL sent)
     sent: int  # message bodies written (end of DATA sent)
     accepted: int  # 2xx after the end of DATA
     refused: dict[int, int]  # messages refused, by the code that decided it
     rcpt_refused: dict[int, int]  # individual recipients refused, by code
     failed: int  # messages lost to an error (timeout, connection lost) while in flight
-    unsent: int  # messages never started
+    unsent: int  # messages never started (0 when the duration ended an unlimited run)
     errors: dict[str, int]  # error events by kind (connect failures, timeouts, ...)
     connections: int  # connections established
     elapsed: float  # seconds, first connect to last connection closed
     msgs_per_s: float  # accepted / elapsed
     latency_ms: Latency
     cpu_s: float  # CPU (user+system) this process used during the run
+    # Why the run ended: "done" (every message decided), "duration" (the cap ended it),
+    # "interrupted" (stop / Ctrl-C), "gave up" (sessions could not connect or got nothing done)
+    stopped: str = "done"
+
+    @property
+    def ok(self) -> bool:
+        """Every message accepted: none refused or failed, none left unsent except those
+        the duration cap held back. The command's exit status is 0 iff ok."""
+        return not self.refused and not self.failed and self.stopped in ("done", "duration")
 
     def summary(self) -> str:
         """A few human-readable lines."""
         lat = self.latency_ms
+        refused = sum(self.refused.values())
+        codes = ", ".join(f"{code}: {n}" for code, n in sorted(self.refused.items()))
         lines = [
-            f"accepted {self.accepted}/{self.options.messages} in {self.elapsed:.3f}s"
-            f" = {self.msgs_per_s:,.0f} msgs/s; client CPU {self.cpu_s:.2f}s"
-            f" ({1e6 * self.cpu_s / max(1, self.attempted):.0f} us/msg)",
-            f"latency ms p50 {lat.p50:.2f} p90 {lat.p90:.2f} p99 {lat.p99:.2f} max {lat.max:.2f}",
-            f"sent {self.sent}, connections {self.connections}, failed {self.failed},"
-            f" unsent {self.unsent}",
+            f"sent {self.sent:,}  accepted {self.accepted:,}  refused {refused:,}"
+            + (f" ({codes})" if codes else "") + f"  failed {self.failed:,}"
+            + (f"  unsent {self.unsent:,}" if self.unsent else ""),
+            f"{self.msgs_per_s:,.0f} msgs/s over {self.elapsed:.2f} s, {self.connections:,}"
+            " connections" + (f"; client CPU {1e6 * self.cpu_s / self.attempted:.0f} us/msg"
+                              if self.attempted else ""),
+            f"latency ms (end of data -> reply)  p50 {lat.p50:.2f}  p90 {lat.p90:.2f}"
+            f"  p99 {lat.p99:.2f}  max {lat.max:.2f}",
         ]
-        if self.refused:
-            lines.append(f"refused {dict(sorted(self.refused.items()))}")
         if self.rcpt_refused:
-            lines.append(f"recipients refused {dict(sorted(self.rcpt_refused.items()))}")
+            by_code = ", ".join(f"{c}: {n}" for c, n in sorted(self.rcpt_refused.items()))
+            lines.append(f"recipients refused ({by_code})")
         if self.errors:
-            lines.append(f"errors {dict(sorted(self.errors.items()))}")
+            lines.append("errors (" + ", ".join(f"{k}: {n}" for k, n in sorted(self.errors.items())) + ")")
+        if self.stopped != "done":
+            lines.append(f"stopped: {self.stopped}")
         return "\n".join(lines)
 
 
@@ -113,25 +151,27 @@ async def _session(shared: Shared, options: BlastOptions) -> None:
     """Open connections one after another until the run has no messages left."""
     loop = shared.loop
     misses = 0
-    while shared.next_ticket < shared.total and misses < _GIVE_UP_AFTER:
-        if loop.time() >= shared.stop_at:
+    while misses < _GIVE_UP_AFTER:
+        quota = shared.reserve()
+        if not quota:
             return
         done: asyncio.Future[int] = loop.create_future()
+        conn = BlastConnection(shared, done, quota)
         try:
             await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: BlastConnection(shared, done), options.host, options.port
-                ),
+                loop.create_connection(lambda: conn, options.host, options.port),
                 options.timeout,
             )
         except (OSError, asyncio.TimeoutError) as err:
             kind = "connect timeout" if isinstance(err, asyncio.TimeoutError) else type(err).__name__
             shared.error(f"connect: {kind}")
+            shared.release(conn.quota)
             misses += 1
             continue
         # `done` resolves in connection_lost; the sweeper aborts a stalled connection,
         # so this await is bounded by `timeout` per reply.
         completed = await done
+        shared.release(conn.quota)
         misses = 0 if completed else misses + 1
 
 
@@ -141,40 +181,115 @@ async def _sweeper(shared: Shared, interval: float) -> None:
         shared.sweep()
 
 
-async def run(options: BlastOptions) -> Report:
+async def _ticker(shared: Shared, progress: Callable[[Progress], None], interval: float,
+                  t0: float, total: int) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        progress(Progress(
+            elapsed=time.perf_counter() - t0, total=total, attempted=shared.attempted,
+            sent=shared.sent, accepted=shared.accepted, refused=sum(shared.refused.values()),
+            failed=shared.failed, connections=shared.connections,
+        ))
+
+
+async def _watch(shared: Shared, stop: asyncio.Event) -> None:
+    await stop.wait()
+    shared.interrupt()
+
+
+def _tls_context(options: BlastOptions) -> ssl.SSLContext | None:
+    if not options.tls:
+        return None
+    ctx = ssl.create_default_context(cafile=options.tls_ca or None)
+    if not options.tls_verify:  # a load generator talks to test servers: self-signed is normal
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _auth_line(auth: str) -> bytes:
+    import base64
+
+    if not auth:
+        return b""
+    user, sep, password = auth.partition(":")
+    if not sep or not user:
+        raise ValueError("auth must be user:password")
+    token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+    return f"AUTH PLAIN {token}\r\n".encode()
+
+
+def _shared(options: BlastOptions, loop: asyncio.AbstractEventLoop) -> Shared:
+    message = None
+    if options.message_file:
+        with open(options.message_file, "rb") as f:
+            message = f.read()
+    return Shared(
+        messages=options.messages, recipients=options.recipients, domains=options.domains,
+        pipelining=options.pipelining, chain=options.chain, rate=options.rate,
+        duration=options.duration, timeout=options.timeout,
+        per_session=options.messages_per_session, loop=loop,
+        body=bodies(size=options.size, sizes=options.sizes, sender=options.sender,
+                    message=message, template=options.template, run_id=os.urandom(6).hex()),
+        sender=options.sender, rcpt_template=options.rcpt_template,
+        tls_context=_tls_context(options), tls_name=options.host if options.tls_verify else None,
+        auth_line=_auth_line(options.auth),
+    )
+
+
+async def run(
+    options: BlastOptions,
+    *,
+    progress: Callable[[Progress], None] | None = None,
+    interval: float = 0.25,
+    stop: asyncio.Event | None = None,
+) -> Report:
     """Send `options.messages` messages and report what happened. Never raises for
-    server behaviour (refusals, resets, silence): those are counted in the report."""
+    server behaviour (refusals, resets, silence): those are counted in the report.
+
+    `progress` is called every `interval` seconds with the counters so far; setting
+    `stop` starts no more messages and lets those in flight finish.
+    Raises ValueError (bad options) and OSError (an unreadable message file).
+    """
     if options.messages < 0 or options.concurrency < 1:
         raise ValueError("messages must be >= 0 and concurrency >= 1")
     loop = asyncio.get_running_loop()
     cpu0 = time.process_time()
-    shared = Shared(
-        messages=options.messages,
-        recipients=options.recipients,
-        domains=options.domains,
-        size=options.size,
-        pipelining=options.pipelining,
-        chain=options.chain,
-        rate=options.rate,
-        duration=options.duration,
-        timeout=options.timeout,
-        per_session=options.messages_per_session,
-        loop=loop,
-    )
+    shared = _shared(options, loop)
     t0 = time.perf_counter()
-    sweeper = asyncio.ensure_future(_sweeper(shared, min(0.1, options.timeout / 4)))
+    helpers = [asyncio.ensure_future(_sweeper(shared, min(0.1, options.timeout / 4)))]
+    if progress is not None:
+        total = 0 if shared.unlimited else options.messages
+        helpers.append(asyncio.ensure_future(_ticker(shared, progress, interval, t0, total)))
+    if stop is not None:
+        helpers.append(asyncio.ensure_future(_watch(shared, stop)))
     sessions = [asyncio.ensure_future(_session(shared, options)) for _ in range(options.concurrency)]
     try:
         await asyncio.gather(*sessions)
     finally:
-        for task in sessions:
+        for task in sessions + helpers:
             task.cancel()
-        sweeper.cancel()
         for conn in list(shared.live):  # only on cancellation: don't leak sockets
+            if conn.upgrade is not None:
+                conn.upgrade.cancel()
             if conn.transport is not None:
                 conn.transport.abort()
-        await asyncio.gather(sweeper, *sessions, return_exceptions=True)
+        await asyncio.gather(*helpers, *sessions, return_exceptions=True)
     elapsed = time.perf_counter() - t0
+    return _report(options, shared, elapsed, time.process_time() - cpu0)
+
+
+def _report(options: BlastOptions, shared: Shared, elapsed: float, cpu: float) -> Report:
+    decided = shared.accepted + sum(shared.refused.values()) + shared.failed
+    stopped = "done"
+    if shared.interrupted:
+        stopped = "interrupted"
+    elif shared.next_ticket < shared.total and shared.due(shared.next_ticket) >= shared.stop_at:
+        stopped = "duration"  # the next message would have started past the cap
+    elif shared.unlimited or decided < options.messages:
+        stopped = "gave up"  # every session failed to connect (or got nothing done) 3 times
+    if options.auth:
+        options = msgspec.structs.replace(options, auth=options.auth.partition(":")[0] + ":***")
     return Report(
         options=options,
         attempted=shared.attempted,
@@ -183,13 +298,14 @@ async def run(options: BlastOptions) -> Report:
         refused=dict(shared.refused),
         rcpt_refused=dict(shared.rcpt_refused),
         failed=shared.failed,
-        unsent=options.messages - shared.accepted - sum(shared.refused.values()) - shared.failed,
+        unsent=0 if shared.unlimited else options.messages - decided,
         errors=dict(shared.errors),
         connections=shared.connections,
         elapsed=elapsed,
         msgs_per_s=shared.accepted / elapsed if elapsed > 0 else 0.0,
         latency_ms=_percentiles(shared.latencies),
-        cpu_s=time.process_time() - cpu0,
+        cpu_s=cpu,
+        stopped=stopped,
     )
 
 
@@ -201,44 +317,11 @@ def run_sync(options: BlastOptions) -> Report:
         return runner.run(run(options))
 
 
-def _parse_args(argv: Sequence[str] | None) -> tuple[BlastOptions, bool]:
-    p = argparse.ArgumentParser(prog="volley blast", description="SMTP load generator")
-    p.add_argument("--to", default="127.0.0.1:2525", help="HOST:PORT (default %(default)s)")
-    p.add_argument("-n", "--messages", type=int, default=1000)
-    p.add_argument("-c", "--concurrency", type=int, default=10, help="parallel sessions")
-    p.add_argument("-m", "--per-session", type=int, default=0,
-                   help="messages per connection, 0 = reuse for as many as it gets")
-    p.add_argument("-r", "--recipients", type=int, default=1)
-    p.add_argument("--size", type=int, default=1024, help="message bytes incl. headers")
-    p.add_argument("--domains", type=int, default=1)
-    p.add_argument("--no-pipelining", action="store_true")
-    p.add_argument("--no-chain", action="store_true",
-                   help="with pipelining, wait for each final reply before the next MAIL")
-    p.add_argument("--rate", type=float, default=0.0, help="msgs/s cap, 0 = none")
-    p.add_argument("--duration", type=float, default=0.0, help="seconds cap, 0 = none")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per reply")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    a = p.parse_args(argv)
-    host, _, port = a.to.rpartition(":")
-    if not host or not port.isdigit():
-        p.error(f"--to must be HOST:PORT, got {a.to!r}")
-    return BlastOptions(
-        host=host.strip("[]"), port=int(port), messages=a.messages, concurrency=a.concurrency,
-        messages_per_session=a.per_session, recipients=a.recipients, size=a.size,
-        domains=a.domains, pipelining=not a.no_pipelining, chain=not a.no_chain, rate=a.rate,
-        duration=a.duration, timeout=a.timeout,
-    ), a.json
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry; exit status 1 when nothing at all was accepted."""
-    options, as_json = _parse_args(argv)
-    report = run_sync(options)
-    if as_json:
-        sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
-    else:
-        print(report.summary())
-    return 0 if report.accepted or not options.messages else 1
+    """The `volley blast` command line (engine.blast_cli): 0 iff every message was accepted."""
+    from engine.blast_cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

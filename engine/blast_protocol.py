@@ -6,6 +6,10 @@ every future, task wake-up and per-message allocation it avoids is CPU left to t
 server. Everything a message needs on the wire (its command block and body) is built
 once up front (`engine.blast_shared`) and reused; replies are parsed with `bytes.find`.
 
+With --tls the session upgrades with STARTTLS after the first EHLO (the handshake
+is the one coroutine: `loop.start_tls`), and with --auth it sends AUTH PLAIN after
+the (second) EHLO; both happen once per connection, never per message.
+
 With PIPELINING the client chains transactions as RFC 2920 allows (and Postfix's
 client does): after the 354 it writes the body, the end of data *and* the next
 message's MAIL/RCPT.../DATA in one write, then reads the final reply and the next
@@ -20,7 +24,9 @@ import math
 import time
 from typing import Callable
 
-from engine.blast_shared import HELO_NAME, SENDER, Shared, command_blocks, make_message
+from engine.blast_shared import (
+    HELO_NAME, SENDER, UNLIMITED_QUOTA, Shared, command_blocks, make_message,
+)
 
 __all__ = ["BlastConnection", "HELO_NAME", "SENDER", "Shared", "command_blocks", "make_message"]
 
@@ -36,9 +42,18 @@ class BlastConnection(asyncio.Protocol):
     pipelined and lock-step sessions share the reply parser.
     """
 
-    def __init__(self, shared: Shared, done: asyncio.Future[int]) -> None:
+    # Slots: attribute access on the hot path stays a fixed-offset load.
+    __slots__ = (
+        "s", "done", "quota", "transport", "buf", "replies", "need", "handler", "deadline",
+        "ticket", "chained", "completed", "pipe", "chain", "rset", "server_closing", "rcpt_ok",
+        "rcpt_first_bad", "rcpt_index", "t_data_end", "tls", "authed", "aborted", "ended",
+        "upgrade",
+    )
+
+    def __init__(self, shared: Shared, done: asyncio.Future[int], quota: int = UNLIMITED_QUOTA) -> None:
         self.s = shared
         self.done = done
+        self.quota = quota  # messages this connection may still take (Shared.reserve)
         self.transport: asyncio.Transport | None = None
         self.buf = b""
         self.replies: list[tuple[int, bytes]] = []
@@ -56,6 +71,11 @@ class BlastConnection(asyncio.Protocol):
         self.rcpt_first_bad = 0
         self.rcpt_index = 0
         self.t_data_end = 0.0
+        self.tls = False
+        self.authed = False
+        self.aborted = False  # _fail ran: its error is the one counted
+        self.ended = False
+        self.upgrade: asyncio.Future[None] | None = None  # the STARTTLS handshake task
 
     # -- asyncio callbacks -------------------------------------------------------------
 
@@ -97,6 +117,13 @@ class BlastConnection(asyncio.Protocol):
                 return
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._end(exc)
+
+    def _end(self, exc: Exception | None) -> None:
+        """The connection is gone: count what was in flight, wake the session. Once."""
+        if self.ended:
+            return
+        self.ended = True
         self.s.live.discard(self)
         if self.ticket >= 0 and self.server_closing:
             # A 421 came in place of replies still awaited: the server refused the
@@ -132,6 +159,7 @@ class BlastConnection(asyncio.Protocol):
 
     def _fail(self, kind: str) -> None:
         """Count an error against the message(s) in flight (if any) and drop the connection."""
+        self.aborted = True
         self._lose()
         self.s.error(kind)
         self.need = 0
@@ -155,22 +183,71 @@ class BlastConnection(asyncio.Protocol):
 
     def _on_greeting(self, r: list[tuple[int, bytes]]) -> None:
         if r[0][0] != 220:
-            self.s.error(f"greeting {r[0][0]}")
-            self._quit()
-            return
+            return self._give_up(f"greeting {r[0][0]}")
         self._write(f"EHLO {HELO_NAME}\r\n".encode())
         self._expect(1, self._on_ehlo)
 
     def _on_ehlo(self, r: list[tuple[int, bytes]]) -> None:
         code, text = r[0]
         if code != 250:
-            self.s.error(f"ehlo {code}")
-            self._quit()
+            return self._give_up(f"ehlo {code}")
+        s = self.s
+        ext = text.upper()
+        if s.tls_context is not None and not self.tls:
+            if b"STARTTLS" not in ext:
+                return self._give_up("STARTTLS not offered")
+            self._write(b"STARTTLS\r\n")
+            self._expect(1, self._on_starttls)
             return
         # Pipeline only if asked *and* offered (RFC 2920 §3.1).
-        self.pipe = self.s.pipelining and b"PIPELINING" in text.upper()
-        self.chain = self.pipe and self.s.chain
+        self.pipe = s.pipelining and b"PIPELINING" in ext
+        self.chain = self.pipe and s.chain
+        if s.auth_line and not self.authed:
+            self._write(s.auth_line)
+            self._expect(1, self._on_auth)
+            return
         self._next_message()
+
+    def _on_auth(self, r: list[tuple[int, bytes]]) -> None:
+        code = r[0][0]
+        if code != 235:
+            return self._give_up(f"auth {code}")
+        self.authed = True
+        self._next_message()
+
+    def _on_starttls(self, r: list[tuple[int, bytes]]) -> None:
+        code = r[0][0]
+        if code != 220:
+            return self._give_up(f"starttls {code}")
+        # RFC 3207 §4.2: nothing said before the handshake counts after it.
+        self.buf = b""
+        self.replies.clear()
+        self.deadline = self.s.loop.time() + self.s.timeout  # the handshake's deadline
+        self.upgrade = asyncio.ensure_future(self._upgrade())
+
+    async def _upgrade(self) -> None:
+        s = self.s
+        assert self.transport is not None and s.tls_context is not None
+        try:
+            transport = await s.loop.start_tls(
+                self.transport, self, s.tls_context, server_hostname=s.tls_name
+            )
+        except Exception as err:  # (anything: a session must never wait on a dead task)
+            transport, kind = None, type(err).__name__
+        else:  # uvloop may return (None, or a dead transport) when the connection was lost
+            kind = "connection lost"  # mid-handshake, aborted by the sweeper included
+        if transport is None or self.aborted or transport.is_closing():
+            # The app protocol hears no connection_lost during a handshake: end here.
+            if not self.aborted:
+                s.error(f"tls: {kind}")
+            if self.transport is not None:
+                self.transport.abort()
+            self._end(None)
+            return
+        self.transport = transport  # type: ignore[assignment]
+        self.tls = True
+        self._write(f"EHLO {HELO_NAME}\r\n".encode())
+        self._expect(1, self._on_ehlo)
 
     def _next_message(self) -> None:
         s = self.s
@@ -179,13 +256,11 @@ class BlastConnection(asyncio.Protocol):
             assert self.transport is not None
             self.transport.close()
             return
-        if s.per_session and self.completed >= s.per_session:
-            self._quit()
-            return
-        ticket = s.take()
+        ticket = s.take() if self.quota > 0 else -1
         if ticket < 0:
             self._quit()
             return
+        self.quota -= 1
         self.ticket = ticket
         due = s.due(ticket)
         if due > s.loop.time() + 0.0005:
@@ -257,18 +332,23 @@ class BlastConnection(asyncio.Protocol):
             # RFC 2920: the next transaction's group follows the end of data, same write.
             s.attempted += 1
             self.chained = nxt
-            self._write(s.chained[nxt % len(s.blocks)])
+            if s.fixed:
+                self._write(s.chained[nxt % len(s.blocks)])
+            else:
+                self._write(s.body_for(self.ticket) + s.joined[nxt % len(s.blocks)])
         else:
-            self._write(s.body)
+            self._write(s.body if s.fixed else s.body_for(self.ticket))
         self.t_data_end = time.perf_counter()
         self._expect(1, self._on_final)
 
     def _chain_ticket(self) -> int:
         """A ticket for a message that may start now on this connection, else -1."""
-        s = self.s
-        if self.server_closing or (s.per_session and self.completed + 1 >= s.per_session):
-            return -1  # (`completed + 1`: the message whose body goes out now)
-        return s.take_now()
+        if self.server_closing or self.quota <= 0:
+            return -1
+        ticket = self.s.take_now()
+        if ticket >= 0:
+            self.quota -= 1
+        return ticket
 
     def _on_final(self, r: list[tuple[int, bytes]]) -> None:
         code = r[0][0]
@@ -335,6 +415,11 @@ class BlastConnection(asyncio.Protocol):
         self._send_body()
 
     # -- end ----------------------------------------------------------------------
+
+    def _give_up(self, kind: str) -> None:
+        """Session setup failed (no message started on it): count why, end politely."""
+        self.s.error(kind)
+        self._quit()
 
     def _quit(self) -> None:
         self._write(b"QUIT\r\n")

@@ -7,76 +7,43 @@ small; everything here runs on the one event loop thread, so no locks.
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import functools
 import math
+import ssl
 from typing import TYPE_CHECKING
+
+from engine.blast_message import (
+    HELO_NAME, RCPT_TEMPLATE, SENDER, BodyFor, command_blocks, make_message,
+)
 
 if TYPE_CHECKING:
     from engine.blast_protocol import BlastConnection
 
-SENDER = "blast@volley.test"
-HELO_NAME = "blast.volley.test"
-_LINE = 76  # filler characters per body line (RFC 5322 recommends <= 78 with CRLF)
-_FILLER = (b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789" * 3)[:_LINE]
+__all__ = ["HELO_NAME", "SENDER", "Shared", "command_blocks", "make_message", "UNLIMITED_QUOTA"]
 
-
-@functools.lru_cache(maxsize=16)
-def make_message(size: int) -> bytes:
-    """A message of exactly `size` bytes (headers included) ending in CRLF; min ~200 bytes.
-
-    No line starts with "." so the bytes need no dot-stuffing and can be written as is;
-    the sink (and the server) see exactly these bytes after unstuffing.
-    """
-    date = email.utils.formatdate(usegmt=True)
-    head = (
-        f"From: <{SENDER}>\r\n"
-        f"To: <u0@d0.example>\r\n"
-        f"Subject: volley blast {size}\r\n"
-        f"Message-ID: <blast-{size}@volley.test>\r\n"
-        f"Date: {date}\r\n"
-        "\r\n"
-    ).encode()
-    room = size - len(head)
-    if room <= 0:
-        return head
-    if room < 3:  # too little for a filler line ("x\r\n"): pad the subject instead
-        return head.replace(b"\r\nMessage-ID", b"x" * room + b"\r\nMessage-ID", 1)
-    lines: list[bytes] = []
-    while room > 0:
-        n = min(_LINE + 2, room)
-        if 0 < room - n < 3:  # keep the last line at least "x\r\n"
-            n = room - 3
-        lines.append(_FILLER[: n - 2] + b"\r\n")
-        room -= n
-    return head + b"".join(lines)
-
-
-def command_blocks(recipients: int, domains: int) -> list[list[bytes]]:
-    """Per message i, its commands are blocks[i % domains]: MAIL, RCPT..., DATA lines.
-
-    Recipient j of the whole run is u{j % (D*R)}@d{j % D}.example, so consecutive
-    recipients walk the domains and the pattern repeats every `domains` messages:
-    precomputing D blocks removes all per-message formatting.
-    """
-    r, d = max(1, recipients), max(1, domains)
-    span = r * d
-    mail = f"MAIL FROM:<{SENDER}>\r\n".encode()
-    blocks = []
-    for m in range(d):
-        rcpts = [
-            f"RCPT TO:<u{j}@d{j % d}.example>\r\n".encode()
-            for j in ((m * r + k) % span for k in range(r))
-        ]
-        blocks.append([mail, *rcpts, b"DATA\r\n"])
-    return blocks
+UNLIMITED = 1 << 62  # a count no run reaches: "no limit" without a special case per message
+# A connection's quota when -m is not given: "no limit" too (after a billion messages the
+# connection reconnects), but one 30-bit digit, so decrementing it allocates nothing.
+UNLIMITED_QUOTA = (1 << 30) - 1
+# Above this many bytes, "body + next group" is concatenated per message instead of kept
+# as a table of every combination (domains x body size: 10,000 domains x 100 kB = 1 GB).
+_CHAIN_TABLE_BYTES = 32 << 20
 
 
 class Shared:
     """State shared by all connections of one run: tickets, message bytes, counters.
 
     Plain attributes and dicts, no locks: everything runs on one event loop thread.
+    Slots, because past 30 attributes CPython 3.11 stops specialising instance-dict
+    attribute loads, and every message reads a dozen of these.
     """
+
+    __slots__ = (
+        "loop", "unlimited", "total", "pipelining", "chain", "rate", "timeout", "per_session",
+        "unreserved", "tls_context", "tls_name", "auth_line", "blocks", "joined", "recipients",
+        "body_for", "fixed", "body", "chained", "started", "stop_at", "interrupted",
+        "next_ticket", "attempted", "sent", "accepted", "failed", "refused", "rcpt_refused",
+        "errors", "connections", "latencies", "live",
+    )
 
     def __init__(
         self,
@@ -84,7 +51,7 @@ class Shared:
         messages: int,
         recipients: int,
         domains: int,
-        size: int,
+        size: int = 1024,
         pipelining: bool,
         chain: bool = True,
         rate: float,
@@ -92,22 +59,41 @@ class Shared:
         timeout: float,
         per_session: int,
         loop: asyncio.AbstractEventLoop,
+        body: tuple[bytes | None, BodyFor] | None = None,
+        sender: str = SENDER,
+        rcpt_template: str = RCPT_TEMPLATE,
+        tls_context: ssl.SSLContext | None = None,
+        tls_name: str | None = None,
+        auth_line: bytes = b"",
     ) -> None:
         self.loop = loop
-        self.total = messages
+        # 0 messages with a duration: no count limit, the duration ends the run.
+        self.unlimited = messages == 0 and duration > 0
+        self.total = UNLIMITED if self.unlimited else messages
         self.pipelining = pipelining
         self.chain = chain
         self.rate = rate
         self.timeout = timeout
         self.per_session = per_session
-        self.blocks = command_blocks(recipients, domains)
+        self.unreserved = self.total  # messages no connection has claimed (with per_session)
+        self.tls_context = tls_context
+        self.tls_name = tls_name
+        self.auth_line = auth_line
+        self.blocks = command_blocks(recipients, domains, sender, rcpt_template)
         self.joined = [b"".join(b) for b in self.blocks]  # pipelined form: one write
         self.recipients = max(1, recipients)
-        self.body = make_message(size) + b".\r\n"  # body + end of data: one write
-        # Chained form (RFC 2920): body, end of data and the next message's group, one write.
-        self.chained = [self.body + j for j in self.joined]
+        if body is None:
+            fixed = make_message(size, sender) + b".\r\n"
+            body = (fixed, lambda _: fixed)
+        one, self.body_for = body
+        # `fixed`: every message has the same body, and the table of "body + next group"
+        # (RFC 2920 chaining: one write per message) is small enough to build up front.
+        self.fixed = one is not None and len(one) * len(self.joined) <= _CHAIN_TABLE_BYTES
+        self.body = one if one is not None else b""  # body + end of data: one write
+        self.chained = [self.body + j for j in self.joined] if self.fixed else []
         self.started = loop.time()
         self.stop_at = self.started + duration if duration > 0 else math.inf
+        self.interrupted = False
         self.next_ticket = 0
         # Counters reported at the end.
         self.attempted = 0
@@ -120,6 +106,26 @@ class Shared:
         self.connections = 0
         self.latencies: list[float] = []
         self.live: set[BlastConnection] = set()
+
+    def reserve(self) -> int:
+        """Messages the next connection may take (0: the run has none left).
+
+        With `per_session` each connection claims its share before it connects, so
+        -n 105 -m 10 opens exactly 11 connections and none connects only to QUIT.
+        """
+        t = self.next_ticket
+        if t >= self.total or (self.stop_at != math.inf and self.due(t) >= self.stop_at):
+            return 0  # (the test `take` makes: no connection that could only QUIT)
+        if not self.per_session:
+            return UNLIMITED_QUOTA
+        quota = min(self.per_session, self.unreserved)
+        self.unreserved -= quota
+        return quota
+
+    def release(self, quota: int) -> None:
+        """Give back what a finished connection claimed but did not take."""
+        if self.per_session:
+            self.unreserved += quota
 
     def take(self) -> int:
         """The next message's ticket, or -1 when the run is out of messages or time."""
@@ -143,6 +149,11 @@ class Shared:
         if self.rate <= 0:
             return max(self.started, self.loop.time())
         return self.started + ticket / self.rate
+
+    def interrupt(self) -> None:
+        """Start no more messages; those in flight finish (Ctrl-C, or a library's stop)."""
+        self.interrupted = True
+        self.stop_at = min(self.stop_at, self.loop.time())
 
     def error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1

@@ -195,6 +195,15 @@ def _add_ctl(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_ctl(sub)
 
 
+# --- blast ---------------------------------------------------------------------------
+
+
+def _add_blast(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from engine.blast_cli import add_blast
+
+    add_blast(sub)
+
+
 # --- sink ------------------------------------------------------------------------------
 
 
@@ -222,6 +231,7 @@ _SUBCOMMANDS = (
     _add_config,
     _add_passwd,
     _add_ctl,
+    _add_blast,
     _add_sink,
     _add_demo,
 )

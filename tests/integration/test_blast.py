@@ -13,7 +13,8 @@ from typing import Awaitable, Callable, TypeVar
 import pytest
 import uvloop
 
-from engine.blast import BlastOptions, Report, _parse_args, run
+from engine.blast import BlastOptions, Report, run
+from engine.blast_cli import build_parser, options_from_args
 from engine.blast_protocol import make_message
 from tests.peers.smtp_sink import Sink, start_sink
 
@@ -31,6 +32,10 @@ def _run(factory: Callable[[], Awaitable[T]]) -> T:
 
 async def _blast(sink: Sink, **kw: object) -> Report:
     return await run(BlastOptions(port=sink.port, timeout=3.0, **kw))  # type: ignore[arg-type]
+
+
+def _cli_options(argv: list[str]) -> BlastOptions:
+    return options_from_args(build_parser().parse_args(argv))
 
 
 def _command_segments(sink: Sink) -> list[bytes]:
@@ -67,7 +72,7 @@ def test_no_chain_sends_mail_rcpt_data_in_one_segment_and_the_body_in_another() 
     async def scenario() -> tuple[Sink, Report]:
         sink = await start_sink()
         try:
-            options, _ = _parse_args([
+            options = _cli_options([
                 "--to", f"127.0.0.1:{sink.port}", "-n", "200", "-c", "5", "--size", "1024",
                 "-r", "2", "--domains", "3", "--timeout", "3", "--no-chain",
             ])
@@ -98,7 +103,7 @@ def test_no_chain_sends_mail_rcpt_data_in_one_segment_and_the_body_in_another() 
 
 
 def test_chained_pipelining_sends_the_next_group_with_the_end_of_data() -> None:
-    assert BlastOptions().chain and _parse_args([])[0].chain  # the default
+    assert BlastOptions().chain and _cli_options([]).chain  # the default
 
     async def scenario() -> tuple[Sink, Report]:
         sink = await start_sink()
@@ -146,19 +151,8 @@ def test_lock_step_sends_one_command_per_segment(offered: bool) -> None:
 
 @pytest.mark.parametrize("pipelining", [True, False])
 def test_refusals_are_counted_by_code(pipelining: bool) -> None:  # (chained if pipelining)
-    ends = 0
-
-    def script(verb: str, arg: str) -> str | None:
-        nonlocal ends
-        if verb == "RCPT" and "@d1.example" in arg:
-            return "550 5.1.1 no such user"
-        if verb == ".":
-            ends += 1
-            return "451 4.3.0 try later" if ends % 3 == 0 else None
-        return None
-
     async def scenario() -> tuple[Sink, Report]:
-        sink = await start_sink(script=script)
+        sink = await start_sink(script=_rcpt_and_end_refusals())
         try:
             return sink, await _blast(sink, messages=200, concurrency=5, domains=4,
                                       pipelining=pipelining)
