@@ -80,10 +80,10 @@ def smtp_source(address: str, messages: int, sessions: int, size: int, domain: s
 
 
 def blast(address: str, messages: int, sessions: int, size: int, domains: int, pipelining: bool,
-          cap: float) -> LoadResult:
+          cap: float, rate: float = 0.0) -> LoadResult:
     cmd = [sys.executable, "-c", BLAST_WRAPPER, "--to", address, "-n", str(messages), "-c", str(sessions),
            "--size", str(size), "--domains", str(domains), "--timeout", "30", "--json",
-           *([] if pipelining else ["--no-pipelining"])]
+           *([] if pipelining else ["--no-pipelining"]), *(["--rate", str(rate)] if rate else [])]
     rc, out, err, t_launch, _, cpu = _run(cmd, cap)
     text = err.decode("utf-8", "replace")
     t0 = next((float(line[3:]) for line in text.splitlines() if line.startswith("T0 ")), t_launch)

@@ -12,6 +12,7 @@ Two kinds with one interface (`port`, `label`, `proc`, `settle()`, `expect(n)`,
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import signal
@@ -41,7 +42,7 @@ class CSink:
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
         self.proc = subprocess.Popen(
             ["timeout", "-k", "5", str(LIFETIME), SMTP_SINK, *user, "-c", "-m", str(MAX_SESSIONS),
-             f"{SINK_HOST}:{self.port}", "1024"],
+             f"{SINK_HOST}:{self.port}", "4096"],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             start_new_session=True)
         self.messages = 0
@@ -49,15 +50,23 @@ class CSink:
         self.targets: list[int] = []
         self.reached: dict[int, float] = {}
         self.cond = threading.Condition()
-        self._reader = threading.Thread(target=self._follow, daemon=True)
-        self._reader.start()
+        self.err: collections.deque[str] = collections.deque(maxlen=20)
+        # Both pipes are drained all the time: a full pipe would stall smtp-sink.
+        self._threads = [threading.Thread(target=self._follow, daemon=True),
+                         threading.Thread(target=self._errors, daemon=True)]
+        for t in self._threads:
+            t.start()
         deadline = time.monotonic() + 10
         while not smtp_banner(SINK_HOST, self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
                 self.stop()
-                raise RuntimeError(f"smtp-sink did not start on {SINK_HOST}:{self.port}: {err.strip()}")
+                raise RuntimeError(f"smtp-sink did not start on {SINK_HOST}:{self.port}: {' | '.join(self.err)}")
             time.sleep(0.05)
+
+    def _errors(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            self.err.append(raw.decode("utf-8", "replace").rstrip())
 
     def _follow(self) -> None:
         assert self.proc.stdout is not None
@@ -111,7 +120,8 @@ class CSink:
                     raise RuntimeError(f"smtp-sink exited {self.proc.returncode}")
                 if now - progress > stall or now > deadline:
                     why = f"no progress for {stall:.0f}s" if now <= deadline else f"{cap:.0f}s cap"
-                    raise RuntimeError(f"sink has {self.messages}/{target} messages ({why})")
+                    raise RuntimeError(f"sink has {self.messages}/{target} messages ({why});"
+                                       f" smtp-sink stderr: {' | '.join(self.err) or '-'}")
                 self.cond.wait(0.2)
             return self.reached.pop(target)
 
@@ -128,7 +138,8 @@ class CSink:
             pass
         if self.proc.poll() is None:
             self.proc.wait(5)
-        self._reader.join(2)
+        for t in self._threads:
+            t.join(2)
 
 
 class PySink(Sink):

@@ -51,7 +51,7 @@ class Volley:
             dns_port, sink_port = self.relay
             config["server"]["hostname"] = "relay.volley.test"
             config["delivery"] = {"enabled": True, "port": sink_port, "poll_interval": "50ms"}
-            config["dns"] = {"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": "2s"}
+            config["dns"] = {"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": "10s"}
         return config
 
     def start(self) -> str:
@@ -80,7 +80,13 @@ class Volley:
                 if r.get("outcome") == "delivered" and r.get("queue_time") is not None]
 
     def diagnostics(self) -> str:
-        tail = "\n".join(f"  > {line}" for line in self.dlog.tail)
+        self.dlog.read()  # what happened since the last wait
+        try:
+            lines = (self.tmp / "delivery.jsonl").read_text().splitlines()
+        except OSError:
+            lines = []
+        other = [line for line in lines if '"outcome":"delivered"' not in line][-5:]
+        tail = "\n".join(f"  > {line[:400]}" for line in [*other, *list(self.dlog.tail)[-3:]])
         return f"delivery log {dict(self.dlog.outcomes)}\n{tail}\n{self.server.log() if self.server else ''}"
 
     def stop(self) -> None:
