@@ -27,11 +27,13 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/volley demo
 
-# Micro benchmarks, then the end-to-end receive and relay runners (a few minutes).
+# Micro benchmarks, then the one end-to-end runner: Volley beside Postfix and
+# aiosmtpd+LMDB (peers from `make bench-peers`; a missing peer's rows are skipped with
+# a note), one table and bench/results/latest.json (~11-15 min on 2 cores).
+# bench/e2e.py and bench/relay.py remain as quicker developer runners.
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q bench --benchmark-only
-	$(BIN)/python bench/e2e.py
-	$(BIN)/python bench/relay.py
+	$(BIN)/python bench/run.py
 
 # The peers of bench/run.py: Postfix (apt-get, needs root; skipped with a message
 # otherwise) and aiosmtpd in the venv. Idempotent.

@@ -32,7 +32,7 @@ from typing import Any
 import tomli_w
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results" / "latest.json"
+RESULTS = REPO / "bench" / "results" / "e2e.json"  # latest.json is bench/run.py's
 TICK = os.sysconf("SC_CLK_TCK")
 STOP_GRACE = 15.0  # seconds SIGTERM may take before the process group is killed
 
@@ -277,7 +277,7 @@ def print_table(cells: list[dict[str, Any]]) -> None:
         m = c["msgs_per_s"]
         rate = f"{m['median']:,.0f} ({m['min']:,.0f}..{m['max']:,.0f})"
         ratio = f"x{m['median'] / base[c['size']]:.2f}" if base.get(c["size"]) else "-"
-        note = "" if c["complete"] else "INCOMPLETE (see latest.json)"
+        note = "" if c["complete"] else "INCOMPLETE (see e2e.json)"
         print(f"{c['durability']:<10} {c['size']:>7} {rate:>28} {ratio:>8}"
               f" {c['server_cpu_us_per_msg']['median']:>13.0f}"
               f" {c['client_cpu_us_per_msg']['median']:>13.0f}"
