@@ -31,9 +31,13 @@ from typing import Any
 
 import tomli_w
 
+from engine import demo_report
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "e2e.json"  # latest.json is bench/run.py's
 TICK = os.sysconf("SC_CLK_TCK")
+# One definition of a process tree's CPU time, shared with `volley demo`.
+tree_cpu_seconds = demo_report.tree_cpu_seconds
 STOP_GRACE = 15.0  # seconds SIGTERM may take before the process group is killed
 
 
@@ -46,34 +50,6 @@ def _stat_fields(pid: int) -> list[str] | None:
         return None
     # Fields after "(comm)"; comm may hold spaces or parens, so split at the last ")".
     return raw[raw.rindex(")") + 2 :].split()
-
-
-def tree_cpu_seconds(root: int) -> float:
-    """utime+stime+cutime+cstime of `root` and all its descendants, in seconds.
-
-    cutime/cstime keep the CPU of children that exited (and were reaped) during the
-    measurement, so a worker that dies mid-run is still counted once.
-    """
-    parents: dict[int, int] = {}
-    ticks: dict[int, int] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        fields = _stat_fields(int(entry.name))
-        if fields is None:
-            continue
-        pid = int(entry.name)
-        parents[pid] = int(fields[1])  # field 4, ppid
-        ticks[pid] = sum(int(fields[i]) for i in (11, 12, 13, 14))  # fields 14-17
-    children: dict[int, list[int]] = collections.defaultdict(list)
-    for pid, ppid in parents.items():
-        children[ppid].append(pid)
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        total += ticks.get(pid, 0)
-        todo.extend(children.get(pid, ()))
-    return total / TICK
 
 
 def machine_busy_seconds() -> float:
