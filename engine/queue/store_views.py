@@ -1,0 +1,133 @@
+"""Paged reads and control state of the queue store, for the control socket.
+
+A mixin of `QueueStore` (store.py owns the environment and its named DBs; this file
+only names lmdb for annotations, so store.py stays the one runtime importer). Each
+scan is ONE short read transaction over at most `limit` entries; callers page with
+the last key they got, so no reader lives long (finding 7).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from engine.queue.records import MessageRecord, decode_record
+from engine.queue.writetxn import WriteTxn
+
+if TYPE_CHECKING:
+    import lmdb
+
+_T = TypeVar("_T")
+
+
+class StoreViews:
+    """Methods of `QueueStore` that read in pages or keep control state."""
+
+    # Provided by QueueStore (store.py).
+    _due: Any
+    _msg: Any
+    _body: Any
+    _ctl: Any
+    _psize: int
+
+    def _read(self, fn: Callable[[lmdb.Transaction[bytes]], _T]) -> _T:
+        raise NotImplementedError
+
+    def write_one(self, op: Callable[[WriteTxn], _T]) -> _T:
+        raise NotImplementedError
+
+    def scan_due(self, start: bytes, limit: int) -> tuple[list[bytes], list[bytes]]:
+        """Up to `limit` entries of the due index from key `start` on (inclusive; b"" =
+        the beginning), in key order (owner, due, id, domain), as (keys, values): two
+        lists in step. Raises StorageError on lmdb failure."""
+
+        def scan(t: lmdb.Transaction[bytes]) -> tuple[list[bytes], list[bytes]]:
+            with t.cursor(db=self._due) as cur:
+                if not cur.set_range(start):
+                    return [], []
+                # Two passes over the same range of this one snapshot cost less than
+                # one pass building a (key, value) tuple per entry (measured 0.24 s
+                # vs 0.37 s per 1,000,000); islice keeps each pass in C.
+                keys = list(itertools.islice(cur.iternext(keys=True, values=False), limit))
+                cur.set_range(start)
+                vals = list(itertools.islice(cur.iternext(keys=False, values=True), len(keys)))
+            return keys, vals
+
+        return self._read(scan)
+
+    def scan_due_keys(self, start: bytes, limit: int) -> list[bytes]:
+        """As `scan_due`, keys only (half the cost: no value copies, no tuples)."""
+
+        def scan(t: lmdb.Transaction[bytes]) -> list[bytes]:
+            with t.cursor(db=self._due) as cur:
+                if not cur.set_range(start):
+                    return []
+                return list(itertools.islice(cur.iternext(keys=True, values=False), limit))
+
+        return self._read(scan)
+
+    def scan_records(self, after: bytes, limit: int) -> list[tuple[bytes, bytes]]:
+        """Up to `limit` (id, encoded record) pairs with id > `after` (b"" = from the
+        first), in id order. Decode with `records.decode_record` (or a partial Struct).
+        Raises StorageError on lmdb failure."""
+
+        def scan(t: lmdb.Transaction[bytes]) -> list[tuple[bytes, bytes]]:
+            with t.cursor(db=self._msg) as cur:
+                if not cur.set_range(after):
+                    return []
+                out = list(itertools.islice(cur.iternext(keys=True, values=True), limit + 1))
+            if out and out[0][0] == after:
+                del out[0]
+            return out[:limit]
+
+        return self._read(scan)
+
+    def get_many(self, ids: list[bytes]) -> list[MessageRecord | None]:
+        """The records of `ids` (None where not queued), in one read transaction.
+        Raises StorageError on lmdb failure."""
+
+        def read(t: lmdb.Transaction[bytes]) -> list[bytes | None]:
+            return [t.get(i, db=self._msg) for i in ids]
+
+        return [None if d is None else decode_record(d) for d in self._read(read)]
+
+    def get_bodies(self, ids: list[bytes]) -> list[bytes | None]:
+        """The raw message bytes of `ids` (None where not queued), in one read
+        transaction. Raises StorageError on lmdb failure."""
+        return self._read(lambda t: [t.get(i, db=self._body) for i in ids])
+
+    def stats(self) -> dict[str, int]:
+        """{"messages": records, "units": due entries, "body_bytes": bytes of the
+        pages holding bodies (psize × leaf+overflow+branch pages: an estimate that
+        counts page slack, not the exact sum of sizes)}. Raises StorageError."""
+
+        def read(t: lmdb.Transaction[bytes]) -> dict[str, int]:
+            body = t.stat(self._body)
+            pages = body["leaf_pages"] + body["overflow_pages"] + body["branch_pages"]
+            return {"messages": int(t.stat(self._msg)["entries"]),
+                    "units": int(t.stat(self._due)["entries"]),
+                    "body_bytes": int(pages * self._psize)}
+
+        return self._read(read)
+
+    # ---- control state ----------------------------------------------------------
+
+    def get_control(self, name: bytes) -> bytes | None:
+        """Control state saved under `name` (see `put_control`), or None."""
+        return self._read(lambda t: t.get(name, db=self._ctl))
+
+    def put_control(self, name: bytes, value: bytes | None) -> None:
+        """Save (or with None, remove) control state durably; it survives restarts.
+
+        Raises:
+            StorageError/QueueFull/StoragePanic: as `write`.
+        """
+
+        def op(w: WriteTxn) -> None:
+            if value is None:
+                w.txn.delete(name, db=self._ctl)
+            else:
+                w.txn.put(name, value, db=self._ctl)
+
+        self.write_one(op)
