@@ -69,7 +69,6 @@ def bind_listeners(cfg: Config, workers: int) -> tuple[list[list[socket.socket]]
                     f"listeners: cannot bind {listener.address}: {err.strerror}"
                 ) from None
             sock.listen(1024)
-            sock.set_inheritable(True)
             port = sock.getsockname()[1]  # port 0: the rest share the port the first got
             socks.append(sock)
         per_listener.append(socks)
@@ -115,6 +114,9 @@ class WorkerSlot:
 
     async def _run_once(self) -> int:
         parent, child = socket.socketpair()
+        # Listening sockets stay non-inheritable: uvloop's spawn would hand every
+        # inheritable descriptor to every child, and a worker holding another worker's
+        # socket keeps it accepting after a drain. pass_fds passes exactly these.
         # After a drain the listeners are closed for good: a new worker gets none.
         fds = [] if self.sup.draining else [
             s.fileno() for s in (self.sup.sockets[i][self.slot] for i in range(len(self.sup.sockets)))]

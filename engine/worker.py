@@ -273,22 +273,6 @@ class Worker:
                     log.info("stale_readers_cleared", count=cleared)
 
 
-def _close_foreign_sockets(keep: set[int]) -> None:
-    """Close sockets inherited by accident. uvloop's process spawning keeps every
-    inheritable descriptor of the supervisor, so without this each worker would hold
-    every other worker's listening socket open too: a drain could then never stop the
-    kernel from accepting, and a dead worker's socket would never look dead."""
-    for name in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []:
-        fd = int(name)
-        if fd <= 2 or fd in keep:
-            continue
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-                os.close(fd)
-        except OSError:
-            continue  # the listing's own descriptor, already gone
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="volley-worker")
     parser.add_argument("--slot", type=int, required=True)
@@ -296,7 +280,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen-fds", default="")
     args = parser.parse_args(argv)
     fds = [int(x) for x in args.listen_fds.split(",") if x]
-    _close_foreign_sockets({args.control_fd, *fds})
     worker = Worker(args.slot, args.control_fd, fds)
     profile_dir = os.environ.get("VOLLEY_PROFILE_DIR")
     if profile_dir:
