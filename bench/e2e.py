@@ -141,25 +141,32 @@ class Server:
         return "\n".join(f"  | {line}" for line in self.tail)
 
     def stop(self) -> int | None:
-        """SIGTERM, wait, then SIGKILL whatever is left of the process group. Returns
-        the supervisor's exit status (None if it had to be killed)."""
-        code: int | None = None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                code = self.proc.wait(STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                code = None
-        else:
-            code = self.proc.returncode
-        try:  # workers orphaned by a crashed or killed supervisor stay in its group
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        if self.proc.poll() is None:
-            self.proc.wait(5)
+        """Stop the process group (see `stop_group`); the supervisor's exit status."""
+        code = stop_group(self.proc, STOP_GRACE)
         self._reader.join(2)
         return code
+
+
+def stop_group(proc: subprocess.Popen[Any], grace: float = 5.0) -> int | None:
+    """SIGTERM, wait up to `grace` s, then SIGKILL whatever is left of the process group
+    (children orphaned by a crashed leader stay in its group). Returns the leader's
+    exit status, or None if it had to be killed."""
+    code: int | None
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            code = None
+    else:
+        code = proc.returncode
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if proc.poll() is None:
+        proc.wait(5)
+    return code
 
 
 # --- one measured run -----------------------------------------------------------------

@@ -7,7 +7,6 @@ import collections
 import json
 import os
 import queue
-import signal
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e import REPO, TICK, _env, _stat_fields  # noqa: E402
+from e2e import REPO, TICK, _env, _stat_fields, stop_group  # noqa: E402
 
 SINK_HOST = "127.0.0.2"  # the MX address: not volley's own listener address
 LIFETIME = 3600  # seconds any peer process may live, whatever happens to this runner
@@ -126,18 +125,7 @@ class Peer:
                 return event
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        if self.proc.poll() is None:
-            self.proc.wait(5)
+        stop_group(self.proc)
         if self.proc.stdin is not None:
             try:
                 self.proc.stdin.close()

@@ -15,13 +15,12 @@ from __future__ import annotations
 import collections
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
 import time
 
-from e2e import REPO, _env
+from e2e import REPO, _env, stop_group
 from relay_peers import LIFETIME, SINK_HOST, Peer, Sink
 
 from peers.procs import free_port, smtp_banner
@@ -126,18 +125,7 @@ class CSink:
             return self.reached.pop(target)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        if self.proc.poll() is None:
-            self.proc.wait(5)
+        stop_group(self.proc)
         for t in self._threads:
             t.join(2)
 
