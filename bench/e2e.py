@@ -147,6 +147,19 @@ class Server:
         return code
 
 
+def server_command(override: str) -> list[str] | None:
+    """The command that starts the server: `override` split, or this venv's
+    `volley serve`; None (after saying why) when neither exists."""
+    if override:
+        return shlex.split(override)
+    volley = Path(sys.executable).parent / "volley"
+    if not volley.exists():
+        print(f"{volley} not found (is the package installed?); or pass --server-cmd",
+              file=sys.stderr)
+        return None
+    return [str(volley), "serve"]
+
+
 def stop_group(proc: subprocess.Popen[Any], grace: float = 5.0) -> int | None:
     """SIGTERM, wait up to `grace` s, then SIGKILL whatever is left of the process group
     (children orphaned by a crashed leader stay in its group). Returns the leader's
@@ -300,15 +313,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.server_cmd:
-        cmd = shlex.split(args.server_cmd)
-    else:
-        volley = Path(sys.executable).parent / "volley"
-        if not volley.exists():
-            print(f"{volley} not found (is the package installed?); or pass --server-cmd",
-                  file=sys.stderr)
-            return 2
-        cmd = [str(volley), "serve"]
+    cmd = server_command(args.server_cmd)
+    if cmd is None:
+        return 2
     sizes = [int(s) for s in args.sizes.split(",") if s]
     levels = [d.strip() for d in args.durability.split(",") if d.strip()]
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

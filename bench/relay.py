@@ -26,7 +26,6 @@ import math
 import os
 import platform
 import resource
-import shlex
 import signal
 import statistics
 import subprocess
@@ -40,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e import write_config as e2e_write_config  # noqa: E402
 from e2e import (  # noqa: E402  (bench/ is not a package; e2e.py holds the shared helpers)
     REPO, Server, _env, bench_config, git_commit, machine_busy_seconds, probe_ms,
-    tree_cpu_seconds,
+    server_command, tree_cpu_seconds,
 )
 
 from relay_peers import (  # noqa: E402
@@ -320,15 +319,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.server_cmd:
-        cmd = shlex.split(args.server_cmd)
-    else:
-        volley = Path(sys.executable).parent / "volley"
-        if not volley.exists():
-            print(f"{volley} not found (is the package installed?); or pass --server-cmd",
-                  file=sys.stderr)
-            return 2
-        cmd = [str(volley), "serve"]
+    cmd = server_command(args.server_cmd)
+    if cmd is None:
+        return 2
     sizes = [int(s) for s in args.sizes.split(",") if s]
     levels = [d.strip() for d in args.durability.split(",") if d.strip()]
     domain_counts = [int(d) for d in args.domains.split(",") if d.strip()]
