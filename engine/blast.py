@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 import msgspec
 
+from engine.blast_auth import BlastAuth
 from engine.blast_message import RCPT_TEMPLATE, SENDER, bodies
 from engine.blast_protocol import BlastConnection, Shared
 
@@ -55,7 +56,9 @@ class BlastOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tls: bool = False  # STARTTLS on every connection (a connection without it sends nothing)
     tls_verify: bool = False  # check the certificate and the host name (default: don't)
     tls_ca: str = ""  # CA file for tls_verify (default: the system's)
-    auth: str = ""  # "user:password": AUTH PLAIN after EHLO (after STARTTLS with tls)
+    auth: str = ""  # "user:password": AUTH after EHLO (after STARTTLS with tls)
+    # "plain" or "login" forces that mechanism; "": PLAIN when the server offers it, else LOGIN
+    auth_mech: str = ""
     rate: float = 0.0  # messages/s over the whole run; 0: as fast as possible
     duration: float = 0.0  # stop starting messages after this many seconds; 0: none
     timeout: float = 30.0  # seconds to wait for any one reply (and for connect)
@@ -207,18 +210,6 @@ def _tls_context(options: BlastOptions) -> ssl.SSLContext | None:
     return ctx
 
 
-def _auth_line(auth: str) -> bytes:
-    import base64
-
-    if not auth:
-        return b""
-    user, sep, password = auth.partition(":")
-    if not sep or not user:
-        raise ValueError("auth must be user:password")
-    token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
-    return f"AUTH PLAIN {token}\r\n".encode()
-
-
 def _shared(options: BlastOptions, loop: asyncio.AbstractEventLoop) -> Shared:
     message = None
     if options.message_file:
@@ -233,7 +224,7 @@ def _shared(options: BlastOptions, loop: asyncio.AbstractEventLoop) -> Shared:
                     message=message, template=options.template, run_id=os.urandom(6).hex()),
         sender=options.sender, rcpt_template=options.rcpt_template,
         tls_context=_tls_context(options), tls_name=options.host if options.tls_verify else None,
-        auth_line=_auth_line(options.auth),
+        auth=BlastAuth(options.auth, options.auth_mech) if options.auth else None,
     )
 
 
@@ -253,6 +244,8 @@ async def run(
     """
     if options.messages < 0 or options.concurrency < 1:
         raise ValueError("messages must be >= 0 and concurrency >= 1")
+    if options.auth_mech and not options.auth:
+        raise ValueError("auth_mech needs auth")
     loop = asyncio.get_running_loop()
     cpu0 = time.process_time()
     shared = _shared(options, loop)

@@ -7,8 +7,9 @@ server. Everything a message needs on the wire (its command block and body) is b
 once up front (`engine.blast_shared`) and reused; replies are parsed with `bytes.find`.
 
 With --tls the session upgrades with STARTTLS after the first EHLO (the handshake
-is the one coroutine: `loop.start_tls`), and with --auth it sends AUTH PLAIN after
-the (second) EHLO; both happen once per connection, never per message.
+is the one coroutine: `loop.start_tls`), and with --auth it authenticates (PLAIN or
+LOGIN, engine.blast_auth) after the (second) EHLO; both happen once per connection,
+never per message.
 
 With PIPELINING the client chains transactions as RFC 2920 allows (and Postfix's
 client does): after the 354 it writes the body, the end of data *and* the next
@@ -24,6 +25,7 @@ import math
 import time
 from typing import Callable
 
+from engine.blast_auth import AuthSteps
 from engine.blast_shared import (
     HELO_NAME, SENDER, UNLIMITED_QUOTA, Shared, command_blocks, make_message,
 )
@@ -35,7 +37,7 @@ def _positive(code: int) -> bool:
     return 200 <= code < 300
 
 
-class BlastConnection(asyncio.Protocol):
+class BlastConnection(AuthSteps, asyncio.Protocol):
     """One SMTP client connection: EHLO once, messages until told to stop, QUIT.
 
     Each step sets `need` (replies to wait for) and `handler` (called with them), so
@@ -202,17 +204,8 @@ class BlastConnection(asyncio.Protocol):
         # Pipeline only if asked *and* offered (RFC 2920 §3.1).
         self.pipe = s.pipelining and b"PIPELINING" in ext
         self.chain = self.pipe and s.chain
-        if s.auth_line and not self.authed:
-            self._write(s.auth_line)
-            self._expect(1, self._on_auth)
-            return
-        self._next_message()
-
-    def _on_auth(self, r: list[tuple[int, bytes]]) -> None:
-        code = r[0][0]
-        if code != 235:
-            return self._give_up(f"auth {code}")
-        self.authed = True
+        if s.auth is not None and not self.authed:
+            return self._authenticate(text)
         self._next_message()
 
     def _on_starttls(self, r: list[tuple[int, bytes]]) -> None:

@@ -16,6 +16,7 @@ from engine.blast_message import (
 )
 
 if TYPE_CHECKING:
+    from engine.blast_auth import BlastAuth
     from engine.blast_protocol import BlastConnection
 
 __all__ = ["HELO_NAME", "SENDER", "Shared", "command_blocks", "make_message", "UNLIMITED_QUOTA"]
@@ -39,7 +40,7 @@ class Shared:
 
     __slots__ = (
         "loop", "unlimited", "total", "pipelining", "chain", "rate", "timeout", "per_session",
-        "unreserved", "tls_context", "tls_name", "auth_line", "blocks", "joined", "recipients",
+        "unreserved", "tls_context", "tls_name", "auth", "blocks", "joined", "recipients",
         "body_for", "fixed", "body", "chained", "started", "stop_at", "interrupted",
         "next_ticket", "attempted", "sent", "accepted", "failed", "refused", "rcpt_refused",
         "errors", "connections", "latencies", "live",
@@ -64,7 +65,7 @@ class Shared:
         rcpt_template: str = RCPT_TEMPLATE,
         tls_context: ssl.SSLContext | None = None,
         tls_name: str | None = None,
-        auth_line: bytes = b"",
+        auth: BlastAuth | None = None,
     ) -> None:
         self.loop = loop
         # 0 messages with a duration: no count limit, the duration ends the run.
@@ -78,7 +79,7 @@ class Shared:
         self.unreserved = self.total  # messages no connection has claimed (with per_session)
         self.tls_context = tls_context
         self.tls_name = tls_name
-        self.auth_line = auth_line
+        self.auth = auth  # None: no AUTH
         self.blocks = command_blocks(recipients, domains, sender, rcpt_template)
         self.joined = [b"".join(b) for b in self.blocks]  # pipelined form: one write
         self.recipients = max(1, recipients)

@@ -23,11 +23,13 @@ def test_defaults() -> None:
 def test_flags_map_to_options() -> None:
     o = _options("--to", "[::1]:2600", "-n", "50", "-c", "3", "-m", "7", "-r", "2",
                  "--domains", "9", "--size", "10k", "--rate", "20", "--duration", "1m",
-                 "--no-pipelining", "--tls-verify", "--auth", "u:p:w", "--timeout", "500ms",
+                 "--no-pipelining", "--tls-verify", "--auth", "u:p:w", "--auth-mech", "login",
+                 "--timeout", "500ms",
                  "--from", "x@y.test", "--to-template", "r{n}@{d}.test")
     assert (o.host, o.port, o.messages, o.concurrency, o.messages_per_session) == ("::1", 2600, 50, 3, 7)
     assert (o.recipients, o.domains, o.size, o.rate, o.duration, o.timeout) == (2, 9, 10_000, 20, 60, 0.5)
     assert not o.pipelining and o.tls and o.tls_verify and o.auth == "u:p:w"
+    assert o.auth_mech == "login" and _options("--auth", "u:p").auth_mech == ""
     assert (o.sender, o.rcpt_template) == ("x@y.test", "r{n}@{d}.test")
 
 
@@ -45,6 +47,7 @@ def test_distribution_goes_to_sizes_and_duration_alone_means_no_count_limit() ->
     (["--template"], "needs --message"),
     (["--message", "/dev/null", "--size", "2k"], "exclude"),
     (["--auth", "nopassword"], "USER:PASS"),
+    (["--auth-mech", "plain"], "needs --auth"),
     (["--from", "a b"], "not an address"),
 ])
 def test_bad_combinations(argv: list[str], words: str) -> None:
@@ -52,7 +55,8 @@ def test_bad_combinations(argv: list[str], words: str) -> None:
         _options(*argv)
 
 
-@pytest.mark.parametrize("argv", [["--to", "nohost"], ["--duration", "soon"], ["--to", "h:70000"]])
+@pytest.mark.parametrize("argv", [["--to", "nohost"], ["--duration", "soon"], ["--to", "h:70000"],
+                                  ["--auth", "u:p", "--auth-mech", "cram-md5"]])
 def test_bad_values_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(argv)
