@@ -68,6 +68,9 @@ class WorkerContext:
         """Reload: limits, relay rules, users and TLS; sessions keep their listener."""
         self.cfg = cfg
         self.hostname = cfg.server.hostname
+        # Read once per command by each session's deadline: plain floats, not the config.
+        self.command_timeout = float(cfg.limits.command_timeout)
+        self.data_timeout = float(cfg.limits.data_timeout)
         self.policy = Policy(cfg)
         self.users = auth.UserDb.load(cfg.auth.users_file)
         self.ssl_context = make_server_tls_context(cfg)

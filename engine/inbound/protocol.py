@@ -30,9 +30,8 @@ from engine.smtp.replies import (
     R554_TOO_MANY_HOPS,
     Reply,
 )
+from engine.smtp.events import _Sentinel
 from engine.smtp.server import (
-    NEED_DATA,
-    PAUSED,
     AuthResponse,
     AutoReply,
     CommandReceived,
@@ -49,6 +48,10 @@ if TYPE_CHECKING:
 # Pause reading when this much unprocessed input piles up behind a pending decision.
 _MAX_BUFFERED = 1 << 20
 _DATA_STATES = (State.DATA, State.BDAT, State.BDAT_MORE)
+_CLOSED = State.CLOSED
+# The 250 after a commit: its wire text carries the queue id, formatted directly
+# (format_reply's generic path costs more); the machine only needs the code.
+_R250_QUEUED = Reply(250, "2.0.0", "OK queued")
 
 
 class SmtpServerProtocol(asyncio.Protocol):
@@ -72,6 +75,8 @@ class SmtpServerProtocol(asyncio.Protocol):
         self.auth_failures = 0
         self.auth_state: session_io.AuthExchange | None = None
         self.tls_version = ""
+        # session_io.received_header's per-session parts (key, head, tail)
+        self.received_parts: tuple[tuple[object, ...], str, str] | None = None
         self._reading_paused = False
         self._write_paused = False
         self._greeting_handle: asyncio.TimerHandle | None = None
@@ -139,9 +144,10 @@ class SmtpServerProtocol(asyncio.Protocol):
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        self.session.receive_data(data)
+        session = self.session
+        session.receive_data(data)
         if self.busy:
-            if self.session.buffered > _MAX_BUFFERED:
+            if session.buffered > _MAX_BUFFERED:
                 self._pause_reading()
             return
         if self._greeting_handle is not None:
@@ -149,7 +155,7 @@ class SmtpServerProtocol(asyncio.Protocol):
             # or a flood during the delay is buffered without bound (P8).
             self._pause_reading()
             return
-        self._process()
+        self._run_and_write([])
 
     def eof_received(self) -> bool | None:
         self.session.receive_data(b"")
@@ -177,17 +183,18 @@ class SmtpServerProtocol(asyncio.Protocol):
 
     def _run(self, out: list[bytes]) -> None:
         session = self.session
+        next_event = session.next_event
         while not self.closing:
-            event = session.next_event()
-            if event is NEED_DATA or event is PAUSED:
-                return
+            event = next_event()
             kind = type(event)
+            if kind is _Sentinel:  # NEED_DATA or PAUSED
+                return
             if kind is CommandReceived:
                 if not self._command(event.command, out):  # type: ignore[union-attr]
                     return
             elif kind is AutoReply:
                 out.append(session.send(event.reply))  # type: ignore[union-attr]
-                if session.state is State.CLOSED:
+                if session.state is _CLOSED:
                     self._write(out)
                     self.close()
                     return
@@ -248,23 +255,24 @@ class SmtpServerProtocol(asyncio.Protocol):
         if isinstance(result, BaseException):
             reply = getattr(result, "reply", R451_LOCAL_ERROR)
             log.warning("queue_refused", client=self.client_ip, error=repr(result))
-        else:
-            reply = Reply(250, "2.0.0", f"OK queued as {msg_id}")
-            ctx = self.ctx
-            stats = ctx.stats
-            stats.received += 1
-            stats.received_bytes += size
-            if ctx.on_new_mail is not None:
-                ctx.on_new_mail()
-        self._decided(reply)
+            self._decided(reply)
+            return
+        ctx = self.ctx
+        stats = ctx.stats
+        stats.received += 1
+        stats.received_bytes += size
+        if ctx.on_new_mail is not None:
+            ctx.on_new_mail()
+        self._decided(_R250_QUEUED, f"250 2.0.0 OK queued as {msg_id}\r\n".encode())
 
-    def _decided(self, reply: Reply) -> None:
-        """A slow decision came back: send it and carry on with what is buffered."""
+    def _decided(self, reply: Reply, wire: bytes | None = None) -> None:
+        """A slow decision came back: send it and carry on with what is buffered.
+        `wire`: the reply's bytes when already formatted."""
         self.busy = False
         if self.transport is None or self.transport.is_closing():
             self.session.send(reply)  # keep the machine consistent; nobody listens
             return
-        out = [self.session.send(reply)]
+        out = [self.session.send(reply, wire)]
         if self.ctx.draining and self.session.state is State.READY:
             out.append(R421_SHUTTING_DOWN.to_bytes())
             self._write(out)
@@ -356,19 +364,23 @@ class SmtpServerProtocol(asyncio.Protocol):
 
     # --- output and ending -----------------------------------------------------------
     def _write(self, out: list[bytes]) -> None:
-        if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+        if not out:
+            return
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(b"".join(out) if len(out) > 1 else out[0])
             out.clear()
-            self._arm_deadline()
+            if not self.busy:
+                self._arm_deadline()
 
     def _arm_deadline(self) -> None:
         # A deadline per command (or per DATA phase), not per read: a client that
         # dribbles one byte a minute still times out (P8).
         if self.busy:
             return
-        limits = self.ctx.cfg.limits
-        budget = limits.data_timeout if self.session.state in _DATA_STATES else limits.command_timeout
-        self.deadline = self.ctx.loop.time() + float(budget)
+        ctx = self.ctx
+        budget = ctx.data_timeout if self.session.state in _DATA_STATES else ctx.command_timeout
+        self.deadline = ctx.loop.time() + budget
 
     def timed_out(self) -> None:
         """Called by the worker's sweeper once `deadline` has passed."""

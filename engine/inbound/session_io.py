@@ -87,19 +87,21 @@ def _protocol_name(proto: SmtpServerProtocol, utf8: bool) -> str:
 def received_header(proto: SmtpServerProtocol, msg_id: str, rcpts: list[str], utf8: bool) -> bytes:
     """RFC 5321 §4.4 trace header, folded so no line exceeds 78 octets."""
     session = proto.session
-    helo = (session.helo or "unknown").replace("\r", "").replace("\n", "")[:200]
-    lines = [
-        f"Received: from {helo} ([{proto.client_ip}])",
-        f"\tby {proto.ctx.hostname} (Volley) with {_protocol_name(proto, utf8)} id {msg_id}",
-    ]
-    if proto.tls_version:
-        lines.append(f"\t(using {proto.tls_version})")
+    # What goes around the id depends only on session facts that change at EHLO,
+    # STARTTLS or AUTH: built once per session (and again when they change).
+    key = (session.helo, session.esmtp, session.tls_active, session.auth_user, utf8,
+           proto.tls_version)
+    cached = proto.received_parts
+    if cached is None or cached[0] != key:
+        helo = (session.helo or "unknown").replace("\r", "").replace("\n", "")[:200]
+        head = (f"Received: from {helo} ([{proto.client_ip}])\r\n"
+                f"\tby {proto.ctx.hostname} (Volley) with {_protocol_name(proto, utf8)} id ")
+        tail = f"\r\n\t(using {proto.tls_version})" if proto.tls_version else ""
+        cached = proto.received_parts = (key, head, tail)
+    _, head, tail = cached
     if len(rcpts) == 1 and len(rcpts[0]) < 200:
-        lines.append(f"\tfor <{rcpts[0]}>;")
-    else:
-        lines[-1] += ";"
-    lines.append(f"\t{_rfc5322_date()}")
-    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+        return f"{head}{msg_id}{tail}\r\n\tfor <{rcpts[0]}>;\r\n\t{_rfc5322_date()}\r\n".encode()
+    return f"{head}{msg_id}{tail};\r\n\t{_rfc5322_date()}\r\n".encode()
 
 
 def hop_count(content: bytes) -> int:

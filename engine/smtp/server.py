@@ -85,6 +85,10 @@ from engine.smtp.events import (  # noqa: E402
 )
 
 _S = State
+# Module constants: a global load is cheaper than State.X (a class attribute) on the
+# per-command path.
+_GREETING, _DATA, _BDAT, _AUTH = _S.GREETING, _S.DATA, _S.BDAT, _S.AUTH
+_TLS_HANDSHAKE, _CLOSED, _READY = _S.TLS_HANDSHAKE, _S.CLOSED, _S.READY
 _TRANSACTION = frozenset({_S.MAIL, _S.RCPT})
 _ANY_GREETED = frozenset({_S.READY, _S.MAIL, _S.RCPT})
 _ANYTIME = frozenset({_S.CONNECTED, _S.READY, _S.MAIL, _S.RCPT, _S.BDAT_MORE})
@@ -104,6 +108,11 @@ _ALLOWED: dict[type[Command], frozenset[State]] = {
     Vrfy: _ANYTIME - {_S.BDAT_MORE},
     StartTls: frozenset({_S.READY}),
     Auth: frozenset({_S.READY}),
+}
+# The same table as tuples: `state in tuple` compares by identity, while a frozenset
+# lookup calls Enum.__hash__ (Python code) once per command.
+_ALLOWED_IN: dict[type[Command], tuple[State, ...]] = {
+    kind: tuple(states) for kind, states in _ALLOWED.items()
 }
 
 
@@ -183,21 +192,28 @@ class ServerSession:
         if not data:
             self._eof = True
             return
-        if self.state is State.GREETING:
+        state = self.state
+        if state is _GREETING:
             self._pregreet = True
-        if self.state in (State.TLS_HANDSHAKE, State.CLOSED):
+        elif state is _TLS_HANDSHAKE or state is _CLOSED:
             # P6: nothing that arrives between our 220 and the handshake is executed.
             self.discarded_at_starttls += len(data)
             return
         # Outside DATA keep the 2 octets before _pos: if the pending event is the 354 to
         # DATA, send() starts the content region at the CRLF that ended the DATA line.
-        keep = self._data_start if self.state is State.DATA else max(0, self._pos - 2)
-        if keep:
-            del self._buf[:keep]
+        buf = self._buf
+        if state is _DATA:
+            keep = self._data_start
+            if keep:
+                self._data_start = 0
+        else:
+            keep = self._pos - 2
+        if keep > 0:
+            del buf[:keep]
             self._pos -= keep
-            self._scan = max(0, self._scan - keep)
-            self._data_start -= keep if self.state is State.DATA else 0
-        self._buf += data
+            scan = self._scan - keep
+            self._scan = scan if scan > 0 else 0
+        buf += data
 
     @property
     def buffered(self) -> int:
@@ -208,6 +224,10 @@ class ServerSession:
         """The next event, NEED_DATA, or PAUSED while an event awaits `send`."""
         if self._pending is not None:
             return PAUSED
+        if self._pos == len(self._buf) and not self._eof and self.state is not _GREETING:
+            # Nothing unread (the common case after each reply): no state can make an
+            # event out of no new input, so skip the per-state readers.
+            return NEED_DATA
         event = self._next()
         if event is None:
             if self._eof and self.state is not State.CLOSED:
@@ -219,20 +239,20 @@ class ServerSession:
 
     def _next(self) -> Event | None:
         state = self.state
-        if state is State.GREETING:
-            return AutoReply(R554_PREGREET) if self._pregreet else None
-        if state is State.DATA:
+        if state is _DATA:
             return self._read_data()
-        if state is State.BDAT:
+        if state is _GREETING:
+            return AutoReply(R554_PREGREET) if self._pregreet else None
+        if state is _BDAT:
             return self._read_chunk()
-        if state in (State.TLS_HANDSHAKE, State.CLOSED):
+        if state is _TLS_HANDSHAKE or state is _CLOSED:
             return None
-        line = self._read_line(MAX_AUTH_LINE if state is State.AUTH else MAX_COMMAND_LINE)
+        line = self._read_line(MAX_AUTH_LINE if state is _AUTH else MAX_COMMAND_LINE)
         if line is None:
             return None
-        if isinstance(line, Reply):
-            return self._error(line)
-        if state is State.AUTH:
+        if type(line) is not bytes:  # a Reply: the line was too long
+            return self._error(line)  # type: ignore[arg-type]
+        if state is _AUTH:
             return AuthResponse(line.decode("ascii", "replace"))
         return self._command(line)
 
@@ -267,7 +287,7 @@ class ServerSession:
             command = parse_command(line, utf8_rcpt=mail is not None and mail.smtputf8)
         except SmtpSyntaxError as err:
             return self._error(err.reply)
-        if self.state not in _ALLOWED[type(command)]:
+        if self.state not in _ALLOWED_IN[type(command)]:
             if isinstance(command, Bdat):
                 # RFC 3030 §2: the chunk follows regardless; swallow it, then refuse.
                 self._start_chunk(command, _sequence_reply(command, self.state))
@@ -374,8 +394,9 @@ class ServerSession:
         return MessageReceived(content, chunked=True)
 
     # --- output --------------------------------------------------------------------
-    def send(self, reply: Reply) -> bytes:
-        """Reply to the pending event (or send the banner); returns the wire bytes.
+    def send(self, reply: Reply, wire: bytes | None = None) -> bytes:
+        """Reply to the pending event (or send the banner); returns the wire bytes
+        (`wire` when the caller formatted them already).
 
         The reply decides the transition: see the module docstring.
         """
@@ -397,7 +418,7 @@ class ServerSession:
             self._apply_auth(reply)
         elif event is None and self.state is State.GREETING:
             self.state = State.CONNECTED  # the banner
-        return reply.to_bytes()
+        return reply.to_bytes() if wire is None else wire
 
     def _apply(self, command: Command, reply: Reply) -> None:
         ok = reply.code < 400
