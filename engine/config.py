@@ -224,6 +224,10 @@ class DeliveryConfig(Frozen):
     helo_name: str = ""  # empty: server.hostname
     source_address: str = ""  # bind outbound connections to this address
     max_connections_per_domain: int = 20  # Postfix's default_destination_concurrency_limit
+    # Outbound sessions open or opening at once, across all workers (each worker takes
+    # its share, as with limits.max_connections). PowerMTA's total-max-smtp-out;
+    # engine/delivery/budget.py says why.
+    max_connections: int = 1000
     max_messages_per_connection: int = 1000
     idle_timeout: Duration = Duration(10)
     max_connection_age: Duration = Duration(300)  # Postfix smtp_connection_reuse_time_limit
@@ -254,6 +258,8 @@ class DeliveryConfig(Frozen):
             raise ValueError(f"port: out of range: {self.port}")
         if self.max_connections_per_domain < 1:
             raise ValueError("max_connections_per_domain: must be at least 1")
+        if self.max_connections < 1:
+            raise ValueError("max_connections: must be at least 1")
 
 
 class RouteConfig(Frozen):

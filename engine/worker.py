@@ -81,7 +81,7 @@ class WorkerRuntime:
         if cfg.delivery.enabled:
             local = {(s.getsockname()[0], s.getsockname()[1]) for s in sockets}
             delivery = Delivery(cfg, store=store, committer=committer, ids=ids, owner=slot,
-                                local=_expand_wildcards(local))
+                                local=_expand_wildcards(local), workers=workers)
             ctx.on_new_mail = delivery.scheduler.wake
             raw = store.get_control(b"holds")  # suspensions hold from the first scan on
             delivery.set_holds(decode_holds(raw) if raw else Holds({}, {}))

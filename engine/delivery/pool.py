@@ -35,6 +35,11 @@ spaced, which is what a receiver's per-window limit wants. With no token ready t
 session goes idle and one `loop.call_at` timer re-dispatches when the next is due.
 With rate 0 (the default) the hot path pays an attribute test per job.
 
+Worker-wide cap (budget.py): with a `ConnectionBudget`, each connection attempt first
+takes a slot, and the slot returns when the attempt fails or the connection is closed
+(`_slots` holds the sessions that own one). With none free the pool waits in the
+budget's line, which calls `_dispatch` again when a slot frees.
+
 Every submitted job gets exactly one `job.done(result)`.
 """
 
@@ -48,6 +53,7 @@ from collections.abc import Callable
 import msgspec
 
 from engine.config import TimeoutsConfig
+from engine.delivery.budget import ConnectionBudget
 from engine.delivery.connect import SetupError, connect_route
 from engine.delivery.job import Job, JobResult, PoolSettings
 from engine.delivery.outcome import transient_failure
@@ -87,8 +93,11 @@ class SitePool:
 
     def __init__(self, site_key: str, settings: PoolSettings, timeouts: TimeoutsConfig,
                  tls_context_factory: TlsContextFactory,
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 loop: asyncio.AbstractEventLoop | None = None,
+                 budget: ConnectionBudget | None = None) -> None:
         self.site_key = site_key
+        self.budget = budget
+        self._slots: set[DeliverySession] = set()  # sessions holding a budget slot
         self.settings = settings
         self.timeouts = timeouts
         self.loop = loop or asyncio.get_running_loop()
@@ -218,11 +227,20 @@ class SitePool:
             n += 1
         return n
 
+    def retire_coldest_idle(self) -> bool:
+        """QUIT the idle session unused longest (the budget needs its slot)."""
+        if not self._idle:
+            return False
+        self._retire(self._idle.pop(0))
+        return True
+
     async def close(self, grace: float | None = None) -> None:
         """Stop: queued and later jobs get a 4.3.2 deferral; sessions finish what is in
         flight (up to `grace` seconds, default timeouts.quit), then QUIT; stragglers are
         aborted (their jobs get 4.4.2). Every job gets exactly one result."""
         self._closing = True
+        if self.budget is not None:
+            self.budget.forget(self)
         self._cancel_rate_timer()
         self._hand_back_queue()
         for task in list(self._tasks):
@@ -280,6 +298,8 @@ class SitePool:
             self._dispatch()
         else:
             self._idle.append(session)
+            if self.budget is not None:
+                self.budget.note_idle(self)
         self._changed.set()
 
     def session_closed(self, session: DeliverySession) -> None:
@@ -292,6 +312,9 @@ class SitePool:
             self._limit = max(1, self._limit - 1)  # lost or timed out: feedback
         self._changed.set()
         self._dispatch()
+        if session in self._slots:
+            self._slots.discard(session)
+            self.budget.give()  # type: ignore[union-attr]  # _slots is empty without one
 
     # --- internals -----------------------------------------------------------------------
     def _worn_out(self, session: DeliverySession) -> bool:
@@ -345,7 +368,10 @@ class SitePool:
         want = min(room, len(self._queue) - self._connecting)
         if rated:  # and one token each, or it would only wait idle
             want = min(want, int(self._ready_tokens() + 1e-9) - self._connecting)
+        budget = self.budget
         for _ in range(max(0, want)):
+            if budget is not None and not budget.take(self):
+                break  # the budget calls _dispatch again when a slot frees
             self._connecting += 1
             task = self.loop.create_task(self._open(self._queue[0].route))
             self._tasks.add(task)
@@ -359,16 +385,25 @@ class SitePool:
             self._connecting -= 1
             log.info("connect_failed", site=self.site_key, reply=str(err))
             self._connect_failed(err.reply)
+            self._give_slot()
             return
         except Exception as err:  # our own trouble (a bad CA file...): defer, never hang
             self._connecting -= 1
             log.error("connect_error", site=self.site_key, error=repr(err))
             self._connect_failed(transient_failure("local", f"cannot connect: {err!r}"))
+            self._give_slot()
             return
         except BaseException:  # cancelled by close()
             self._connecting -= 1
+            self._give_slot()
             raise
         self._connecting -= 1
+        if session.closed:  # lost before we owned it: session_closed will not come
+            self._give_slot()
+            self._dispatch()
+            return
+        if self.budget is not None:
+            self._slots.add(session)
         self._opened += 1
         self._backoff_delay = float(self.settings.backoff)
         session.owner = self
@@ -379,6 +414,10 @@ class SitePool:
             return
         session.kick()
         self._dispatch()
+
+    def _give_slot(self) -> None:
+        if self.budget is not None:
+            self.budget.give()
 
     def _connect_failed(self, reply: Reply) -> None:
         if self._sessions:

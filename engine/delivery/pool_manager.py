@@ -7,6 +7,7 @@ import asyncio
 import ssl
 
 from engine.config import TimeoutsConfig
+from engine.delivery.budget import ConnectionBudget
 from engine.delivery.connect import client_tls_context
 from engine.delivery.job import Job, PoolSettings
 from engine.delivery.pool import PoolStats, SitePool, safe_done, unsent
@@ -16,17 +17,23 @@ PoolKey = tuple[str, int, str, str, str]
 
 
 class PoolManager:
-    """Every SitePool of a worker, keyed by (site_key, port, tls policy, auth user,
+    """Every SitePool of a worker, keyed by (site, port, tls policy, auth user,
     throttled domain), so domains sharing an MX set share connections (ARCHITECTURE
     rule 10) unless an operator throttled one of them (`PoolSettings.only_domain`).
+    The site is the MX host names (`Route.site_key`) when the certificate is verified
+    (the session's name must be the one checked), else their addresses
+    (`Route.address_key`): one receiving machine, one pool, however many names point
+    at it. Every pool draws on one `ConnectionBudget` (budget.py) when given one.
 
     Differing `settings` for an existing key are applied to that pool
     (`SitePool.update_settings`): a reload or a throttle changes running pools.
     """
 
     def __init__(self, timeouts: TimeoutsConfig | None = None,
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 loop: asyncio.AbstractEventLoop | None = None,
+                 budget: ConnectionBudget | None = None) -> None:
         self.timeouts = timeouts or TimeoutsConfig()
+        self.budget = budget
         self.loop = loop or asyncio.get_running_loop()
         self.pools: dict[PoolKey, SitePool] = {}
         self._contexts: dict[tuple[bool, str], ssl.SSLContext] = {}
@@ -45,13 +52,13 @@ class PoolManager:
         return ctx
 
     def pool_for(self, route: Route, settings: PoolSettings) -> SitePool:
-        key = (route.site_key, settings.port, settings.tls, settings.auth_user,
-               settings.only_domain)
+        site = route.site_key if settings.tls_verify or not route.address_key else route.address_key
+        key = (site, settings.port, settings.tls, settings.auth_user, settings.only_domain)
         pool = self.pools.get(key)
         if pool is None:
             pool = self.pools[key] = SitePool(
-                route.site_key, settings, self.timeouts,
-                lambda: self.tls_context(pool.settings), self.loop)
+                site, settings, self.timeouts,
+                lambda: self.tls_context(pool.settings), self.loop, self.budget)
         elif pool.settings is not settings and pool.settings != settings:
             pool.update_settings(settings)
         return pool
@@ -67,11 +74,12 @@ class PoolManager:
         """`SitePool.withdraw` on every pool; returns the jobs handed back."""
         return sum(pool.withdraw(domain) for pool in self.pools.values())
 
-    def serving(self, domain: str, site_key: str = "") -> list[SitePool]:
+    def serving(self, domain: str, route: Route | None = None) -> list[SitePool]:
         """Pools that lately took jobs for `domain`, its own (throttled) pool, and the
-        pools of `site_key` (its MX site, when known)."""
+        pools of its site by name or address (when its route is known)."""
+        sites = {route.site_key, route.address_key} - {""} if route is not None else set()
         return [p for k, p in self.pools.items()
-                if k[4] == domain or (site_key and k[0] == site_key) or p.serves(domain)]
+                if k[4] == domain or k[0] in sites or p.serves(domain)]
 
     def close_idle(self) -> int:
         """QUIT idle sessions everywhere and drop pools with nothing left; returns the
@@ -83,6 +91,8 @@ class PoolManager:
                 self._retired.connections_opened += st.connections_opened
                 self._retired.bytes_sent += st.bytes_sent
                 del self.pools[key]
+                if self.budget is not None:
+                    self.budget.forget(pool)
         return n
 
     @property

@@ -12,7 +12,7 @@ import msgspec
 from engine.config import Config, RouteConfig, split_host_port
 from engine.delivery.holds import Throttle
 from engine.delivery.job import PoolSettings
-from engine.dns.mx import Route, RouteError, RouteHost, Status
+from engine.dns.mx import Route, RouteError, RouteHost, Status, address_key
 from engine.dns.resolver import Resolver
 from engine.smtp.replies import Reply
 
@@ -115,4 +115,5 @@ def drop_self(route: Route, port: int, local: set[tuple[str, int]]) -> Route | R
             kept.append(RouteHost(h.name, h.preference, others))
     if not kept:
         return RouteError(Reply(451, "4.4.4", f"no usable mail exchanger for {route.domain}"))
-    return Route(route.domain, tuple(kept), site_key=route.site_key, implicit=route.implicit)
+    return Route(route.domain, tuple(kept), site_key=route.site_key, implicit=route.implicit,
+                 address_key=address_key(kept) if route.address_key else "")

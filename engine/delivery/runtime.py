@@ -8,10 +8,12 @@ Times on the control wire are epoch seconds; pools keep `loop.time()`, converted
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Any
 
 from engine.config import Config
+from engine.delivery.budget import ConnectionBudget
 from engine.delivery.holds import Holds
 from engine.delivery.pool import SitePool
 from engine.delivery.pool_manager import PoolManager
@@ -34,7 +36,8 @@ MAX_POOLS_SHOWN = 200
 
 class Delivery:
     def __init__(self, cfg: Config, *, store: QueueStore, committer: Committer,
-                 ids: IdAllocator, owner: int, local: set[tuple[str, int]]) -> None:
+                 ids: IdAllocator, owner: int, local: set[tuple[str, int]],
+                 workers: int = 1) -> None:
         loop = asyncio.get_running_loop()
         self.loop = loop
         d = cfg.dns
@@ -48,7 +51,9 @@ class Delivery:
             # the scheduler's (ip, port) check cannot see.
             local=frozenset({cfg.server.hostname}) if cfg.server.hostname else frozenset(),
         )
-        self.pools = PoolManager(cfg.delivery.timeouts, loop)
+        self.workers = max(1, workers)
+        self.budget = ConnectionBudget(self._budget_share(cfg))
+        self.pools = PoolManager(cfg.delivery.timeouts, loop, self.budget)
         self.dlog = DeliveryLog(cfg.log.delivery, loop)
         self.scheduler = Scheduler(cfg, store=store, committer=committer, ids=ids,
                                    dns=self.dns, resolver=self.resolver, pools=self.pools, owner=owner,
@@ -57,7 +62,12 @@ class Delivery:
     def start(self) -> None:
         self.scheduler.start()
 
+    def _budget_share(self, cfg: Config) -> int:
+        # Each worker takes its share of the server-wide cap, as the inbound limits do.
+        return max(1, math.ceil(cfg.delivery.max_connections / self.workers))
+
     def apply_config(self, cfg: Config) -> None:
+        self.budget.resize(self._budget_share(cfg))
         self.scheduler.apply_config(cfg)
 
     async def stop(self, grace: float) -> None:
@@ -85,8 +95,7 @@ class Delivery:
         else:
             domain = domain.strip().rstrip(".").lower()
             cached = self.dns.peek(domain)
-            site = cached[0].site_key if cached and isinstance(cached[0], Route) else ""
-            pools = self.pools.serving(domain, site)
+            pools = self.pools.serving(domain, cached[0] if cached and isinstance(cached[0], Route) else None)
         ended = sum(pool.end_backoff() for pool in pools)
         self.scheduler.forget_routes()
         self.scheduler.rescan()
@@ -136,6 +145,8 @@ class Delivery:
             "queued_jobs": sum(p.stats.jobs_queued for p in pools),
             "pools": rows,
             "pools_total": len(pools),
+            "connection_budget": {"limit": self.budget.limit, "used": self.budget.used,
+                                  "waiting": self.budget.waiting},
             "backoffs": backoffs,
         }
 

@@ -77,13 +77,23 @@ class Route(msgspec.Struct, frozen=True):
 
     `site_key` is the sorted set of MX host names joined by ",", so domains served by
     one MX set (every domain hosted at one provider) share one connection pool
-    (ARCHITECTURE rule 10). `implicit` is True for the RFC 5321 §5.1 implicit MX.
+    (ARCHITECTURE rule 10). `address_key` is the sorted set of their addresses: where
+    the certificate's name is not checked, domains whose differently named MX hosts
+    are the same machines (a provider naming one MX per customer domain) share a pool
+    by address, as Postfix's connection cache reuses sessions by server address.
+    "" (smarthosts) keeps the name. `implicit` is True for the RFC 5321 §5.1 implicit MX.
     """
 
     domain: str
     hosts: tuple[RouteHost, ...]
     site_key: str
     implicit: bool = False
+    address_key: str = ""
+
+
+def address_key(hosts: Sequence[RouteHost]) -> str:
+    """`Route.address_key` of these hosts."""
+    return "ip:" + ",".join(sorted({a for h in hosts for a in h.addresses}))
 
 
 class RouteError(msgspec.Struct, frozen=True):
@@ -239,7 +249,7 @@ def build_route(
         if transient:
             return RouteError(dns_failure_reply(domain, Status.SERVFAIL))
         return RouteError(no_usable_mx_reply(domain))
-    return Route(domain, tuple(hosts), site_key, implicit=False)
+    return Route(domain, tuple(hosts), site_key, implicit=False, address_key=address_key(hosts))
 
 
 def _implicit_route(
@@ -255,7 +265,7 @@ def _implicit_route(
     if local and _is_local(domain, answer, local):
         return RouteError(loop_reply(domain))
     host = RouteHost(domain, 0, _shuffled_addresses(answer.records, rng))
-    return Route(domain, (host,), domain, implicit=True)
+    return Route(domain, (host,), domain, implicit=True, address_key=address_key((host,)))
 
 
 def hosts_to_resolve(domain: str, mx_answer: Answer, limit: int | None = None) -> list[str]:

@@ -82,6 +82,14 @@ def test_config_check_bad_address(tmp_path: Path) -> None:
     assert r.stderr == 'volley: listeners[0].address: expected "host:port", got "foo"\n'
 
 
+def test_config_check_zero_outbound_connections(tmp_path: Path) -> None:
+    path = tmp_path / "volley.toml"
+    path.write_text("[delivery]\nmax_connections = 0\n")
+    r = volley("config", "check", "-c", str(path), cwd=tmp_path)
+    assert r.returncode == 2
+    assert "max_connections: must be at least 1" in r.stderr
+
+
 def test_config_check_unknown_key(tmp_path: Path) -> None:
     path = tmp_path / "volley.toml"
     path.write_text("[queue]\npaht = \"var/q\"\n")

@@ -144,7 +144,7 @@ def test_each_domain_is_attempted_by_its_owner_worker_only(serve, peers, dns_zon
     for n, d in enumerate(sorted(owner), start=2):
         zone[d] = {"MX": [(10, f"mx.{d}")]}
         zone[f"mx.{d}"] = {"A": [f"127.0.0.{n}"]}
-        site[f"mx.{d}"] = d
+        site[f"ip:127.0.0.{n}"] = d  # pools are keyed by address (unverified TLS)
     dns = dns_zone(zone)
     server = serve(relay_config(dns.port, placeholder.port))
     for i in range(12):  # one connection each: both workers receive some of them
