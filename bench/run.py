@@ -200,7 +200,8 @@ class Bench:
                 r = self.one_run(row, system, server, address, sink, n)
                 results.append(r)
                 print(f"  {row.id:<14} {system.id:<18} run {i + 1}/{runs}: {r['msgs_per_s']:,.0f} msgs/s,"
-                      f" CPU {r['cpu_s_per_1k']:.3f} s/1k, RSS {r['rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
+                      f" CPU {r['cpu_s_per_1k']:.3f} s/1k, RSS {r['rss_mib']:.0f} MiB (anon {r['anon_mib']:.0f})",
+                      file=sys.stderr, flush=True)
         except (RuntimeError, subprocess.SubprocessError, OSError) as err:
             error = f"{err}\n{server.diagnostics()}"
         finally:
@@ -254,7 +255,9 @@ class Bench:
         after = sample(server.root_pid, pss=True)
         cpu = after.cpu_s - before.cpu_s
         r.update({"server_cpu_s": cpu, "cpu_s_per_1k": 1000 * cpu / n, "rss_mib": after.rss_kib / 1024,
-                  "pss_mib": after.pss_kib / 1024,
+                  "pss_mib": after.pss_kib / 1024, "anon_mib": after.anon_kib / 1024,
+                  "file_mib": after.file_kib / 1024, "shmem_mib": after.shmem_kib / 1024,
+                  "process_memory": [m.as_dict() for m in after.memory],
                   "max_process_rss_mib": max((p[3] for p in after.processes), default=0) / 1024,
                   "processes": len(after.processes)})
         return r

@@ -7,6 +7,14 @@ CPU is utime+stime+cutime+cstime, so a daemon that exited during the run (Postfi
 recycles its processes) still counts once its parent reaped it. Memory is each live
 process's VmHWM (peak resident set); shared pages (libraries, LMDB's map) are counted
 in every process that touches them, so the sum is an upper bound.
+
+Beside it, each process's resident set split as the kernel keeps it (/proc/PID/status,
+now, not a peak): RssAnon (heap, stacks: memory the process owns), RssFile (pages of
+mapped files: libraries and LMDB's read-only map, i.e. page cache, clean, shared and
+reclaimable) and RssShmem. A reader of a big LMDB file shows a large RssFile even when
+it reads little: on each read fault the kernel maps the neighbouring pages already in
+the page cache too (fault-around, 64 KiB or more), so RSS and VmHWM follow the file's
+size while RssAnon follows the heap.
 """
 
 from __future__ import annotations
@@ -20,12 +28,38 @@ from pathlib import Path
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+# The fields of /proc/PID/status a sample keeps, all in KiB.
+STATUS_KEYS = ("VmHWM", "RssAnon", "RssFile", "RssShmem")
+
+
+@dataclass
+class ProcessMemory:
+    """One process's memory (KiB): peak RSS, and the current RSS split by kind."""
+
+    pid: int
+    comm: str
+    hwm_kib: int = 0
+    anon_kib: int = 0
+    file_kib: int = 0
+    shmem_kib: int = 0
+    pss_kib: int = 0  # 0 unless the sample asked for PSS
+
+    def as_dict(self) -> dict[str, object]:
+        """For JSON: MiB figures, rounded."""
+        mib = {k: round(getattr(self, f"{k}_kib") / 1024, 1) for k in ("hwm", "anon", "file", "shmem", "pss")}
+        return {"pid": self.pid, "comm": self.comm, **{f"{k}_mib": v for k, v in mib.items()}}
+
+
 @dataclass
 class TreeSample:
     cpu_s: float = 0.0
     rss_kib: int = 0  # sum of VmHWM over the live processes
     pss_kib: int = 0  # sum of Pss now (shared pages split between their users), if asked
+    anon_kib: int = 0  # sum of RssAnon now: heap and stacks, what grows if a process leaks
+    file_kib: int = 0  # sum of RssFile now: mapped file pages (page cache; shared ones counted per process)
+    shmem_kib: int = 0  # sum of RssShmem now
     processes: list[tuple[int, str, float, int]] = field(default_factory=list)  # pid, comm, cpu s, VmHWM KiB
+    memory: list[ProcessMemory] = field(default_factory=list)  # in the order of `processes`
 
 
 def _read_stat(pid: int) -> tuple[int, str, float] | None:
@@ -40,14 +74,19 @@ def _read_stat(pid: int) -> tuple[int, str, float] | None:
     return int(fields[1]), raw[raw.index("(") + 1 : close], ticks / TICK
 
 
-def _vm_hwm_kib(pid: int) -> int:
+def status_kib(pid: int) -> dict[str, int]:
+    """STATUS_KEYS of /proc/PID/status in KiB (0 for each when the process is gone, and
+    for a key the kernel does not report, e.g. a zombie's)."""
+    out = dict.fromkeys(STATUS_KEYS, 0)
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
+        text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
-        pass
-    return 0
+        return out
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key in out:
+            out[key] = int(value.split()[0])
+    return out
 
 
 def _pss_kib(pid: int) -> int:
@@ -84,11 +123,17 @@ def sample(root: int, pss: bool = False) -> TreeSample:
         if pid not in info:
             continue
         comm, cpu = info[pid]
-        hwm = _vm_hwm_kib(pid)
+        st = status_kib(pid)
+        mem = ProcessMemory(pid, comm, st["VmHWM"], st["RssAnon"], st["RssFile"], st["RssShmem"],
+                            _pss_kib(pid) if pss else 0)
         out.cpu_s += cpu
-        out.rss_kib += hwm
-        out.pss_kib += _pss_kib(pid) if pss else 0
-        out.processes.append((pid, comm, cpu, hwm))
+        out.rss_kib += mem.hwm_kib
+        out.pss_kib += mem.pss_kib
+        out.anon_kib += mem.anon_kib
+        out.file_kib += mem.file_kib
+        out.shmem_kib += mem.shmem_kib
+        out.processes.append((pid, comm, cpu, mem.hwm_kib))
+        out.memory.append(mem)
     return out
 
 

@@ -17,7 +17,8 @@ from peers import postfix
 
 PEERS = ("postfix", "aiosmtpd")
 # Figures summarised as median/min/max over a cell's runs.
-STATS = ("msgs_per_s", "intake_msgs_per_s", "cpu_s_per_1k", "rss_mib", "pss_mib", "max_process_rss_mib",
+STATS = ("msgs_per_s", "intake_msgs_per_s", "cpu_s_per_1k", "rss_mib", "pss_mib", "anon_mib", "file_mib",
+         "max_process_rss_mib",
          "client_cpu_us_per_msg", "sink_cpu_us_per_msg", "reply_p50_ms", "reply_p99_ms",
          "delivery_p50_ms", "delivery_p99_ms", "probe_ms")
 
@@ -77,7 +78,8 @@ def _pair(c: dict[str, Any], a: str, b: str) -> str:
 
 
 def _memory(c: dict[str, Any]) -> str:
-    return f"{_fmt(median(c, 'rss_mib'), '.0f')} ({_fmt(median(c, 'pss_mib'), '.0f')})"
+    return (f"{_fmt(median(c, 'rss_mib'), '.0f')} ({_fmt(median(c, 'pss_mib'), '.0f')})"
+            f" {_fmt(median(c, 'anon_mib'), '.0f')}")
 
 
 def print_table(cells: list[dict[str, Any]], meta: dict[str, Any]) -> None:
@@ -85,7 +87,7 @@ def print_table(cells: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     if meta.get("latency_sink"):
         print(f"latency rows' sink: {meta['latency_sink']}")
     head = (f"{'row':<24} {'system':<28} {'msgs/s median (min..max)':>26} {'x postfix':>9} {'x aiosmtpd':>10}"
-            f" {'CPU s/1k':>8} {'RSS (PSS) MiB':>13} {'250 p50/p99 ms':>15} {'deliv p50/p99 ms':>17}  note")
+            f" {'CPU s/1k':>8} {'RSS (PSS) anon MiB':>18} {'250 p50/p99 ms':>15} {'deliv p50/p99 ms':>17}  note")
     print(head)
     print("-" * len(head))
     last_row = None
@@ -103,7 +105,7 @@ def print_table(cells: list[dict[str, Any]], meta: dict[str, Any]) -> None:
             note.append(f"prefill {c['prefill_s']:.0f}s")
         print(f"{c['row_label']:<24} {c['system_label']:<28} {rate:>26}"
               f" {_fmt(r.get('postfix'), '.2f'):>9} {_fmt(r.get('aiosmtpd'), '.2f'):>10}"
-              f" {_fmt(median(c, 'cpu_s_per_1k'), '.3f'):>8} {_memory(c):>13}"
+              f" {_fmt(median(c, 'cpu_s_per_1k'), '.3f'):>8} {_memory(c):>18}"
               f" {_pair(c, 'reply_p50_ms', 'reply_p99_ms'):>15} {_pair(c, 'delivery_p50_ms', 'delivery_p99_ms'):>17}"
               f"  {', '.join(note)}")
 
