@@ -104,6 +104,8 @@ def drop_self(route: Route, port: int, local: set[tuple[str, int]]) -> Route | R
     at a lower preference are dropped (4.4.4 if nothing is left)."""
     if not local:
         return route
+    if not any((a, port) in local for h in route.hosts for a in h.addresses):
+        return route  # the usual case: nothing of ours among them, the same route
     best = min((h.preference for h in route.hosts), default=0)
     kept = []
     for h in route.hosts:

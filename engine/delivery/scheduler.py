@@ -35,7 +35,7 @@ import random
 import time
 from typing import Any
 
-from engine.config import Config
+from engine.config import Config, RouteConfig
 from engine.delivery import outcome as outcome_mod
 from engine.delivery.holds import Holds, Parked, park_op
 from engine.delivery.job import Job, JobResult, PoolSettings
@@ -60,6 +60,7 @@ _MIN_SCAN_GAP = 0.005
 _FULL_SCAN_EVERY = 5.0
 _SCAN_BATCH = 512
 _ROUTE_MEMO = 1.0  # seconds a resolved route is reused without asking the DNS cache
+_ROUTE_MEMO_SIZE = 20_000  # domains memoised; expired ones are dropped beyond it
 
 
 class DeliveryStats:
@@ -103,6 +104,7 @@ class Scheduler:
         # Equal settings as one object, so the pool manager's "changed?" test is an
         # identity check for every job but the first after a change.
         self._settings: dict[PoolSettings, PoolSettings] = {}
+        self._base_settings: dict[int, PoolSettings] = {}  # id of a [[routes]] entry (or None)
         self.metrics: Any = None  # WorkerMetrics, when the worker wants histograms
 
     def apply_config(self, cfg: Config) -> None:
@@ -114,6 +116,7 @@ class Scheduler:
         """Drop the route memo: the next entry of each domain asks the DNS cache again."""
         self._routes.clear()
         self._settings.clear()
+        self._base_settings.clear()
 
     def set_holds(self, holds: Holds) -> None:
         """Adopt the operator's table. Jobs still queued in pools for a domain whose
@@ -192,15 +195,17 @@ class Scheduler:
                 parks.append((msg_id, domain))
                 continue
             memo = routes.get(domain)
-            if memo is not None and memo[0] > mono:
-                try:
-                    self._dispatch_now(msg_id, domain, now, memo[1], memo[2])
-                except Exception as err:  # never lose track of an in-flight entry
-                    log.error("dispatch_failed", id=id_text(msg_id), domain=domain,
-                              error=repr(err))
-                    self.inflight.discard((msg_id, domain))
-            else:
-                self.loop.create_task(self._dispatch(msg_id, domain, now))
+            try:
+                # A memo hit, else the DNS cache without a coroutine; only a miss there
+                # (a query to make) costs a task.
+                planned = memo[1:] if memo is not None and memo[0] > mono else self._resolve_now(domain)
+                if planned is None:
+                    self.loop.create_task(self._dispatch(msg_id, domain, now))
+                else:
+                    self._dispatch_now(msg_id, domain, now, *planned)
+            except Exception as err:  # never lose track of an in-flight entry
+                log.error("dispatch_failed", id=id_text(msg_id), domain=domain, error=repr(err))
+                self.inflight.discard((msg_id, domain))
         if parks:
             self._park(parks, now)
         if len(entries) == _SCAN_BATCH:
@@ -244,13 +249,52 @@ class Scheduler:
             log.error("dispatch_failed", id=id_text(msg_id), domain=domain, error=repr(err))
             self.inflight.discard((msg_id, domain))
 
-    async def _resolve(self, domain: str) -> tuple[Route | RouteError, PoolSettings]:
+    def _plan(self, domain: str) -> tuple[RouteConfig | None, PoolSettings]:
+        """The domain's [[routes]] entry and pool settings (an operator's throttle
+        applied), without I/O. Settings per entry are built once per config: building
+        them per message read a route's password file each time."""
         route_cfg = match_route(self.cfg.routes, domain)
-        settings = pool_settings(self.cfg, route_cfg)
+        settings = self._base_settings.get(id(route_cfg))
+        if settings is None:
+            settings = self._intern(pool_settings(self.cfg, route_cfg))
+            self._base_settings[id(route_cfg)] = settings
         throttle = self.holds.throttles.get(domain)
         if throttle is not None:
-            settings = throttled(settings, throttle)
-        settings = self._settings.setdefault(settings, settings)
+            settings = self._intern(throttled(settings, throttle))
+        return route_cfg, settings
+
+    def _intern(self, settings: PoolSettings) -> PoolSettings:
+        return self._settings.setdefault(settings, settings)
+
+    def _remember(self, domain: str, route: Route | RouteError, settings: PoolSettings,
+                  ) -> tuple[Route | RouteError, PoolSettings]:
+        # Bulk mail sends thousands of messages to one domain a second; the DNS cache
+        # already answers from memory, but building the route (shuffle, loop check,
+        # settings) per message cost ~12% of a worker. Keep it briefly.
+        routes = self._routes
+        now = self.loop.time()
+        if len(routes) >= _ROUTE_MEMO_SIZE:
+            for stale in [d for d, memo in routes.items() if memo[0] <= now]:
+                del routes[stale]
+            if len(routes) >= _ROUTE_MEMO_SIZE:
+                routes.clear()
+        routes[domain] = (now + _ROUTE_MEMO, route, settings)
+        return route, settings
+
+    def _resolve_now(self, domain: str) -> tuple[Route | RouteError, PoolSettings] | None:
+        """`_resolve` when the DNS cache can answer at once, else None."""
+        route_cfg, settings = self._plan(domain)
+        if route_cfg is not None and route_cfg.host:
+            return None  # a smarthost: resolved on the slow path
+        route = self.dns.route_now(domain)
+        if route is None:
+            return None
+        if isinstance(route, Route):
+            route = drop_self(route, settings.port, self.local)
+        return self._remember(domain, route, settings)
+
+    async def _resolve(self, domain: str) -> tuple[Route | RouteError, PoolSettings]:
+        route_cfg, settings = self._plan(domain)
         route: Route | RouteError
         if route_cfg is not None and route_cfg.host:
             route = await smarthost_route(domain, route_cfg, self.resolver)
@@ -258,13 +302,7 @@ class Scheduler:
             route = await self.dns.route(domain)
             if isinstance(route, Route):
                 route = drop_self(route, settings.port, self.local)
-        # Bulk mail sends thousands of messages to one domain a second; the DNS cache
-        # already answers from memory, but building the route (shuffle, loop check,
-        # settings, a coroutine) per message cost ~12% of a worker. Keep it briefly.
-        self._routes[domain] = (self.loop.time() + _ROUTE_MEMO, route, settings)
-        if len(self._routes) > 10_000:
-            self.forget_routes()
-        return route, settings
+        return self._remember(domain, route, settings)
 
     def _dispatch_now(self, msg_id: bytes, domain: str, now: float,
                       route: Route | RouteError, settings: PoolSettings) -> None:

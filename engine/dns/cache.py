@@ -105,6 +105,30 @@ class DnsCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def route_now(self, domain: str) -> Route | RouteError | None:
+        """`route(domain)` when every answer it needs is cached and fresh (counted as
+        hits), else None. No coroutine, no task: a relay mailing 10,000 domains asks
+        this once per message, and a task per lookup was a tenth of its CPU."""
+        name = _name(domain)
+        now = self._clock()
+        entries = self._entries
+        mx_key = (_MX, name)
+        mx_entry = entries.get(mx_key)
+        if mx_entry is None or mx_entry.expires <= now:
+            return None
+        hosts = hosts_to_resolve(name, mx_entry.answer, self._max_mx_hosts)
+        answers: dict[str, Answer] = {}
+        for host in hosts:
+            entry = entries.get((_ADDR, host))
+            if entry is None or entry.expires <= now:
+                return None
+            answers[host] = entry.answer
+        entries.move_to_end(mx_key)
+        for host in hosts:
+            entries.move_to_end((_ADDR, host))
+        self.stats.hits += 1 + len(hosts)
+        return build_route(name, mx_entry.answer, answers, self._rng, local=self._local)
+
     async def route(self, domain: str) -> Route | RouteError:
         """The delivery plan for `domain`: a `Route`, or a `RouteError` whose reply says
         bounce (5xx) or defer (4xx). Never raises for DNS outcomes; cancelling the caller

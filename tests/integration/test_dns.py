@@ -328,6 +328,26 @@ def test_shuffle_per_call_on_cache_hits() -> None:
     run(body)
 
 
+def test_route_now_answers_from_fresh_cache_only() -> None:
+    async def body(server: DnsServer) -> None:
+        cache, clock = make_cache(server, min_ttl=60, max_ttl=60)
+        assert cache.route_now("example.test") is None  # nothing cached: no query either
+        assert server.count("example.test", "MX") == 0
+        first = await cache.route("example.test")
+        hits = cache.stats.hits
+        now = cache.route_now("Example.Test.")
+        assert isinstance(now, Route) and sorted(names(now)) == sorted(names(first))
+        assert now.address_key == first.address_key == "ip:127.0.0.2,127.0.0.3,::2"
+        assert cache.stats.hits == hits + 3  # the MX answer and both hosts' addresses
+        assert reply(await cache.route("nx.test")) == (550, "5.1.2")
+        assert reply(cache.route_now("nx.test")) == (550, "5.1.2")  # an error plan too
+        clock.now += 61
+        assert cache.route_now("example.test") is None  # expired: the slow path asks again
+        assert server.count("example.test", "MX") == 1
+
+    run(body)
+
+
 def test_flush() -> None:
     async def body(server: DnsServer) -> None:
         cache, _ = make_cache(server)
