@@ -223,7 +223,16 @@ class Bench:
         if sink is None:
             return res.msgs_per_s
         cap = 120 + w / 20
-        t_done = sink.wait_reached(target, self.args.stall, cap)
+        try:
+            t_done = sink.wait_reached(target, self.args.stall, cap)
+        except RuntimeError as err:
+            if not hasattr(server, "flush"):
+                raise
+            # The Python lab DNS, starved of CPU on a busy host, can miss the resolver's
+            # timeout; those messages wait for their retry (a minute). Flush them once.
+            print(f"  warm-up: {err}; flushing the queue", file=sys.stderr, flush=True)
+            server.flush()
+            t_done = sink.wait_reached(target, self.args.stall, cap)
         server.drain(w, self.args.stall, cap)
         return w / (t_done - res.t0)
 

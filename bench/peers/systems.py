@@ -79,6 +79,13 @@ class Volley:
         return [float(r["queue_time"]) for r in lines
                 if r.get("outcome") == "delivered" and r.get("queue_time") is not None]
 
+    def flush(self) -> None:
+        """`volley ctl flush`: deferred mail is due now (a warm-up's DNS timeouts)."""
+        from engine.control.client import request
+        from engine.control.protocol import Flush
+
+        request(str(self.tmp / "volley.sock"), Flush(), 10.0)
+
     def diagnostics(self) -> str:
         self.dlog.read()  # what happened since the last wait
         try:
