@@ -102,6 +102,9 @@ MAX_ENVID = 100
 MAX_ORCPT = 500
 
 
+_MAX_LOCAL, _MAX_DOMAIN, _MAX_PATH = grammar.MAX_LOCAL_PART, grammar.MAX_DOMAIN, grammar.MAX_PATH
+
+
 def _split_verb(line: str) -> tuple[str, str]:
     verb, _, rest = line.partition(" ")
     # Only an ASCII verb is upper-cased: "maıl".upper() == "MAIL" must stay unknown.
@@ -117,16 +120,18 @@ def _path(text: str, *, utf8: bool, allow_null: bool) -> tuple[str, str]:
         if not text.startswith("<"):
             raise SmtpSyntaxError(R501_SYNTAX, "Syntax: address must be in <angle brackets>")
         raise SmtpSyntaxError(R553_BAD_ADDRESS)
-    local, domain = m.group("local"), m.group("domain")
-    if domain.startswith("[") and not grammar.valid_address_literal(domain):
+    local, domain = m.group("local", "domain")
+    if domain[:1] == "[" and not grammar.valid_address_literal(domain):
         raise SmtpSyntaxError(R553_BAD_ADDRESS, "Bad address literal")
-    if (
-        len(local.encode()) > grammar.MAX_LOCAL_PART
-        or len(domain.encode()) > grammar.MAX_DOMAIN
-        or m.end() > grammar.MAX_PATH
-    ):
+    end = m.end()
+    # Octet limits; the ASCII pattern matches only ASCII, where len() is the octet count.
+    if utf8:
+        too_long = len(local.encode()) > _MAX_LOCAL or len(domain.encode()) > _MAX_DOMAIN
+    else:
+        too_long = len(local) > _MAX_LOCAL or len(domain) > _MAX_DOMAIN
+    if too_long or end > _MAX_PATH:
         raise SmtpSyntaxError(R553_BAD_ADDRESS, "Address too long")
-    return f"{local}@{domain}", text[m.end() :]
+    return f"{local}@{domain}", text[end:]
 
 
 def _params(text: str) -> dict[str, str | None]:
@@ -158,7 +163,9 @@ def _mail(rest: str) -> Mail:
     arg = rest[5:].lstrip(" ")
     # A non-ASCII path is only legal with SMTPUTF8; parse_command checks that after.
     address, tail = _path(arg, utf8=not arg.isascii(), allow_null=True)
-    if tail and not tail.startswith(" "):
+    if not tail:
+        return Mail(address)  # no parameters: the common case
+    if not tail.startswith(" "):
         raise SmtpSyntaxError(R501_SYNTAX, "Syntax: MAIL FROM:<address> [parameters]")
     params = _params(tail)
     utf8 = "SMTPUTF8" in params
@@ -210,7 +217,9 @@ def _rcpt(rest: str, utf8: bool) -> Rcpt:
         address, tail = "postmaster", arg[12:]
     else:
         address, tail = _path(arg, utf8=utf8, allow_null=False)
-    if tail and not tail.startswith(" "):
+    if not tail:
+        return Rcpt(address)  # no parameters: the common case
+    if not tail.startswith(" "):
         raise SmtpSyntaxError(R501_SYNTAX, "Syntax: RCPT TO:<address> [parameters]")
     notify = orcpt = None
     for key, value in _params(tail).items():

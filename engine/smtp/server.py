@@ -287,7 +287,8 @@ class ServerSession:
             command = parse_command(line, utf8_rcpt=mail is not None and mail.smtputf8)
         except SmtpSyntaxError as err:
             return self._error(err.reply)
-        if self.state not in _ALLOWED_IN[type(command)]:
+        kind = type(command)
+        if self.state not in _ALLOWED_IN[kind]:
             if isinstance(command, Bdat):
                 # RFC 3030 §2: the chunk follows regardless; swallow it, then refuse.
                 self._start_chunk(command, _sequence_reply(command, self.state))
@@ -297,19 +298,19 @@ class ServerSession:
             if isinstance(command, Auth) and self.auth_user is not None:
                 return self._error(R503_ALREADY_AUTH)
             return self._error(_sequence_reply(command, self.state))
-        auto = _AUTO_REPLIES.get(type(command))
+        auto = _AUTO_REPLIES.get(kind)
         if auto is not None:
-            if type(command) in _JUNK:
+            if kind in _JUNK:
                 # Postfix's smtpd_junk_command_limit: a session that only NOOPs, RSETs
                 # or VRFYs is kept from holding a slot forever (P8).
                 self.junk += 1
                 if self.junk > self.max_junk_commands:
                     return AutoReply(R421_TOO_MANY_ERRORS)
             return auto
-        if isinstance(command, Bdat):
-            self._start_chunk(command, None)
+        if kind is Bdat:
+            self._start_chunk(command, None)  # type: ignore[arg-type]
             return self._read_chunk()  # None until the chunk is complete
-        if isinstance(command, Auth) and self.auth_user is not None:
+        if kind is Auth and self.auth_user is not None:
             return self._error(R503_ALREADY_AUTH)
         return CommandReceived(command)
 
