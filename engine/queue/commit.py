@@ -13,13 +13,14 @@ after the commit and the thread flushes every batch_interval (a crash of the mac
 may lose that window); "memory" never flushes.
 
 The event loop thread never blocks here: `submit` appends to a deque and, only when the
-thread is idle, takes a lock that the thread holds for microseconds (never across a
-commit) to notify it.
+thread is idle, wakes it through a `queue.SimpleQueue` (C code: no Python-level lock or
+Condition on either side of the hand-off).
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 import time
 from collections import deque
@@ -72,7 +73,8 @@ class Committer:
         self._interval = batch_interval
         self._max_batch = max_batch
         self._pending: deque[tuple[Op, Callback]] = deque()
-        self._cond = threading.Condition(threading.Lock())
+        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # the stop()/thread-exit handoff only
         self._idle = False
         self._stopping = False
         self._exited = False
@@ -109,12 +111,12 @@ class Committer:
         if self._closed:
             raise RuntimeError("committer is stopped")
         self._pending.append((op, callback))
-        # The thread sets _idle BEFORE it checks the deque (under the lock), so either it
-        # sees this item, or we see _idle and notify it after it released the lock in
-        # wait(): no lost wakeup, and no lock taken while the thread is busy.
+        # The thread sets _idle BEFORE it looks at the deque, so either it sees this
+        # item, or we see _idle and wake it: no lost wakeup, nothing done while it is
+        # busy. A spare wake-up (it saw the item anyway) costs it one empty loop.
         if self._idle:
-            with self._cond:
-                self._cond.notify()
+            self._idle = False
+            self._wake.put(None)
 
     async def stop(self) -> None:
         """Commit everything already submitted, deliver its callbacks, stop the thread."""
@@ -127,33 +129,35 @@ class Committer:
         if self._thread is None:  # never started: still honour what was submitted
             self._thread = threading.Thread(target=self._run, name="volley-commit", daemon=True)
             self._thread.start()
-        with self._cond:
+        with self._lock:
             self._stopping = True
-            self._cond.notify()
             if self._exited:  # the thread died earlier and cannot resolve it
                 _resolve(done)
+        self._wake.put(None)
         await asyncio.shield(done)
 
     # ---- commit thread --------------------------------------------------------
 
     def _wait_for_work(self) -> bool:
         """Block until work, stop, or a due flush; False when the thread should exit."""
-        with self._cond:
-            while True:
-                self._idle = True
-                if self._pending or self._held is not None:
+        while True:
+            self._idle = True
+            if self._pending or self._held is not None:
+                break
+            if self._stopping:
+                self._idle = False
+                return False
+            timeout = None
+            if self._dirty:
+                timeout = max(0.0, self._next_flush - time.monotonic())
+                if timeout == 0.0:
                     break
-                if self._stopping:
-                    self._idle = False
-                    return False
-                timeout = None
-                if self._dirty:
-                    timeout = max(0.0, self._next_flush - time.monotonic())
-                    if timeout == 0.0:
-                        break
-                self._cond.wait(timeout)
-            self._idle = False
-            return True
+            try:
+                self._wake.get(timeout=timeout)
+            except queue.Empty:
+                pass
+        self._idle = False
+        return True
 
     def _run(self) -> None:
         self._next_flush = time.monotonic() + self._interval
@@ -179,7 +183,7 @@ class Committer:
             while self._pending:
                 self._commit_batch()
         finally:
-            with self._cond:  # handoff with stop(): exactly one side resolves `done`
+            with self._lock:  # handoff with stop(): exactly one side resolves `done`
                 self._exited = True
                 done = self._done
             if done is not None:
