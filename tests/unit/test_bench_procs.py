@@ -7,6 +7,8 @@ import importlib.util
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -40,6 +42,21 @@ def _load() -> ModuleType:
     return mod
 
 
+@contextmanager
+def _child(code: str, *args: str) -> Iterator[tuple[subprocess.Popen[bytes], bytes]]:
+    """A python child running `code`: yields it and the first line it printed; closing
+    its stdin at the end lets it exit."""
+    child = subprocess.Popen([sys.executable, "-c", code, *args],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        yield child, child.stdout.readline()
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)
+        child.stdout.close()
+
+
 @pytest.fixture(scope="module")
 def procs() -> ModuleType:
     return _load()
@@ -48,17 +65,9 @@ def procs() -> ModuleType:
 def test_sample_splits_anon_and_file_pages(procs: ModuleType, tmp_path: Path) -> None:
     data = tmp_path / "mapped.bin"
     data.write_bytes(os.urandom(FILE_MIB << 20))
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(ANON_MIB), str(data)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert child.stdout is not None and child.stdout.readline().startswith(b"ready")
+    with _child(CHILD, str(ANON_MIB), str(data)) as (child, line):
+        assert line.startswith(b"ready")
         tree = procs.sample(child.pid, pss=True)
-    finally:
-        assert child.stdin is not None
-        child.stdin.close()
-        child.wait(timeout=30)
-        assert child.stdout is not None
-        child.stdout.close()
     assert [m.pid for m in tree.memory] == [child.pid]
     (mem,) = tree.memory
     assert mem.anon_kib >= ANON_MIB * MIB
@@ -79,21 +88,11 @@ def test_sample_splits_anon_and_file_pages(procs: ModuleType, tmp_path: Path) ->
 
 def test_sample_sums_over_the_tree(procs: ModuleType) -> None:
     # A parent python whose child sleeps on stdin: both counted, sums add up.
-    parent = subprocess.Popen(
-        [sys.executable, "-c",
-         "import subprocess, sys; c = subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'],"
-         " stdin=subprocess.PIPE); print(c.pid, flush=True); sys.stdin.read(); c.stdin.close(); c.wait()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert parent.stdout is not None
-        grandchild = int(parent.stdout.readline())
+    code = ("import subprocess, sys; c = subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'],"
+            " stdin=subprocess.PIPE); print(c.pid, flush=True); sys.stdin.read(); c.stdin.close(); c.wait()")
+    with _child(code) as (parent, line):
+        grandchild = int(line)
         tree = procs.sample(parent.pid)
-    finally:
-        assert parent.stdin is not None
-        parent.stdin.close()
-        parent.wait(timeout=30)
-        assert parent.stdout is not None
-        parent.stdout.close()
     assert sorted(m.pid for m in tree.memory) == sorted([parent.pid, grandchild])
     assert tree.anon_kib == sum(m.anon_kib for m in tree.memory) > 0
     assert tree.file_kib == sum(m.file_kib for m in tree.memory) > 0
