@@ -276,3 +276,80 @@ def test_fsync_ack_waits_for_a_later_commit_or_a_flush(tmp_path: Path) -> None:
 
     run(main)
     store.close()
+
+
+def test_a_batch_gathers_as_many_ops_as_the_previous_one(tmp_path: Path) -> None:
+    """After a batch of 4 the next commit waits (bounded by gather_wait, here far longer
+    than the test) until 4 ops are pending: 2 + 2 submitted apart land in ONE batch."""
+    store = QueueStore(str(tmp_path / "q"), map_size=64 << 20, durability="fsync")
+    ids = IdAllocator(store.next_boot())
+
+    async def main() -> None:
+        c = Committer(store, asyncio.get_running_loop(), durability="fsync", gather_wait=60)
+        results, cb, done = gather_callbacks(4)
+        for _ in range(4):
+            c.submit(put_op(ids.next()), cb)  # before start: one batch of 4
+        c.start()
+        await done
+        assert (c.stats.batches, c.stats.largest_batch) == (1, 4)
+        results, cb, done = gather_callbacks(4)
+        c.submit(put_op(ids.next()), cb)
+        c.submit(put_op(ids.next()), cb)
+        for _ in range(20):  # let the thread wake up and start waiting
+            await asyncio.sleep(0)
+        c.submit(put_op(ids.next()), cb)
+        c.submit(put_op(ids.next()), cb)
+        await done
+        assert not any(isinstance(r, BaseException) for r in results)
+        assert (c.stats.batches, c.stats.ops) == (2, 8)
+        await c.stop()
+
+    run(main)
+    assert store.count() == 8
+    store.close()
+
+
+def test_a_lone_client_never_waits_to_gather(tmp_path: Path) -> None:
+    """Batches of one set no target: one op at a time, each awaited, never waits for
+    company (gather_wait is far longer than the test's 10 s deadline)."""
+    store = QueueStore(str(tmp_path / "q"), map_size=64 << 20, durability="fsync")
+    ids = IdAllocator(store.next_boot())
+
+    async def main() -> None:
+        c = Committer(store, asyncio.get_running_loop(), durability="fsync", gather_wait=60)
+        c.start()
+        for _ in range(5):
+            results, cb, done = gather_callbacks(1)
+            c.submit(put_op(ids.next()), cb)
+            await done
+            assert not isinstance(results[0], BaseException)
+        assert (c.stats.batches, c.stats.largest_batch) == (5, 1)
+        await c.stop()
+
+    run(main)
+    store.close()
+
+
+def test_stop_ends_a_gather_wait(tmp_path: Path) -> None:
+    """A commit waiting for its batch to fill is cut short by stop(): what was submitted
+    is committed and acknowledged, well before gather_wait."""
+    store = QueueStore(str(tmp_path / "q"), map_size=64 << 20, durability="fsync")
+    ids = IdAllocator(store.next_boot())
+
+    async def main() -> None:
+        c = Committer(store, asyncio.get_running_loop(), durability="fsync", gather_wait=60)
+        results, cb, done = gather_callbacks(3)
+        for _ in range(3):
+            c.submit(put_op(ids.next()), cb)
+        c.start()
+        await done
+        results, cb, done = gather_callbacks(1)
+        c.submit(put_op(ids.next()), cb)  # 1 of the 3 it would wait for
+        for _ in range(20):
+            await asyncio.sleep(0)
+        await c.stop()
+        assert done.done() and not isinstance(results[0], BaseException)
+
+    run(main)
+    assert store.count() == 4
+    store.close()
