@@ -100,6 +100,7 @@ class Committer:
         self._panic: StoragePanic | None = None
         self._gather_wait = gather_wait
         self._last_batch = 0  # size of the previous batch: the next one's target
+        self._want = 1  # pending ops that make submit() wake an idle thread
 
     def start(self) -> None:
         """Start the commit thread (once).
@@ -125,7 +126,7 @@ class Committer:
         # The thread sets _idle BEFORE it looks at the deque, so either it sees this
         # item, or we see _idle and wake it: no lost wakeup, nothing done while it is
         # busy. A spare wake-up (it saw the item anyway) costs it one empty loop.
-        if self._idle:
+        if self._idle and len(self._pending) >= self._want:
             self._idle = False
             self._wake.put(None)
 
@@ -208,6 +209,7 @@ class Committer:
         if target < 2 or len(pending) >= target or self._gather_wait <= 0:
             return
         deadline = time.monotonic() + self._gather_wait
+        self._want = target  # one wake-up when the batch is full, not one per op
         while not self._stopping:
             self._idle = True  # before the check: see submit()
             if len(pending) >= target:
@@ -220,6 +222,7 @@ class Committer:
             except queue.Empty:
                 break
         self._idle = False
+        self._want = 1
 
     def _commit_batch(self) -> None:
         pending = self._pending
