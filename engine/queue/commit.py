@@ -164,12 +164,17 @@ class Committer:
                 timeout = max(0.0, self._next_flush - time.monotonic())
                 if timeout == 0.0:
                     break
-            try:
-                self._wake.get(timeout=timeout)
-            except queue.Empty:
-                pass
+            self._sleep(timeout)
         self._idle = False
         return True
+
+    def _sleep(self, timeout: float | None) -> bool:
+        """Block until submit() or stop() wakes the thread (True) or `timeout` passes."""
+        try:
+            self._wake.get(timeout=timeout)
+            return True
+        except queue.Empty:
+            return False
 
     def _run(self) -> None:
         self._next_flush = time.monotonic() + self._interval
@@ -215,11 +220,7 @@ class Committer:
             if len(pending) >= target:
                 break
             left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                self._wake.get(timeout=left)
-            except queue.Empty:
+            if left <= 0 or not self._sleep(left):
                 break
         self._idle = False
         self._want = 1

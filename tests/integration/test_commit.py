@@ -278,6 +278,16 @@ def test_fsync_ack_waits_for_a_later_commit_or_a_flush(tmp_path: Path) -> None:
     store.close()
 
 
+async def commit_first_batch(c: Committer, ids: IdAllocator, n: int) -> None:
+    """Submit n ops before the thread starts (so they form one batch), start, await."""
+    results, cb, done = gather_callbacks(n)
+    for _ in range(n):
+        c.submit(put_op(ids.next()), cb)
+    c.start()
+    await done
+    assert not any(isinstance(r, BaseException) for r in results)
+
+
 def test_a_batch_gathers_as_many_ops_as_the_previous_one(tmp_path: Path) -> None:
     """After a batch of 4 the next commit waits (bounded by gather_wait, here far longer
     than the test) until 4 ops are pending: 2 + 2 submitted apart land in ONE batch."""
@@ -286,11 +296,7 @@ def test_a_batch_gathers_as_many_ops_as_the_previous_one(tmp_path: Path) -> None
 
     async def main() -> None:
         c = Committer(store, asyncio.get_running_loop(), durability="fsync", gather_wait=60)
-        results, cb, done = gather_callbacks(4)
-        for _ in range(4):
-            c.submit(put_op(ids.next()), cb)  # before start: one batch of 4
-        c.start()
-        await done
+        await commit_first_batch(c, ids, 4)
         assert (c.stats.batches, c.stats.largest_batch) == (1, 4)
         results, cb, done = gather_callbacks(4)
         c.submit(put_op(ids.next()), cb)
@@ -338,11 +344,7 @@ def test_stop_ends_a_gather_wait(tmp_path: Path) -> None:
 
     async def main() -> None:
         c = Committer(store, asyncio.get_running_loop(), durability="fsync", gather_wait=60)
-        results, cb, done = gather_callbacks(3)
-        for _ in range(3):
-            c.submit(put_op(ids.next()), cb)
-        c.start()
-        await done
+        await commit_first_batch(c, ids, 3)
         results, cb, done = gather_callbacks(1)
         c.submit(put_op(ids.next()), cb)  # 1 of the 3 it would wait for
         for _ in range(20):
