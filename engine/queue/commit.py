@@ -19,14 +19,15 @@ after the commit and the thread flushes every batch_interval (a crash of the mac
 may lose that window); "memory" never flushes.
 
 The event loop thread never blocks here: `submit` appends to a deque and, only when the
-thread is idle, wakes it through a `queue.SimpleQueue` (C code: no Python-level lock or
-Condition on either side of the hand-off).
+thread is idle, wakes it by releasing a lock the thread waits on (C code: no
+Python-level Condition on either side of the hand-off). Not a queue.SimpleQueue: its
+get(timeout) can wait forever on CPython 3.11 (after a spurious acquire it recomputes
+the timeout, and a negative one means "block"), seen here as a hung worker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
 import time
 from collections import deque
@@ -82,7 +83,9 @@ class Committer:
         self._interval = batch_interval
         self._max_batch = max_batch
         self._pending: deque[tuple[Op, Callback]] = deque()
-        self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
+        # A one-token semaphore: released = "wake up", acquired by the thread's waits.
+        self._wake = threading.Lock()
+        self._wake.acquire()
         self._lock = threading.Lock()  # the stop()/thread-exit handoff only
         self._idle = False
         self._stopping = False
@@ -128,7 +131,7 @@ class Committer:
         # busy. A spare wake-up (it saw the item anyway) costs it one empty loop.
         if self._idle and len(self._pending) >= self._want:
             self._idle = False
-            self._wake.put(None)
+            self._signal()
 
     async def stop(self) -> None:
         """Commit everything already submitted, deliver its callbacks, stop the thread."""
@@ -145,7 +148,7 @@ class Committer:
             self._stopping = True
             if self._exited:  # the thread died earlier and cannot resolve it
                 _resolve(done)
-        self._wake.put(None)
+        self._signal()
         await asyncio.shield(done)
 
     # ---- commit thread --------------------------------------------------------
@@ -169,12 +172,16 @@ class Committer:
         return True
 
     def _sleep(self, timeout: float | None) -> bool:
-        """Block until submit() or stop() wakes the thread (True) or `timeout` passes."""
+        """Block until submit() or stop() wakes the thread (True) or `timeout` (> 0, or
+        None: no limit) passes (False)."""
+        return self._wake.acquire(timeout=-1 if timeout is None else timeout)
+
+    def _signal(self) -> None:
+        """Wake the thread (any thread may call it); a token already there is enough."""
         try:
-            self._wake.get(timeout=timeout)
-            return True
-        except queue.Empty:
-            return False
+            self._wake.release()
+        except RuntimeError:  # not acquired: a wake-up is already pending
+            pass
 
     def _run(self) -> None:
         self._next_flush = time.monotonic() + self._interval
