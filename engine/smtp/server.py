@@ -332,7 +332,8 @@ class ServerSession:
                 buf += keep
                 self._scan = self._data_start
             return None
-        region = bytes(buf[self._data_start : end + 2])
+        with memoryview(buf) as view:  # one copy (bytes(buf[a:b]) makes two)
+            region = bytes(view[self._data_start : end + 2])
         self._pos = end + 5
         self._data_start = 0
         self.state = State.READY
