@@ -13,6 +13,7 @@ from collections.abc import Callable
 import msgspec
 
 from engine.dns.mx import Route
+from engine.observe import log
 from engine.queue.records import MessageRecord
 from engine.smtp.replies import Reply
 
@@ -85,3 +86,20 @@ class Job:
             or any(not record.recipients[i].address.isascii() for i in indices)
         )
         self.body_8bit = record.body_type == "8BITMIME" or not body.isascii()
+
+
+# RFC 3463 X.3.2 "System not accepting network messages": we are stopping. 451, not 421,
+# so the scheduler does not back the destination off for our own shutdown.
+R451_SHUTTING_DOWN = Reply(451, "4.3.2", "Delivery agent shutting down; will retry")
+
+
+def safe_done(job: Job, result: JobResult) -> None:
+    try:
+        job.done(result)
+    except Exception as err:  # the scheduler's bug must not break the pool
+        log.error("job_done_error", domain=job.domain, error=repr(err))
+
+
+def unsent(job: Job) -> JobResult:
+    """The result of a job handed back unsent because the pool is closing."""
+    return JobResult({i: R451_SHUTTING_DOWN for i in job.indices}, attempted=False)

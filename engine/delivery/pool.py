@@ -27,13 +27,11 @@ transactions or `max_connection_age` seconds, or while more sessions are open th
 `max_connections` allows (lowered by `update_settings`); checked when it asks for work,
 it then QUITs. No RSET before a session's first message (client.py).
 
-Rate (an operator's throttle, `settings.rate` messages/s): a token bucket is consulted
-where a job is handed to a session (`next_job`) and before idle sessions are woken or
-new ones opened. The burst is one message, or a tenth of a second's worth above
-10 msgs/s so that a timer firing late does not lower the rate: messages leave evenly
-spaced, which is what a receiver's per-window limit wants. With no token ready the
-session goes idle and one `loop.call_at` timer re-dispatches when the next is due.
-With rate 0 (the default) the hot path pays an attribute test per job.
+Rate (an operator's throttle, `settings.rate` messages/s): a token bucket (rate.py) is
+consulted where a job is handed to a session (`next_job`) and before idle sessions are
+woken or new ones opened. With no token ready the session goes idle and the bucket's
+timer re-dispatches when the next is due. With rate 0 (the default) the hot path pays
+an attribute test per job.
 
 Worker-wide cap (budget.py): with a `ConnectionBudget`, each connection attempt first
 takes a slot, and the slot returns when the attempt fails or the connection is closed
@@ -55,20 +53,16 @@ import msgspec
 from engine.config import TimeoutsConfig
 from engine.delivery.budget import ConnectionBudget
 from engine.delivery.connect import SetupError, connect_route
-from engine.delivery.job import Job, JobResult, PoolSettings
+from engine.delivery.job import Job, JobResult, PoolSettings, safe_done, unsent
 from engine.delivery.outcome import transient_failure
+from engine.delivery.rate import ONE, TokenBucket
 from engine.delivery.session import DeliverySession
 from engine.dns.mx import Route
 from engine.observe import log
 from engine.smtp.replies import Reply
 
-# RFC 3463 X.3.2 "System not accepting network messages": we are stopping. 451, not 421,
-# so the scheduler does not back the destination off for our own shutdown.
-R451_SHUTTING_DOWN = Reply(451, "4.3.2", "Delivery agent shutting down; will retry")
-
 TlsContextFactory = Callable[[], ssl.SSLContext | None]
 _RECENT = 64  # distinct domains remembered per pool (shown with a backoff; flush by domain)
-_ONE = 1.0 - 1e-9  # a whole token, give or take float rounding of the refill
 
 
 class PoolStats(msgspec.Struct):
@@ -79,13 +73,6 @@ class PoolStats(msgspec.Struct):
     backoff_until: float = 0.0  # loop.time(); 0 = not backing off
     concurrency_limit: int = 0
     bytes_sent: int = 0  # message content of those transactions
-
-
-def safe_done(job: Job, result: JobResult) -> None:
-    try:
-        job.done(result)
-    except Exception as err:  # the scheduler's bug must not break the pool
-        log.error("job_done_error", domain=job.domain, error=repr(err))
 
 
 class SitePool:
@@ -119,10 +106,7 @@ class SitePool:
         self._closing = False
         self._changed = asyncio.Event()
         self._domains: dict[str, None] = {}  # insertion-ordered set, see _RECENT
-        # token bucket (settings.rate > 0)
-        self._tokens = 1.0
-        self._tokens_at = self.loop.time()
-        self._rate_timer: asyncio.TimerHandle | None = None
+        self._bucket = TokenBucket(self.loop, self._dispatch)  # used when settings.rate > 0
 
     # --- public --------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -191,8 +175,7 @@ class SitePool:
         old, self.settings = self.settings, settings
         self._limit = max(1, min(self._limit, settings.max_connections))
         if settings.rate != old.rate:
-            self._tokens, self._tokens_at = 1.0, self.loop.time()
-            self._cancel_rate_timer()
+            self._bucket.reset()
         while len(self._sessions) > settings.max_connections and self._idle:
             self._retire(self._idle.pop(0))  # the coldest first (bottom of the LIFO stack)
         self._dispatch()
@@ -241,7 +224,7 @@ class SitePool:
         self._closing = True
         if self.budget is not None:
             self.budget.forget(self)
-        self._cancel_rate_timer()
+        self._bucket.cancel()
         self._hand_back_queue()
         for task in list(self._tasks):
             task.cancel()
@@ -266,10 +249,11 @@ class SitePool:
     def next_job(self, session: DeliverySession) -> Job | None:
         if not self._queue or self._closing or self._worn_out(session):
             return None
-        if self.settings.rate:
-            if self._ready_tokens() < _ONE:
-                return None  # the session idles; the rate timer wakes it
-            self._tokens -= 1.0
+        rate = self.settings.rate
+        if rate:
+            if self._bucket.ready(rate) < ONE:
+                return None  # the session idles; the bucket's timer wakes it
+            self._bucket.take()
         return self._queue.popleft()
 
     def job_finished(self, session: DeliverySession, job: Job, result: JobResult) -> None:
@@ -323,26 +307,6 @@ class SitePool:
                 or self.loop.time() - session.created_at >= s.max_connection_age
                 or len(self._sessions) > s.max_connections)
 
-    def _ready_tokens(self) -> float:
-        """Refill the bucket (rate > 0 only) and return the tokens in it; below one, arm
-        the timer that re-dispatches when the next is due."""
-        rate = self.settings.rate
-        now = self.loop.time()
-        tokens = min(max(1.0, rate / 10), self._tokens + (now - self._tokens_at) * rate)
-        self._tokens, self._tokens_at = tokens, now
-        if tokens < _ONE and self._rate_timer is None:
-            self._rate_timer = self.loop.call_at(now + (1.0 - tokens) / rate, self._rate_tick)
-        return tokens
-
-    def _rate_tick(self) -> None:
-        self._rate_timer = None
-        self._dispatch()
-
-    def _cancel_rate_timer(self) -> None:
-        if self._rate_timer is not None:
-            self._rate_timer.cancel()
-            self._rate_timer = None
-
     def _retire(self, session: DeliverySession) -> None:
         self._sessions.discard(session)
         if session in self._idle:
@@ -354,10 +318,10 @@ class SitePool:
     def _dispatch(self) -> None:
         if self._closing:
             return
-        rated = self.settings.rate > 0
+        rate = self.settings.rate
         while self._queue and self._idle:
-            if rated and self._ready_tokens() < _ONE:
-                return  # nothing may go yet; the rate timer calls again
+            if rate and self._bucket.ready(rate) < ONE:
+                return  # nothing may go yet; the bucket's timer calls again
             session = self._idle.pop()  # LIFO: the warmest connection
             if not (session.quitting or session.closed):
                 session.kick()
@@ -366,8 +330,8 @@ class SitePool:
         # Each connecting session will take at least one queued job.
         room = min(self._limit, self.settings.max_connections) - len(self._sessions) - self._connecting
         want = min(room, len(self._queue) - self._connecting)
-        if rated:  # and one token each, or it would only wait idle
-            want = min(want, int(self._ready_tokens() + 1e-9) - self._connecting)
+        if rate:  # and one token each, or it would only wait idle
+            want = min(want, int(self._bucket.ready(rate) + 1e-9) - self._connecting)
         budget = self.budget
         for _ in range(max(0, want)):
             if budget is not None and not budget.take(self):
@@ -452,8 +416,3 @@ class SitePool:
         while self._queue:
             job = self._queue.popleft()
             safe_done(job, unsent(job))
-
-
-def unsent(job: Job) -> JobResult:
-    """The result of a job handed back unsent because the pool is closing."""
-    return JobResult({i: R451_SHUTTING_DOWN for i in job.indices}, attempted=False)

@@ -10,7 +10,8 @@ from engine.config import TimeoutsConfig
 from engine.delivery.budget import ConnectionBudget
 from engine.delivery.connect import client_tls_context
 from engine.delivery.job import Job, PoolSettings
-from engine.delivery.pool import PoolStats, SitePool, safe_done, unsent
+from engine.delivery.job import safe_done, unsent
+from engine.delivery.pool import PoolStats, SitePool
 from engine.dns.mx import Route
 
 PoolKey = tuple[str, int, str, str, str]

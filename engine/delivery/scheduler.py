@@ -35,13 +35,13 @@ import random
 import time
 from typing import Any
 
-from engine.config import Config, RouteConfig
+from engine.config import Config
 from engine.delivery import outcome as outcome_mod
 from engine.delivery.holds import Holds, Parked, park_op
 from engine.delivery.job import Job, JobResult, PoolSettings
 from engine.delivery.reports import due_delay_reports, queue_dsns
 from engine.delivery.retry import expired, parse_schedule
-from engine.delivery.routing import drop_self, match_route, pool_settings, smarthost_route, throttled
+from engine.delivery.planner import RoutePlanner
 from engine.dns.cache import DnsCache
 from engine.dns.mx import Route, RouteError
 from engine.dns.resolver import Resolver
@@ -59,8 +59,6 @@ _SCAN_MARGIN_MS = 1000
 _MIN_SCAN_GAP = 0.005
 _FULL_SCAN_EVERY = 5.0
 _SCAN_BATCH = 512
-_ROUTE_MEMO = 1.0  # seconds a resolved route is reused without asking the DNS cache
-_ROUTE_MEMO_SIZE = 20_000  # domains memoised; expired ones are dropped beyond it
 
 
 class DeliveryStats:
@@ -97,32 +95,26 @@ class Scheduler:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._newest_ms = 0
-        # domain → (valid until loop.time(), route, pool settings); see _resolve
-        self._routes: dict[str, tuple[float, Route | RouteError, PoolSettings]] = {}
+        self.planner = RoutePlanner(cfg, dns, resolver, local, self.loop)
         self._last_full = 0.0
         self.holds = Holds()
-        # Equal settings as one object, so the pool manager's "changed?" test is an
-        # identity check for every job but the first after a change.
-        self._settings: dict[PoolSettings, PoolSettings] = {}
-        self._base_settings: dict[int, PoolSettings] = {}  # id of a [[routes]] entry (or None)
         self.metrics: Any = None  # WorkerMetrics, when the worker wants histograms
 
     def apply_config(self, cfg: Config) -> None:
         self.cfg = cfg
         self.schedule = parse_schedule(cfg.delivery.retry)
-        self.forget_routes()
+        self.planner.configure(cfg)
 
     def forget_routes(self) -> None:
         """Drop the route memo: the next entry of each domain asks the DNS cache again."""
-        self._routes.clear()
-        self._settings.clear()
-        self._base_settings.clear()
+        self.planner.forget()
 
     def set_holds(self, holds: Holds) -> None:
         """Adopt the operator's table. Jobs still queued in pools for a domain whose
         suspension or throttle changed are handed back unsent (they stay due, and the
         next scan parks them or sends them to the right pool)."""
         old, self.holds = self.holds, holds
+        self.planner.throttles = holds.throttles
         now = time.time()
         changed = {d for d in holds.suspensions.keys() | old.suspensions.keys()
                    if holds.suspended(d, now) != old.suspended(d, now)}
@@ -184,7 +176,7 @@ class Scheduler:
             self._last_full = mono
         entries = self.store.due_entries(self.owner, int(now * 1000), min(room, _SCAN_BATCH),
                                          since, exclude=self.inflight)
-        routes = self._routes
+        plan_now = self.planner.now
         held = self.holds.suspensions
         parks: list[tuple[bytes, str]] = []
         for due_ms, msg_id, domain in entries:
@@ -194,11 +186,8 @@ class Scheduler:
             if held and domain in held and held[domain].in_force(now):
                 parks.append((msg_id, domain))
                 continue
-            memo = routes.get(domain)
             try:
-                # A memo hit, else the DNS cache without a coroutine; only a miss there
-                # (a query to make) costs a task.
-                planned = memo[1:] if memo is not None and memo[0] > mono else self._resolve_now(domain)
+                planned = plan_now(domain, mono)  # None: a DNS query to wait for
                 if planned is None:
                     self.loop.create_task(self._dispatch(msg_id, domain, now))
                 else:
@@ -243,66 +232,11 @@ class Scheduler:
     async def _dispatch(self, msg_id: bytes, domain: str, now: float) -> None:
         """Resolve the domain's route (a DNS miss), then dispatch."""
         try:
-            route, settings = await self._resolve(domain)
+            route, settings = await self.planner.resolve(domain)
             self._dispatch_now(msg_id, domain, now, route, settings)
         except Exception as err:  # never lose track of an in-flight entry
             log.error("dispatch_failed", id=id_text(msg_id), domain=domain, error=repr(err))
             self.inflight.discard((msg_id, domain))
-
-    def _plan(self, domain: str) -> tuple[RouteConfig | None, PoolSettings]:
-        """The domain's [[routes]] entry and pool settings (an operator's throttle
-        applied), without I/O. Settings per entry are built once per config: building
-        them per message read a route's password file each time."""
-        route_cfg = match_route(self.cfg.routes, domain)
-        settings = self._base_settings.get(id(route_cfg))
-        if settings is None:
-            settings = self._intern(pool_settings(self.cfg, route_cfg))
-            self._base_settings[id(route_cfg)] = settings
-        throttle = self.holds.throttles.get(domain)
-        if throttle is not None:
-            settings = self._intern(throttled(settings, throttle))
-        return route_cfg, settings
-
-    def _intern(self, settings: PoolSettings) -> PoolSettings:
-        return self._settings.setdefault(settings, settings)
-
-    def _remember(self, domain: str, route: Route | RouteError, settings: PoolSettings,
-                  ) -> tuple[Route | RouteError, PoolSettings]:
-        # Bulk mail sends thousands of messages to one domain a second; the DNS cache
-        # already answers from memory, but building the route (shuffle, loop check,
-        # settings) per message cost ~12% of a worker. Keep it briefly.
-        routes = self._routes
-        now = self.loop.time()
-        if len(routes) >= _ROUTE_MEMO_SIZE:
-            for stale in [d for d, memo in routes.items() if memo[0] <= now]:
-                del routes[stale]
-            if len(routes) >= _ROUTE_MEMO_SIZE:
-                routes.clear()
-        routes[domain] = (now + _ROUTE_MEMO, route, settings)
-        return route, settings
-
-    def _resolve_now(self, domain: str) -> tuple[Route | RouteError, PoolSettings] | None:
-        """`_resolve` when the DNS cache can answer at once, else None."""
-        route_cfg, settings = self._plan(domain)
-        if route_cfg is not None and route_cfg.host:
-            return None  # a smarthost: resolved on the slow path
-        route = self.dns.route_now(domain)
-        if route is None:
-            return None
-        if isinstance(route, Route):
-            route = drop_self(route, settings.port, self.local)
-        return self._remember(domain, route, settings)
-
-    async def _resolve(self, domain: str) -> tuple[Route | RouteError, PoolSettings]:
-        route_cfg, settings = self._plan(domain)
-        route: Route | RouteError
-        if route_cfg is not None and route_cfg.host:
-            route = await smarthost_route(domain, route_cfg, self.resolver)
-        else:
-            route = await self.dns.route(domain)
-            if isinstance(route, Route):
-                route = drop_self(route, settings.port, self.local)
-        return self._remember(domain, route, settings)
 
     def _dispatch_now(self, msg_id: bytes, domain: str, now: float,
                       route: Route | RouteError, settings: PoolSettings) -> None:
