@@ -17,10 +17,9 @@ from engine.blast import BlastOptions, Report, run
 from engine.blast_auth import BlastAuth, offered_mechanisms
 from engine.control.client import request
 from engine.control.protocol import List, Show
-from engine.inbound.auth import set_user
 from tests.integration.harness import ServeProcess
 from tests.integration.test_blast import _run
-from tests.integration.test_blast_cli import _blast
+from tests.integration.test_blast_cli import _blast, serve_starttls_auth
 
 
 class TinyAuthServer:
@@ -164,13 +163,7 @@ def test_ehlo_auth_list_parsing() -> None:
 def test_login_and_plain_against_volley_serve_with_starttls(
     serve: Callable[..., ServeProcess], tls_files: dict[str, str], tmp_path: Path
 ) -> None:
-    users = str(tmp_path / "users")
-    set_user(users, "alice", "secret", ln=10)  # low scrypt cost: a fast test
-    server = serve({
-        "tls": {"cert_file": tls_files["cert_file"], "key_file": tls_files["key_file"]},
-        "auth": {"users_file": users},
-        "listeners": [{"address": "127.0.0.1:0", "tls": "starttls", "auth": "required"}],
-    })
+    server = serve_starttls_auth(serve, tls_files, tmp_path)
     accepted = 0
     for mode in (["--auth-mech", "login"], ["--auth-mech", "login", "--no-pipelining"], []):
         done = _blast(server.port, "-n", "20", "-c", "2", "-m", "10", "--tls", "--auth",

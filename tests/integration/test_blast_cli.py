@@ -129,16 +129,22 @@ def test_first_interrupt_stops_and_prints_the_summary(peers: LoopThread) -> None
     assert accepted == len(sink.messages) and accepted + unsent == 100000 and accepted >= 50
 
 
-def test_against_volley_serve_with_starttls_and_auth(
-    serve: Callable[..., ServeProcess], tls_files: dict[str, str], tmp_path: Path
-) -> None:
+def serve_starttls_auth(serve: Callable[..., ServeProcess], tls_files: dict[str, str],
+                        tmp_path: Path) -> ServeProcess:
+    """`volley serve` with one STARTTLS listener that requires AUTH; user alice:secret."""
     users = str(tmp_path / "users")
     set_user(users, "alice", "secret", ln=10)  # low scrypt cost: a fast test
-    server = serve({
+    return serve({
         "tls": {"cert_file": tls_files["cert_file"], "key_file": tls_files["key_file"]},
         "auth": {"users_file": users},
         "listeners": [{"address": "127.0.0.1:0", "tls": "starttls", "auth": "required"}],
     })
+
+
+def test_against_volley_serve_with_starttls_and_auth(
+    serve: Callable[..., ServeProcess], tls_files: dict[str, str], tmp_path: Path
+) -> None:
+    server = serve_starttls_auth(serve, tls_files, tmp_path)
     done = _blast(server.port, "-n", "60", "-c", "3", "-m", "20", "-r", "2", "--domains", "3",
                   "--tls-verify", "--tls-ca", tls_files["ca_file"], "--auth", "alice:secret",
                   "--json")
