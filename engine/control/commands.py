@@ -124,6 +124,9 @@ class ControlPlane:
             "age": round(mono - s.started_at, 1) if s.proc else None, "restarts": s.restarts,
             "sessions_in": fleet.live(s.slot, "sessions_in"),
             "sessions_out": fleet.live(s.slot, "sessions_out"),
+            # The worker's share of delivery.max_connections, and pools waiting for a slot.
+            "out_limit": fleet.live(s.slot, "connection_budget", {}).get("limit"),
+            "out_waiting": fleet.live(s.slot, "connection_budget", {}).get("waiting", 0),
         } for s in self.sup.slots]
         return {
             "version": __version__, "pid": os.getpid(), "uptime": round(now - self.started, 1),

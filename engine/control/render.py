@@ -166,6 +166,8 @@ def render_status(reply: Row, now: float) -> str:
             Column("AGE", lambda w: short_duration(w.get("age")), ">"),
             Column("RESTARTS", "restarts"), Column("SESSIONS IN", "sessions_in"),
             Column("SESSIONS OUT", "sessions_out"),
+            Column("OUT LIMIT", lambda w: w.get("out_limit") or "-", ">"),
+            Column("WAITING", lambda w: w.get("out_waiting") or 0, ">"),
         ]),
     ]
     rates = reply.get("rates") or {}

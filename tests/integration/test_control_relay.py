@@ -145,7 +145,11 @@ def test_bounce_by_filter_sends_dsns_to_the_senders(serve, peers, dns_zone):
 def test_throttle_and_mx(serve, peers, dns_zone):
     _, b, _ = sinks(peers)
     dns = dns_zone(zone())
-    server = serve(relay_overrides(dns.port, b.port, max_connections_per_domain=10))
+    server = serve(relay_overrides(dns.port, b.port, max_connections_per_domain=10,
+                                   max_connections=6))
+    # Each of the 2 workers reports its share of delivery.max_connections.
+    wait_until(lambda: [w["out_limit"] for w in ctl_json(server, "status")["workers"]] == [3, 3],
+               WAIT, "each worker's outbound budget in status")
     t = ctl_json(server, "throttle", "b.test", "--max-connections", "1", "--rate", "600/m")
     assert t["throttle"] == {"domain": "b.test", "max_connections": 1, "rate": 10.0}
     for n in range(4):  # several connections, so both workers receive

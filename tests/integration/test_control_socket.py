@@ -32,6 +32,7 @@ def test_status_names_workers_listeners_and_queue(serve):
     assert reply["ok"] is True
     assert sorted(w["pid"] for w in reply["workers"]) == sorted(server.worker_pids)
     assert reply["listeners"] == server.listeners
+    assert all(w["out_limit"] is None for w in reply["workers"])  # delivery is off here
     assert reply["queue"]["messages"] == 1
     assert set(reply["rates"]) == {"1m", "5m", "15m"}
     human = ctl(server, "status").stdout
