@@ -25,7 +25,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from control_scale import BODY  # noqa: E402  (bench/ is not a package)
-from e2e import REPO, Server, _env, _stat_fields, bench_config, git_commit  # noqa: E402
+from e2e import REPO, Server, _stat_fields, bench_config, git_commit, run_child  # noqa: E402
 from e2e import TICK, machine_busy_seconds, probe_ms  # noqa: E402
 from e2e import write_config as e2e_write_config  # noqa: E402
 from relay import BLAST_WRAPPER  # noqa: E402
@@ -250,27 +249,17 @@ def cpu_use(before: dict[str, float], after: dict[str, float]) -> dict[str, floa
     return {k: round((after[k] - before[k]) / wall, 2) for k in ("supervisor", "workers", "machine")}
 
 
-def start_blast(address: str, args: argparse.Namespace) -> subprocess.Popen[bytes]:
+def blast(address: str, args: argparse.Namespace, cap: float) -> tuple[dict[str, Any], float]:
+    """engine.blast for --duration seconds: (its report, time.monotonic() when its clock started)."""
     # -n far beyond what --duration lets it send: the duration ends the run.
     cmd = [sys.executable, "-c", BLAST_WRAPPER, "--to", address, "-n", "100000000",
            "-c", str(args.concurrency), "--size", str(args.size), "--domains", "1",
            "--duration", str(args.duration), "--timeout", "30", "--json"]
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-
-
-def finish_blast(proc: subprocess.Popen[bytes], cap: float) -> tuple[dict[str, Any], float]:
-    """(blast's report, time.monotonic() when its clock started)."""
-    try:
-        out, err = proc.communicate(timeout=cap)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
+    rc, out, err, t_launch, _, _ = run_child(cmd, cap, "blast")
     text = err.decode("utf-8", "replace")
-    if proc.returncode not in (0, 1) or not out.strip():
-        raise RuntimeError(f"blast failed ({proc.returncode}): {text.strip()[-2000:]}")
-    t0 = next(float(line[3:]) for line in text.splitlines() if line.startswith("T0 "))
+    if rc not in (0, 1) or not out.strip():
+        raise RuntimeError(f"blast failed ({rc}): {text.strip()[-2000:]}")
+    t0 = next((float(line[3:]) for line in text.splitlines() if line.startswith("T0 ")), t_launch)
     return json.loads(out), t0
 
 
@@ -293,8 +282,7 @@ def load_phase(sock: str, address: str, args: argparse.Namespace, sink: LiveSink
         purger.start()
         time.sleep(0.2)  # the purge's first chunk is under way when mail starts coming in
     sink0, cpu0 = sink.count(), cpu_snapshot(root)
-    proc = start_blast(address, args)
-    report, t0 = finish_blast(proc, args.duration + 120)
+    report, t0 = blast(address, args, args.duration + 120)
     cores = cpu_use(cpu0, cpu_snapshot(root))
     t1 = t0 + report["elapsed"]
     delivered = sink.count() - sink0

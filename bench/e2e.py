@@ -190,6 +190,27 @@ def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
 
 
+def run_child(cmd: list[str], cap: float, name: str = "") -> tuple[int, bytes, bytes, float, float, float]:
+    """(rc, stdout, stderr, t_launch monotonic, wall s, rusage CPU s) of a child run in its
+    own session; killed with its process group, and RuntimeError, after `cap` seconds."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t_launch = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=cap)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{name or os.path.basename(cmd[0])} still running after {cap:.0f}s") from None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    wall = time.monotonic() - t_launch
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # only this child was reaped meanwhile
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return proc.returncode, out, err, t_launch, wall, cpu
+
+
 def blast(address: str, messages: int, size: int, concurrency: int) -> tuple[dict[str, Any], float, float]:
     """Run `python -m engine.blast` in its own process; (report, wall s, rusage CPU s)."""
     cmd = [sys.executable, "-m", "engine.blast", "--to", address, "-n", str(messages),

@@ -25,8 +25,6 @@ import json
 import math
 import os
 import platform
-import resource
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e import write_config as e2e_write_config  # noqa: E402
 from e2e import (  # noqa: E402  (bench/ is not a package; e2e.py holds the shared helpers)
-    REPO, Server, _env, bench_config, git_commit, machine_busy_seconds, probe_ms,
+    REPO, Server, bench_config, git_commit, machine_busy_seconds, probe_ms, run_child,
     server_command, tree_cpu_seconds,
 )
 
@@ -89,25 +87,11 @@ def blast(address: str, messages: int, size: int, concurrency: int, domains: int
     cmd = [sys.executable, "-c", BLAST_WRAPPER, "--to", address, "-n", str(messages),
            "-c", str(concurrency), "--size", str(size), "--domains", str(domains),
            "--timeout", "30", "--json"]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t_launch = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=cap)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"blast still running after {cap:.0f}s") from None
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-    wall = time.monotonic() - t_launch
+    rc, out, err, t_launch, wall, cpu = run_child(cmd, cap, "blast")
     text = err.decode("utf-8", "replace")
     t0 = next((float(line[3:]) for line in text.splitlines() if line.startswith("T0 ")), t_launch)
-    if proc.returncode not in (0, 1) or not out.strip():
-        raise RuntimeError(f"blast failed ({proc.returncode}): {text.strip()[-2000:]}")
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # only blast was reaped meanwhile
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if rc not in (0, 1) or not out.strip():
+        raise RuntimeError(f"blast failed ({rc}): {text.strip()[-2000:]}")
     return json.loads(out), t0, wall, cpu
 
 

@@ -15,16 +15,11 @@ Message size is the whole message: smtp-source's `-l` is the body, and it adds
 from __future__ import annotations
 
 import json
-import os
-import resource
-import signal
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from e2e import REPO, _env
+from e2e import run_child
 from relay import BLAST_WRAPPER
 
 SMTP_SOURCE = "/usr/sbin/smtp-source"
@@ -48,31 +43,11 @@ class LoadResult:
         return self.accepted / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
-def _run(cmd: list[str], cap: float) -> tuple[int, bytes, bytes, float, float, float]:
-    """(rc, stdout, stderr, t_launch, wall s, CPU s) of a child in its own session."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t_launch = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=cap)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"{os.path.basename(cmd[0])} still running after {cap:.0f}s") from None
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-    wall = time.monotonic() - t_launch
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # only this child was reaped meanwhile
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return proc.returncode, out, err, t_launch, wall, cpu
-
-
 def smtp_source(address: str, messages: int, sessions: int, size: int, domain: str,
                 cap: float) -> LoadResult:
     cmd = [SMTP_SOURCE, "-m", str(messages), "-s", str(sessions), "-l", str(max(1, size - SOURCE_HEADERS)),
            "-r", "1", "-f", SENDER, "-t", f"rcpt@{domain}", "-M", "client.peers.test", "-d", address]
-    rc, _, err, t0, wall, cpu = _run(cmd, cap)
+    rc, _, err, t0, wall, cpu = run_child(cmd, cap)
     text = err.decode("utf-8", "replace").strip()
     if rc != 0:
         return LoadResult(messages, 0, t0, wall, cpu, error=f"smtp-source exit {rc}: {text[-500:]}")
@@ -84,7 +59,7 @@ def blast(address: str, messages: int, sessions: int, size: int, domains: int, p
     cmd = [sys.executable, "-c", BLAST_WRAPPER, "--to", address, "-n", str(messages), "-c", str(sessions),
            "--size", str(size), "--domains", str(domains), "--timeout", "30", "--json",
            *([] if pipelining else ["--no-pipelining"]), *(["--rate", str(rate)] if rate else [])]
-    rc, out, err, t_launch, _, cpu = _run(cmd, cap)
+    rc, out, err, t_launch, _, cpu = run_child(cmd, cap)
     text = err.decode("utf-8", "replace")
     t0 = next((float(line[3:]) for line in text.splitlines() if line.startswith("T0 ")), t_launch)
     if rc not in (0, 1) or not out.strip():
