@@ -49,9 +49,6 @@ if TYPE_CHECKING:
 _MAX_BUFFERED = 1 << 20
 _DATA_STATES = (State.DATA, State.BDAT, State.BDAT_MORE)
 _CLOSED = State.CLOSED
-# The 250 after a commit: its wire text carries the queue id, formatted directly
-# (format_reply's generic path costs more); the machine only needs the code.
-_R250_QUEUED = Reply(250, "2.0.0", "OK queued")
 
 
 class SmtpServerProtocol(asyncio.Protocol):
@@ -263,16 +260,15 @@ class SmtpServerProtocol(asyncio.Protocol):
         stats.received_bytes += size
         if ctx.on_new_mail is not None:
             ctx.on_new_mail()
-        self._decided(_R250_QUEUED, f"250 2.0.0 OK queued as {msg_id}\r\n".encode())
+        self._decided(Reply(250, "2.0.0", f"OK queued as {msg_id}"))
 
-    def _decided(self, reply: Reply, wire: bytes | None = None) -> None:
-        """A slow decision came back: send it and carry on with what is buffered.
-        `wire`: the reply's bytes when already formatted."""
+    def _decided(self, reply: Reply) -> None:
+        """A slow decision came back: send it and carry on with what is buffered."""
         self.busy = False
         if self.transport is None or self.transport.is_closing():
             self.session.send(reply)  # keep the machine consistent; nobody listens
             return
-        out = [self.session.send(reply, wire)]
+        out = [self.session.send(reply)]
         if self.ctx.draining and self.session.state is State.READY:
             out.append(R421_SHUTTING_DOWN.to_bytes())
             self._write(out)
@@ -370,8 +366,7 @@ class SmtpServerProtocol(asyncio.Protocol):
         if transport is not None and not transport.is_closing():
             transport.write(b"".join(out) if len(out) > 1 else out[0])
             out.clear()
-            if not self.busy:
-                self._arm_deadline()
+            self._arm_deadline()
 
     def _arm_deadline(self) -> None:
         # A deadline per command (or per DATA phase), not per read: a client that

@@ -34,6 +34,11 @@ class Reply(msgspec.Struct, frozen=True):
 
 def format_reply(reply: Reply) -> bytes:
     """RFC 5321 4.2.1: every line but the last is "code-text", the last "code text"."""
+    text = reply.text
+    if type(text) is str:  # one line: the run-time replies of the hot path (queue ids)
+        if reply.enhanced:
+            return f"{reply.code} {reply.enhanced} {text}\r\n".encode("utf-8")
+        return f"{reply.code} {text}\r\n".encode("utf-8")
     lines = reply.lines
     prefix = f"{reply.code}"
     enh = f"{reply.enhanced} " if reply.enhanced else ""

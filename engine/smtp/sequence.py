@@ -1,6 +1,6 @@
 """Which SMTP command is legal in which session state, and the commands the state
 machine (server.py) answers by itself. RFC 5321 §4.1.4 fixes the order of commands;
-a pair missing from `_ALLOWED` is answered 503 5.5.1."""
+a pair missing from `ALLOWED` is answered 503 5.5.1."""
 
 from __future__ import annotations
 
@@ -24,16 +24,12 @@ from engine.smtp.replies import (
 )
 
 _S = State
-# Module constants: a global load is cheaper than State.X (a class attribute) on the
-# per-command path.
-_GREETING, _DATA, _BDAT, _AUTH = _S.GREETING, _S.DATA, _S.BDAT, _S.AUTH
-_TLS_HANDSHAKE, _CLOSED, _READY = _S.TLS_HANDSHAKE, _S.CLOSED, _S.READY
 _TRANSACTION = frozenset({_S.MAIL, _S.RCPT})
 _ANY_GREETED = frozenset({_S.READY, _S.MAIL, _S.RCPT})
 _ANYTIME = frozenset({_S.CONNECTED, _S.READY, _S.MAIL, _S.RCPT, _S.BDAT_MORE})
 
 # (command type) → states in which it is legal. Everything else is 503.
-_ALLOWED: dict[type[Command], frozenset[State]] = {
+ALLOWED: dict[type[Command], frozenset[State]] = {
     Ehlo: frozenset({_S.CONNECTED}) | _ANY_GREETED,
     Helo: frozenset({_S.CONNECTED}) | _ANY_GREETED,
     Mail: frozenset({_S.READY}),
@@ -50,12 +46,12 @@ _ALLOWED: dict[type[Command], frozenset[State]] = {
 }
 # The same table as tuples: `state in tuple` compares by identity, while a frozenset
 # lookup calls Enum.__hash__ (Python code) once per command.
-_ALLOWED_IN: dict[type[Command], tuple[State, ...]] = {
-    kind: tuple(states) for kind, states in _ALLOWED.items()
+ALLOWED_IN: dict[type[Command], tuple[State, ...]] = {
+    kind: tuple(states) for kind, states in ALLOWED.items()
 }
 
 
-def _sequence_reply(command: Command, state: State) -> Reply:
+def sequence_reply(command: Command, state: State) -> Reply:
     if state is _S.CONNECTED:
         return R503_NEED_HELO
     if isinstance(command, Mail):
@@ -69,7 +65,7 @@ def _sequence_reply(command: Command, state: State) -> Reply:
 
 
 # Commands the machine answers itself: no policy is involved.
-_AUTO_REPLIES: dict[type[Command], AutoReply] = {
+AUTO_REPLIES: dict[type[Command], AutoReply] = {
     Noop: AutoReply(R250_OK),
     Help: AutoReply(R214_HELP),
     Vrfy: AutoReply(R252_CANNOT_VRFY),
@@ -78,4 +74,4 @@ _AUTO_REPLIES: dict[type[Command], AutoReply] = {
     Data: AutoReply(R354_START_DATA),
 }
 
-_JUNK = frozenset({Noop, Rset, Vrfy, Help})
+JUNK = frozenset({Noop, Rset, Vrfy, Help})

@@ -17,8 +17,8 @@ Two kinds of event:
 - `AutoReply` is a decision the machine already made (syntax error, bad sequence,
   NOOP, RSET, a BDAT chunk); the adapter just sends it back through `send`.
 
-Which command is legal in which state is the table `_ALLOWED` below, and nothing
-else; a pair missing from it is answered 503 5.5.1.
+Which command is legal in which state is the table `ALLOWED` in sequence.py, and
+nothing else; a pair missing from it is answered 503 5.5.1.
 
 Input is bounded: a command line longer than 512 octets is discarded up to its real
 CRLF (never re-read as a new command: RELIABILITY finding 2), and message content
@@ -71,18 +71,12 @@ from engine.smtp.events import (  # noqa: E402
     _Sentinel,
 )
 
-from engine.smtp.sequence import (  # noqa: E402
-    _ALLOWED_IN,
-    _AUTO_REPLIES,
-    _JUNK,
-    _sequence_reply,
-    _AUTH,
-    _BDAT,
-    _CLOSED,
-    _DATA,
-    _GREETING,
-    _TLS_HANDSHAKE,
-)
+from engine.smtp.sequence import ALLOWED_IN, AUTO_REPLIES, JUNK, sequence_reply  # noqa: E402
+
+# Module constants: a global load is cheaper than State.X (a class attribute) on the
+# per-command path.
+_GREETING, _DATA, _BDAT, _AUTH = State.GREETING, State.DATA, State.BDAT, State.AUTH
+_TLS_HANDSHAKE, _CLOSED = State.TLS_HANDSHAKE, State.CLOSED
 
 # RFC 4954 §4: a SASL continuation line may be up to 12288 octets.
 MAX_AUTH_LINE = 12288
@@ -231,19 +225,19 @@ class ServerSession:
         except SmtpSyntaxError as err:
             return self._error(err.reply)
         kind = type(command)
-        if self.state not in _ALLOWED_IN[kind]:
+        if self.state not in ALLOWED_IN[kind]:
             if isinstance(command, Bdat):
                 # RFC 3030 §2: the chunk follows regardless; swallow it, then refuse.
-                self._start_chunk(command, _sequence_reply(command, self.state))
+                self._start_chunk(command, sequence_reply(command, self.state))
                 # None until the whole chunk is here: a BDAT has no reply of its own
                 # before its chunk (RFC 3030 §2).
                 return self._read_chunk()
             if isinstance(command, Auth) and self.auth_user is not None:
                 return self._error(R503_ALREADY_AUTH)
-            return self._error(_sequence_reply(command, self.state))
-        auto = _AUTO_REPLIES.get(kind)
+            return self._error(sequence_reply(command, self.state))
+        auto = AUTO_REPLIES.get(kind)
         if auto is not None:
-            if kind in _JUNK:
+            if kind in JUNK:
                 # Postfix's smtpd_junk_command_limit: a session that only NOOPs, RSETs
                 # or VRFYs is kept from holding a slot forever (P8).
                 self.junk += 1
@@ -339,9 +333,8 @@ class ServerSession:
         return MessageReceived(content, chunked=True)
 
     # --- output --------------------------------------------------------------------
-    def send(self, reply: Reply, wire: bytes | None = None) -> bytes:
-        """Reply to the pending event (or send the banner); returns the wire bytes
-        (`wire` when the caller formatted them already).
+    def send(self, reply: Reply) -> bytes:
+        """Reply to the pending event (or send the banner); returns the wire bytes.
 
         The reply decides the transition: see the module docstring.
         """
@@ -363,7 +356,7 @@ class ServerSession:
             self._apply_auth(reply)
         elif event is None and self.state is State.GREETING:
             self.state = State.CONNECTED  # the banner
-        return reply.to_bytes() if wire is None else wire
+        return reply.to_bytes()
 
     def _apply(self, command: Command, reply: Reply) -> None:
         ok = reply.code < 400
