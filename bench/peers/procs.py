@@ -155,13 +155,3 @@ def smtp_banner(host: str, port: int) -> bool:
     except OSError:
         return False
 
-
-def probe_ms() -> float:
-    """A fixed pure-Python loop: its time tracks the host's (drifting) CPU speed."""
-    import time
-
-    t0 = time.perf_counter()
-    acc = 0
-    for i in range(300_000):
-        acc += i * i % 7
-    return 1000 * (time.perf_counter() - t0)
