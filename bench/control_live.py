@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import itertools
 import json
 import os
 import platform
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from control_scale import BODY  # noqa: E402  (bench/ is not a package)
+from control_scale import BODY, put_all, target_mark, timed  # noqa: E402  (bench/ is not a package)
 from e2e import REPO, Server, _stat_fields, bench_config, git_commit, run_child  # noqa: E402
 from e2e import TICK, machine_busy_seconds, probe_ms  # noqa: E402
 from e2e import write_config as e2e_write_config  # noqa: E402
@@ -83,10 +82,7 @@ def fill(path: Path, messages: int, domains: int, now: float) -> tuple[float, li
     store = QueueStore(str(path), map_size=MAP_SIZE, durability="batch", shards=WORKERS)
     started = time.perf_counter()
     try:
-        records = deferred_records(IdAllocator(store.next_boot()), messages, domains, now, per_domain)
-        while chunk := list(itertools.islice(records, 20_000)):
-            store.write([lambda w, rec=rec: w.put_message(rec, BODY) for rec in chunk])
-        store.sync()
+        put_all(store, deferred_records(IdAllocator(store.next_boot()), messages, domains, now, per_domain))
     finally:
         store.close()
     return time.perf_counter() - started, per_domain
@@ -97,14 +93,10 @@ def direct_summary(path: Path, runs: int) -> dict[str, Any]:
     the supervisor and the day's CPU speed add to it is the difference."""
     store = QueueStore(str(path), map_size=MAP_SIZE, durability="batch", shards=WORKERS)
     try:
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            queue_view.summary(store, now=time.time(), suspended={})
-            times.append(time.perf_counter() - t0)
+        median, times, _ = timed(lambda: queue_view.summary(store, now=time.time(), suspended={}), runs)
     finally:
         store.close()
-    return {"seconds": statistics.median(times), "min": min(times), "max": max(times), "runs": times}
+    return {"seconds": median, "min": min(times), "max": max(times), "runs": times}
 
 
 def zone(domains: int) -> dict[str, Any]:
@@ -362,8 +354,7 @@ def print_table(r: dict[str, Any]) -> None:
           f" CPU probe {r['probe_ms']} ms (bench/e2e.py probe_ms)\n")
     print(f"{'command':18} {'median s':>9} {'min..max':>15}  {'target':>9}  detail")
     for name, x in r["reads"].items():
-        target = TARGETS.get(name)
-        mark = "" if target is None else f"< {target:g}" + ("" if x["seconds"] < target else " MISS")
+        mark = target_mark(name, x["seconds"], TARGETS)
         print(f"{name:18} {x['seconds']:9.3f} {x['min']:6.3f}..{x['max']:<7.3f}  {mark:>9}  {x['detail']}")
     x = r["queue summary, direct"]
     print(f"{'(summary, direct)':18} {x['seconds']:9.3f} {x['min']:6.3f}..{x['max']:<7.3f}  {'':>9}"
