@@ -22,8 +22,15 @@ import msgspec
 
 from engine.control import bulk, protocol, queue_view
 from engine.control.fleet import Fleet
-from engine.delivery.holds import Holds, Suspension, Throttle, decode_holds, encode_holds
-from engine.delivery.holds import holds_to_builtins
+from engine.delivery.holds import (
+    HOLDS_KEY,
+    Holds,
+    Suspension,
+    Throttle,
+    decode_holds,
+    encode_holds,
+    holds_to_builtins,
+)
 from engine.observe import log
 from engine.observe.metrics import Gauge, gauge, render
 from engine.queue.ids import IdAllocator, id_bytes
@@ -38,7 +45,6 @@ _T = TypeVar("_T")
 # Who sent the request being handled; each connection is its own task, so its own context.
 _peer: contextvars.ContextVar[str] = contextvars.ContextVar("peer", default="unknown")
 _READS = (protocol.Status, protocol.Queue, protocol.List, protocol.Show, protocol.Metrics)
-HOLDS_KEY = b"holds"
 WORKER_ANSWER = 5.0  # seconds to wait for a worker's answer (mx)
 
 
@@ -74,14 +80,14 @@ class ControlPlane:
 
     def _load_holds(self) -> Holds:
         raw = self.store.get_control(HOLDS_KEY)
-        return decode_holds(raw) if raw else Holds({}, {})
+        return decode_holds(raw) if raw else Holds()
 
     async def _save_holds(self) -> None:
         await self._thread(self.store.put_control, HOLDS_KEY, encode_holds(self.holds))
         self.sup.broadcast({"cmd": "holds", "holds": holds_to_builtins(self.holds)})
 
     def suspended(self, now: float) -> dict[str, Suspension]:
-        in_force = {d: s for d, s in self.holds.suspensions.items() if self.holds.suspended(d, now)}
+        in_force = {d: s for d, s in self.holds.suspensions.items() if s.in_force(now)}
         for b in self.fleet.backoffs():  # automatic suspensions, with the reply that caused them
             for domain in b.get("domains", []):
                 in_force.setdefault(domain, Suspension(domain, since=0.0, until=b.get("until"),
@@ -101,39 +107,42 @@ class ControlPlane:
         self.sup.broadcast({"cmd": "flush", "domain": domain})
 
     # --- reading ---------------------------------------------------------------------
-    async def _queue_totals(self) -> dict[str, Any]:
+    async def _walked_totals(self) -> dict[str, Any]:
         """Queue totals by state, from a walk of the due index reused for ten times
         what it cost (a million entries: ~0.5 s, reused 5 s; a small queue: always
         fresh), so polling `status` never costs the server more than a tenth of a core.
-        The message count is always exact (an O(1) read)."""
+        Its "messages" is the count as of the walk."""
         now = time.monotonic()
         if self._totals is None or now > self._totals[0]:
             wall = time.time()
             totals = await self._thread(queue_view.totals, self.store, wall, self.suspended(wall))
             self._totals = (time.monotonic() + 10 * (time.monotonic() - now), totals)
-        totals = dict(self._totals[1])
-        totals["messages"] = await self._thread(self.store.count)
-        return totals
+        return self._totals[1]
 
     async def status(self, req: protocol.Status) -> dict[str, Any]:
         now = time.time()
         mono = time.monotonic()
         fleet = self.fleet
-        workers = [{
-            "slot": s.slot, "pid": s.proc.pid if s.proc else None,
-            "age": round(mono - s.started_at, 1) if s.proc else None, "restarts": s.restarts,
-            "sessions_in": fleet.live(s.slot, "sessions_in"),
-            "sessions_out": fleet.live(s.slot, "sessions_out"),
-            # The worker's share of delivery.max_connections, and pools waiting for a slot.
-            "out_limit": fleet.live(s.slot, "connection_budget", {}).get("limit"),
-            "out_waiting": fleet.live(s.slot, "connection_budget", {}).get("waiting", 0),
-        } for s in self.sup.slots]
+        held = self.suspended(now)
+        workers = []
+        for s in self.sup.slots:
+            live = fleet.live(s.slot)
+            budget = live.get("connection_budget", {})
+            workers.append({
+                "slot": s.slot, "pid": s.proc.pid if s.proc else None,
+                "age": round(mono - s.started_at, 1) if s.proc else None, "restarts": s.restarts,
+                "sessions_in": live.get("sessions_in", 0), "sessions_out": live.get("sessions_out", 0),
+                # The worker's share of delivery.max_connections, and pools waiting for a slot.
+                "out_limit": budget.get("limit"), "out_waiting": budget.get("waiting", 0),
+            })
+        # The message count is always exact (an O(1) read), the rest from the last walk.
+        queue = {**await self._walked_totals(), "messages": await self._thread(self.store.count)}
         return {
             "version": __version__, "pid": os.getpid(), "uptime": round(now - self.started, 1),
             "hostname": self.sup.cfg.server.hostname, "listeners": self.sup.addresses,
             "draining": self.sup.draining, "workers": workers,
-            "queue": await self._queue_totals(), "rates": fleet.rates.rates(mono),
-            "suspensions": [_suspension(s) for s in self.suspended(now).values()],
+            "queue": queue, "rates": fleet.rates.rates(mono),
+            "suspensions": [_suspension(s) for s in held.values()],
             "throttles": [_throttle(t) for t in self.holds.throttles.values()],
             "backoffs": fleet.backoffs(),
         }
@@ -182,12 +191,12 @@ class ControlPlane:
         return {"entries": answer.get("entries", [])}
 
     async def metrics(self, req: protocol.Metrics) -> dict[str, Any]:
-        await self._queue_totals()
+        await self._walked_totals()
         return {"text": self.metrics_text()}
 
     async def refresh(self) -> None:
         """Keep the queue totals fresh for scrapes (the supervisor calls this every 5 s)."""
-        await self._queue_totals()
+        await self._walked_totals()
         self.fleet.sample()
 
     def metrics_text(self) -> str:
@@ -202,8 +211,8 @@ class ControlPlane:
             gauge("volley_queue_bytes", totals.get("bytes", 0)),
             Gauge("volley_queue_units", "Pending (message, recipient domain) delivery units.",
                   totals.get("units", 0)),
-            gauge("volley_sessions_in", sum(fleet.live(s.slot, "sessions_in") for s in slots)),
-            gauge("volley_sessions_out", sum(fleet.live(s.slot, "sessions_out") for s in slots)),
+            gauge("volley_sessions_in", sum(fleet.live(s.slot).get("sessions_in", 0) for s in slots)),
+            gauge("volley_sessions_out", sum(fleet.live(s.slot).get("sessions_out", 0) for s in slots)),
             gauge("volley_workers", sum(1 for s in slots if s.ready.is_set())),
             gauge("volley_worker_restarts_total", sum(s.restarts for s in slots)),
             gauge("volley_domains_suspended", len(self.suspended(now))),

@@ -13,9 +13,7 @@ import time
 from typing import Any
 
 from engine.observe.metrics import WorkerMetrics
-from engine.observe.rates import RateWindow
-
-RATE_COUNTERS = ("received", "delivered", "deferred", "bounced")
+from engine.observe.rates import RATE_COUNTERS, RateWindow
 
 
 class Fleet:
@@ -44,8 +42,9 @@ class Fleet:
         counters = self.metrics().get("counters", {})
         self.rates.add(time.monotonic(), {k: counters.get(k, 0) for k in RATE_COUNTERS})
 
-    def live(self, slot: int, key: str, default: Any = 0) -> Any:
-        return self.states.get(slot, {}).get("live", {}).get(key, default)
+    def live(self, slot: int) -> dict[str, Any]:
+        """The live figures of the worker's last push ({} before its first)."""
+        return self.states.get(slot, {}).get("live", {})  # type: ignore[no-any-return]
 
     def backoffs(self) -> list[dict[str, Any]]:
         """Automatic suspensions: destinations a worker's pool is backing off."""
