@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 Script = Callable[[str, str], "str | None"]
 OnMessage = Callable[[str, list[str], bytes, bool], None]
+OnAccepted = Callable[[], None]
 NO_REPLY = "\0no reply"  # a script's answer meaning "send nothing"
 
 ACCEPT, DEFER, REJECT, DISCONNECT = 0, 1, 2, 3
@@ -89,6 +90,7 @@ class Sink:
     record: bool = True  # keep messages/refused/commands; False: counters only
     faults: Faults | None = None
     on_message: OnMessage | None = None
+    on_accepted: OnAccepted | None = None  # per accepted message, after on_message; no data copied
     accepted: int = 0  # end of data answered 2xx
     deferred: int = 0  # ... 4xx
     rejected: int = 0  # ... 5xx

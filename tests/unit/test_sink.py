@@ -89,10 +89,10 @@ def test_targets_fire_once_each_in_order() -> None:
     targets.add(3, count=0, last=0.0)
     targets.add(1, count=0, last=0.0)
     for _ in range(2):
-        targets("a", ["b"], b"", False)
+        targets()
     assert fired == [1]
     targets.add(2, count=2, last=5.0)  # already reached: reported at once
-    targets("a", ["b"], b"", False)
+    targets()
     assert fired == [1, 2, 3]
 
 
