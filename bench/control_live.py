@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from control_scale import BODY, put_all, target_mark, timed  # noqa: E402  (bench/ is not a package)
-from e2e import REPO, Server, _stat_fields, bench_config, git_commit, run_child  # noqa: E402
+from e2e import REPO, Server, _stat_fields, git_commit, relay_config, run_child  # noqa: E402
 from e2e import TICK, machine_busy_seconds, probe_ms  # noqa: E402
 from e2e import write_config as e2e_write_config  # noqa: E402
 from relay import BLAST_WRAPPER  # noqa: E402
@@ -304,11 +304,7 @@ def load_phase(sock: str, address: str, args: argparse.Namespace, sink: LiveSink
 # --- driver ------------------------------------------------------------------------------
 
 def write_config(tmp: Path, dns_port: int, sink_port: int) -> Path:
-    config = bench_config(tmp, "fsync", WORKERS)
-    config["server"]["hostname"] = "relay.volley.test"
-    config["delivery"] = {"enabled": True, "port": sink_port, "poll_interval": "50ms"}
-    config["dns"] = {"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": "2s"}
-    return e2e_write_config(tmp, "fsync", WORKERS, config)
+    return e2e_write_config(tmp, "fsync", WORKERS, relay_config(tmp, "fsync", WORKERS, dns_port, sink_port))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -87,6 +87,17 @@ def bench_config(tmp: Path, durability: str, workers: int) -> dict[str, Any]:
     }
 
 
+def relay_config(tmp: Path, durability: str, workers: int, dns_port: int, sink_port: int,
+                 dns_timeout: str = "2s") -> dict[str, Any]:
+    """`bench_config` with delivery on: the loopback DNS server on `dns_port` is the only
+    nameserver (its MX records point at a loopback sink), delivery goes to `sink_port`."""
+    config = bench_config(tmp, durability, workers)
+    config["server"]["hostname"] = "relay.volley.test"
+    config["delivery"] = {"enabled": True, "port": sink_port, "poll_interval": "50ms"}
+    config["dns"] = {"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": dns_timeout}
+    return config
+
+
 def write_config(tmp: Path, durability: str, workers: int,
                  config: dict[str, Any] | None = None) -> Path:
     path = tmp / "volley.toml"

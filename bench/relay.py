@@ -36,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e import write_config as e2e_write_config  # noqa: E402
 from e2e import (  # noqa: E402  (bench/ is not a package; e2e.py holds the shared helpers)
-    REPO, Server, bench_config, git_commit, machine_busy_seconds, probe_ms, run_child,
+    REPO, Server, git_commit, machine_busy_seconds, probe_ms, relay_config, run_child,
     server_command, tree_cpu_seconds,
 )
 
@@ -71,13 +71,10 @@ def write_zone(path: Path, domains: int, mx: str) -> None:
 
 def write_config(tmp: Path, args: argparse.Namespace, durability: str, dns_port: int,
                  sink_port: int) -> Path:
-    config = bench_config(tmp, durability, args.workers)
-    config["server"]["hostname"] = "relay.volley.test"
-    config["delivery"] = {"enabled": True, "port": sink_port, "poll_interval": "50ms"}
+    # Only the loopback DNS server: every MX resolves to SINK_HOST.
+    config = relay_config(tmp, durability, args.workers, dns_port, sink_port)
     if args.max_connections:
         config["delivery"]["max_connections_per_domain"] = args.max_connections
-    # Only the loopback DNS server: every MX resolves to SINK_HOST.
-    config["dns"] = {"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": "2s"}
     return e2e_write_config(tmp, durability, args.workers, config)
 
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from e2e import Server, bench_config, write_config
+from e2e import Server, bench_config, relay_config, write_config
 from relay import queue_left
 from relay_peers import LIFETIME, DeliveryLog
 
@@ -31,28 +31,53 @@ from peers.procs import free_port
 HERE = Path(__file__).resolve().parent
 
 
-class Volley:
+class _Served:
+    """A system that is one `Server` (bench/e2e.py) in a temporary directory of its own."""
+
+    def __init__(self, prefix: str, ready_timeout: float) -> None:
+        self._tmpdir = tempfile.TemporaryDirectory(prefix=prefix)
+        self.tmp = Path(self._tmpdir.name)
+        self.ready_timeout = ready_timeout
+        self.server: Server | None = None
+        self.details: dict[str, Any] = {}
+
+    def _serve(self, cmd: list[str], config: Path) -> str:
+        # `timeout`: a server outlives no crashed runner by more than LIFETIME seconds.
+        self.server = Server(["timeout", "-k", "10", str(LIFETIME), *cmd], config, self.tmp)
+        return self.server.wait_ready(self.ready_timeout)
+
+    @property
+    def root_pid(self) -> int:
+        assert self.server is not None
+        return self.server.proc.pid
+
+    def _stopped(self) -> None:
+        """After the server stopped, before its directory goes."""
+
+    def stop(self) -> None:
+        try:
+            if self.server is not None:
+                self.details["exit"] = self.server.stop()
+                self._stopped()
+        finally:
+            self._tmpdir.cleanup()
+
+
+class Volley(_Served):
     def __init__(self, durability: str, workers: int, cmd: list[str], relay: tuple[int, int] | None,
                  ready_timeout: float, prefill: tuple[int, int] = (0, 0)) -> None:
         """relay: (dns_port, sink_port) or None for receive only; prefill: (messages,
         domains) deferred an hour ahead, written before the server starts."""
-        self._tmpdir = tempfile.TemporaryDirectory(prefix=f"volley-run-{durability}-")
-        self.tmp = Path(self._tmpdir.name)
+        super().__init__(f"volley-run-{durability}-", ready_timeout)
         self.durability, self.workers, self.cmd = durability, workers, cmd
-        self.relay, self.ready_timeout, self.prefill = relay, ready_timeout, prefill
-        self.server: Server | None = None
+        self.relay, self.prefill = relay, prefill
         self.dlog = DeliveryLog(self.tmp / "delivery.jsonl")
         self.delivered = 0
-        self.details: dict[str, Any] = {}
 
     def config(self) -> dict[str, Any]:
-        config = bench_config(self.tmp, self.durability, self.workers)
-        if self.relay is not None:
-            dns_port, sink_port = self.relay
-            config["server"]["hostname"] = "relay.volley.test"
-            config["delivery"] = {"enabled": True, "port": sink_port, "poll_interval": "50ms"}
-            config["dns"] = {"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": "10s"}
-        return config
+        if self.relay is None:
+            return bench_config(self.tmp, self.durability, self.workers)
+        return relay_config(self.tmp, self.durability, self.workers, *self.relay, dns_timeout="10s")
 
     def start(self) -> str:
         if self.prefill[0]:
@@ -63,15 +88,7 @@ class Volley:
                 raise RuntimeError(f"prefill writes {WORKERS} shards; the server runs {self.workers} workers")
             seconds, _ = fill(self.tmp / "queue", self.prefill[0], self.prefill[1], time.time())
             self.details["prefill_s"] = round(seconds, 1)
-        path = write_config(self.tmp, self.durability, self.workers, self.config())
-        # `timeout`: a server outlives no crashed runner by more than LIFETIME seconds.
-        self.server = Server(["timeout", "-k", "10", str(LIFETIME), *self.cmd], path, self.tmp)
-        return self.server.wait_ready(self.ready_timeout)
-
-    @property
-    def root_pid(self) -> int:
-        assert self.server is not None
-        return self.server.proc.pid
+        return self._serve(self.cmd, write_config(self.tmp, self.durability, self.workers, self.config()))
 
     def drain(self, n: int, stall: float, cap: float) -> list[float]:
         self.delivered += n
@@ -96,14 +113,9 @@ class Volley:
         tail = "\n".join(f"  > {line[:400]}" for line in [*other, *list(self.dlog.tail)[-3:]])
         return f"delivery log {dict(self.dlog.outcomes)}\n{tail}\n{self.server.log() if self.server else ''}"
 
-    def stop(self) -> None:
-        try:
-            if self.server is not None:
-                self.details["exit"] = self.server.stop()
-                if self.relay is not None and not self.prefill[0]:
-                    self.details["queue_left"] = queue_left(self.tmp / "queue")
-        finally:
-            self._tmpdir.cleanup()
+    def _stopped(self) -> None:
+        if self.relay is not None and not self.prefill[0]:
+            self.details["queue_left"] = queue_left(self.tmp / "queue")
 
 
 class Postfix:
@@ -143,36 +155,17 @@ class Postfix:
             self._tmpdir.cleanup()
 
 
-class Aiosmtpd:
+class Aiosmtpd(_Served):
     def __init__(self, ready_timeout: float) -> None:
-        self._tmpdir = tempfile.TemporaryDirectory(prefix="volley-run-aiosmtpd-")
-        self.tmp = Path(self._tmpdir.name)
-        self.ready_timeout = ready_timeout
-        self.server: Server | None = None
-        self.details: dict[str, Any] = {}
+        super().__init__("volley-run-aiosmtpd-", ready_timeout)
 
     def start(self) -> str:
-        config = bench_config(self.tmp, "fsync", 1)
         (self.tmp / "queue").mkdir()
-        path = write_config(self.tmp, "fsync", 1, config)
-        self.server = Server(["timeout", "-k", "10", str(LIFETIME), sys.executable,
-                              str(HERE / "aiosmtpd_lmdb.py")], path, self.tmp)
-        return self.server.wait_ready(self.ready_timeout)
-
-    @property
-    def root_pid(self) -> int:
-        assert self.server is not None
-        return self.server.proc.pid
+        path = write_config(self.tmp, "fsync", 1)
+        return self._serve([sys.executable, str(HERE / "aiosmtpd_lmdb.py")], path)
 
     def drain(self, n: int, stall: float, cap: float) -> list[float]:
         raise RuntimeError("aiosmtpd+lmdb only receives")
 
     def diagnostics(self) -> str:
         return self.server.log() if self.server else ""
-
-    def stop(self) -> None:
-        try:
-            if self.server is not None:
-                self.details["exit"] = self.server.stop()
-        finally:
-            self._tmpdir.cleanup()
