@@ -255,8 +255,8 @@ class BlastConnection(AuthSteps, asyncio.Protocol):
             return
         self.quota -= 1
         self.ticket = ticket
-        due = s.due(ticket)
-        if due > s.loop.time() + 0.0005:
+        # (Without a rate cap a ticket is always due now: no clock read per message.)
+        if s.rate > 0 and (due := s.due(ticket)) > s.loop.time() + 0.0005:
             self.deadline = math.inf  # waiting on our own rate cap, not on the server
             s.loop.call_at(due, self._start)
         else:
