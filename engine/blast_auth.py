@@ -95,20 +95,21 @@ class AuthSteps:
             self._expect(1, self._on_login_user)
 
     def _on_login_user(self, r: list[tuple[int, bytes]]) -> None:
-        # The challenges' text is not checked (servers vary in case): the order says
-        # which is which, as in Postfix's and Cyrus SASL's clients.
-        if r[0][0] != 334:
-            return self._give_up(f"auth {r[0][0]}")
-        assert self.s.auth is not None
-        self._write(self.s.auth.login[1])
-        self._expect(1, self._on_login_password)
+        self._login_step(r, 1, self._on_login_password)
 
     def _on_login_password(self, r: list[tuple[int, bytes]]) -> None:
+        self._login_step(r, 2, self._on_auth)
+
+    def _login_step(self, r: list[tuple[int, bytes]], line: int,
+                    then: Callable[[list[tuple[int, bytes]]], None]) -> None:
+        """Answer a 334 challenge with login[line]. The challenges' text is not checked
+        (servers vary in case): the order says which is which, as in Postfix's and
+        Cyrus SASL's clients."""
         if r[0][0] != 334:
             return self._give_up(f"auth {r[0][0]}")
         assert self.s.auth is not None
-        self._write(self.s.auth.login[2])
-        self._expect(1, self._on_auth)
+        self._write(self.s.auth.login[line])
+        self._expect(1, then)
 
     def _on_auth(self, r: list[tuple[int, bytes]]) -> None:
         code = r[0][0]
