@@ -302,14 +302,6 @@ def _report(options: BlastOptions, shared: Shared, elapsed: float, cpu: float) -
     )
 
 
-def run_sync(options: BlastOptions) -> Report:
-    """Run on a fresh uvloop event loop (for scripts and the command line)."""
-    import uvloop
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(run(options))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """The `volley blast` command line (engine.blast_cli): 0 iff every message was accepted."""
     from engine.blast_cli import main as cli_main
