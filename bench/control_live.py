@@ -17,7 +17,6 @@ on 127.0.0.0/8. See bench/README.md, "Control socket at scale", "Through a runni
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import json
 import os
@@ -29,6 +28,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from engine.control.client import request  # noqa: E402
 from engine.queue.ids import IdAllocator  # noqa: E402
 from engine.queue.records import MessageRecord, Recipient  # noqa: E402
 from engine.queue.store import QueueStore  # noqa: E402
+from tests.integration.harness import LoopThread  # noqa: E402
 from tests.peers.dns_server import DnsServerThread  # noqa: E402
 from tests.peers.smtp_sink import Sink, start_sink  # noqa: E402
 
@@ -107,29 +108,19 @@ def zone(domains: int) -> dict[str, Any]:
     return z
 
 
-class FailingSink:
+@contextmanager
+def failing_sink(port: int) -> Iterator[Sink]:
     """A sink on FAIL_HOST:port answering 451 to every RCPT, on its own loop and thread."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="failing-sink", daemon=True)
-        self.sink: Sink | None = None
-
-    def __enter__(self) -> Sink:
-        self._thread.start()
-        script = lambda verb, arg: "451 4.7.1 try again later" if verb == "RCPT" else None  # noqa: E731
-        fut = asyncio.run_coroutine_threadsafe(
-            start_sink(FAIL_HOST, self.port, script=script, keep_segments=False), self._loop)
-        self.sink = fut.result(timeout=10)
-        return self.sink
-
-    def __exit__(self, *exc: object) -> None:
-        if self.sink is not None:
-            asyncio.run_coroutine_threadsafe(self.sink.close(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
+    script = lambda verb, arg: "451 4.7.1 try again later" if verb == "RCPT" else None  # noqa: E731
+    loop = LoopThread()
+    try:
+        sink = loop.call(start_sink(FAIL_HOST, port, script=script, keep_segments=False), 10)
+        try:
+            yield sink
+        finally:
+            loop.call(sink.close(), 10)
+    finally:
+        loop.close()
 
 
 class LiveSink(Peer):
@@ -322,7 +313,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["queue summary, direct"] = direct_summary(tmp / "queue", args.runs)
         sink = LiveSink()
         try:
-            with FailingSink(sink.port), DnsServerThread(zone(args.domains), origin=".") as dns:
+            with failing_sink(sink.port), DnsServerThread(zone(args.domains), origin=".") as dns:
                 server = Server(["timeout", "-k", "10", str(LIFETIME), sys.executable, "-m", "engine",
                                  "serve"], write_config(tmp, dns.port, sink.port), tmp)
                 try:
