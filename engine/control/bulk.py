@@ -23,7 +23,7 @@ from typing import Any
 
 import msgspec
 
-from engine.control.message_view import Selector, record_pages
+from engine.control.message_view import Selector, domain_key, record_pages
 from engine.delivery import outcome
 from engine.delivery.job import JobResult
 from engine.delivery.reports import queue_dsns
@@ -75,7 +75,7 @@ def select(store: QueueStore, *, domain: str = "", sender: str = "", state: str 
     read in its own short transaction; a message changed after its page was read is
     re-checked by the chunk action itself.
     """
-    domain = domain.strip().lower().rstrip(".")
+    domain = domain_key(domain)
     sel = Selector(domain=domain, sender=sender, state=state, suspended=suspended, before=now)
     out: list[bytes] = []
     if domain:
@@ -247,7 +247,7 @@ async def run_bulk(store: QueueStore, action: str, *, now: float,
         raise ValueError(f"unknown bulk action {action!r}; expected one of {ACTIONS}")
     if action == "bounce" and (id_alloc is None or not hostname):
         raise ValueError("bounce needs id_alloc and hostname (the reports' ids and Reporting-MTA)")
-    domain = domain.strip().lower().rstrip(".")
+    domain = domain_key(domain)
     if id is None and not (domain or sender.strip() or state or all):
         raise ValueError(f"{action}: give an id, a filter, or all")
     started = time.monotonic()

@@ -22,6 +22,7 @@ import msgspec
 
 from engine.control import bulk, protocol, queue_view
 from engine.control.fleet import Fleet
+from engine.control.message_view import domain_key
 from engine.delivery.holds import (
     HOLDS_KEY,
     Holds,
@@ -164,7 +165,7 @@ class ControlPlane:
         if req.after:
             _parse_id(req.after, "after")
         return await self._thread(
-            queue_view.list_messages, self.store, domain=req.domain.lower(), sender=req.sender,
+            queue_view.list_messages, self.store, domain=req.domain, sender=req.sender,
             state=req.state, limit=req.limit, after=req.after, now=now,
             suspended=self.suspended(now))
 
@@ -177,7 +178,7 @@ class ControlPlane:
         return {"message": message}
 
     async def mx(self, req: protocol.Mx) -> dict[str, Any]:
-        domain = req.domain.strip().lower().rstrip(".")
+        domain = domain_key(req.domain)
         if req.flush:
             answers = await asyncio.gather(*[
                 s.ask({"cmd": "mx", "domain": domain or None, "flush": True}, WORKER_ANSWER)
@@ -262,13 +263,13 @@ class ControlPlane:
     async def flush(self, req: protocol.Flush) -> dict[str, Any]:
         # Workers end the destination's backoff first, so entries made due below are
         # not deferred again by a pool that still backs off; and they scan again after.
-        self._wake(_domain(req.domain) if req.domain else None)
+        domain = _domain(req.domain) if req.domain else None
+        self._wake(domain)
         if req.id:
             done = await self._bulk("flush", id=_parse_id(req.id, "id"))
         else:
-            done = await self._bulk("flush", domain=_domain(req.domain) if req.domain else "",
-                                    all=not req.domain)
-        self._wake(_domain(req.domain) if req.domain else None)
+            done = await self._bulk("flush", domain=domain or "", all=domain is None)
+        self._wake(domain)
         return {"messages": done["done"]}
 
     async def bounce(self, req: protocol.Bounce) -> dict[str, Any]:
@@ -282,7 +283,7 @@ class ControlPlane:
         if req.id:
             kw["id"] = _parse_id(req.id, "id")
         else:
-            kw.update(domain=req.domain.lower(), sender=req.sender, state=req.state, all=req.all)
+            kw.update(domain=req.domain, sender=req.sender, state=req.state, all=req.all)
         if isinstance(req, protocol.Bounce):
             kw["reason"] = req.reason
         started = time.monotonic()
@@ -325,7 +326,7 @@ class ControlPlane:
 
 
 def _domain(text: str) -> str:
-    domain = text.strip().lower().rstrip(".")
+    domain = domain_key(text)
     if not domain or any(c.isspace() for c in domain) or "@" in domain:
         raise protocol.RequestError(f"not a domain: {text!r}")
     return domain

@@ -96,6 +96,11 @@ def facts(rec: AnyRecord, suspended: Mapping[str, object]) -> dict[str, Any]:
     }
 
 
+def domain_key(text: str) -> str:
+    """A domain as compared and stored by the control code: lower case, no trailing dot."""
+    return text.strip().lower().rstrip(".")
+
+
 def sender_key(text: str) -> str:
     """A sender filter as compared: lower case, "<>" (or "<x>") unwrapped; "" = null."""
     text = text.strip()
@@ -114,7 +119,7 @@ class Selector:
     def __init__(self, *, domain: str = "", sender: str = "", state: str | None = None,
                  suspended: Mapping[str, object] | None = None,
                  before: float | None = None) -> None:
-        self.domain = domain.strip().lower().rstrip(".")
+        self.domain = domain_key(domain)
         self.sender = sender_key(sender) if sender.strip() else None
         self.state = state
         self.suspended: Mapping[str, object] = suspended or {}
