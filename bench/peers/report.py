@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
-import math
 import os
 import platform
 import statistics
@@ -13,6 +12,7 @@ from typing import Any
 
 from e2e import git_commit
 
+from engine.demo_report import percentile
 from peers import postfix
 
 PEERS = ("postfix", "aiosmtpd")
@@ -25,10 +25,7 @@ STATS = ("msgs_per_s", "intake_msgs_per_s", "cpu_s_per_1k", "rss_mib", "pss_mib"
 
 def pct(values: list[float], q: float) -> float | None:
     """Nearest-rank percentile (as engine.blast does), None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+    return percentile(sorted(values), q) if values else None
 
 
 def summarise(row: Any, system: Any, runs: list[dict[str, Any]], details: dict[str, Any]) -> dict[str, Any]:
