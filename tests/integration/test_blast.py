@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Awaitable, Callable, TypeVar
+from typing import Awaitable, Callable, Protocol, TypeVar
 
 import pytest
 import uvloop
@@ -28,6 +28,40 @@ def _run(factory: Callable[[], Awaitable[T]]) -> T:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(bounded())
+
+
+class _Server(Protocol):
+    port: int
+
+    async def close(self) -> None: ...
+
+
+S = TypeVar("S", bound=_Server)
+
+
+def _against_server(start: Callable[[], Awaitable[S]], **options: object) -> tuple[S, Report]:
+    """One run of blast against a server `start` brings up (and this closes); (it, the report)."""
+
+    async def scenario() -> tuple[S, Report]:
+        server = await start()
+        try:
+            opts = BlastOptions(port=server.port, timeout=5.0, **options)  # type: ignore[arg-type]
+            return server, await run(opts)
+        finally:
+            await server.close()
+
+    return _run(scenario)
+
+
+async def _blast_raw(protocol: Callable[[], asyncio.Protocol], **kw: object) -> Report:
+    """One run of blast against a bare asyncio server of `protocol` on a free port."""
+    server = await asyncio.get_running_loop().create_server(protocol, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        return await run(BlastOptions(port=port, **kw))  # type: ignore[arg-type]
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def _blast(sink: Sink, **kw: object) -> Report:
@@ -309,17 +343,7 @@ class _DropAtEndOfData(asyncio.Protocol):
 
 
 def test_server_closing_mid_chain_fails_both_messages_in_flight() -> None:
-    async def scenario() -> Report:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(_DropAtEndOfData, "127.0.0.1", 0)
-        try:
-            port = server.sockets[0].getsockname()[1]
-            return await run(BlastOptions(port=port, messages=4, concurrency=1, timeout=2.0))
-        finally:
-            server.close()
-            await server.wait_closed()
-
-    report = _run(scenario)
+    report = _run(lambda: _blast_raw(_DropAtEndOfData, messages=4, concurrency=1, timeout=2.0))
     # Each connection: message A's group, then A's body + B's group, then the hang-up.
     assert (report.attempted, report.sent, report.failed, report.accepted) == (4, 2, 4, 0)
     assert report.connections == 2 and report.unsent == 0 and _balanced(report)
@@ -410,17 +434,8 @@ def test_connection_refused_is_counted_not_hung() -> None:
 
 
 def test_silent_server_times_out() -> None:
-    async def scenario() -> Report:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0)  # never speaks
-        port = server.sockets[0].getsockname()[1]
-        try:
-            return await run(BlastOptions(port=port, messages=5, concurrency=2, timeout=0.2))
-        finally:
-            server.close()
-            await server.wait_closed()
-
-    report = _run(scenario)
+    # asyncio.Protocol: a server that never speaks.
+    report = _run(lambda: _blast_raw(asyncio.Protocol, messages=5, concurrency=2, timeout=0.2))
     assert report.accepted == 0 and report.unsent == 5
     assert report.errors == {"timeout": 6}  # 3 connections per session, each waited 0.2 s
     assert report.elapsed < 3.0

@@ -18,7 +18,7 @@ from engine.blast_auth import BlastAuth, offered_mechanisms
 from engine.control.client import request
 from engine.control.protocol import List, Show
 from tests.integration.harness import ServeProcess
-from tests.integration.test_blast import _run
+from tests.integration.test_blast import _against_server, _run
 from tests.integration.test_blast_cli import _blast, serve_starttls_auth
 
 
@@ -107,15 +107,8 @@ class TinyAuthServer:
 
 
 def _against_tiny(offer: str, pipelining: bool = True, **options: object) -> tuple[TinyAuthServer, Report]:
-    async def scenario() -> tuple[TinyAuthServer, Report]:
-        server = await TinyAuthServer(offer, {"alice": "s3cret"}, pipelining).start()
-        try:
-            opts = BlastOptions(port=server.port, timeout=5.0, **options)  # type: ignore[arg-type]
-            return server, await run(opts)
-        finally:
-            await server.close()
-
-    return _run(scenario)
+    return _against_server(lambda: TinyAuthServer(offer, {"alice": "s3cret"}, pipelining).start(),
+                           **options)
 
 
 @pytest.mark.parametrize("pipelining", [True, False])

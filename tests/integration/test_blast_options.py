@@ -18,22 +18,13 @@ import pytest
 
 from engine.blast import BlastOptions, Progress, Report, run
 from engine.blast_message import UNIFORM_STEPS
-from tests.integration.test_blast import _run
+from tests.integration.test_blast import _against_server, _blast_raw, _run
 from tests.peers.smtp_sink import Sink, start_sink
 
 
 def _against(sink_kw: dict[str, object], **options: object) -> tuple[Sink, Report]:
     """One run of blast against a fresh sink; (the sink, the report)."""
-
-    async def scenario() -> tuple[Sink, Report]:
-        sink = await start_sink(keep_segments=False, **sink_kw)  # type: ignore[arg-type]
-        try:
-            opts = BlastOptions(port=sink.port, timeout=5.0, **options)  # type: ignore[arg-type]
-            return sink, await run(opts)
-        finally:
-            await sink.close()
-
-    return _run(scenario)
+    return _against_server(lambda: start_sink(keep_segments=False, **sink_kw), **options)  # type: ignore[arg-type]
 
 
 def _server_tls(tls_files: dict[str, str]) -> ssl.SSLContext:
@@ -206,17 +197,7 @@ class _SilentAfterStartTls(asyncio.Protocol):
 
 
 def test_stalled_tls_handshake_times_out_once_per_connection() -> None:
-    async def scenario() -> Report:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(_SilentAfterStartTls, "127.0.0.1", 0)
-        try:
-            port = server.sockets[0].getsockname()[1]
-            return await run(BlastOptions(port=port, messages=5, concurrency=2, tls=True,
-                                          timeout=0.3))
-        finally:
-            server.close()
-            await server.wait_closed()
-
-    report = _run(scenario)
+    report = _run(lambda: _blast_raw(_SilentAfterStartTls, messages=5, concurrency=2, tls=True,
+                                     timeout=0.3))
     assert report.errors == {"timeout": 6}  # 3 connections per session, one error each
     assert report.attempted == 0 and report.unsent == 5 and report.stopped == "gave up"
