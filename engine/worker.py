@@ -29,7 +29,7 @@ import uvloop
 
 from engine import config as config_mod
 from engine.inbound.context import WorkerContext
-from engine.delivery.holds import Holds, decode_holds, holds_from_builtins
+from engine.delivery.holds import HOLDS_KEY, Holds, decode_holds, holds_from_builtins
 from engine.delivery.runtime import Delivery
 from engine.inbound.listener import start_listeners
 from engine.observe import log
@@ -83,7 +83,7 @@ class WorkerRuntime:
             delivery = Delivery(cfg, store=store, committer=committer, ids=ids, owner=slot,
                                 local=_expand_wildcards(local), workers=workers)
             ctx.on_new_mail = delivery.scheduler.wake
-            raw = store.get_control(b"holds")  # suspensions hold from the first scan on
+            raw = store.get_control(HOLDS_KEY)  # suspensions hold from the first scan on
             delivery.set_holds(decode_holds(raw) if raw else Holds({}, {}))
             delivery.start()
         runtime = cls(store, committer, ctx, servers, delivery, sockets)

@@ -24,15 +24,12 @@ from typing import Any
 import msgspec
 
 from engine.delivery.retry import deadline
+from engine.dns.mx import norm_domain
 from engine.queue.records import PENDING, domain_of
 from engine.queue.writetxn import WriteTxn
 
 HOLDS_KEY = b"holds"  # QueueStore control-state name of the table
 PARK = 3600.0  # an open-ended suspension re-parks its entries this far ahead; resume flushes them back
-
-
-def _norm(domain: str) -> str:
-    return domain.strip().rstrip(".").lower()
 
 
 class Suspension(msgspec.Struct, frozen=True):
@@ -65,14 +62,14 @@ class Holds(msgspec.Struct):
     throttles: dict[str, Throttle] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if any(k != _norm(k) for k in self.suspensions):
-            self.suspensions = {_norm(k): v for k, v in self.suspensions.items()}
-        if any(k != _norm(k) for k in self.throttles):
-            self.throttles = {_norm(k): v for k, v in self.throttles.items()}
+        if any(k != norm_domain(k) for k in self.suspensions):
+            self.suspensions = {norm_domain(k): v for k, v in self.suspensions.items()}
+        if any(k != norm_domain(k) for k in self.throttles):
+            self.throttles = {norm_domain(k): v for k, v in self.throttles.items()}
 
     def suspended(self, domain: str, now: float) -> Suspension | None:
         """The suspension of `domain` in force at `now` (one whose `until` passed is not)."""
-        s = self.suspensions.get(domain) or self.suspensions.get(_norm(domain))
+        s = self.suspensions.get(domain) or self.suspensions.get(norm_domain(domain))
         return s if s is not None and s.in_force(now) else None
 
     def expired(self, now: float) -> list[str]:

@@ -15,11 +15,11 @@ from typing import Any
 from engine.config import Config
 from engine.delivery.budget import ConnectionBudget
 from engine.delivery.holds import Holds
-from engine.delivery.pool import SitePool
+from engine.delivery.pool import PoolStats, SitePool
 from engine.delivery.pool_manager import PoolManager
 from engine.delivery.scheduler import Scheduler
 from engine.dns.cache import DnsCache
-from engine.dns.mx import Route
+from engine.dns.mx import Route, norm_domain
 from engine.dns.resolver import Resolver
 from engine.observe.delivery_log import DeliveryLog
 from engine.queue.commit import Committer
@@ -93,7 +93,7 @@ class Delivery:
         if domain is None:
             pools = list(self.pools.pools.values())
         else:
-            domain = domain.strip().rstrip(".").lower()
+            domain = norm_domain(domain)
             cached = self.dns.peek(domain)
             pools = self.pools.serving(domain, cached[0] if cached and isinstance(cached[0], Route) else None)
         ended = sum(pool.end_backoff() for pool in pools)
@@ -105,7 +105,7 @@ class Delivery:
         """What the MX cache holds for `domain` (no query): kind "route" with the hosts
         in the order they would be tried, "error" with the reply that decides the mail,
         or "none" when nothing (or only part of it) is cached."""
-        name = domain.strip().rstrip(".").lower()
+        name = norm_domain(domain)
         out: dict[str, Any] = {"domain": name, "kind": "none", "hosts": [], "reply": "",
                                "ttl": 0.0}
         cached = self.dns.peek(name)
@@ -132,17 +132,18 @@ class Delivery:
     def live_state(self) -> dict[str, Any]:
         """Figures for `volley ctl status` (see the README, "Control socket")."""
         mono, wall = self.loop.time(), time.time()
-        pools = list(self.pools.pools.values())
-        shown = sorted(pools, key=lambda p: -(p.stats.connections_open + p.stats.jobs_queued))
-        rows = [_pool_row(p, mono, wall) for p in shown[:MAX_POOLS_SHOWN]]
+        # PoolStats is built per call: once per pool here (pushed every second).
+        pools = [(p, p.stats) for p in self.pools.pools.values()]
+        shown = sorted(pools, key=lambda ps: -(ps[1].connections_open + ps[1].jobs_queued))
+        rows = [_pool_row(p, st, mono, wall) for p, st in shown[:MAX_POOLS_SHOWN]]
         backoffs = [{"site": p.site_key, "domains": p.recent_domains,
-                     "until": round(wall + p.stats.backoff_until - mono, 3),
+                     "until": round(wall + st.backoff_until - mono, 3),
                      "reply": reply_text(p.backoff_reply)}
-                    for p in pools if p.in_backoff]
+                    for p, st in pools if st.backoff_until > 0]
         return {
-            "sessions_out": sum(p.stats.connections_open for p in pools),
+            "sessions_out": sum(st.connections_open for _, st in pools),
             "inflight": len(self.scheduler.inflight),
-            "queued_jobs": sum(p.stats.jobs_queued for p in pools),
+            "queued_jobs": sum(st.jobs_queued for _, st in pools),
             "pools": rows,
             "pools_total": len(pools),
             "connection_budget": {"limit": self.budget.limit, "used": self.budget.used,
@@ -151,8 +152,7 @@ class Delivery:
         }
 
 
-def _pool_row(pool: SitePool, mono: float, wall: float) -> dict[str, Any]:
-    st = pool.stats
+def _pool_row(pool: SitePool, st: PoolStats, mono: float, wall: float) -> dict[str, Any]:
     s = pool.settings
     backing_off = st.backoff_until > 0
     return {

@@ -80,12 +80,9 @@ class Scheduler:
         self.store = store
         self.committer = committer
         self.ids = ids
-        self.dns = dns
-        self.resolver = resolver
         self.pools = pools
         self.owner = owner
         self.dlog = dlog
-        self.local = local
         self.loop = asyncio.get_running_loop()
         self.inflight: set[tuple[bytes, str]] = set()
         self.stats = DeliveryStats()

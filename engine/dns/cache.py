@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from engine.dns.mx import Answer, Route, RouteError, Status, build_route, hosts_to_resolve
+from engine.dns.mx import Answer, Route, RouteError, Status, build_route, hosts_to_resolve, norm_domain
 from engine.dns.resolver import Resolver
 
 _MX = "mx"
@@ -56,10 +56,6 @@ class CacheStats(msgspec.Struct):
 class _Entry(msgspec.Struct, frozen=True):
     answer: Answer
     expires: float  # on the cache's clock
-
-
-def _name(domain: str) -> str:
-    return domain.strip().rstrip(".").lower()
 
 
 class DnsCache:
@@ -95,7 +91,7 @@ class DnsCache:
         self._failure_ttl = float(failure_ttl)
         self._max_entries = max_entries
         self._max_mx_hosts = max_mx_hosts
-        self._local = frozenset(_name(x) for x in local)
+        self._local = frozenset(norm_domain(x) for x in local)
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self._entries: OrderedDict[_Key, _Entry] = OrderedDict()
@@ -109,7 +105,7 @@ class DnsCache:
         """`route(domain)` when every answer it needs is cached and fresh (counted as
         hits), else None. No coroutine, no task: a relay mailing 10,000 domains asks
         this once per message, and a task per lookup was a tenth of its CPU."""
-        name = _name(domain)
+        name = norm_domain(domain)
         now = self._clock()
         entries = self._entries
         mx_key = (_MX, name)
@@ -134,7 +130,7 @@ class DnsCache:
         bounce (5xx) or defer (4xx). Never raises for DNS outcomes; cancelling the caller
         leaves queries in flight running for the other waiters (bounded by the resolver
         timeout). Worst case two resolver timeouts: MX, then all hosts concurrently."""
-        name = _name(domain)
+        name = norm_domain(domain)
         mx_entry = await self._lookup(_MX, name)
         hosts = hosts_to_resolve(name, mx_entry.answer, self._max_mx_hosts)
         entries = await asyncio.gather(*(self._lookup(_ADDR, host) for host in hosts))
@@ -145,7 +141,7 @@ class DnsCache:
         """The cached plan for `domain` and its remaining seconds, or None if any answer
         it needs is absent or expired. No query, no counter or LRU change; the order
         shown is one fixed shuffle (for `volley ctl mx`)."""
-        name = _name(domain)
+        name = norm_domain(domain)
         now = self._clock()
         mx_entry = self._entries.get((_MX, name))
         if mx_entry is None or mx_entry.expires <= now:
@@ -169,7 +165,7 @@ class DnsCache:
             count = len(self._entries)
             self._entries.clear()
             return count
-        name = _name(domain)
+        name = norm_domain(domain)
         keys: set[_Key] = {(_MX, name), (_ADDR, name)}
         mx_entry = self._entries.get((_MX, name))
         if mx_entry is not None:

@@ -91,6 +91,12 @@ class Route(msgspec.Struct, frozen=True):
     address_key: str = ""
 
 
+def norm_domain(domain: str) -> str:
+    """A domain as the caches and the operator's tables key it: no surrounding space,
+    no trailing dot, lower case."""
+    return domain.strip().rstrip(".").lower()
+
+
 def address_key(hosts: Sequence[RouteHost]) -> str:
     """`Route.address_key` of these hosts."""
     return "ip:" + ",".join(sorted({a for h in hosts for a in h.addresses}))
