@@ -77,22 +77,24 @@ def select(store: QueueStore, *, domain: str = "", sender: str = "", state: str 
     """
     domain = domain_key(domain)
     sel = Selector(domain=domain, sender=sender, state=state, suspended=suspended, before=now)
+
+    def found() -> Iterator[list[bytes]]:  # the matches of each page read
+        if domain:
+            ids = _domain_ids(store, domain)
+            for i in range(0, len(ids), chunk):
+                part = ids[i:i + chunk]
+                yield [mid for mid, rec in zip(part, store.get_many(part))
+                       if rec is not None and sel.match(rec) is not None]
+        else:
+            for page in record_pages(store):
+                yield [mid for mid, raw in page if sel.match_raw(raw) is not None]
+
     out: list[bytes] = []
-    if domain:
-        ids = _domain_ids(store, domain)
-        for i in range(0, len(ids), chunk):
-            part = ids[i:i + chunk]
-            out += [mid for mid, rec in zip(part, store.get_many(part))
-                    if rec is not None and sel.match(rec) is not None]
-            while len(out) >= chunk:
-                yield out[:chunk]
-                out = out[chunk:]
-    else:
-        for page in record_pages(store):
-            out += [mid for mid, raw in page if sel.match_raw(raw) is not None]
-            while len(out) >= chunk:
-                yield out[:chunk]
-                out = out[chunk:]
+    for matches in found():
+        out += matches
+        while len(out) >= chunk:
+            yield out[:chunk]
+            out = out[chunk:]
     if out:
         yield out
 

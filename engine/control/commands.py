@@ -33,7 +33,7 @@ from engine.delivery.holds import (
     holds_to_builtins,
 )
 from engine.observe import log
-from engine.observe.metrics import Gauge, gauge, render
+from engine.observe.metrics import gauge, render
 from engine.queue.ids import IdAllocator, id_bytes
 from engine.queue.layout import stable_shard
 from engine.queue.store import QueueStore
@@ -210,8 +210,7 @@ class ControlPlane:
         gauges = [
             gauge("volley_queue_messages", totals.get("messages", 0)),
             gauge("volley_queue_bytes", totals.get("bytes", 0)),
-            Gauge("volley_queue_units", "Pending (message, recipient domain) delivery units.",
-                  totals.get("units", 0)),
+            gauge("volley_queue_units", totals.get("units", 0)),
             gauge("volley_sessions_in", sum(fleet.live(s.slot).get("sessions_in", 0) for s in slots)),
             gauge("volley_sessions_out", sum(fleet.live(s.slot).get("sessions_out", 0) for s in slots)),
             gauge("volley_workers", sum(1 for s in slots if s.ready.is_set())),

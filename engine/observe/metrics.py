@@ -65,6 +65,7 @@ HISTOGRAMS: tuple[tuple[str, str, str, tuple[float, ...]], ...] = (
 GAUGES: dict[str, tuple[Literal["gauge", "counter"], str]] = {
     "volley_queue_messages": ("gauge", "Messages in the queue."),
     "volley_queue_bytes": ("gauge", "Bytes of message content in the queue."),
+    "volley_queue_units": ("gauge", "Pending (message, recipient domain) delivery units."),
     "volley_sessions_in": ("gauge", "Inbound SMTP sessions open now."),
     "volley_sessions_out": ("gauge", "Outbound SMTP sessions open now."),
     "volley_workers": ("gauge", "Worker processes running."),
