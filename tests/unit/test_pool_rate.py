@@ -4,18 +4,16 @@ never from above."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import msgspec
 
-from engine.delivery.connect import client_tls_context
 from engine.delivery.job import PoolSettings
 from engine.delivery.pool import SitePool
+from tests.integration.test_pool import make_pool as pool_at
 from tests.integration.test_session import (
     Results,
     codes,
-    fast_timeouts,
     make_job,
     route,
     run_bounded,
@@ -27,8 +25,7 @@ DEST = route(("mx.dest.test", ("127.0.0.2",)))
 
 
 def make_pool(settings: PoolSettings) -> SitePool:
-    return SitePool(DEST.site_key, settings, fast_timeouts(5.0),
-                    lambda: client_tls_context(False), asyncio.get_running_loop())
+    return pool_at(settings, DEST, 5.0)
 
 
 class Transactions:
