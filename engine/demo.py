@@ -38,12 +38,9 @@ ORIGIN = "demo.test"
 
 
 def _duration(text: str) -> float:
-    from engine.config import parse_duration
+    from engine.control.cli_ctl import duration  # (here: engine.cli comes with it)
 
-    try:
-        return float(parse_duration(text))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+    return duration(text)
 
 
 def _positive(text: str) -> int:

@@ -42,12 +42,9 @@ PROG = "volley sink"
 
 
 def _duration(text: str) -> float:
-    from engine.config import parse_duration
+    from engine.control.cli_ctl import duration  # (here: engine.cli comes with it)
 
-    try:
-        return float(parse_duration(float(text) if text.replace(".", "", 1).isdigit() else text))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+    return duration(text)
 
 
 def _rate(text: str) -> float:
