@@ -47,17 +47,19 @@ class ConnectionBudget:
     def give(self) -> None:
         """A connection is gone: its slot goes to the pools waiting, in order."""
         self.used -= 1
-        while self.used < self.limit and self._waiting:
-            pool = next(iter(self._waiting))
-            del self._waiting[pool]
-            pool._dispatch()  # takes slots if it still has work; may wait again
+        self._serve_line()
 
     def resize(self, limit: int) -> None:
         """A reload changed the cap: a larger one serves the line at once; a smaller
         one takes effect as connections close."""
         self.limit = max(1, limit)
-        self.used += 1
-        self.give()  # the same wake-up as a freed slot
+        self._serve_line()
+
+    def _serve_line(self) -> None:
+        while self.used < self.limit and self._waiting:
+            pool = next(iter(self._waiting))
+            del self._waiting[pool]
+            pool._dispatch()  # takes slots if it still has work; may wait again
 
     def note_idle(self, pool: BudgetUser) -> None:
         """`pool` has an idle session (a slot `reclaim` may free)."""

@@ -106,24 +106,16 @@ class DnsCache:
         hits), else None. No coroutine, no task: a relay mailing 10,000 domains asks
         this once per message, and a task per lookup was a tenth of its CPU."""
         name = norm_domain(domain)
-        now = self._clock()
-        entries = self._entries
-        mx_key = (_MX, name)
-        mx_entry = entries.get(mx_key)
-        if mx_entry is None or mx_entry.expires <= now:
+        fresh = self._fresh(name)
+        if fresh is None:
             return None
-        hosts = hosts_to_resolve(name, mx_entry.answer, self._max_mx_hosts)
-        answers: dict[str, Answer] = {}
-        for host in hosts:
-            entry = entries.get((_ADDR, host))
-            if entry is None or entry.expires <= now:
-                return None
-            answers[host] = entry.answer
-        entries.move_to_end(mx_key)
-        for host in hosts:
+        mx_answer, answers, _ = fresh
+        entries = self._entries
+        entries.move_to_end((_MX, name))
+        for host in answers:
             entries.move_to_end((_ADDR, host))
-        self.stats.hits += 1 + len(hosts)
-        return build_route(name, mx_entry.answer, answers, self._rng, local=self._local)
+        self.stats.hits += 1 + len(answers)
+        return build_route(name, mx_answer, answers, self._rng, local=self._local)
 
     async def route(self, domain: str) -> Route | RouteError:
         """The delivery plan for `domain`: a `Route`, or a `RouteError` whose reply says
@@ -142,20 +134,30 @@ class DnsCache:
         it needs is absent or expired. No query, no counter or LRU change; the order
         shown is one fixed shuffle (for `volley ctl mx`)."""
         name = norm_domain(domain)
+        fresh = self._fresh(name)
+        if fresh is None:
+            return None
+        mx_answer, answers, expires = fresh
+        plan = build_route(name, mx_answer, answers, random.Random(0), local=self._local)
+        return plan, expires - self._clock()
+
+    def _fresh(self, name: str) -> tuple[Answer, dict[str, Answer], float] | None:
+        """The MX answer of `name` and the address answers it needs, with the soonest
+        expiry among them, if all are cached and fresh; touches nothing."""
         now = self._clock()
-        mx_entry = self._entries.get((_MX, name))
+        entries = self._entries
+        mx_entry = entries.get((_MX, name))
         if mx_entry is None or mx_entry.expires <= now:
             return None
         expires = mx_entry.expires
         answers: dict[str, Answer] = {}
         for host in hosts_to_resolve(name, mx_entry.answer, self._max_mx_hosts):
-            entry = self._entries.get((_ADDR, host))
+            entry = entries.get((_ADDR, host))
             if entry is None or entry.expires <= now:
                 return None
             answers[host] = entry.answer
             expires = min(expires, entry.expires)
-        plan = build_route(name, mx_entry.answer, answers, random.Random(0), local=self._local)
-        return plan, expires - now
+        return mx_entry.answer, answers, expires
 
     def flush(self, domain: str | None = None) -> int:
         """Forget everything (None), or the MX answer of `domain` together with the
