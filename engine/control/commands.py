@@ -196,8 +196,11 @@ class ControlPlane:
         return {"text": self.metrics_text()}
 
     async def refresh(self) -> None:
-        """Keep the queue totals fresh for scrapes (the supervisor calls this every 5 s)."""
-        await self._walked_totals()
+        """Sample the rates and, when there is an HTTP endpoint to scrape, keep the
+        queue totals fresh for it (the supervisor calls this every 5 s); without one,
+        nobody reads totals that a command does not walk for itself."""
+        if self.sup.cfg.metrics.listen:
+            await self._walked_totals()
         self.fleet.sample()
 
     def metrics_text(self) -> str:

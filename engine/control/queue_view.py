@@ -49,11 +49,11 @@ assert array.array("I").itemsize == DUE_VALUE.size  # _unpack reads arrivals as 
 
 
 # --- due-index walks ----------------------------------------------------------------------
-def _due_pages(store: QueueStore, chunk: int = 0) -> Iterator[tuple[list[bytes], list[bytes]]]:
+def _due_pages(store: QueueStore) -> Iterator[tuple[list[bytes], list[bytes]]]:
     """(keys, values) pages of the whole due index, one short read txn each."""
     start = b""
     while True:
-        keys, vals = store.scan_due(start, chunk or WALK_CHUNK)
+        keys, vals = store.scan_due(start, WALK_CHUNK)
         if not keys:
             return
         yield keys, vals
