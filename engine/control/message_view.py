@@ -196,8 +196,7 @@ def list_messages(store: QueueStore, *, domain: str = "", sender: str = "",
     deadline = time.monotonic() + seconds
     rows: list[dict[str, Any]] = []
     scanned = 0
-    while True:
-        page = store.scan_records(cursor, chunk)
+    for page in record_pages(store, cursor, chunk):
         for i, (mid, raw) in enumerate(page):
             scanned += 1
             cursor = mid
@@ -212,6 +211,7 @@ def list_messages(store: QueueStore, *, domain: str = "", sender: str = "",
             return {"messages": rows, "next": "", "scanned": scanned}
         if scanned >= budget or time.monotonic() >= deadline:
             return {"messages": rows, "next": id_text(cursor), "scanned": scanned}
+    return {"messages": rows, "next": "", "scanned": scanned}
 
 
 _LINE = re.compile(rb"\r?\n")
