@@ -238,19 +238,19 @@ class SinkProtocol(asyncio.Protocol):
         verb = verb.upper()
         if self.sink.record:
             self.sink.commands.append((verb, arg))
-        default = self._default(verb, arg)
+        # MAIL/RCPT: the address, matched once for both the default reply and the state.
+        addr = _ADDR.match(arg) if verb == "MAIL" or verb == "RCPT" else None
+        default = self._default(verb, arg, addr)
         if self.auth is not None:
             default = self._auth_default(verb, arg, default)
         reply = self._reply(verb, arg, default)
         code_ok = reply[:1] in ("2", "3")
         # State follows the reply actually sent, so a script can refuse anything.
         if verb == "MAIL" and code_ok:
-            m = _ADDR.match(arg)
             self._reset()
-            self.mail_from = m.group(1) if m else arg
+            self.mail_from = addr.group(1) if addr else arg
         elif verb == "RCPT" and code_ok:
-            m = _ADDR.match(arg)
-            self.rcpts.append(m.group(1) if m else arg)
+            self.rcpts.append(addr.group(1) if addr else arg)
         elif verb == "DATA" and reply.startswith("354"):
             self.mode = "data"
             self.buf[:0] = b"\r\n"
@@ -306,13 +306,13 @@ class SinkProtocol(asyncio.Protocol):
             return "530 5.7.0 authentication required"
         return default
 
-    def _default(self, verb: str, arg: str) -> str:
+    def _default(self, verb: str, arg: str, addr: re.Match[str] | None) -> str:
         if verb == "MAIL":
-            return "250 2.1.0 ok" if _ADDR.match(arg) else "501 5.5.4 syntax: MAIL FROM:<address>"
+            return "250 2.1.0 ok" if addr else "501 5.5.4 syntax: MAIL FROM:<address>"
         if verb == "RCPT":
             if self.mail_from is None:
                 return "503 5.5.1 MAIL first"
-            return "250 2.1.5 ok" if _ADDR.match(arg) else "501 5.5.4 syntax: RCPT TO:<address>"
+            return "250 2.1.5 ok" if addr else "501 5.5.4 syntax: RCPT TO:<address>"
         if verb == "DATA":
             if self.mail_from is None or not self.rcpts:
                 return "554 5.5.1 no valid recipients" if self.mail_from else "503 5.5.1 MAIL first"
