@@ -29,7 +29,7 @@ from engine.delivery.job import JobResult
 from engine.delivery.reports import queue_dsns
 from engine.errors import StorageError
 from engine.queue.ids import IdAllocator
-from engine.queue.layout import DUE_FIXED, DUE_HEAD, stable_shard
+from engine.queue.layout import DUE_FIXED, DUE_HEAD, key_domain, stable_shard
 from engine.queue.records import BOUNCED, PENDING, MessageRecord, domain_of
 from engine.queue.store import QueueStore
 from engine.queue.writetxn import WriteTxn
@@ -44,7 +44,6 @@ ACTIONS = ("flush", "delete", "bounce")
 DELETED_REPLY = "deleted by the operator"
 
 _ID = itemgetter(slice(DUE_HEAD.size, DUE_FIXED))
-_DOMAIN = itemgetter(slice(DUE_FIXED, None))
 
 
 def _domain_ids(store: QueueStore, domain: str) -> list[bytes]:
@@ -57,7 +56,7 @@ def _domain_ids(store: QueueStore, domain: str) -> list[bytes]:
     while True:
         keys = store.scan_due_keys(start, 8192)
         mine = [k for k in keys if k.startswith(prefix)]
-        ids += compress(map(_ID, mine), map(eq, map(_DOMAIN, mine), repeat(target)))
+        ids += compress(map(_ID, mine), map(eq, map(key_domain, mine), repeat(target)))
         if len(mine) < len(keys) or not keys:
             break
         start = keys[-1] + b"\0"

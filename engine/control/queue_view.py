@@ -24,13 +24,12 @@ from bisect import bisect_left, bisect_right
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
-from operator import itemgetter
 from typing import Any
 
 import msgspec
 
 from engine.control.message_view import list_messages, record_pages, show
-from engine.queue.layout import DUE_FIXED, DUE_HEAD, DUE_VALUE
+from engine.queue.layout import DUE_HEAD, DUE_VALUE, key_domain
 from engine.queue.records import PENDING, RECORD_VERSION
 from engine.queue.store import QueueStore
 
@@ -43,7 +42,6 @@ BUCKETS = [*map(str, BUCKET_MINUTES), "1280+"]
 WALK_CHUNK = 8192  # due entries per read transaction (~5 ms)
 
 _NB = len(BUCKETS)
-_DOMAIN = itemgetter(slice(DUE_FIXED, None))
 _EXTEND = bytearray.extend
 assert array.array("I").itemsize == DUE_VALUE.size  # _unpack reads arrivals as array("I")
 
@@ -119,7 +117,7 @@ class _DomainWalk:
         self.first_deferred: dict[bytes, bytes] = {}  # domain → its earliest deferred key
 
     def feed(self, keys: list[bytes], vals: list[bytes]) -> None:
-        doms = list(map(_DOMAIN, keys))
+        doms = list(map(key_domain, keys))
         for lo, cut, hi in _owner_runs(keys, self.now_ms):
             _group(self.ready, doms[lo:cut], vals[lo:cut])
             if cut == hi:
@@ -177,7 +175,7 @@ def _age_summary(store: QueueStore, now: float, suspended: Mapping[str, object])
     per_domain: Counter[bytes] = Counter()
     for keys, vals in _due_pages(store):
         ranks = bytes(map(rank, vals))
-        per_domain.update(map(_DOMAIN, keys))
+        per_domain.update(map(key_domain, keys))
         for lo, cut, _ in _owner_runs(keys, now_ms):
             part = ranks[lo:cut]
             for r in set(part):
@@ -303,7 +301,7 @@ def totals(store: QueueStore, now: float, suspended: Mapping[str, object]) -> di
         for lo, cut, hi in _owner_runs(keys, now_ms):
             ready += cut - lo
         if held:
-            count_held += sum(map(held.__contains__, map(_DOMAIN, keys)))
+            count_held += sum(map(held.__contains__, map(key_domain, keys)))
             start = keys[-1] + b"\0"
             continue
         owner, due = DUE_HEAD.unpack_from(keys[-1])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from operator import itemgetter
 
 from engine.queue.ids import ID_LEN
 from engine.queue.records import MessageRecord, pending_domains
@@ -21,6 +22,8 @@ DUE_HEAD = struct.Struct(">HQ")  # owner, due ms
 DUE_FIXED = DUE_HEAD.size + ID_LEN  # 18 bytes before the domain
 DUE_VALUE = struct.Struct(">I")  # arrival, epoch seconds
 MAX_KEY = 511  # lmdb.h: MDB_MAXKEYSIZE default
+# A due key's domain, still utf-8 (C-level, for map() over pages of keys).
+key_domain = itemgetter(slice(DUE_FIXED, None))
 
 
 def stable_shard(domain: str, shards: int) -> int:
