@@ -26,7 +26,8 @@ import msgspec
 
 from engine.blast_auth import BlastAuth
 from engine.blast_message import RCPT_TEMPLATE, SENDER, bodies
-from engine.blast_protocol import BlastConnection, Shared
+from engine.blast_protocol import BlastConnection
+from engine.blast_shared import Shared
 
 # A session that cannot connect (or gets nothing done on) this many connections in a
 # row gives up, so a dead server ends the run quickly instead of spinning.

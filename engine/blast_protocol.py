@@ -26,11 +26,10 @@ import time
 from typing import Callable
 
 from engine.blast_auth import AuthSteps
-from engine.blast_shared import (
-    HELO_NAME, SENDER, UNLIMITED_QUOTA, Shared, command_blocks, make_message,
-)
+from engine.blast_message import HELO_NAME
+from engine.blast_shared import UNLIMITED_QUOTA, Shared
 
-__all__ = ["BlastConnection", "HELO_NAME", "SENDER", "Shared", "command_blocks", "make_message"]
+__all__ = ["BlastConnection"]
 
 
 def _positive(code: int) -> bool:

@@ -11,15 +11,13 @@ import math
 import ssl
 from typing import TYPE_CHECKING
 
-from engine.blast_message import (
-    HELO_NAME, RCPT_TEMPLATE, SENDER, BodyFor, command_blocks, make_message,
-)
+from engine.blast_message import RCPT_TEMPLATE, SENDER, BodyFor, command_blocks, make_message
 
 if TYPE_CHECKING:
     from engine.blast_auth import BlastAuth
     from engine.blast_protocol import BlastConnection
 
-__all__ = ["HELO_NAME", "SENDER", "Shared", "command_blocks", "make_message", "UNLIMITED_QUOTA"]
+__all__ = ["Shared", "UNLIMITED_QUOTA"]
 
 UNLIMITED = 1 << 62  # a count no run reaches: "no limit" without a special case per message
 # A connection's quota when -m is not given: "no limit" too (after a billion messages the

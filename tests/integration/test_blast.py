@@ -15,7 +15,7 @@ import uvloop
 
 from engine.blast import BlastOptions, Report, run
 from engine.blast_cli import build_parser, options_from_args
-from engine.blast_protocol import make_message
+from engine.blast_message import make_message
 from tests.peers.smtp_sink import Sink, start_sink
 
 T = TypeVar("T")
