@@ -100,15 +100,15 @@ def measure_reads(store: QueueStore, runs: int) -> dict[str, dict[str, Any]]:
         out[name] = {"seconds": median, "runs": times, "detail": detail(result)}
         return result
 
-    record("list first page", lambda: queue_view.list_messages(store, now=now, suspended={}),
+    record("list first page", lambda: queue_view.list_messages(store, suspended={}),
            runs, lambda r: f"{len(r['messages'])} rows, {r['scanned']} scanned")
     mid_domain = domain_name(100)
     record("list --domain page", lambda: queue_view.list_messages(
-        store, domain=mid_domain, now=now, suspended={}), runs,
+        store, domain=mid_domain, suspended={}), runs,
         lambda r: f"{mid_domain}: {len(r['messages'])} rows, {r['scanned']} scanned, "
                   f"{'more' if r['next'] else 'end'}")
     some_id = next(iter(store.iter_ids(chunk=1)))
-    record("show", lambda: queue_view.show(store, some_id, now=now, suspended={}), runs,
+    record("show", lambda: queue_view.show(store, some_id, suspended={}), runs,
            lambda r: f"{len(r['headers'])} headers")
     record("summary by domain", lambda: queue_view.summary(store, now=now, suspended={}), runs,
            lambda r: f"{r['rows_total']} domains, {r['totals']['units']} units, top {len(r['rows'])}")

@@ -166,13 +166,13 @@ class ControlPlane:
             _parse_id(req.after, "after")
         return await self._thread(
             queue_view.list_messages, self.store, domain=req.domain, sender=req.sender,
-            state=req.state, limit=req.limit, after=req.after, now=now,
+            state=req.state, limit=req.limit, after=req.after,
             suspended=self.suspended(now))
 
     async def show(self, req: protocol.Show) -> dict[str, Any]:
         now = time.time()
         message = await self._thread(queue_view.show, self.store, _parse_id(req.id, "id"),
-                                     now=now, suspended=self.suspended(now))
+                                     suspended=self.suspended(now))
         if message is None:
             raise protocol.RequestError(f"no queued message {req.id}")
         return {"message": message}

@@ -174,7 +174,7 @@ def _list_row(view: AnyRecord, suspended: Mapping[str, object]) -> dict[str, Any
 
 
 def list_messages(store: QueueStore, *, domain: str = "", sender: str = "",
-                  state: str | None = None, limit: int = 50, after: str = "", now: float,
+                  state: str | None = None, limit: int = 50, after: str = "",
                   suspended: Mapping[str, object], budget: int = LIST_BUDGET,
                   seconds: float = LIST_SECONDS) -> dict[str, Any]:
     """A page of queued messages in id order (oldest first) after id `after`:
@@ -183,8 +183,7 @@ def list_messages(store: QueueStore, *, domain: str = "", sender: str = "",
 
     Filters as `Selector` (sender: case-insensitive, "<>" the null sender). The call
     stops after `budget` records or `seconds` even with fewer than `limit` rows, with
-    "next" set so the client continues where it stopped. `now` is accepted for the
-    interface's sake (states do not depend on the time).
+    "next" set so the client continues where it stopped.
 
     Raises:
         ValueError: `after` is not a queue id.
@@ -239,7 +238,7 @@ def parse_headers(body: bytes, cap: int = HEADER_CAP) -> list[list[str]]:
     return [[n.decode("utf-8", "replace"), v.strip().decode("utf-8", "replace")] for n, v in fields]
 
 
-def show(store: QueueStore, msg_id: bytes, *, now: float,
+def show(store: QueueStore, msg_id: bytes, *,
          suspended: Mapping[str, object]) -> dict[str, Any] | None:
     """Everything about one message, or None when it is not queued: the envelope (id as
     text), recipients with state names, the summary fields of `list` rows and the

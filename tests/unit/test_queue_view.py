@@ -157,7 +157,7 @@ def test_list_pages_see_every_message_once(q: Q) -> None:
     seen: list[str] = []
     after = ""
     for _ in range(10):
-        page = qv.list_messages(q.store, limit=5, after=after, now=NOW, suspended={})
+        page = qv.list_messages(q.store, limit=5, after=after, suspended={})
         seen += [m["id"] for m in page["messages"]]
         after = page["next"]
         if not after:
@@ -168,7 +168,7 @@ def test_list_pages_see_every_message_once(q: Q) -> None:
 def test_list_exact_page_at_the_end_says_no_more(q: Q) -> None:
     for i in range(4):
         q.add(f"u{i}@x.test")
-    page = qv.list_messages(q.store, limit=4, now=NOW, suspended={})
+    page = qv.list_messages(q.store, limit=4, suspended={})
     assert len(page["messages"]) == 4 and page["next"] == ""
 
 
@@ -176,7 +176,7 @@ def test_list_row_fields(q: Q) -> None:
     rec = q.add(Recipient("a@done.test", state=DELIVERED, attempts=1, last_reply="250 ok"),
                 later("b@y.test", 50, attempts=2, reply="451 later"),
                 later("c@z.test", 20, attempts=1, reply="452 full"), sender="S@x.org", age=9)
-    (row,) = qv.list_messages(q.store, now=NOW, suspended={})["messages"]
+    (row,) = qv.list_messages(q.store, suspended={})["messages"]
     assert row == {
         "id": id_text(rec.id), "sender": "S@x.org", "received_at": NOW - 9, "size": len(BODY),
         "recipients": 3, "pending": 2, "domains": ["y.test", "z.test"], "state": "deferred",
@@ -191,7 +191,7 @@ def test_list_filters(q: Q) -> None:
     d = q.add(Recipient("y@one.test", state=DELIVERED), "z@four.test", sender="alice@x.org")
 
     def ids(**kw: object) -> list[bytes]:
-        page = qv.list_messages(q.store, now=NOW, suspended={"three.test": 1}, **kw)  # type: ignore[arg-type]
+        page = qv.list_messages(q.store, suspended={"three.test": 1}, **kw)  # type: ignore[arg-type]
         return [bytes.fromhex(m["id"]) for m in page["messages"]]
 
     assert ids(domain="one.test") == [a.id, c.id]  # d's one.test recipient is delivered
@@ -213,7 +213,7 @@ def test_list_scan_budget_returns_next(q: Q, monkeypatch: pytest.MonkeyPatch) ->
     seen: list[bytes] = []
     after, calls = "", 0
     while True:
-        page = qv.list_messages(q.store, domain="hit.test", limit=50, after=after, now=NOW,
+        page = qv.list_messages(q.store, domain="hit.test", limit=50, after=after,
                                 suspended={}, budget=3)
         calls += 1
         assert page["scanned"] <= 4  # the budget is checked after each page of 2
@@ -229,22 +229,22 @@ def test_list_budget_stops_early(q: Q, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mv, "RECORD_CHUNK", 4)
     for i in range(12):
         q.add(f"u{i}@miss.test")
-    page = qv.list_messages(q.store, domain="hit.test", now=NOW, suspended={}, budget=5)
+    page = qv.list_messages(q.store, domain="hit.test", suspended={}, budget=5)
     assert page["messages"] == [] and page["scanned"] == 8 and page["next"]
-    rest = qv.list_messages(q.store, domain="hit.test", after=page["next"], now=NOW, suspended={})
+    rest = qv.list_messages(q.store, domain="hit.test", after=page["next"], suspended={})
     assert rest["scanned"] == 4 and rest["next"] == ""
 
 
 def test_list_bad_after(q: Q) -> None:
     with pytest.raises(ValueError):
-        qv.list_messages(q.store, after="xyz", now=NOW, suspended={})
+        qv.list_messages(q.store, after="xyz", suspended={})
 
 
 # --- show -----------------------------------------------------------------------------------------
 def test_show(q: Q) -> None:
     rec = q.add(Recipient("a@x.test", orcpt="rfc822;a@x.test", notify=("FAILURE", "DELAY")),
                 Recipient("b@y.test", state=DELIVERED, attempts=1, last_reply="250 ok"))
-    out = qv.show(q.store, rec.id, now=NOW, suspended={})
+    out = qv.show(q.store, rec.id, suspended={})
     assert out is not None
     assert out["id"] == id_text(rec.id) and out["sender"] == "s@x.org" and out["state"] == "queued"
     assert out["recipients"][0] == {
@@ -254,7 +254,7 @@ def test_show(q: Q) -> None:
     assert out["recipients"][1]["state"] == "delivered" and out["recipients"][1]["next_attempt"] is None
     assert out["headers"] == [["Subject", "hello\tworld"], ["From", "A <a@x.org>"], ["X-Long", "one two"]]
     assert out["pending"] == 1 and out["domains"] == ["x.test"]
-    assert qv.show(q.store, b"\0" * 8, now=NOW, suspended={}) is None
+    assert qv.show(q.store, b"\0" * 8, suspended={}) is None
 
 
 def test_parse_headers_edges() -> None:
