@@ -7,9 +7,9 @@ holding a big queue, and a purge of that queue while mail comes in and goes out.
 `python -m engine serve` (2 workers, fsync) on a queue prefilled before it starts
 (deferred by a 451, due in 1-1.5 h), a loopback DNS (in this process) as its only
 nameserver: the prefilled domains' MX is a 451-to-RCPT sink on 127.0.0.2 (in this
-process), d0.example's (engine.blast's domain) a counting sink process on 127.0.0.3.
+process), d0.example's (engine.lab.blast's domain) a counting sink process on 127.0.0.3.
 Times status, list, list --domain, show and queue through the control socket (median
-of --runs), then runs engine.blast for --duration seconds as a baseline and again
+of --runs), then runs engine.lab.blast for --duration seconds as a baseline and again
 while `delete --all` purges the queue, sampling status every 0.5 s. All traffic stays
 on 127.0.0.0/8. See bench/README.md, "Control socket at scale", "Through a running server".
 """
@@ -53,7 +53,7 @@ from tests.peers.smtp_sink import Sink, start_sink  # noqa: E402
 WORKERS = 2  # the due index's shard count must equal the server's worker count
 MAP_SIZE = 8 << 30  # bench_config's queue.max_size ("8GiB")
 FAIL_HOST, LIVE_HOST = "127.0.0.2", "127.0.0.3"
-LIVE_DOMAIN = "d0.example"  # where engine.blast --domains 1 sends
+LIVE_DOMAIN = "d0.example"  # where engine.lab.blast --domains 1 sends
 TARGETS = {"list first page": 0.050, "queue summary": 1.0}
 SAMPLE_EVERY = 0.5  # seconds between status samples
 
@@ -233,7 +233,7 @@ def cpu_use(before: dict[str, float], after: dict[str, float]) -> dict[str, floa
 
 
 def blast(address: str, args: argparse.Namespace, cap: float) -> tuple[dict[str, Any], float]:
-    """engine.blast for --duration seconds: (its report, time.monotonic() when its clock started)."""
+    """engine.lab.blast for --duration seconds: (its report, time.monotonic() when its clock started)."""
     # -n far beyond what --duration lets it send: the duration ends the run.
     cmd = [sys.executable, "-c", BLAST_WRAPPER, "--to", address, "-n", "100000000",
            "-c", str(args.concurrency), "--size", str(args.size), "--domains", "1",

@@ -1,4 +1,4 @@
-"""End-to-end receive benchmark: `volley serve` under `engine.blast`, per durability and size.
+"""End-to-end receive benchmark: `volley serve` under `engine.lab.blast`, per durability and size.
 
     .venv/bin/python bench/e2e.py                 # fsync, batch, memory at 1 KB, 3 runs each
     .venv/bin/python bench/e2e.py --quick         # smoke check: fewer messages, 1 run
@@ -31,7 +31,7 @@ from typing import Any
 
 import tomli_w
 
-from engine import demo_report
+from engine.lab.demo import report as demo_report
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "e2e.json"  # latest.json is bench/run.py's
@@ -196,7 +196,7 @@ def stop_group(proc: subprocess.Popen[Any], grace: float = 5.0) -> int | None:
 # --- one measured run -----------------------------------------------------------------
 
 def _env() -> dict[str, str]:
-    # The repo first on the path, so `-m engine.blast` (and a stand-in server) import
+    # The repo first on the path, so `-m engine.lab.blast` (and a stand-in server) import
     # this checkout whatever the working directory.
     return dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
 
@@ -223,8 +223,8 @@ def run_child(cmd: list[str], cap: float, name: str = "") -> tuple[int, bytes, b
 
 
 def blast(address: str, messages: int, size: int, concurrency: int) -> tuple[dict[str, Any], float, float]:
-    """Run `python -m engine.blast` in its own process; (report, wall s, rusage CPU s)."""
-    cmd = [sys.executable, "-m", "engine.blast", "--to", address, "-n", str(messages),
+    """Run `python -m engine.lab.blast` in its own process; (report, wall s, rusage CPU s)."""
+    cmd = [sys.executable, "-m", "engine.lab.blast", "--to", address, "-n", str(messages),
            "-c", str(concurrency), "--size", str(size), "--timeout", "30", "--json"]
     env = _env()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)

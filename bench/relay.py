@@ -8,7 +8,7 @@ Three peer processes run beside the relay, all on 127.0.0.0/8: a DNS server
 (`python -m tests.peers.dns_server --zone FILE`) serving d0.example … d{N-1}.example,
 each with an MX whose address is 127.0.0.2; a counting sink on 127.0.0.2
 (`python -m tests.peers.smtp_sink sink`, stores nothing); and the load generator
-(`engine.blast`), one process per run. Volley's `dns.nameservers` points at the
+(`engine.lab.blast`), one process per run. Volley's `dns.nameservers` points at the
 loopback DNS server and `delivery.port` at the sink, so nothing leaves loopback.
 
 msgs/s delivered = N / (load generator starts sending → the sink has received N).
@@ -46,12 +46,12 @@ from relay_peers import (  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "relay.json"
 
-# Runs `engine.blast`'s command line, printing time.monotonic() just before the run starts
+# Runs `engine.lab.blast`'s command line, printing time.monotonic() just before the run starts
 # (after the imports), so the delivered rate does not include interpreter start-up.
 # CLOCK_MONOTONIC is one clock for every process on Linux: the sink stamps with it too.
 BLAST_WRAPPER = (
     "import sys, time, uvloop\n"
-    "from engine import blast\n"
+    "from engine.lab.blast import cli as blast\n"
     "sys.stderr.write(f'T0 {time.monotonic()!r}\\n'); sys.stderr.flush()\n"
     "raise SystemExit(blast.main(sys.argv[1:]))\n"
 )
@@ -95,7 +95,7 @@ def blast(address: str, messages: int, size: int, concurrency: int, domains: int
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
-    ordered = sorted(values)  # nearest rank, as engine.blast does
+    ordered = sorted(values)  # nearest rank, as engine.lab.blast does
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 

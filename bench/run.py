@@ -7,7 +7,7 @@
 Peers come from `make bench-peers` (Postfix, with its smtp-source and smtp-sink, and
 aiosmtpd); a missing peer's rows are skipped with a note. Every system is driven by
 the same load generator and delivers to the same sink: smtp-source and smtp-sink when
-installed, else engine.blast (lock-step) and the Python sink. All traffic stays on
+installed, else engine.lab.blast (lock-step) and the Python sink. All traffic stays on
 127.0.0.0/8: servers listen on 127.0.0.1, the sink on 127.0.0.2, Volley's only DNS
 server (a loopback zone) on 127.0.0.1. Results: the table on stdout and
 bench/results/latest.json. See bench/README.md, "Side by side with real peers".
@@ -49,7 +49,7 @@ class Row:
     size: int
     label: str
     latency_sink: bool = False
-    domains: int = 1  # for engine.blast (smtp-source sends to one domain)
+    domains: int = 1  # for engine.lab.blast (smtp-source sends to one domain)
     prefill: int = 0
 
 
@@ -59,7 +59,7 @@ class System:
     label: str
     kind: str  # "volley", "postfix", "aiosmtpd"
     durability: str = "fsync"
-    own_load: bool = False  # engine.blast with pipelining instead of the common generator
+    own_load: bool = False  # engine.lab.blast with pipelining instead of the common generator
 
 
 VOLLEY = [System(f"volley-{d}", f"volley {d}", "volley", d) for d in ("fsync", "batch", "memory")]
@@ -109,7 +109,7 @@ class Bench:
         self.notes: list[str] = []
         self.source = args.load == "smtp-source" or (args.load == "auto" and Path(load.SMTP_SOURCE).exists())
         self.load_label = ("smtp-source (Postfix, C, lock-step, -d: one connection per session)" if self.source
-                           else "engine.blast --no-pipelining (lock-step)")
+                           else "engine.lab.blast --no-pipelining (lock-step)")
         self.load_label += f", {args.sessions} sessions"
         self._sink: Any = None
         self._latency_sink: Any = None

@@ -16,26 +16,15 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from engine.cmdline import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, PROG, CliError
 from engine.version import __version__
 
 if TYPE_CHECKING:
     from engine.config import Config
 
-PROG = "volley"
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
 DEFAULT_USERS_FILE = "var/users"
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-class CliError(Exception):
-    """A failure to report as one line; `code` is the process exit status."""
-
-    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 # --- shared helpers ----------------------------------------------------------------
@@ -188,8 +177,6 @@ def _cmd_passwd(args: argparse.Namespace) -> int:
 
 
 def _add_ctl(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    # Imported here, not at the top: engine.control.cli_ctl imports CliError from this
-    # module, which must be complete by then.
     from engine.control.cli_ctl import add_ctl
 
     add_ctl(sub)
@@ -199,7 +186,7 @@ def _add_ctl(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _add_blast(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from engine.blast_cli import add_blast
+    from engine.lab.blast.cli import add_blast
 
     add_blast(sub)
 
@@ -208,7 +195,7 @@ def _add_blast(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _add_sink(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from engine.sink import add_parser  # light: the protocol is imported when it runs
+    from engine.lab.sink.cli import add_parser  # light: the protocol is imported when it runs
 
     add_parser(sub)
 
@@ -217,7 +204,7 @@ def _add_sink(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from engine.demo import add_parser  # light: the lab is imported when it runs
+    from engine.lab.demo.cli import add_parser  # light: the lab is imported when it runs
 
     add_parser(sub)
 

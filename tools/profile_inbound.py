@@ -1,7 +1,7 @@
 """Profile the inbound path in one process: `python tools/profile_inbound.py [--null-commit] [--durability memory|fsync|batch] [--cprofile]`.
 
 Runs one worker's inbound stack (protocol + machine + committer) on uvloop in this
-process, drives it with `python -m engine.blast` in a child process, and prints the
+process, drives it with `python -m engine.lab.blast` in a child process, and prints the
 server CPU per message. --null-commit answers 250 without touching LMDB, which
 separates protocol cost from storage cost.
 """
@@ -54,7 +54,7 @@ async def main(args: argparse.Namespace) -> None:
     if prof:
         prof.enable()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engine.blast", "--to", f"127.0.0.1:{port}", "-n", str(args.messages),
+        sys.executable, "-m", "engine.lab.blast", "--to", f"127.0.0.1:{port}", "-n", str(args.messages),
         "-c", "50", "--size", str(args.size))
     await proc.wait()
     if prof:

@@ -6,7 +6,7 @@
 #    generator and sink every system is measured with.
 #  - aiosmtpd in the project's venv (the plain-Python peer, bench/peers/aiosmtpd_lmdb.py).
 # apt-get needs root: without it the Postfix step is skipped with a message, and
-# bench/run.py then falls back to engine.blast and the Python sink with no Postfix rows.
+# bench/run.py then falls back to engine.lab.blast and the Python sink with no Postfix rows.
 set -eu
 PIP="${1:-.venv/bin/pip}"
 
@@ -14,7 +14,7 @@ if [ -x /usr/sbin/postfix ] && [ -x /usr/sbin/smtp-source ] && [ -x /usr/sbin/sm
     echo "bench-peers: postfix already installed ($(/usr/sbin/postconf -d -h mail_version 2>/dev/null))"
 elif [ "$(id -u)" != 0 ]; then
     echo "bench-peers: not root, so apt-get cannot install postfix; run 'sudo make bench-peers'," \
-         "or bench/run.py will skip the Postfix rows and use engine.blast and the Python sink" >&2
+         "or bench/run.py will skip the Postfix rows and use engine.lab.blast and the Python sink" >&2
 elif ! command -v apt-get >/dev/null 2>&1; then
     echo "bench-peers: no apt-get on this machine; install postfix (with smtp-source/smtp-sink) by hand" >&2
 else

@@ -4,7 +4,7 @@
   each session's connection for all its messages). It reports nothing but its exit
   status, which is non-zero at the first refused message, so rc 0 = all accepted;
   the time from end of DATA to 250 is not known.
-* `blast`: `python -m engine.blast` (`volley blast`), through relay.py's wrapper that
+* `blast`: `python -m engine.lab.blast` (`volley blast`), through relay.py's wrapper that
   prints time.monotonic() after the imports; `pipelining=False` makes it lock-step
   like smtp-source (the fallback when smtp-source is not installed).
 

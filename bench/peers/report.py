@@ -12,7 +12,7 @@ from typing import Any
 
 from e2e import git_commit
 
-from engine.demo_report import percentile
+from engine.lab.demo.report import percentile
 from peers import postfix
 
 PEERS = ("postfix", "aiosmtpd")
@@ -24,7 +24,7 @@ STATS = ("msgs_per_s", "intake_msgs_per_s", "cpu_s_per_1k", "rss_mib", "pss_mib"
 
 
 def pct(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (as engine.blast does), None for no values."""
+    """Nearest-rank percentile (as engine.lab.blast does), None for no values."""
     return percentile(sorted(values), q) if values else None
 
 

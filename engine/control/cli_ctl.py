@@ -10,12 +10,21 @@ exit 2 and one line, before connecting. This module is imported by every `volley
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import types
 from typing import Any, NoReturn
 
-from engine.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, PROG, CliError
+from engine.cmdline import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    PROG,
+    CliError,
+    duration,
+    is_number,
+    positive_duration,
+    positive_int,
+)
 
 DEFAULT_TIMEOUT = 30.0
 # These may run for minutes on a big queue; the server answers when it is done.
@@ -35,48 +44,14 @@ class _Parser(argparse.ArgumentParser):
 # --- argument types ------------------------------------------------------------------
 
 
-def duration(text: str) -> float:
-    """"2h", "30m", "90s" or bare seconds → seconds (config.parse_duration's units)."""
-    from engine.config import parse_duration
-
-    try:
-        seconds = float(text) if _is_number(text) else float(parse_duration(text))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    if seconds < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {text!r}")
-    return seconds
-
-
-def positive_duration(text: str) -> float:
-    seconds = duration(text)
-    if seconds <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
-    return seconds
-
-
 def rate(text: str) -> float:
     """"10/s", "600/m", "36000/h" or a bare number (per second) → messages per second."""
     amount, _, unit = text.strip().partition("/")
     per = _RATE_UNITS.get(unit.strip().lower() or "s")
-    if per is None or not _is_number(amount) or float(amount) <= 0:
+    if per is None or not is_number(amount) or float(amount) <= 0:
         raise argparse.ArgumentTypeError(
             f'expected a positive rate such as "10/s", "600/m" or "36000/h", got {text!r}')
     return float(amount) / per
-
-
-def positive_int(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return int(text)
-
-
-def _is_number(text: str) -> bool:
-    """A finite decimal: "nan" and "inf" parse as floats but mean nothing here."""
-    try:
-        return math.isfinite(float(text))
-    except ValueError:
-        return False
 
 
 # --- the parser ------------------------------------------------------------------------

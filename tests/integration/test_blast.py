@@ -13,9 +13,9 @@ from typing import Awaitable, Callable, Protocol, TypeVar
 import pytest
 import uvloop
 
-from engine.blast import BlastOptions, Report, run
-from engine.blast_cli import build_parser, options_from_args
-from engine.blast_message import make_message
+from engine.lab.blast.run import BlastOptions, Report, run
+from engine.lab.blast.cli import build_parser, options_from_args
+from engine.lab.blast.message import make_message
 from tests.peers.smtp_sink import Sink, start_sink
 
 T = TypeVar("T")

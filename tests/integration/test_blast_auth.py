@@ -13,8 +13,8 @@ from typing import Callable
 
 import pytest
 
-from engine.blast import BlastOptions, Report, run
-from engine.blast_auth import BlastAuth, offered_mechanisms
+from engine.lab.blast.run import BlastOptions, Report, run
+from engine.lab.blast.auth import BlastAuth, offered_mechanisms
 from engine.control.client import request
 from engine.control.protocol import List, Show
 from tests.integration.harness import ServeProcess

@@ -71,7 +71,7 @@ def test_refusals_by_code_in_summary_and_exit_1(peers: LoopThread) -> None:
 def test_plain_progress_lines_when_stdout_is_not_a_terminal(peers: LoopThread) -> None:
     sink = _sink(peers)
     # 250 messages at 100/s: about 2.5 s, so at least two once-a-second lines.
-    done = _blast(sink.port, "-n", "250", "-c", "2", "--rate", "100", module="engine.blast")
+    done = _blast(sink.port, "-n", "250", "-c", "2", "--rate", "100", module="engine.lab.blast")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     progress = [ln for ln in lines if re.fullmatch(

@@ -8,7 +8,7 @@ import asyncio
 from engine.delivery.budget import ConnectionBudget
 from engine.delivery.pool_manager import PoolManager
 from engine.dns.mx import Route, RouteHost, address_key
-from engine.sink_protocol import start_sinks
+from engine.lab.sink.protocol import start_sinks
 from tests.integration.test_pool import free_port
 from tests.peers.smtp_sink import NO_REPLY
 from tests.integration.test_session import (

@@ -10,7 +10,7 @@ from typing import Awaitable, Callable, TypeVar
 
 import uvloop
 
-from engine.sink_protocol import Faults, Sink, start_sink, start_sinks
+from engine.lab.sink.protocol import Faults, Sink, start_sink, start_sinks
 
 T = TypeVar("T")
 HOST = "127.0.0.8"

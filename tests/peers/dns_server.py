@@ -1,4 +1,4 @@
-"""The loopback lab DNS server, now `engine.labdns` (re-exported here for the tests).
+"""The loopback lab DNS server, now `engine.lab.dns` (re-exported here for the tests).
 
     with DnsServerThread({"example.test": {"MX": [(10, "mx1.example.test")]}}) as server:
         ...  # dns.nameservers = [server.address]
@@ -9,7 +9,7 @@ process (bench/relay.py starts it so); see engine/labdns.py.
 
 from __future__ import annotations
 
-from engine.labdns import (
+from engine.lab.dns import (
     DnsServer,
     DnsServerThread,
     ZoneData,

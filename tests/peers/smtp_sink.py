@@ -1,4 +1,4 @@
-"""The scripted SMTP sink for tests, now `engine.sink_protocol` (re-exported here).
+"""The scripted SMTP sink for tests, now `engine.lab.sink.protocol` (re-exported here).
 
     sink = await start_sink(script=lambda verb, arg: "550 5.1.1 no" if "bad" in arg else None)
     await sink.wait_for(10, timeout=5)
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 
-from engine.sink_protocol import (
+from engine.lab.sink.protocol import (
     NO_REPLY,
     Faults,
     Script,
@@ -66,7 +66,7 @@ def _serve_main(argv: list[str]) -> int:
 
 def _main(argv: list[str]) -> int:
     if argv[:1] == ["sink"]:
-        from engine.sink import main
+        from engine.lab.sink.cli import main
 
         # The counting destination of the relay benchmarks: plaintext, as it always was.
         return main(["--json", "--no-starttls", *argv[1:]])

@@ -7,7 +7,7 @@ import collections
 
 import pytest
 
-from engine.blast_message import (
+from engine.lab.blast.message import (
     UNIFORM_STEPS, bodies, check_rcpt_template, command_blocks, make_message,
     parse_size_spec, size_schedule, template_body, wire_form,
 )

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from engine import sink as sink_cli
-from engine.labdns import DnsServer, check_loopback
-from engine.sink_state import ACCEPT, DEFER, DISCONNECT, REJECT, Faults
+from engine.lab.sink import cli as sink_cli
+from engine.lab.dns import DnsServer, check_loopback
+from engine.lab.sink.state import ACCEPT, DEFER, DISCONNECT, REJECT, Faults
 
 
 def test_faults_off_always_accepts() -> None:

@@ -8,7 +8,7 @@ LOGIN, unless `--auth-mech` forces one. A connection whose AUTH is not offered o
 refused sends no message; the run counts why under errors ("auth 535", ...).
 
 The lines are built once per run; the steps are a mixin of the per-connection state
-machine (engine.blast_protocol), kept here so that module stays about messages.
+machine (engine.lab.blast.protocol), kept here so that module stays about messages.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from typing import Callable
 
-    from engine.blast_shared import Shared
+    from engine.lab.blast.shared import Shared
 
 __all__ = ["MECHANISMS", "AuthSteps", "BlastAuth", "offered_mechanisms"]
 

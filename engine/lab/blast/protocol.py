@@ -4,11 +4,11 @@ The connection is a plain `asyncio.Protocol` driven by callbacks, not a coroutin
 session: a load generator shares the machine's cores with the server it measures, so
 every future, task wake-up and per-message allocation it avoids is CPU left to the
 server. Everything a message needs on the wire (its command block and body) is built
-once up front (`engine.blast_shared`) and reused; replies are parsed with `bytes.find`.
+once up front (`engine.lab.blast.shared`) and reused; replies are parsed with `bytes.find`.
 
 With --tls the session upgrades with STARTTLS after the first EHLO (the handshake
 is the one coroutine: `loop.start_tls`), and with --auth it authenticates (PLAIN or
-LOGIN, engine.blast_auth) after the (second) EHLO; both happen once per connection,
+LOGIN, engine.lab.blast.auth) after the (second) EHLO; both happen once per connection,
 never per message.
 
 With PIPELINING the client chains transactions as RFC 2920 allows (and Postfix's
@@ -25,9 +25,9 @@ import math
 import time
 from typing import Callable
 
-from engine.blast_auth import AuthSteps
-from engine.blast_message import HELO_NAME
-from engine.blast_shared import UNLIMITED_QUOTA, Shared
+from engine.lab.blast.auth import AuthSteps
+from engine.lab.blast.message import HELO_NAME
+from engine.lab.blast.shared import UNLIMITED_QUOTA, Shared
 
 __all__ = ["BlastConnection"]
 

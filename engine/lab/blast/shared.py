@@ -1,6 +1,6 @@
 """What all connections of one blast run share: message bytes built once, tickets, counters.
 
-Split from `engine.blast_protocol` (the per-connection state machine) so each stays
+Split from `engine.lab.blast.protocol` (the per-connection state machine) so each stays
 small; everything here runs on the one event loop thread, so no locks.
 """
 
@@ -11,11 +11,11 @@ import math
 import ssl
 from typing import TYPE_CHECKING
 
-from engine.blast_message import RCPT_TEMPLATE, SENDER, BodyFor, command_blocks, make_message
+from engine.lab.blast.message import RCPT_TEMPLATE, SENDER, BodyFor, command_blocks, make_message
 
 if TYPE_CHECKING:
-    from engine.blast_auth import BlastAuth
-    from engine.blast_protocol import BlastConnection
+    from engine.lab.blast.auth import BlastAuth
+    from engine.lab.blast.protocol import BlastConnection
 
 __all__ = ["Shared", "UNLIMITED_QUOTA"]
 

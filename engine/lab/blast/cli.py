@@ -1,6 +1,6 @@
-"""The `volley blast` command line (also `python -m engine.blast`): arguments, the live
+"""The `volley blast` command line (also `python -m engine.lab.blast`): arguments, the live
 progress line, the summary and the exit status. The load generator itself is
-engine.blast (`run`), which this only configures and watches.
+engine.lab.blast (`run`), which this only configures and watches.
 """
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ import signal
 import sys
 from typing import IO, TYPE_CHECKING, Sequence
 
-from engine.blast_auth import MECHANISMS
-from engine.blast_message import RCPT_TEMPLATE, SENDER, check_rcpt_template, parse_size_spec
+from engine.cmdline import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, duration, host_port
+from engine.lab.blast.auth import MECHANISMS
+from engine.lab.blast.message import RCPT_TEMPLATE, SENDER, check_rcpt_template, parse_size_spec
 
-if TYPE_CHECKING:  # engine.blast (asyncio, msgspec, ssl) is imported when a run starts,
+if TYPE_CHECKING:  # engine.lab.blast (asyncio, msgspec, ssl) is imported when a run starts,
     # so registering the subcommand costs `volley --help` (and `volley ctl`) nothing.
-    from engine.blast import BlastOptions, Progress, Report
+    from engine.lab.blast.run import BlastOptions, Progress, Report
 
-EXIT_OK, EXIT_NOT_ALL_ACCEPTED, EXIT_USAGE = 0, 1, 2
+EXIT_NOT_ALL_ACCEPTED = EXIT_FAILURE  # some message was refused or never sent
 
 DESCRIPTION = """\
 An SMTP load generator (like Postfix's smtp-source): sends -n messages over -c
@@ -49,25 +50,10 @@ sent; 2 on a usage error.
 """
 
 
-def _duration(text: str) -> float:
-    from engine.control.cli_ctl import duration  # (here: engine.cli comes with it)
-
-    return duration(text)
-
-
-def _host_port(text: str) -> tuple[str, int]:
-    from engine.config import split_host_port  # (as `volley sink --listen` reads it)
-
-    try:
-        return split_host_port(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Every `volley blast` option, on `p`."""
     a = p.add_argument
-    a("--to", type=_host_port, default=("127.0.0.1", 2525), metavar="HOST:PORT",
+    a("--to", type=host_port, default=("127.0.0.1", 2525), metavar="HOST:PORT",
       help="the server to load (default 127.0.0.1:2525)")
     a("-n", "--messages", type=int, default=None, metavar="N",
       help="messages in all (default 1000; with --duration: no limit)")
@@ -85,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--message", default="", metavar="FILE", help="send this RFC 5322 file as the message")
     a("--template", action="store_true", help="replace {n} and {id} in --message per message")
     a("--rate", type=float, default=0.0, metavar="MSGS/S", help="cap on messages/s (default: none)")
-    a("--duration", type=_duration, default=0.0, metavar="TIME",
+    a("--duration", type=duration, default=0.0, metavar="TIME",
       help="stop starting messages after TIME (30s, 5m; default: none)")
     a("--pipelining", action=argparse.BooleanOptionalAction, default=True,
       help="pipeline commands when the server offers PIPELINING (default: on)")
@@ -97,14 +83,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--auth", default="", metavar="USER:PASS",
       help="AUTH PLAIN, or LOGIN when only that is offered (after STARTTLS with --tls)")
     a("--auth-mech", choices=MECHANISMS, default="", help="use this AUTH mechanism only")
-    a("--timeout", type=_duration, default=30.0, metavar="TIME",
+    a("--timeout", type=duration, default=30.0, metavar="TIME",
       help="wait for any one reply or connect (default 30s)")
     a("--json", action="store_true", help="print the report as one JSON object, no progress")
 
 
 def options_from_args(args: argparse.Namespace) -> BlastOptions:
     """The parsed command line -> BlastOptions; ValueError names a bad combination."""
-    from engine.blast import BlastOptions
+    from engine.lab.blast.run import BlastOptions
 
     messages = args.messages
     if messages is None:
@@ -201,7 +187,7 @@ async def _run_interruptible(options: BlastOptions, progress: ProgressLine | Non
     and the summary is printed), a second one aborts."""
     import asyncio
 
-    from engine.blast import run
+    from engine.lab.blast.run import run
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -270,5 +256,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m engine.blast ARGS` (the same as `volley blast ARGS`)."""
+    """`python -m engine.lab.blast ARGS` (the same as `volley blast ARGS`)."""
     return command(build_parser().parse_args(argv))

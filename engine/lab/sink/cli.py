@@ -2,7 +2,7 @@
 
     volley sink --listen 127.0.0.2:2526 --listen 127.0.0.3:2526 --latency 20ms --defer-rate 0.1
 
-The protocol is `engine.sink_protocol`; this module is the command: options, the
+The protocol is `engine.lab.sink.protocol`; this module is the command: options, the
 optional store, the status line every second and the summary at the end.
 
 - `--store DIR`: each accepted message is written as DIR/<n>.eml, byte for byte what
@@ -38,13 +38,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from engine.cmdline import duration, host_port
+
 PROG = "volley sink"
-
-
-def _duration(text: str) -> float:
-    from engine.control.cli_ctl import duration  # (here: engine.cli comes with it)
-
-    return duration(text)
 
 
 def _rate(text: str) -> float:
@@ -57,17 +53,8 @@ def _rate(text: str) -> float:
     return value
 
 
-def _address(text: str) -> tuple[str, int]:
-    from engine.config import split_host_port
-
-    try:
-        return split_host_port(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--listen", action="append", required=True, type=_address, metavar="HOST:PORT",
+    p.add_argument("--listen", action="append", required=True, type=host_port, metavar="HOST:PORT",
                    help="address to listen on (port 0: any free port); repeatable")
     p.add_argument("--store", metavar="DIR", help="write each accepted message as DIR/<n>.eml"
                    " (envelopes in DIR/index.jsonl); default: count and discard")
@@ -77,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of transactions answered 550 5.7.1 at the end of data")
     p.add_argument("--disconnect-rate", type=_rate, default=0.0, metavar="F",
                    help="fraction of transactions whose connection is dropped at the end of data")
-    p.add_argument("--latency", type=_duration, default=0.0, metavar="DURATION",
+    p.add_argument("--latency", type=duration, default=0.0, metavar="DURATION",
                    help='delay before each end-of-data reply, e.g. "20ms"')
     p.add_argument("--seed", type=int, default=None, help="seed of the random choices")
     p.add_argument("--no-pipelining", action="store_true", help="do not advertise PIPELINING")
@@ -86,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="do not offer STARTTLS (offered by default, with a throwaway certificate)")
     p.add_argument("--tls-cert", metavar="FILE", help="PEM certificate for STARTTLS")
     p.add_argument("--tls-key", metavar="FILE", help="PEM key for STARTTLS")
-    p.add_argument("--duration", "--lifetime", type=_duration, default=0.0, metavar="DURATION",
+    p.add_argument("--duration", "--lifetime", type=duration, default=0.0, metavar="DURATION",
                    help="stop after this long (default: until SIGINT/SIGTERM)")
     p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
                    help="seconds between status lines (default %(default)s)")
@@ -247,7 +234,7 @@ async def _read_targets(loop: asyncio.AbstractEventLoop, targets: Targets, sink:
 
 
 async def serve(args: argparse.Namespace, out: Output) -> None:
-    from engine.sink_protocol import Faults, start_sinks
+    from engine.lab.sink.protocol import Faults, start_sinks
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -314,11 +301,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m engine.sink ...`, the same as `volley sink ...`."""
+    """`python -m engine.lab.sink ...`, the same as `volley sink ...`."""
     p = argparse.ArgumentParser(prog=PROG, description="A fast SMTP receiver for load tests and drills.")
     add_arguments(p)
     return run(p.parse_args(argv))
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

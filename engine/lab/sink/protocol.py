@@ -28,7 +28,7 @@ Optional: `auth={"user": "password"}` makes it a smarthost that advertises AUTH 
 under TLS, refuses AUTH in plaintext (538) and MAIL before AUTH (530); `max_live` is the
 most connections that were open at once.
 
-The state all connections share (`Sink`, `SinkMessage`, `Faults`) is in engine.sink_state.
+The state all connections share (`Sink`, `SinkMessage`, `Faults`) is in engine.lab.sink.state.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import re
 import ssl
 import time
 
-from engine.sink_state import (
+from engine.lab.sink.state import (
     ACCEPT,
     DISCONNECT,
     END_REPLIES,

@@ -3,14 +3,14 @@
     volley demo [--domains 20] [--messages 20000] [--concurrency 50] [--latency 0ms]
                 [--workers 2] [--keep DIR]
 
-In a temporary directory (or DIR with --keep): a lab DNS zone (`engine.labdns`, in this
+In a temporary directory (or DIR with --keep): a lab DNS zone (`engine.lab.dns`, in this
 process) with domains d0.demo.test .. whose MX hosts resolve to 127.0.0.2, 127.0.0.3, ..;
 one `volley sink` process listening on all of those addresses at one port; `volley
 serve` as a real process with a generated config (delivery on, `dns.nameservers` = the
 lab DNS, `delivery.port` = the sinks' port, queue, logs and control socket in the
-directory); then `engine.blast` (in this process) sends the messages over the domains.
+directory); then `engine.lab.blast` (in this process) sends the messages over the domains.
 A live line shows received/s (from the control socket's metrics) and delivered/s (the
-sinks' count); the end is a one-screen report (`engine.demo_report`). Everything it
+sinks' count); the end is a one-screen report (`engine.lab.demo.report`). Everything it
 started is stopped, Ctrl-C included. Exit 0 when every message was delivered.
 """
 
@@ -30,36 +30,25 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from engine import demo_report
+from engine.lab.demo import report as demo_report
+from engine.cmdline import duration, positive_int
 
 PROG = "volley demo"
 MAX_SINKS = 100  # listeners on 127.0.0.2 ..; more domains share them round-robin
 ORIGIN = "demo.test"
 
 
-def _duration(text: str) -> float:
-    from engine.control.cli_ctl import duration  # (here: engine.cli comes with it)
-
-    return duration(text)
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--domains", type=_positive, default=20, help="destination domains (default 20)")
-    p.add_argument("--messages", type=_positive, default=20000, help="messages to send (default 20000)")
-    p.add_argument("--concurrency", type=_positive, default=50, help="sending sessions (default 50)")
-    p.add_argument("--latency", type=_duration, default=0.0, metavar="DURATION",
+    p.add_argument("--domains", type=positive_int, default=20, help="destination domains (default 20)")
+    p.add_argument("--messages", type=positive_int, default=20000, help="messages to send (default 20000)")
+    p.add_argument("--concurrency", type=positive_int, default=50, help="sending sessions (default 50)")
+    p.add_argument("--latency", type=duration, default=0.0, metavar="DURATION",
                    help='the sinks\' delay before each end-of-data reply, e.g. "20ms" (default 0ms)')
-    p.add_argument("--workers", type=_positive, default=2, help="volley serve workers (default 2)")
-    p.add_argument("--size", type=_positive, default=1024, help="message bytes (default 1024)")
+    p.add_argument("--workers", type=positive_int, default=2, help="volley serve workers (default 2)")
+    p.add_argument("--size", type=positive_int, default=1024, help="message bytes (default 1024)")
     p.add_argument("--durability", choices=("fsync", "batch", "memory"), default="fsync",
                    help="queue.durability of the server (default fsync)")
-    p.add_argument("--stall", type=_duration, default=60.0, metavar="DURATION",
+    p.add_argument("--stall", type=duration, default=60.0, metavar="DURATION",
                    help="give up when nothing is delivered for this long (default 60s)")
     p.add_argument("--keep", metavar="DIR", help="work in DIR (new or empty) and keep it")
 
@@ -140,7 +129,7 @@ class SinkProcess:
             listen = [arg for h in hosts for arg in ("--listen", f"{h}:{port}")]
             with open(work / "sink.log", "ab") as err:
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "engine.sink", "--json", "--no-starttls", "--interval",
+                    sys.executable, "-m", "engine.lab.sink", "--json", "--no-starttls", "--interval",
                     "0.25", "--targets-from-stdin", "--latency", f"{latency * 1000:g}ms", *listen,
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err)
             sink = cls(proc)
@@ -292,7 +281,7 @@ async def _live(live: demo_report.Live, server: ServerProcess, sinks: SinkProces
 
 
 async def _run_blast(args: argparse.Namespace, port: int) -> Any:
-    from engine.blast import BlastOptions, run as blast_run
+    from engine.lab.blast.run import BlastOptions, run as blast_run
 
     return await blast_run(BlastOptions(
         host="127.0.0.1", port=port, messages=args.messages, concurrency=args.concurrency,
@@ -301,7 +290,7 @@ async def _run_blast(args: argparse.Namespace, port: int) -> Any:
 
 async def demo(args: argparse.Namespace, work: Path) -> demo_report.Outcome:
     """Start the lab, send, wait for delivery, stop everything; the outcome to report."""
-    from engine.labdns import start_dns_server
+    from engine.lab.dns import start_dns_server
 
     hosts = sink_hosts(args.domains)
     data = zone(args.domains, hosts)
@@ -393,11 +382,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m engine.demo ...`, the same as `volley demo ...`."""
+    """`python -m engine.lab.demo ...`, the same as `volley demo ...`."""
     p = argparse.ArgumentParser(prog=PROG, description="The whole loop on loopback.")
     add_arguments(p)
     return run(p.parse_args(argv))
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

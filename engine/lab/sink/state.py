@@ -1,6 +1,6 @@
 """What a running SMTP sink shares between its connections: counters, recordings, faults.
 
-Split from `engine.sink_protocol` (the per-connection state machine) so each stays
+Split from `engine.lab.sink.protocol` (the per-connection state machine) so each stays
 small; everything here runs on the one event loop thread, so no locks.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
-    from engine.sink_protocol import SinkProtocol
+    from engine.lab.sink.protocol import SinkProtocol
 
 Script = Callable[[str, str], "str | None"]
 OnMessage = Callable[[str, list[str], bytes, bool], None]

@@ -4,9 +4,9 @@
 
 or, to measure its CPU apart from the server's:
 
-    python -m engine.blast --to 127.0.0.1:2525 -n 10000 -c 50 --size 1024 --json
+    python -m engine.lab.blast --to 127.0.0.1:2525 -n 10000 -c 50 --size 1024 --json
 
-(the same command line as `volley blast`, engine.blast_cli). Every message is counted
+(the same command line as `volley blast`, engine.lab.blast.cli). Every message is counted
 exactly once: accepted, refused (by the code that refused it), or failed (an error
 while it was in flight); messages never started (the run stopped early: interrupted,
 or every session gave up connecting) are `unsent`. Every wait has a deadline, so a
@@ -20,14 +20,14 @@ import math
 import os
 import ssl
 import time
-from typing import Callable, Sequence
+from typing import Callable
 
 import msgspec
 
-from engine.blast_auth import BlastAuth
-from engine.blast_message import RCPT_TEMPLATE, SENDER, bodies
-from engine.blast_protocol import BlastConnection
-from engine.blast_shared import Shared
+from engine.lab.blast.auth import BlastAuth
+from engine.lab.blast.message import RCPT_TEMPLATE, SENDER, bodies
+from engine.lab.blast.protocol import BlastConnection
+from engine.lab.blast.shared import Shared
 
 # A session that cannot connect (or gets nothing done on) this many connections in a
 # row gives up, so a dead server ends the run quickly instead of spinning.
@@ -301,14 +301,3 @@ def _report(options: BlastOptions, shared: Shared, elapsed: float, cpu: float) -
         cpu_s=cpu,
         stopped=stopped,
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The `volley blast` command line (engine.blast_cli): 0 iff every message was accepted."""
-    from engine.blast_cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -306,7 +306,7 @@ def dns_server_thread(zone: ZoneData, **kw: Any) -> Iterator[DnsServer]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m engine.labdns --zone FILE`: serve a JSON zone as its own process.
+    """`python -m engine.lab.dns --zone FILE`: serve a JSON zone as its own process.
 
     The zone file maps names to data as `start_dns_server` takes it (MX values as
     [[preference, "host"], ...]). Prints one JSON line on stdout,
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     import json
     import signal
 
-    p = argparse.ArgumentParser(prog="python -m engine.labdns",
+    p = argparse.ArgumentParser(prog="python -m engine.lab.dns",
                                 description="A loopback authoritative DNS server for one JSON zone.")
     p.add_argument("--zone", required=True, help="JSON file: {name: data}")
     p.add_argument("--origin", default="test.",

@@ -1,6 +1,6 @@
 """What `volley demo` measures and shows: the live line, the final report, and the readings
 behind them (Prometheus counters from the control socket, CPU of a process tree from
-/proc, queue times from the delivery log). Split from `engine.demo`, which runs the loop.
+/proc, queue times from the delivery log). Split from `engine.lab.demo`, which runs the loop.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def tree_cpu_seconds(root: int) -> float:
 
 
 def percentile(ordered: list[float], q: float) -> float:
-    """Nearest rank of a sorted list (as engine.blast reports); nan when empty."""
+    """Nearest rank of a sorted list (as engine.lab.blast reports); nan when empty."""
     if not ordered:
         return math.nan
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
@@ -126,7 +126,7 @@ class Outcome:
     workers: int
     durability: str
     latency_ms: float  # the sinks' added latency
-    blast: Any  # engine.blast.Report
+    blast: Any  # engine.lab.blast.run.Report
     delivered: int
     out_seconds: float  # first message sent -> last one delivered (sink clock)
     server_cpu: float
