@@ -34,8 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from control_scale import BODY, put_all, target_mark, timed  # noqa: E402  (bench/ is not a package)
-from e2e import REPO, Server, _stat_fields, git_commit, relay_config, run_child  # noqa: E402
-from e2e import TICK, machine_busy_seconds, probe_ms  # noqa: E402
+from e2e import REPO, TICK, Server, _stat_fields, git_commit, machine_busy_seconds, probe_ms, relay_config, run_child  # noqa: E402  # noqa: E402
 from e2e import write_config as e2e_write_config  # noqa: E402
 from relay import BLAST_WRAPPER  # noqa: E402
 from relay_peers import LIFETIME, Peer  # noqa: E402
@@ -300,7 +299,7 @@ def write_config(tmp: Path, dns_port: int, sink_port: int) -> Path:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"messages": args.messages, "domains": args.domains,
-                              "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                              "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                               "commit": git_commit(), "python": platform.python_version(),
                               "cpus": os.cpu_count(), "targets": TARGETS, "probe_ms": round(probe_ms(), 1),
                               "loadavg": os.getloadavg()}

@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sizes = [int(s) for s in args.sizes.split(",") if s]
     levels = [d.strip() for d in args.durability.split(",") if d.strip()]
-    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     cells: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
     for size in sizes:

@@ -34,14 +34,26 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e import write_config as e2e_write_config  # noqa: E402
 from e2e import (  # noqa: E402  (bench/ is not a package; e2e.py holds the shared helpers)
-    REPO, Server, git_commit, machine_busy_seconds, probe_ms, relay_config, run_child,
-    server_command, tree_cpu_seconds,
+    REPO,
+    Server,
+    git_commit,
+    machine_busy_seconds,
+    probe_ms,
+    relay_config,
+    run_child,
+    server_command,
+    tree_cpu_seconds,
 )
-
+from e2e import write_config as e2e_write_config  # noqa: E402
 from relay_peers import (  # noqa: E402
-    LIFETIME, SINK_HOST, DeliveryLog, Peer, Sink, descendants_cpu, worker_split,
+    LIFETIME,
+    SINK_HOST,
+    DeliveryLog,
+    Peer,
+    Sink,
+    descendants_cpu,
+    worker_split,
 )
 
 RESULTS = REPO / "bench" / "results" / "relay.json"
@@ -306,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s]
     levels = [d.strip() for d in args.durability.split(",") if d.strip()]
     domain_counts = [int(d) for d in args.domains.split(",") if d.strip()]
-    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     cells: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
     dns = sink = None

@@ -30,11 +30,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e import REPO, probe_ms  # noqa: E402  (bench/ is not a package)
-from relay import write_zone  # noqa: E402
-from relay_peers import LIFETIME, Peer  # noqa: E402
-
 from peers import load, postfix, report, sinks, systems  # noqa: E402
 from peers.procs import sample  # noqa: E402
+from relay import write_zone  # noqa: E402
+from relay_peers import LIFETIME, Peer  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "latest.json"
 SIZES = {"1k": 1024, "10k": 10240, "100k": 102400}

@@ -8,7 +8,7 @@ the wire.
 
 from __future__ import annotations
 
-from engine.smtp.replies import Reply, R451_LOCAL_ERROR, R452_QUEUE_FULL
+from engine.smtp.replies import R451_LOCAL_ERROR, R452_QUEUE_FULL, Reply
 
 
 class VolleyError(Exception):

@@ -109,7 +109,7 @@ class WorkerSlot:
             if delay:
                 try:
                     await asyncio.wait_for(self.sup.stop_event.wait(), delay)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
 
     async def _run_once(self) -> int:
@@ -176,7 +176,7 @@ class WorkerSlot:
         self.send({**message, "ask": n})
         try:
             return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return {"error": "worker did not answer"}
         finally:
             self._waiting.pop(n, None)

@@ -28,17 +28,17 @@ import msgspec
 import uvloop
 
 from engine import config as config_mod
-from engine.inbound.context import WorkerContext
 from engine.delivery.holds import HOLDS_KEY, Holds, decode_holds, holds_from_builtins
 from engine.delivery.runtime import Delivery
+from engine.inbound.context import WorkerContext
 from engine.inbound.listener import start_listeners
 from engine.observe import log
 from engine.observe.metrics import WorkerMetrics
-from engine.queue.commit import Committer
-from engine.queue.inline_commit import InlineCommitter
-from engine.queue.ids import IdAllocator
-from engine.queue.store import QueueStore
 from engine.observe.worker_state import worker_state
+from engine.queue.commit import Committer
+from engine.queue.ids import IdAllocator
+from engine.queue.inline_commit import InlineCommitter
+from engine.queue.store import QueueStore
 
 # Exit status of a worker whose storage environment became unusable (MDB_PANIC,
 # finding 8); the supervisor restarts it like any other exit, with the same backoff.

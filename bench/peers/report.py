@@ -156,7 +156,7 @@ def machine_facts() -> dict[str, Any]:
     except importlib.metadata.PackageNotFoundError:
         aiosmtpd = None
     return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(), "nproc": os.cpu_count(), "cpu_model": model,
         "kernel": platform.release(), "python": platform.python_version(),
         "postfix": postfix.version() or None, "aiosmtpd": aiosmtpd, "loadavg": os.getloadavg(),

@@ -45,7 +45,7 @@ from __future__ import annotations
 import hashlib
 import re
 import textwrap
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import format_datetime
 
 from engine.queue.records import MessageRecord, Recipient
@@ -175,7 +175,7 @@ def _field(name: str, value: str) -> list[str]:
 
 
 def _date(t: float) -> str:
-    return format_datetime(datetime.fromtimestamp(t, tz=timezone.utc))
+    return format_datetime(datetime.fromtimestamp(t, tz=UTC))
 
 
 def _addr_type(address: str) -> str:

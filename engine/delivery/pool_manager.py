@@ -9,8 +9,7 @@ import ssl
 from engine.config import TimeoutsConfig
 from engine.delivery.budget import ConnectionBudget
 from engine.delivery.connect import client_tls_context
-from engine.delivery.job import Job, PoolSettings
-from engine.delivery.job import safe_done, unsent
+from engine.delivery.job import Job, PoolSettings, safe_done, unsent
 from engine.delivery.pool import PoolStats, SitePool
 from engine.dns.mx import Route
 

@@ -39,9 +39,9 @@ from engine.config import Config
 from engine.delivery import outcome as outcome_mod
 from engine.delivery.holds import Holds, Parked, park_op
 from engine.delivery.job import Job, JobResult, PoolSettings
+from engine.delivery.planner import RoutePlanner
 from engine.delivery.reports import due_delay_reports, queue_dsns
 from engine.delivery.retry import expired, parse_schedule
-from engine.delivery.planner import RoutePlanner
 from engine.dns.cache import DnsCache
 from engine.dns.mx import Route, RouteError
 from engine.dns.resolver import Resolver
@@ -155,7 +155,7 @@ class Scheduler:
                 log.error("delivery_scan_failed", error=str(err))
             try:
                 await asyncio.wait_for(self._wake.wait(), float(self.cfg.delivery.poll_interval))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             # Every received message wakes us: coalesce a burst of wake-ups into one
             # scan per _MIN_SCAN_GAP instead of one per message.

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import math
 import ssl
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from engine.config import Config

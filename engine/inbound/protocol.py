@@ -17,6 +17,7 @@ from engine.errors import VolleyError
 from engine.inbound import session_io
 from engine.observe import log
 from engine.smtp.commands import Auth, Ehlo, Helo, Mail, Rcpt, StartTls
+from engine.smtp.events import _Sentinel
 from engine.smtp.replies import (
     R220_READY_TLS,
     R250_RCPT_OK,
@@ -30,7 +31,6 @@ from engine.smtp.replies import (
     R554_TOO_MANY_HOPS,
     Reply,
 )
-from engine.smtp.events import _Sentinel
 from engine.smtp.server import (
     AuthResponse,
     AutoReply,
@@ -303,7 +303,7 @@ class SmtpServerProtocol(asyncio.Protocol):
                 self.transport, self, ctx, server_side=True,
                 ssl_handshake_timeout=float(self.ctx.cfg.limits.command_timeout),
             )
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as err:
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as err:
             log.info("tls_failed", client=self.client_ip, error=repr(err))
             transport = None
         if transport is None or self.closing:

@@ -9,8 +9,8 @@ from email.utils import formatdate
 from typing import TYPE_CHECKING
 
 from engine.inbound import auth
-from engine.queue.records import MessageRecord, Recipient
 from engine.queue.ids import id_text
+from engine.queue.records import MessageRecord, Recipient
 from engine.smtp.commands import Auth, Ehlo, Helo
 from engine.smtp.replies import (
     R235_AUTH_OK,

@@ -30,8 +30,7 @@ from typing import TypeVar
 import lmdb
 
 from engine.errors import QueueFull, StorageError, StoragePanic
-from engine.queue.layout import DUE_FIXED, DUE_HEAD, due_keys, due_value
-from engine.queue.layout import due_key, stable_shard  # noqa: F401  (re-exported)
+from engine.queue.layout import DUE_FIXED, DUE_HEAD, due_key, due_keys, due_value, stable_shard  # noqa: F401  (re-exported)
 from engine.queue.records import MessageRecord, decode_record
 from engine.queue.store_views import StoreViews
 from engine.queue.writetxn import WriteTxn

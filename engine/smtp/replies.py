@@ -28,7 +28,7 @@ class Reply(msgspec.Struct, frozen=True):
         wire = _WIRE.get(id(self))
         return wire if wire is not None else format_reply(self)
 
-    def with_text(self, text: str | tuple[str, ...]) -> "Reply":
+    def with_text(self, text: str | tuple[str, ...]) -> Reply:
         return Reply(self.code, self.enhanced, text)
 
 
@@ -37,8 +37,8 @@ def format_reply(reply: Reply) -> bytes:
     text = reply.text
     if type(text) is str:  # one line: the run-time replies of the hot path (queue ids)
         if reply.enhanced:
-            return f"{reply.code} {reply.enhanced} {text}\r\n".encode("utf-8")
-        return f"{reply.code} {text}\r\n".encode("utf-8")
+            return f"{reply.code} {reply.enhanced} {text}\r\n".encode()
+        return f"{reply.code} {text}\r\n".encode()
     lines = reply.lines
     prefix = f"{reply.code}"
     enh = f"{reply.enhanced} " if reply.enhanced else ""

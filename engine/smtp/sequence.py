@@ -5,7 +5,20 @@ a pair missing from `ALLOWED` is answered 503 5.5.1."""
 from __future__ import annotations
 
 from engine.smtp.commands import (
-    Auth, Bdat, Command, Data, Ehlo, Helo, Help, Mail, Noop, Quit, Rcpt, Rset, StartTls, Vrfy,
+    Auth,
+    Bdat,
+    Command,
+    Data,
+    Ehlo,
+    Helo,
+    Help,
+    Mail,
+    Noop,
+    Quit,
+    Rcpt,
+    Rset,
+    StartTls,
+    Vrfy,
 )
 from engine.smtp.events import AutoReply, State
 from engine.smtp.replies import (

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from engine.smtp import buffer
 from engine.smtp.commands import (
+    MAX_COMMAND_LINE,
     Auth,
     Bdat,
     Command,
@@ -39,21 +40,7 @@ from engine.smtp.commands import (
     SmtpSyntaxError,
     StartTls,
     parse_command,
-    MAX_COMMAND_LINE,
 )
-from engine.smtp.replies import (
-    R221_BYE,
-    R250_RESET,
-    R354_START_DATA,
-    R421_TOO_MANY_ERRORS,
-    R500_LINE_TOO_LONG,
-    R503_ALREADY_AUTH,
-    R552_MESSAGE_TOO_BIG,
-    R554_NO_VALID_RCPTS,
-    R554_PREGREET,
-    Reply,
-)
-
 
 # The event and state vocabulary lives in events.py; re-exported here so adapters can
 # take everything from engine.smtp.server.
@@ -70,7 +57,18 @@ from engine.smtp.events import (  # noqa: E402
     State,
     _Sentinel,
 )
-
+from engine.smtp.replies import (
+    R221_BYE,
+    R250_RESET,
+    R354_START_DATA,
+    R421_TOO_MANY_ERRORS,
+    R500_LINE_TOO_LONG,
+    R503_ALREADY_AUTH,
+    R552_MESSAGE_TOO_BIG,
+    R554_NO_VALID_RCPTS,
+    R554_PREGREET,
+    Reply,
+)
 from engine.smtp.sequence import ALLOWED_IN, AUTO_REPLIES, JUNK, sequence_reply  # noqa: E402
 
 # Module constants: a global load is cheaper than State.X (a class attribute) on the

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Awaitable, Callable, Protocol, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
 import pytest
 import uvloop
 
-from engine.lab.blast.run import BlastOptions, Report, run
 from engine.lab.blast.cli import build_parser, options_from_args
 from engine.lab.blast.message import make_message
+from engine.lab.blast.run import BlastOptions, Report, run
 from tests.peers.smtp_sink import Sink, start_sink
 
 T = TypeVar("T")

@@ -8,15 +8,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
-from engine.lab.blast.run import BlastOptions, Report, run
-from engine.lab.blast.auth import BlastAuth, offered_mechanisms
 from engine.control.client import request
 from engine.control.protocol import List, Show
+from engine.lab.blast.auth import BlastAuth, offered_mechanisms
+from engine.lab.blast.run import BlastOptions, Report, run
 from tests.integration.harness import ServeProcess
 from tests.integration.test_blast import _against_server, _run
 from tests.integration.test_blast_cli import _blast, serve_starttls_auth

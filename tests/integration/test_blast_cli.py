@@ -4,8 +4,8 @@ and Ctrl-C."""
 
 from __future__ import annotations
 
-import json
 import fcntl
+import json
 import os
 import pty
 import re
@@ -14,8 +14,9 @@ import struct
 import subprocess
 import sys
 import termios
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from engine.inbound.auth import set_user
 from tests.integration.harness import REPO, LoopThread, ServeProcess

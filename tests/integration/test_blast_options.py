@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.lab.blast.run import BlastOptions, Progress, Report, run
 from engine.lab.blast.message import UNIFORM_STEPS
+from engine.lab.blast.run import BlastOptions, Progress, Report, run
 from tests.integration.test_blast import _against_server, _blast_raw, _run
 from tests.peers.smtp_sink import Sink, start_sink
 

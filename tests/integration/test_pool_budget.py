@@ -10,7 +10,6 @@ from engine.delivery.pool_manager import PoolManager
 from engine.dns.mx import Route, RouteHost, address_key
 from engine.lab.sink.protocol import start_sinks
 from tests.integration.test_pool import free_port
-from tests.peers.smtp_sink import NO_REPLY
 from tests.integration.test_session import (
     _OPEN,
     Results,
@@ -21,6 +20,7 @@ from tests.integration.test_session import (
     settings_for,
     sink_at,
 )
+from tests.peers.smtp_sink import NO_REPLY
 
 
 def named_route(domain: str, mx: str, ip: str) -> Route:

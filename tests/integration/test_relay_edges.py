@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from tests.integration.harness import InboundServer, merge, wait_until
 from tests.integration.relay_helpers import (
     FAST,

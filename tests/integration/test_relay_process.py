@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 import tomllib
 from collections import Counter as Tally
 from typing import Any

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from engine import cli
-from engine.lab.blast.run import BlastOptions
 from engine.lab.blast.cli import build_parser, options_from_args
+from engine.lab.blast.run import BlastOptions
 
 
 def _options(*argv: str) -> BlastOptions:

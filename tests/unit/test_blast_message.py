@@ -8,8 +8,15 @@ import collections
 import pytest
 
 from engine.lab.blast.message import (
-    UNIFORM_STEPS, bodies, check_rcpt_template, command_blocks, make_message,
-    parse_size_spec, size_schedule, template_body, wire_form,
+    UNIFORM_STEPS,
+    bodies,
+    check_rcpt_template,
+    command_blocks,
+    make_message,
+    parse_size_spec,
+    size_schedule,
+    template_body,
+    wire_form,
 )
 
 

@@ -3,12 +3,12 @@ and the throttle's effect on pool settings."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import msgspec
 import orjson
 import pytest
-
-from collections.abc import Iterator
-from pathlib import Path
 
 from engine.delivery.holds import (
     HOLDS_KEY,

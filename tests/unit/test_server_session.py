@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.smtp.commands import Auth, Bdat, Ehlo, Mail, Rcpt, StartTls
+from engine.smtp.commands import Auth, Ehlo, Mail, Rcpt, StartTls
 from engine.smtp.replies import (
     R220_READY_TLS,
     R235_AUTH_OK,

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from engine.lab.sink import cli as sink_cli
 from engine.lab.dns import DnsServer, check_loopback
+from engine.lab.sink import cli as sink_cli
 from engine.lab.sink.state import ACCEPT, DEFER, DISCONNECT, REJECT, Faults
 
 

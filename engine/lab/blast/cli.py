@@ -10,7 +10,8 @@ import collections
 import shutil
 import signal
 import sys
-from typing import IO, TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import IO, TYPE_CHECKING
 
 from engine.cmdline import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, duration, host_port
 from engine.lab.blast.auth import MECHANISMS

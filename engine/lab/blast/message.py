@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from typing import Callable
+from collections.abc import Callable
 
 SENDER = "blast@volley.test"
 HELO_NAME = "blast.volley.test"

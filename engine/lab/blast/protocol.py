@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from engine.lab.blast.auth import AuthSteps
 from engine.lab.blast.message import HELO_NAME

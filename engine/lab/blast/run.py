@@ -20,7 +20,7 @@ import math
 import os
 import ssl
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import msgspec
 
@@ -166,7 +166,7 @@ async def _session(shared: Shared, options: BlastOptions) -> None:
                 loop.create_connection(lambda: conn, options.host, options.port),
                 options.timeout,
             )
-        except (OSError, asyncio.TimeoutError) as err:
+        except (TimeoutError, OSError) as err:
             kind = "connect timeout" if isinstance(err, asyncio.TimeoutError) else type(err).__name__
             shared.error(f"connect: {kind}")
             shared.release(conn.quota)

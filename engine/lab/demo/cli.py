@@ -27,11 +27,12 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from engine.lab.demo import report as demo_report
 from engine.cmdline import duration, positive_int
+from engine.lab.demo import report as demo_report
 
 PROG = "volley demo"
 MAX_SINKS = 100  # listeners on 127.0.0.2 ..; more domains share them round-robin
@@ -122,7 +123,7 @@ class SinkProcess:
         self._reader = asyncio.ensure_future(self._read())
 
     @classmethod
-    async def start(cls, work: Path, hosts: list[str], latency: float) -> "SinkProcess":
+    async def start(cls, work: Path, hosts: list[str], latency: float) -> SinkProcess:
         """Retries on another port if one was taken meanwhile on some address."""
         for _ in range(5):
             port = free_port(hosts[0])
@@ -209,7 +210,7 @@ class ServerProcess:
         self.port = 0
 
     @classmethod
-    async def start(cls, work: Path, config: Path) -> "ServerProcess":
+    async def start(cls, work: Path, config: Path) -> ServerProcess:
         log = work / "volley.log"
         with open(log, "ab") as err:
             proc = await asyncio.create_subprocess_exec(
@@ -261,7 +262,7 @@ class ServerProcess:
 async def _reap(proc: asyncio.subprocess.Process, grace: float) -> None:
     try:
         await asyncio.wait_for(proc.wait(), grace)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         await proc.wait()
@@ -281,7 +282,8 @@ async def _live(live: demo_report.Live, server: ServerProcess, sinks: SinkProces
 
 
 async def _run_blast(args: argparse.Namespace, port: int) -> Any:
-    from engine.lab.blast.run import BlastOptions, run as blast_run
+    from engine.lab.blast.run import BlastOptions
+    from engine.lab.blast.run import run as blast_run
 
     return await blast_run(BlastOptions(
         host="127.0.0.1", port=port, messages=args.messages, concurrency=args.concurrency,

@@ -35,8 +35,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from engine.cmdline import duration, host_port
 
@@ -267,7 +268,7 @@ async def serve(args: argparse.Namespace, out: Output) -> None:
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), args.interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             out.tick(sink)
         if reading is not None:

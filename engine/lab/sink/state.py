@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from engine.lab.sink.protocol import SinkProtocol
@@ -99,7 +100,7 @@ class Sink:
     max_live: int = 0  # most connections open at the same time
     auth_users: list[str] = field(default_factory=list)  # successful AUTH PLAIN logins
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
-    _live: set["SinkProtocol"] = field(default_factory=set)
+    _live: set[SinkProtocol] = field(default_factory=set)
 
     @property
     def server(self) -> asyncio.AbstractServer:
