@@ -213,7 +213,7 @@ def test_expiry_of_one_domain_leaves_a_delivery_in_flight_elsewhere_alone(lab: L
                  and e["outcome"] == "expired", timeout=15)
 
     async def answer_data() -> None:  # a.test finally answers: 354, then 250 for the body
-        for proto in list(a._live):
+        for proto in list(a.live):
             proto.mode = "data"
             proto.buf[:0] = b"\r\n"
             proto.scan = 0

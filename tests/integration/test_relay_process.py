@@ -116,7 +116,7 @@ def test_kill_9_both_workers_mid_delivery_loses_nothing(serve, peers, dns_zone):
     released.set()
 
     async def drop_held() -> None:
-        for proto in list(sink._live):
+        for proto in list(sink.live):
             if proto.transport is not None:
                 proto.transport.abort()
 

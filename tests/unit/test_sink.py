@@ -98,7 +98,7 @@ def test_targets_fire_once_each_in_order() -> None:
 
 def _counts(**kw: int) -> SimpleNamespace:
     base = dict(accepted=0, connections=0, deferred=0, rejected=0, disconnected=0, max_live=0,
-                last=0.0, _live=set())
+                last=0.0, live=set())
     return SimpleNamespace(**{**base, **kw})
 
 

@@ -25,7 +25,7 @@ import math
 import time
 from collections.abc import Callable
 
-from engine.lab.blast.auth import AuthSteps
+from engine.lab.blast.auth_steps import AuthSteps
 from engine.lab.blast.message import HELO_NAME
 from engine.lab.blast.shared import UNLIMITED_QUOTA, Shared
 
@@ -170,6 +170,13 @@ class BlastConnection(AuthSteps, asyncio.Protocol):
 
     def expire(self) -> None:
         self._fail("timeout")
+
+    def abort(self) -> None:
+        """Close at once, counting nothing (the run was cancelled: don't leak sockets)."""
+        if self.upgrade is not None:
+            self.upgrade.cancel()
+        if self.transport is not None:
+            self.transport.abort()
 
     def _finish(self, code: int, accepted: bool) -> None:
         """Record the final outcome of the message in flight."""

@@ -163,7 +163,7 @@ async def _session(shared: Shared, options: BlastOptions) -> None:
         conn = BlastConnection(shared, done, quota)
         try:
             await asyncio.wait_for(
-                loop.create_connection(lambda: conn, options.host, options.port),
+                loop.create_connection(lambda conn=conn: conn, options.host, options.port),
                 options.timeout,
             )
         except (TimeoutError, OSError) as err:
@@ -264,10 +264,7 @@ async def run(
         for task in sessions + helpers:
             task.cancel()
         for conn in list(shared.live):  # only on cancellation: don't leak sockets
-            if conn.upgrade is not None:
-                conn.upgrade.cancel()
-            if conn.transport is not None:
-                conn.transport.abort()
+            conn.abort()
         await asyncio.gather(*helpers, *sessions, return_exceptions=True)
     elapsed = time.perf_counter() - t0
     return _report(options, shared, elapsed, time.process_time() - cpu0)

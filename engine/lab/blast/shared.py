@@ -9,13 +9,12 @@ from __future__ import annotations
 import asyncio
 import math
 import ssl
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from engine.lab.blast.message import RCPT_TEMPLATE, SENDER, BodyFor, command_blocks, make_message
 
 if TYPE_CHECKING:
     from engine.lab.blast.auth import BlastAuth
-    from engine.lab.blast.protocol import BlastConnection
 
 __all__ = ["Shared", "UNLIMITED_QUOTA"]
 
@@ -26,6 +25,16 @@ UNLIMITED_QUOTA = (1 << 30) - 1
 # Above this many bytes, "body + next group" is concatenated per message instead of kept
 # as a table of every combination (domains x body size: 10,000 domains x 100 kB = 1 GB).
 _CHAIN_TABLE_BYTES = 32 << 20
+
+
+class LiveConnection(Protocol):
+    """What the run needs of a connection in flight: its reply deadline and a way to end it."""
+
+    deadline: float
+
+    def expire(self) -> None: ...
+
+    def abort(self) -> None: ...
 
 
 class Shared:
@@ -104,7 +113,7 @@ class Shared:
         self.errors: dict[str, int] = {}
         self.connections = 0
         self.latencies: list[float] = []
-        self.live: set[BlastConnection] = set()
+        self.live: set[LiveConnection] = set()
 
     def reserve(self) -> int:
         """Messages the next connection may take (0: the run has none left).

@@ -191,12 +191,12 @@ class Output:
         self._seen = counts
         if self.json:
             self.emit({"messages": sink.accepted, "msgs_per_s": round(rate, 1),
-                       "connections": sink.connections, "live": len(sink._live),
+                       "connections": sink.connections, "live": len(sink.live),
                        "deferred": sink.deferred, "rejected": sink.rejected,
                        "disconnected": sink.disconnected, "last": sink.last, "t": now})
             return
         line = (f"{time.strftime('%H:%M:%S')} messages {sink.accepted:,} ({rate:,.0f}/s)"
-                f"  connections {sink.connections:,} (live {len(sink._live)})"
+                f"  connections {sink.connections:,} (live {len(sink.live)})"
                 f"  deferred {sink.deferred:,}  rejected {sink.rejected:,}"
                 f"  disconnected {sink.disconnected:,}")
         if self.tty:

@@ -94,13 +94,13 @@ class SinkProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         sink = self.sink
         sink.connections += 1
-        sink._live.add(self)
-        if len(sink._live) > sink.max_live:
-            sink.max_live = len(sink._live)
+        sink.live.add(self)
+        if len(sink.live) > sink.max_live:
+            sink.max_live = len(sink.live)
         self._send([self._reply("BANNER", "", "220 sink.test ESMTP volley sink")])
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.sink._live.discard(self)
+        self.sink.live.discard(self)
         self.transport = None
         if self._delayed is not None:
             self._delayed.cancel()

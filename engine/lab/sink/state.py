@@ -10,10 +10,7 @@ import asyncio
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from engine.lab.sink.protocol import SinkProtocol
+from typing import Protocol
 
 Script = Callable[[str, str], "str | None"]
 OnMessage = Callable[[str, list[str], bytes, bool], None]
@@ -65,6 +62,12 @@ class Faults:
         return ACCEPT
 
 
+class LiveConnection(Protocol):
+    """What the sink needs of an open connection: its transport, to drop it on close."""
+
+    transport: asyncio.Transport | None
+
+
 @dataclass
 class SinkMessage:
     """One message the sink accepted (or refused, in `Sink.refused`)."""
@@ -100,7 +103,7 @@ class Sink:
     max_live: int = 0  # most connections open at the same time
     auth_users: list[str] = field(default_factory=list)  # successful AUTH PLAIN logins
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
-    _live: set[SinkProtocol] = field(default_factory=set)
+    live: set[LiveConnection] = field(default_factory=set)  # the open connections
 
     @property
     def server(self) -> asyncio.AbstractServer:
@@ -123,8 +126,8 @@ class Sink:
         """Stop listening and drop every open connection."""
         for server in self.servers:
             server.close()
-        for proto in list(self._live):
-            if proto.transport is not None:
-                proto.transport.abort()
+        for conn in list(self.live):
+            if conn.transport is not None:
+                conn.transport.abort()
         for server in self.servers:
             await server.wait_closed()
