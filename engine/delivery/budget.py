@@ -8,7 +8,7 @@ processes), PowerMTA with `total-max-smtp-out`. Here a pool takes a slot before 
 opens a connection and gives it back when that connection is gone.
 
 A pool that finds no slot free waits in line (first come, first served) and is called
-back (`SitePool._dispatch`) when a slot frees. Slots held by idle sessions are the
+back (`BudgetUser.on_slot_free`) when a slot frees. Slots held by idle sessions are the
 cheapest to free: a pool that has to wait makes the coldest idle session of another
 pool QUIT (`reclaim`), so a cap full of warm-but-idle connections never starves a site
 with work until their `idle_timeout`.
@@ -20,9 +20,13 @@ from typing import Protocol
 
 
 class BudgetUser(Protocol):
-    def _dispatch(self) -> None: ...
+    """What the budget asks of a pool drawing on it (SitePool)."""
 
-    def retire_coldest_idle(self) -> bool: ...
+    def on_slot_free(self) -> None:
+        """A slot is free for the pool that waited in line: take it if work remains."""
+
+    def retire_coldest_idle(self) -> bool:
+        """QUIT one idle session (its slot comes back through `give`); False if none."""
 
 
 class ConnectionBudget:
@@ -59,7 +63,7 @@ class ConnectionBudget:
         while self.used < self.limit and self._waiting:
             pool = next(iter(self._waiting))
             del self._waiting[pool]
-            pool._dispatch()  # takes slots if it still has work; may wait again
+            pool.on_slot_free()  # takes slots if it still has work; may wait again
 
     def note_idle(self, pool: BudgetUser) -> None:
         """`pool` has an idle session (a slot `reclaim` may free)."""

@@ -36,7 +36,7 @@ an attribute test per job.
 Worker-wide cap (budget.py): with a `ConnectionBudget`, each connection attempt first
 takes a slot, and the slot returns when the attempt fails or the connection is closed
 (`_slots` holds the sessions that own one). With none free the pool waits in the
-budget's line, which calls `_dispatch` again when a slot frees.
+budget's line, which calls `on_slot_free` when a slot frees.
 
 Every submitted job gets exactly one `job.done(result)`.
 """
@@ -210,6 +210,10 @@ class SitePool:
             n += 1
         return n
 
+    def on_slot_free(self) -> None:
+        """The budget freed a slot while this pool waited in its line (BudgetUser)."""
+        self._dispatch()
+
     def retire_coldest_idle(self) -> bool:
         """QUIT the idle session unused longest (the budget needs its slot)."""
         if not self._idle:
@@ -298,7 +302,7 @@ class SitePool:
         self._dispatch()
         if session in self._slots:
             self._slots.discard(session)
-            self.budget.give()  # type: ignore[union-attr]  # _slots is empty without one
+            self._give_slot()
 
     # --- internals -----------------------------------------------------------------------
     def _worn_out(self, session: DeliverySession) -> bool:
@@ -335,7 +339,7 @@ class SitePool:
         budget = self.budget
         for _ in range(max(0, want)):
             if budget is not None and not budget.take(self):
-                break  # the budget calls _dispatch again when a slot frees
+                break  # the budget calls on_slot_free when a slot frees
             self._connecting += 1
             task = self.loop.create_task(self._open(self._queue[0].route))
             self._tasks.add(task)
