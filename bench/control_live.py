@@ -42,12 +42,12 @@ from relay_peers import LIFETIME, Peer  # noqa: E402
 sys.path.insert(0, str(REPO))
 from engine.control import protocol, queue_view  # noqa: E402
 from engine.control.client import request  # noqa: E402
+from engine.lab.dns import DnsServerThread  # noqa: E402
+from engine.lab.loop_thread import LoopThread  # noqa: E402
+from engine.lab.sink.protocol import Sink, start_sink  # noqa: E402
 from engine.queue.ids import IdAllocator  # noqa: E402
 from engine.queue.records import MessageRecord, Recipient  # noqa: E402
 from engine.queue.store import QueueStore  # noqa: E402
-from tests.integration.harness import LoopThread  # noqa: E402
-from tests.peers.dns_server import DnsServerThread  # noqa: E402
-from tests.peers.smtp_sink import Sink, start_sink  # noqa: E402
 
 WORKERS = 2  # the due index's shard count must equal the server's worker count
 MAP_SIZE = 8 << 30  # bench_config's queue.max_size ("8GiB")
@@ -126,7 +126,7 @@ class LiveSink(Peer):
     """The accepting sink process on LIVE_HOST; counts what Volley delivered to it."""
 
     def __init__(self) -> None:
-        super().__init__("live-sink", ["-m", "tests.peers.smtp_sink", "sink", "--listen", f"{LIVE_HOST}:0",
+        super().__init__("live-sink", ["-m", "engine.lab.sink", "--json", "--no-starttls", "--listen", f"{LIVE_HOST}:0",
                                        "--interval", "0.2", "--lifetime", str(LIFETIME - 60)])
         self.port = int(self.wait_event("ready", 30)["listeners"][0].rpartition(":")[2])
 

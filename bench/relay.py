@@ -5,9 +5,9 @@
     .venv/bin/python bench/relay.py --domains 50 --durability fsync,memory --sizes 1024,10240
 
 Three peer processes run beside the relay, all on 127.0.0.0/8: a DNS server
-(`python -m tests.peers.dns_server --zone FILE`) serving d0.example … d{N-1}.example,
+(`python -m engine.lab.dns --zone FILE`) serving d0.example … d{N-1}.example,
 each with an MX whose address is 127.0.0.2; a counting sink on 127.0.0.2
-(`python -m tests.peers.smtp_sink sink`, stores nothing); and the load generator
+(`python -m engine.lab.sink`, stores nothing); and the load generator
 (`engine.lab.blast`), one process per run. Volley's `dns.nameservers` points at the
 loopback DNS server and `delivery.port` at the sink, so nothing leaves loopback.
 
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         zone = Path(peers_dir) / "zone.json"
         write_zone(zone, max(domain_counts), args.mx)
         try:
-            dns = Peer("dns", ["-m", "tests.peers.dns_server", "--zone", str(zone), "--origin", ".",
+            dns = Peer("dns", ["-m", "engine.lab.dns", "--zone", str(zone), "--origin", ".",
                                "--lifetime", str(LIFETIME - 60)])
             dns_port = int(dns.wait_event("ready", 30)["port"])
             sink = Sink(chunking=args.chunking)

@@ -137,7 +137,7 @@ class Peer:
 
 class Sink(Peer):
     def __init__(self, chunking: bool = False) -> None:
-        super().__init__("sink", ["-m", "tests.peers.smtp_sink", "sink", "--listen", f"{SINK_HOST}:0",
+        super().__init__("sink", ["-m", "engine.lab.sink", "--json", "--no-starttls", "--listen", f"{SINK_HOST}:0",
                                   "--interval", "0.2", "--lifetime", str(LIFETIME - 60),
                                   "--targets-from-stdin", *(["--chunking"] if chunking else [])],
                          stdin=True)

@@ -121,7 +121,7 @@ class Bench:
         if latency:
             if self._latency_sink is None:
                 # No STARTTLS: Postfix is configured without TLS, so Volley must not use it either.
-                self._latency_sink = sinks.PySink("engine sink", ("--latency", LATENCY, "--json", "--no-starttls"))
+                self._latency_sink = sinks.PySink(("--latency", LATENCY))
             return self._latency_sink
         if self._sink is None:
             use_c = self.args.sink == "smtp-sink" or (self.args.sink == "auto" and Path(sinks.SMTP_SINK).exists())
@@ -132,7 +132,7 @@ class Bench:
         if self.dns is None:
             zone = Path(self._tmp.name) / "zone.json"
             write_zone(zone, domains, "per-domain")
-            self.dns = Peer("dns", ["-m", "tests.peers.dns_server", "--zone", str(zone), "--origin", ".",
+            self.dns = Peer("dns", ["-m", "engine.lab.dns", "--zone", str(zone), "--origin", ".",
                                     "--lifetime", str(LIFETIME - 60)])
             self.dns_port = int(self.dns.wait_event("ready", 60)["port"])
         return self.dns_port

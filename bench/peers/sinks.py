@@ -5,7 +5,7 @@ Two kinds with one interface (`port`, `label`, `proc`, `settle()`, `expect(n)`,
 * `CSink`: Postfix's `smtp-sink -c` (C, stores nothing, advertises PIPELINING). Its
   `-c` counter ("sess=… quit=… mesg=N", one per message, separated by CR) is followed
   on a thread, which stamps time.monotonic() when each expected count is reached.
-* `PySink`: the Python sink (`python -m tests.peers.smtp_sink sink`, or `volley sink`
+* `PySink`: the Python sink (`python -m engine.lab.sink`, the same as `volley sink`
   when it is there and has what is asked of it, e.g. `--latency`), which reports
   reached targets itself (bench/relay_peers.Sink).
 """
@@ -131,17 +131,16 @@ class CSink:
 
 
 class PySink(Sink):
-    """The Python sink process; `module` is "tests.peers.smtp_sink sink" or "engine sink"."""
+    """`volley sink --json --no-starttls` as its own process (`extra`: more options)."""
 
-    def __init__(self, module: str = "tests.peers.smtp_sink sink", extra: tuple[str, ...] = ()) -> None:
-        mod, *sub = module.split()
-        Peer.__init__(self, "sink", ["-m", mod, *sub, "--listen", f"{SINK_HOST}:0", "--interval", "0.2",
+    def __init__(self, extra: tuple[str, ...] = ()) -> None:
+        Peer.__init__(self, "sink", ["-m", "engine.lab.sink", "--json", "--no-starttls",
+                                     "--listen", f"{SINK_HOST}:0", "--interval", "0.2",
                                      "--lifetime", str(LIFETIME - 60), "--targets-from-stdin", *extra],
                       stdin=True)
         ready = self.wait_event("ready", 30)
         self.port = int(ready["listeners"][0].rpartition(":")[2])
-        name = "volley sink" if mod == "engine" else f"python -m {module}"
-        self.label = " ".join([name, *extra])
+        self.label = " ".join(["volley sink", *extra])
 
 
 def volley_sink_supports(*options: str) -> bool:

@@ -22,6 +22,7 @@ import tomli_w
 import uvloop
 
 from engine import config as config_mod
+from engine.lab.loop_thread import LoopThread as LoopThread  # the tests import it from here
 from engine.worker import WorkerRuntime
 
 T = TypeVar("T")
@@ -169,31 +170,6 @@ class ServeProcess:
         if self.proc.stderr:
             self.proc.stderr.close()
         return self.proc.returncode
-
-
-class LoopThread:
-    """An asyncio loop on its own thread, for peers (sinks) that tests start and
-    inspect from synchronous code: `lt.call(coro)` runs a coroutine there."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def call(self, coro: Any, timeout: float = 30.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        async def cancel_rest() -> None:
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        self.call(cancel_rest())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
