@@ -89,6 +89,7 @@ class Scheduler:
         self.rng = random.Random()
         self.schedule = parse_schedule(cfg.delivery.retry)
         self._wake = asyncio.Event()
+        self._drained = asyncio.Event()  # set by _release when stopping empties inflight
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._newest_ms = 0
@@ -142,9 +143,20 @@ class Scheduler:
         self._wake.set()
         if self._task is not None:
             await self._task
-        deadline = self.loop.time() + grace
-        while self.inflight and self.loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        if self.inflight:
+            self._drained.clear()
+            try:
+                await asyncio.wait_for(self._drained.wait(), grace)
+            except TimeoutError:
+                pass
+
+    def _release(self, entry: tuple[bytes, str]) -> None:
+        """The one way out of `inflight`: the entry's outcome is committed, or it was
+        never dispatched. Its due entry stays in the index (P2) until the commit."""
+        inflight = self.inflight
+        inflight.discard(entry)
+        if not inflight and self._stopping:
+            self._drained.set()
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -191,7 +203,7 @@ class Scheduler:
                     self._dispatch_now(msg_id, domain, now, *planned)
             except Exception as err:  # never lose track of an in-flight entry
                 log.error("dispatch_failed", id=id_text(msg_id), domain=domain, error=repr(err))
-                self.inflight.discard((msg_id, domain))
+                self._release((msg_id, domain))
         if parks:
             self._park(parks, now)
         if len(entries) == _SCAN_BATCH:
@@ -213,14 +225,14 @@ class Scheduler:
         keep = set(res.released) | set(res.expired)
         for entry in entries:
             if entry not in keep:
-                self.inflight.discard(entry)
+                self._release(entry)
         # Resumed between our scan and the commit: deliver as usual.
         for msg_id, domain in res.released:
             self.loop.create_task(self._dispatch(msg_id, domain, now))
         for msg_id, domain in res.expired:
             body = self.store.get_body(msg_id)
             if body is None:
-                self.inflight.discard((msg_id, domain))
+                self._release((msg_id, domain))
             else:
                 self._commit_outcome(msg_id, domain, body, JobResult(replies={}), expire=True)
         self._wake.set()
@@ -233,26 +245,26 @@ class Scheduler:
             self._dispatch_now(msg_id, domain, now, route, settings)
         except Exception as err:  # never lose track of an in-flight entry
             log.error("dispatch_failed", id=id_text(msg_id), domain=domain, error=repr(err))
-            self.inflight.discard((msg_id, domain))
+            self._release((msg_id, domain))
 
     def _dispatch_now(self, msg_id: bytes, domain: str, now: float,
                       route: Route | RouteError, settings: PoolSettings) -> None:
         record = self.store.get(msg_id)
         body = self.store.get_body(msg_id) if record is not None else None
         if record is None or body is None:
-            self.inflight.discard((msg_id, domain))
+            self._release((msg_id, domain))
             return
         indices = [i for i, r in enumerate(record.recipients)
                    if r.state == PENDING and domain_of(r.address) == domain]
         if not indices:
-            self.inflight.discard((msg_id, domain))
+            self._release((msg_id, domain))
             return
         # Age is enforced at every stage (issue: "no message can sit forever").
         if expired(record.received_at, now, float(self.cfg.delivery.max_age)):
             self._commit_outcome(msg_id, domain, body, JobResult(replies={}), expire=True)
             return
         if self._stopping:
-            self.inflight.discard((msg_id, domain))
+            self._release((msg_id, domain))
             return
         if isinstance(route, RouteError):
             self._commit_outcome(msg_id, domain, body,
@@ -269,7 +281,7 @@ class Scheduler:
                         *, expire: bool = False) -> None:
         if not result.attempted:
             # Never attempted: leave it due; the next start picks it up unchanged.
-            self.inflight.discard((msg_id, domain))
+            self._release((msg_id, domain))
             return
         now = time.time()
         cfg = self.cfg
@@ -308,7 +320,7 @@ class Scheduler:
 
     def _committed(self, msg_id: bytes, domain: str, result: JobResult, res: object,
                    now: float) -> None:
-        self.inflight.discard((msg_id, domain))
+        self._release((msg_id, domain))
         self._wake.set()  # capacity freed
         if isinstance(res, BaseException):
             log.error("outcome_commit_failed", id=id_text(msg_id), domain=domain, error=repr(res))
