@@ -52,7 +52,8 @@ import msgspec
 
 from engine.config import TimeoutsConfig
 from engine.delivery.budget import ConnectionBudget
-from engine.delivery.connect import SetupError, connect_route
+from engine.delivery.connect import connect_route
+from engine.delivery.dialogue import SetupError
 from engine.delivery.job import Job, JobResult, PoolSettings, safe_done, unsent
 from engine.delivery.outcome import transient_failure
 from engine.delivery.rate import ONE, TokenBucket

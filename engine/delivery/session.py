@@ -2,9 +2,9 @@
 
 Theory of operation
 -------------------
-`DeliverySession.connect` opens TCP and runs the setup dialogue (greeting, EHLO,
-STARTTLS, AUTH: `engine.delivery.connect.setup`) with one awaited reply at a time: it
-happens once per connection, so clarity beats speed there. After that the session is
+`connect.open_session` opens TCP to a new session and runs the setup dialogue
+(greeting, EHLO, STARTTLS, AUTH: `dialogue.setup`) over it with one awaited reply at
+a time (`read_reply`): it happens once per connection, so clarity beats speed there. After that the session is
 callback-driven, like the inbound adapter: `data_received` parses every reply buffered,
 feeds each to the transaction at the head of `_inflight` and writes everything that
 produced in ONE write (house rule 5).
@@ -37,9 +37,10 @@ import math
 import ssl
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from engine.delivery import connect as _connect
+from engine.config import TimeoutsConfig
+from engine.delivery.dialogue import SetupError
 from engine.delivery.job import Job, JobResult, PoolSettings
 from engine.delivery.outcome import transient_failure
 from engine.observe import log
@@ -55,12 +56,8 @@ from engine.smtp.client import (
 )
 from engine.smtp.replies import Reply
 
-if TYPE_CHECKING:
-    from engine.config import TimeoutsConfig
+__all__ = ["Deliver", "DeliverySession", "SessionOwner"]
 
-__all__ = ["DeliverySession", "Deliver", "SessionOwner", "SetupError"]
-
-SetupError = _connect.SetupError
 Deliver = Callable[["DeliverySession", Job, JobResult], None]
 _DATA_END = "data_end"
 
@@ -102,7 +99,7 @@ def build_envelope(job: Job) -> Envelope:
     )
 
 
-class DeliverySession(_connect.SetupIO, asyncio.Protocol):
+class DeliverySession(asyncio.Protocol):
     """One SMTP client connection to one MX address. Not thread-safe; loop thread only."""
 
     def __init__(self, mx_host: str, ip: str, port: int, settings: PoolSettings,
@@ -151,22 +148,64 @@ class DeliverySession(_connect.SetupIO, asyncio.Protocol):
     def busy(self) -> bool:
         return bool(self._inflight)
 
-    # --- opening -----------------------------------------------------------------------
-    @classmethod
-    async def connect(cls, mx_host: str, ip: str, port: int, settings: PoolSettings,
-                      timeouts: TimeoutsConfig, tls_context: ssl.SSLContext | None, *,
-                      use_tls: bool = True,
-                      loop: asyncio.AbstractEventLoop | None = None) -> DeliverySession:
-        """Open TCP to ip:port (from `settings.source_address` if set) and run the setup
-        dialogue; returns a session ready for `run`.
+    # --- setup I/O: one awaited reply at a time (dialogue.SetupChannel) -----------------
+    def setup_done(self) -> None:
+        """The dialogue is over: transactions may start, and the age counts from now."""
+        self.ready = True
+        self.created_at = self.last_used = self.loop.time()
 
-        Raises SetupError (its `reply` is the 4xx every job would get, `kind` says what
-        failed: "connect", "greeting", "ehlo", "tls_failed", "tls_required", "auth",
-        "protocol"); the connection is closed then.
+    def write_raw(self, data: bytes) -> None:
+        """Write during setup (no deadline bookkeeping)."""
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    @property
+    def buffered(self) -> int:
+        return self._parser.buffered
+
+    async def read_reply(self, timeout: float, what: str) -> RemoteReply:
+        """The next reply during setup, within `timeout` seconds.
+
+        Raises SetupError: timeout (4.4.1), connection lost (4.4.2), or a malformed reply
+        (the parser's 451 4.5.0).
         """
-        return await _connect.open_session(cls, mx_host, ip, port, settings, timeouts,
-                                           tls_context if use_tls else None,
-                                           loop or asyncio.get_running_loop())
+        deadline = self.loop.time() + timeout
+        while True:
+            try:
+                reply = self._parser.next_reply()
+            except ClientProtocolError as err:
+                raise SetupError(err.reply, "protocol") from None
+            if reply is not None:
+                return reply
+            if self.closed:
+                raise SetupError(transient_failure(
+                    "lost", f"connection to {self.where} lost while waiting for {what}"), "connect")
+            fut = self._waiter = self.loop.create_future()
+            try:
+                await asyncio.wait_for(fut, max(0.0, deadline - self.loop.time()))
+            except TimeoutError:
+                raise SetupError(transient_failure(
+                    "timeout", f"timeout waiting for {what} from {self.where}"), "connect") from None
+            finally:
+                self._waiter = None
+
+    async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
+        """Upgrade the connection (RFC 3207 §4.2: a fresh parser; the caller re-sends EHLO).
+
+        Raises ssl.SSLError, OSError, ConnectionError or TimeoutError on failure.
+        """
+        assert self.transport is not None
+        new = await asyncio.wait_for(
+            self.loop.start_tls(self.transport, self, context,
+                                server_hostname=self.mx_host or None,
+                                ssl_handshake_timeout=timeout),
+            timeout + 1.0)
+        if new is None or self.closed:
+            raise ConnectionError("connection closed during the TLS handshake")
+        self.transport = new
+        self._parser = ReplyParser()
+        obj = new.get_extra_info("ssl_object")
+        self.tls_version = obj.version() if obj is not None else "TLS"
 
     # --- asyncio.Protocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -18,7 +18,9 @@ import trustme
 import uvloop
 
 from engine.config import TimeoutsConfig
-from engine.delivery.connect import SetupError, client_tls_context
+from engine.delivery import connect
+from engine.delivery.connect import client_tls_context
+from engine.delivery.dialogue import SetupError
 from engine.delivery.job import Job, JobResult, PoolSettings
 from engine.delivery.session import DeliverySession
 from engine.dns.mx import Route, RouteHost
@@ -107,7 +109,7 @@ def settings_for(sink: Sink, **kw: object) -> PoolSettings:
 
 async def open_session(sink: Sink, ctx: ssl.SSLContext | None = None, *,
                        timeouts: TimeoutsConfig | None = None, **kw: object) -> DeliverySession:
-    return await DeliverySession.connect(
+    return await connect.open_session(
         "mx.volley.test", "127.0.0.1", sink.port, settings_for(sink, **kw),
         timeouts or fast_timeouts(), ctx)
 
@@ -424,7 +426,7 @@ def test_verified_tls_checks_the_mx_name(ca: trustme.CA) -> None:
     async def main() -> None:
         sink = await sink_at(starttls_context=server_tls(ca))  # cert for mx.volley.test
         with pytest.raises(SetupError) as info:
-            await DeliverySession.connect(
+            await connect.open_session(
                 "other.volley.test", "127.0.0.1", sink.port,
                 settings_for(sink, tls="required", tls_verify=True), fast_timeouts(),
                 verifying_client(ca))

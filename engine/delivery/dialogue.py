@@ -1,0 +1,169 @@
+"""The setup dialogue of an outbound SMTP connection: greeting, EHLO/HELO, STARTTLS,
+AUTH, up to a session ready for MAIL.
+
+Runs once per connection, one awaited reply at a time, over a `SetupChannel` (the
+DeliverySession that owns the socket); the hot path is the callback-driven
+transaction engine in session.py.
+
+Policy decisions, each a `SetupError` whose `reply` is the 4xx the jobs would get:
+
+- A 4xx greeting: that reply (with the host named); a 5xx greeting is *not* a bounce —
+  receivers misbehave and a bounce needs a recipient-level 5xx — so it becomes 421 4.4.1.
+  Either way the pool tries the next address, then the next host (RFC 5321 §5.1).
+- EHLO refused with 5xx → HELO (RFC 5321 §3.2), with no extensions.
+- STARTTLS (RFC 3207) when offered and tls != "none". tls="required": no STARTTLS offered
+  → 454 4.7.4; refused or failed handshake → 454 4.7.5. tls="opportunistic": a refused
+  STARTTLS continues in plaintext on the same connection; a failed *handshake* leaves
+  the connection unusable, so `connect_route` reconnects once to the same address
+  without TLS and remembers the address (Postfix does the same for its "may" level:
+  opportunistic TLS must never make mail less deliverable than plaintext would).
+- AUTH (RFC 4954) only when `settings.auth_user` is set, and only under TLS: credentials
+  are never sent in plaintext (454 4.7.4 instead). PLAIN preferred, else LOGIN. A 535
+  (or any non-235) defers with 454 4.7.0 quoting the server: a credentials problem is
+  ours to fix, never a reason to bounce.
+- Bytes buffered after the 220 to STARTTLS were injected in plaintext (CVE-2011-0411
+  style "STARTTLS command injection"): refuse the connection (4.7.5).
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Protocol
+
+from engine.config import TimeoutsConfig
+from engine.delivery.job import PoolSettings
+from engine.delivery.outcome import reply_summary, transient_failure
+from engine.smtp.client import (
+    STARTTLS,
+    Capabilities,
+    RemoteReply,
+    auth_login,
+    auth_plain,
+    greeting_bytes,
+    helo_bytes,
+    parse_ehlo,
+    starttls_ready,
+)
+from engine.smtp.replies import Reply
+
+
+class SetupError(Exception):
+    """Opening a session failed. `reply` is a 4xx for the jobs; `kind` is one of
+    "connect", "greeting", "ehlo", "tls_failed", "tls_required", "auth", "protocol"."""
+
+    def __init__(self, reply: Reply, kind: str) -> None:
+        super().__init__(reply_summary(reply))
+        self.reply = reply
+        self.kind = kind
+
+
+class SetupChannel(Protocol):
+    """The connection the dialogue talks over (DeliverySession implements it)."""
+
+    tls_version: str  # "" until STARTTLS succeeded
+    caps: Capabilities  # set by `setup` when the dialogue is done
+
+    @property
+    def where(self) -> str:
+        """ "mx[ip]:port", for the texts of the replies."""
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet parsed into a reply."""
+
+    def write_raw(self, data: bytes) -> None: ...
+
+    async def read_reply(self, timeout: float, what: str) -> RemoteReply:
+        """The next reply within `timeout` seconds; raises SetupError."""
+
+    async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
+        """Upgrade the connection; raises ssl.SSLError, OSError, ConnectionError, TimeoutError."""
+
+
+def _said(session: SetupChannel, reply: Reply) -> str:
+    return f"{session.where} said: {reply_summary(reply)}"
+
+
+async def _ehlo(session: SetupChannel, settings: PoolSettings, timeouts: TimeoutsConfig) -> Capabilities:
+    session.write_raw(greeting_bytes(settings.helo_name))
+    reply = await session.read_reply(float(timeouts.ehlo), "the EHLO reply")
+    if reply.code == 250:
+        return parse_ehlo(reply)
+    if reply.code // 100 == 5:
+        # RFC 5321 §3.2: an old server that does not know EHLO; HELO, and no extensions.
+        session.write_raw(helo_bytes(settings.helo_name))
+        reply = await session.read_reply(float(timeouts.ehlo), "the HELO reply")
+        if reply.code == 250:
+            return Capabilities()
+    if reply.code == 421:
+        raise SetupError(reply.with_text(_said(session, reply)), "ehlo")
+    raise SetupError(transient_failure("refused", f"EHLO/HELO refused: {_said(session, reply)}"), "ehlo")
+
+
+async def setup(session: SetupChannel, settings: PoolSettings, timeouts: TimeoutsConfig,
+                tls_context: ssl.SSLContext | None) -> None:
+    """The dialogue from the greeting to a session ready for MAIL; sets `session.caps`.
+
+    `tls_context` None means "do not attempt STARTTLS" (tls="none", or the plaintext
+    retry after a failed opportunistic handshake).
+
+    Raises SetupError (the caller closes the connection).
+    """
+    greeting = await session.read_reply(float(timeouts.greeting), "the greeting")
+    if greeting.code != 220:
+        if greeting.code // 100 == 4:
+            raise SetupError(greeting.with_text(_said(session, greeting)), "greeting")
+        raise SetupError(transient_failure(
+            "refused", f"greeting refused the session: {_said(session, greeting)}"), "greeting")
+    caps = await _ehlo(session, settings, timeouts)
+    required = settings.tls == "required"
+    if caps.starttls and tls_context is not None and settings.tls != "none":
+        session.write_raw(STARTTLS)
+        reply = await session.read_reply(float(timeouts.starttls), "the STARTTLS reply")
+        if starttls_ready(reply):
+            if session.buffered:
+                raise SetupError(transient_failure(
+                    "tls_failed", f"{session.where} sent data after its 220 to STARTTLS"), "tls_failed")
+            try:
+                await session.start_tls(tls_context, float(timeouts.starttls))
+            except (ssl.SSLError, OSError, ConnectionError, TimeoutError) as err:
+                raise SetupError(transient_failure(
+                    "tls_failed", f"TLS handshake with {session.where} failed: {err}"), "tls_failed") from None
+            # RFC 3207 §4.2: forget what was learnt in plaintext; ask again.
+            caps = await _ehlo(session, settings, timeouts)
+        elif required:
+            raise SetupError(transient_failure(
+                "tls_failed", f"STARTTLS refused: {_said(session, reply)}"), "tls_failed")
+    elif required:
+        raise SetupError(transient_failure(
+            "tls_required", f"{session.where} does not offer STARTTLS, required by policy"), "tls_required")
+    if settings.auth_user:
+        await _auth(session, settings, timeouts, caps)
+    session.caps = caps
+
+
+async def _auth(session: SetupChannel, settings: PoolSettings, timeouts: TimeoutsConfig,
+                caps: Capabilities) -> None:
+    if not session.tls_version:
+        raise SetupError(transient_failure(
+            "tls_required", f"not sending AUTH credentials to {session.where} without TLS"), "auth")
+    limit = float(timeouts.auth)
+    user, password = settings.auth_user, settings.auth_password
+    if "PLAIN" in caps.auth:
+        session.write_raw(auth_plain(user, password))
+        reply = await session.read_reply(limit, "the AUTH reply")
+    elif "LOGIN" in caps.auth:
+        command, user_line, password_line = auth_login(user, password)
+        session.write_raw(command)
+        reply = await session.read_reply(limit, "the AUTH reply")
+        for line in (user_line, password_line):
+            if reply.code != 334:
+                break
+            session.write_raw(line)
+            reply = await session.read_reply(limit, "the AUTH reply")
+    else:
+        raise SetupError(Reply(454, "4.7.0", f"{session.where} offers no AUTH PLAIN or LOGIN"), "auth")
+    if reply.code != 235:
+        raise SetupError(Reply(454, "4.7.0", f"authentication as {user} failed: {_said(session, reply)}"), "auth")
+
+
