@@ -349,8 +349,8 @@ def test_server_closing_mid_chain_fails_both_messages_in_flight() -> None:
     assert (report.attempted, report.sent, report.failed, report.accepted) == (4, 2, 4, 0)
     assert report.connections == 2 and report.unsent == 0 and _balanced(report)
     assert sum(report.errors.values()) == 2  # one lost connection, two messages
+    # Noticed at once by the lost connection, not by the 2 s reply timeout ("timeout").
     assert set(report.errors) <= {"connection lost", "ConnectionResetError"}
-    assert report.elapsed < 1.5  # noticed at once, not by the reply timeout
 
 
 def test_chaining_never_takes_more_than_the_run_allows() -> None:
@@ -419,7 +419,9 @@ def test_rate_cap_spreads_messages_over_time() -> None:
 
     sink, report = _run(scenario)
     assert report.accepted == 40
-    assert report.elapsed >= 39 / 200.0 * 0.9  # the last one may not start before 0.195 s
+    # A lower bound only (a loaded machine can only make it later): the last of 40
+    # tickets at 200/s may not start before 0.195 s.
+    assert report.elapsed >= 39 / 200.0 * 0.9
 
 
 def test_connection_refused_is_counted_not_hung() -> None:
@@ -439,4 +441,3 @@ def test_silent_server_times_out() -> None:
     report = _run(lambda: _blast_raw(asyncio.Protocol, messages=5, concurrency=2, timeout=0.2))
     assert report.accepted == 0 and report.unsent == 5
     assert report.errors == {"timeout": 6}  # 3 connections per session, each waited 0.2 s
-    assert report.elapsed < 3.0

