@@ -1,10 +1,11 @@
 """Retry and expiry maths for deferred recipients (pure: `now` is always an argument).
 
-Config keys served here (parsed by the caller, values passed in):
+Config keys served here (decoded by `engine.config`, values passed in):
 
-- ``delivery.retry`` — the schedule text, default ``DEFAULT_SCHEDULE``
-  ("1m, 5m, 15m, 30m, 1h, 2h, 4h"): the wait after the 1st, 2nd, ... failed attempt;
-  the last interval repeats for ever (every 4h by default).
+- ``delivery.retry`` — the schedule, default "1m, 5m, 15m, 30m, 1h, 2h, 4h", read by
+  `engine.config.parse_schedule` into seconds (``cfg.delivery.retry.seconds``): the
+  wait after the 1st, 2nd, ... failed attempt; the last interval repeats for ever
+  (every 4h by default).
 - ``delivery.max_age`` — default ``DEFAULT_MAX_AGE`` (5 days): a message older than
   this no longer retries; its deferred recipients bounce with 5.4.7 (RFC 3463
   "delivery time expired"; see `engine.delivery.outcome`).
@@ -19,50 +20,12 @@ from __future__ import annotations
 
 import random
 
-from engine.config import parse_duration
-
-DEFAULT_SCHEDULE = "1m, 5m, 15m, 30m, 1h, 2h, 4h"
 DEFAULT_MAX_AGE = 5 * 86400.0
 
 # ±10 %: enough to spread a large batch deferred in the same second over minutes
 # (10 000 recipients deferred by one 421 do not all come back in the same second),
 # small enough that the schedule the operator wrote still describes what happens.
 JITTER = 0.10
-
-
-def parse_schedule(text: str) -> tuple[float, ...]:
-    """Parse "1m, 5m, 15m, 30m, 1h, 2h, 4h" into seconds (60.0, 300.0, ...).
-
-    Items are separated by commas; each is a duration string as
-    `engine.config.parse_duration` reads it ("250ms", "90s", "5m", "4h", "1d"; a unit is
-    required). Every interval must be greater than zero (a zero wait would hammer the
-    destination).
-    The intervals need not be increasing, but usually are.
-
-    Raises:
-        ValueError: empty text, an empty item ("1m,,5m"), an unparsable or zero item;
-            the message names the item and its position.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"retry schedule must be a string such as {DEFAULT_SCHEDULE!r}, got {text!r}")
-    items = text.split(",")
-    if not text.strip():
-        raise ValueError(f"retry schedule is empty; expected e.g. {DEFAULT_SCHEDULE!r}")
-    out: list[float] = []
-    for pos, raw in enumerate(items, start=1):
-        item = raw.strip()
-        if not item:
-            raise ValueError(f"retry schedule {text!r}: item {pos} is empty")
-        try:
-            seconds = float(parse_duration(item))
-        except ValueError:
-            raise ValueError(
-                f"retry schedule {text!r}: item {pos} {item!r} is not a duration such as \"90s\", \"5m\" or \"4h\""
-            ) from None
-        if seconds <= 0:
-            raise ValueError(f"retry schedule {text!r}: item {pos} {item!r} must be greater than zero")
-        out.append(seconds)
-    return tuple(out)
 
 
 def interval(attempts: int, schedule: tuple[float, ...]) -> float:

@@ -41,7 +41,7 @@ from engine.delivery.holds import Holds, Parked, park_op
 from engine.delivery.job import Job, JobResult, PoolSettings
 from engine.delivery.planner import RoutePlanner
 from engine.delivery.reports import due_delay_reports, queue_dsns
-from engine.delivery.retry import expired, parse_schedule
+from engine.delivery.retry import expired
 from engine.dns.cache import DnsCache
 from engine.dns.mx import Route, RouteError
 from engine.dns.resolver import Resolver
@@ -87,7 +87,7 @@ class Scheduler:
         self.inflight: set[tuple[bytes, str]] = set()
         self.stats = DeliveryStats()
         self.rng = random.Random()
-        self.schedule = parse_schedule(cfg.delivery.retry)
+        self.schedule = cfg.delivery.retry.seconds
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()  # set by _release when stopping empties inflight
         self._stopping = False
@@ -100,7 +100,7 @@ class Scheduler:
 
     def apply_config(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.schedule = parse_schedule(cfg.delivery.retry)
+        self.schedule = cfg.delivery.retry.seconds
         self.planner.configure(cfg)
 
     def forget_routes(self) -> None:

@@ -12,7 +12,6 @@ No caching here (that is `cache.py`) and no SMTP meaning (that is `mx.py`).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 from typing import Any
 
 import dns.asyncresolver
@@ -23,45 +22,18 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
+from engine.config import parse_nameserver
+
 # The answer types are defined with the pure MX logic (engine/dns/mx.py imports no I/O)
 # and re-exported here, where they are produced.
 from engine.dns.mx import Answer, MxRecord, Status
 
-__all__ = ["Answer", "MxRecord", "Resolver", "Status", "parse_nameserver"]
+__all__ = ["Answer", "MxRecord", "Resolver", "Status"]
 
 # Used for a negative answer that carries no SOA, so RFC 2308 §5 gives no TTL. dnspython
 # uses 300 s for the same case (dns.message.NEGATIVE_TTL_WITHOUT_SOA); the cache's
 # floor and ceiling still apply.
 DEFAULT_NEGATIVE_TTL = 300
-
-
-def parse_nameserver(text: str) -> tuple[str, int]:
-    """"192.0.2.1", "192.0.2.1:5353", "2001:db8::1" or "[2001:db8::1]:5353" → (ip, port).
-
-    Raises ValueError naming the problem (config validation reuses this).
-    """
-    text = text.strip()
-    host, port = text, 53
-    try:
-        ipaddress.ip_address(text)  # a bare IPv4 or IPv6 address
-    except ValueError:
-        if text.startswith("["):
-            close = text.find("]:")
-            if close < 0:
-                raise ValueError(f'expected "[ipv6]:port", got "{text}"') from None
-            host, port_text = text[1:close], text[close + 2 :]
-        else:
-            host, sep, port_text = text.rpartition(":")
-            if not sep:
-                raise ValueError(f'expected "ip" or "ip:port", got "{text}"') from None
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ValueError(f'bad port in "{text}"') from None
-        port = int(port_text)
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            raise ValueError(f'expected an IP address, got "{host}" in "{text}"') from None
-    return host, port
 
 
 def _dns_name(name: str) -> dns.name.Name | None:

@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 import uvloop
 
+from engine.config import parse_nameserver
 from engine.dns.cache import DnsCache
 from engine.dns.mx import Route, RouteError
-from engine.dns.resolver import Resolver, Status, parse_nameserver
+from engine.dns.resolver import Resolver, Status
 from tests.peers.dns_server import DnsServer, DnsServerThread, start_dns_server
 
 ZONE: dict[str, Any] = {

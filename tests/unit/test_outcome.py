@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from engine.config import parse_schedule
 from engine.delivery.outcome import (
     TRANSIENT_KINDS,
     Verdict,
@@ -17,7 +18,6 @@ from engine.delivery.outcome import (
     reply_summary,
     transient_failure,
 )
-from engine.delivery.retry import parse_schedule
 from engine.queue.records import BOUNCED, DELIVERED, EXPIRED, PENDING, MessageRecord, Recipient
 from engine.smtp.replies import Reply
 

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.delivery.retry import DEFAULT_SCHEDULE, expired, interval, next_attempt, parse_schedule
+from engine.config import DEFAULT_SCHEDULE, parse_schedule
+from engine.delivery.retry import expired, interval, next_attempt
 
 DEFAULT = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
 
@@ -66,7 +67,9 @@ def test_empty_schedule_rejected() -> None:
         next_attempt(1, 0.0, ())
 
 
-schedules = st.lists(st.floats(min_value=0.001, max_value=1e6), min_size=1, max_size=10).map(lambda xs: tuple(sorted(xs)))
+schedules = st.lists(st.floats(min_value=0.001, max_value=1e6), min_size=1, max_size=10).map(
+    lambda xs: tuple(sorted(xs))
+)
 
 
 @given(schedules, st.integers(1, 50), st.floats(0, 2e9), st.floats(0, 1e6))

@@ -1,111 +1,33 @@
-"""The one typed configuration tree.
+"""The one typed configuration tree: every section, key and default.
 
 Every key has a default, so an empty file (or no file) is a complete configuration.
-Sizes ("10MiB") and durations ("90s", "5m") are decoded into `Size` and `Duration`
-at the edge, so the rest of the engine only ever sees ints and floats.
-Errors read as `path: problem`, one line, so an operator can fix the file without
-reading a traceback.
+Values arrive already decoded (`units.py`: sizes, durations, the retry schedule);
+the `__post_init__` checks here raise ValueError("key: problem") for what one key's
+type cannot say, and the loader turns that into the `section.key: problem` line.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import re
-import socket
-import tomllib
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
-import tomli_w
 
-
-class ConfigError(Exception):
-    """A configuration that must not be started; the message is `path: problem`."""
-
-
-class Size(int):
-    """A byte count; accepts 1048576, "1048576", "512KiB", "10MiB", "1GiB", "10MB"."""
-
-
-class Duration(float):
-    """Seconds; accepts 30, "250ms", "90s", "5m", "4h", "5d"."""
-
-
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "kib": 1024,
-    "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
-    "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
-    "t": 1000**4, "tb": 1000**4, "tib": 1024**4,
-}
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-_QUANTITY = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
-
-
-def parse_size(value: object) -> Size:
-    if isinstance(value, bool):
-        raise ValueError(f"expected a size such as \"10MiB\", got {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"expected a non-negative size, got {value}")
-        return Size(value)
-    if isinstance(value, str):
-        m = _QUANTITY.fullmatch(value)
-        unit = m.group(2).lower() if m else None
-        if m and unit in _SIZE_UNITS:
-            return Size(int(float(m.group(1)) * _SIZE_UNITS[unit]))
-    raise ValueError(f"expected a size such as \"10MiB\", got {value!r}")
-
-
-def parse_duration(value: object) -> Duration:
-    if isinstance(value, bool):
-        raise ValueError(f"expected a duration such as \"90s\", got {value!r}")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError(f"expected a non-negative duration, got {value}")
-        return Duration(value)
-    if isinstance(value, str):
-        m = _QUANTITY.fullmatch(value)
-        unit = m.group(2).lower() if m else None
-        if m and unit in _DURATION_UNITS:
-            return Duration(float(m.group(1)) * _DURATION_UNITS[unit])
-    raise ValueError(f"expected a duration such as \"90s\" or \"5m\", got {value!r}")
-
-
-def format_size(n: int) -> str:
-    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= factor and n % factor == 0:
-            return f"{n // factor}{unit}"
-    return str(n)
-
-
-def format_duration(s: float) -> str:
-    if s == 0:
-        return "0s"
-    for unit, factor in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if s >= factor and s % factor == 0:
-            return f"{int(s // factor)}{unit}"
-    return f"{int(round(s * 1000))}ms"
-
-
-def split_host_port(text: str) -> tuple[str, int]:
-    """"127.0.0.1:25" or "[::1]:25" → (host, port); ValueError names the problem."""
-    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", text)
-    if not m:
-        raise ValueError(f'expected "host:port", got "{text}"')
-    host = m.group(1) or m.group(3)
-    port = int(m.group(2) or m.group(4))
-    if port > 65535:
-        raise ValueError(f"port out of range in {text!r}")
-    return host, port
+from engine.config.units import (
+    DEFAULT_SCHEDULE,
+    Duration,
+    RetrySchedule,
+    Size,
+    parse_nameserver,
+    split_host_port,
+)
 
 
 class Frozen(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     pass
 
 
-class ServerConfig(Frozen):
+class ServerConfig(Frozen, frozen=True):
     hostname: str = ""
     workers: int = 0
     # How long SIGTERM waits for sessions in flight before closing them.
@@ -116,7 +38,7 @@ class ServerConfig(Frozen):
             raise ValueError("workers: must be 0 (one per CPU) or more")
 
 
-class ListenerConfig(Frozen):
+class ListenerConfig(Frozen, frozen=True):
     address: str = "127.0.0.1:2525"
     tls: Literal["none", "starttls", "implicit"] = "none"
     auth: Literal["none", "optional", "required"] = "none"
@@ -129,12 +51,12 @@ class ListenerConfig(Frozen):
             raise ValueError(f"address: {err}") from None
 
 
-class TlsConfig(Frozen):
+class TlsConfig(Frozen, frozen=True):
     cert_file: str = ""
     key_file: str = ""
 
 
-class QueueConfig(Frozen):
+class QueueConfig(Frozen, frozen=True):
     path: str = "var/queue"
     max_size: Size = Size(4 * 1024**3)
     # fsync: 250 only after the flush. batch: flush every batch_interval, a crash may
@@ -143,7 +65,7 @@ class QueueConfig(Frozen):
     batch_interval: Duration = Duration(0.05)
 
 
-class RelayConfig(Frozen):
+class RelayConfig(Frozen, frozen=True):
     networks: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     local_domains: list[str] = msgspec.field(default_factory=list)
 
@@ -155,7 +77,7 @@ class RelayConfig(Frozen):
                 raise ValueError(f"networks[{i}]: not a CIDR network: {net!r}") from None
 
 
-class LimitsConfig(Frozen):
+class LimitsConfig(Frozen, frozen=True):
     max_message_size: Size = Size(25 * 1024**2)
     max_recipients: int = 1000
     # Across all workers; each worker enforces its share (see README).
@@ -177,7 +99,7 @@ class LimitsConfig(Frozen):
     greeting_delay: Duration = Duration(0)
 
 
-class DnsConfig(Frozen):
+class DnsConfig(Frozen, frozen=True):
     # "ip" or "ip:port" ("[v6]:port"); empty = the system's resolv.conf.
     nameservers: list[str] = msgspec.field(default_factory=list)
     timeout: Duration = Duration(5)
@@ -190,8 +112,6 @@ class DnsConfig(Frozen):
     cache_size: int = 100_000
 
     def __post_init__(self) -> None:
-        from engine.dns.resolver import parse_nameserver
-
         for i, ns in enumerate(self.nameservers):
             try:
                 parse_nameserver(ns)
@@ -199,7 +119,7 @@ class DnsConfig(Frozen):
                 raise ValueError(f"nameservers[{i}]: {err}") from None
 
 
-class TimeoutsConfig(Frozen):
+class TimeoutsConfig(Frozen, frozen=True):
     """RFC 5321 §4.5.3.2 client timeouts, one per phase."""
 
     connect: Duration = Duration(30)
@@ -218,7 +138,7 @@ class TimeoutsConfig(Frozen):
 TlsPolicy = Literal["opportunistic", "required", "none"]
 
 
-class DeliveryConfig(Frozen):
+class DeliveryConfig(Frozen, frozen=True):
     enabled: bool = True
     port: int = 25
     helo_name: str = ""  # empty: server.hostname
@@ -231,7 +151,8 @@ class DeliveryConfig(Frozen):
     max_messages_per_connection: int = 1000
     idle_timeout: Duration = Duration(10)
     max_connection_age: Duration = Duration(300)  # Postfix smtp_connection_reuse_time_limit
-    retry: str = "1m, 5m, 15m, 30m, 1h, 2h, 4h"
+    # The wait after the 1st, 2nd, ... failed attempt; the last one repeats for ever.
+    retry: RetrySchedule = RetrySchedule(DEFAULT_SCHEDULE)
     max_age: Duration = Duration(5 * 86400)
     # A recipient that asked for NOTIFY=DELAY gets one "delayed" DSN once its message
     # has waited this long (RFC 3461 leaves the time to the MTA); 0 turns it off.
@@ -248,12 +169,6 @@ class DeliveryConfig(Frozen):
     timeouts: TimeoutsConfig = msgspec.field(default_factory=TimeoutsConfig)
 
     def __post_init__(self) -> None:
-        from engine.delivery.retry import parse_schedule
-
-        try:
-            parse_schedule(self.retry)
-        except ValueError as err:
-            raise ValueError(f"retry: {err}") from None
         if not 0 < self.port < 65536:
             raise ValueError(f"port: out of range: {self.port}")
         if self.max_connections_per_domain < 1:
@@ -262,7 +177,7 @@ class DeliveryConfig(Frozen):
             raise ValueError("max_connections: must be at least 1")
 
 
-class RouteConfig(Frozen):
+class RouteConfig(Frozen, frozen=True):
     # "example.com" (exact), "*.example.com" (any subdomain), or "*" (everything).
     domain: str
     # "host:port" smarthost; empty = resolve the domain's MX as usual.
@@ -289,16 +204,16 @@ class RouteConfig(Frozen):
             raise ValueError('tls: must be "required" (or unset) when auth_user is set')
 
 
-class AuthConfig(Frozen):
+class AuthConfig(Frozen, frozen=True):
     users_file: str = ""
 
 
-class ControlConfig(Frozen):
+class ControlConfig(Frozen, frozen=True):
     socket: str = "var/volley.sock"
     group: str = ""
 
 
-class MetricsConfig(Frozen):
+class MetricsConfig(Frozen, frozen=True):
     # "host:port" to serve GET /metrics (Prometheus text) over HTTP; "" = only over
     # the control socket (`volley ctl metrics`).
     listen: str = ""
@@ -311,12 +226,12 @@ class MetricsConfig(Frozen):
                 raise ValueError(f"listen: {err}") from None
 
 
-class LogConfig(Frozen):
+class LogConfig(Frozen, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     delivery: str = "var/log/delivery.jsonl"
 
 
-class Config(Frozen):
+class Config(Frozen, frozen=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     listeners: list[ListenerConfig] = msgspec.field(default_factory=lambda: [ListenerConfig()])
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
@@ -339,105 +254,3 @@ class Config(Frozen):
             raise ValueError(
                 f"tls.cert_file: listeners[{needs_tls[0]}] uses TLS but no certificate is set"
             )
-
-
-def _dec_hook(tp: type, obj: Any) -> Any:
-    if tp is Size:
-        return parse_size(obj)
-    if tp is Duration:
-        return parse_duration(obj)
-    raise NotImplementedError(f"no decoder for {tp!r}")
-
-
-def _enc_hook(obj: Any) -> Any:
-    raise NotImplementedError(f"cannot encode {type(obj)!r}")
-
-
-_AT = re.compile(r"^(.*?)(?: - at `\$(.*)`)?$", re.S)
-
-
-def _error_line(err: msgspec.ValidationError) -> str:
-    m = _AT.match(str(err))
-    assert m is not None
-    problem, path = m.group(1), (m.group(2) or "").lstrip(".")
-    # Messages raised by our own __post_init__ may already start with a sub-path.
-    sub = re.match(r"^([a-z_]+(?:\[\d+\])?(?:\.[a-z_]+)*): (.*)$", problem, re.S)
-    if sub:
-        path = f"{path}.{sub.group(1)}" if path else sub.group(1)
-        problem = sub.group(2)
-    field = re.match(r"Object contains unknown field `(.*)`", problem)
-    if field:
-        path = f"{path}.{field.group(1)}" if path else field.group(1)
-        problem = "unknown key"
-    problem = problem[:1].lower() + problem[1:]
-    return f"{path or '(top level)'}: {problem}"
-
-
-def from_dict(data: dict[str, Any]) -> Config:
-    """Decode a parsed TOML document; raises ConfigError('path: problem')."""
-    try:
-        cfg = msgspec.convert(data, Config, dec_hook=_dec_hook)
-    except msgspec.ValidationError as err:
-        raise ConfigError(_error_line(err)) from None
-    if not cfg.server.hostname:
-        # Resolved once, at load, in the supervisor: never on the event loop.
-        cfg = msgspec.structs.replace(
-            cfg, server=msgspec.structs.replace(cfg.server, hostname=socket.gethostname())
-        )
-    return cfg
-
-
-def load(path: str | Path | None) -> Config:
-    """Read a TOML file (None → built-in defaults); raises ConfigError."""
-    if path is None:
-        return from_dict({})
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"{path}: {err.strerror}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from None
-    return from_dict(data)
-
-
-def to_builtins(cfg: Config) -> dict[str, Any]:
-    """Plain data with sizes and durations in their readable form."""
-
-    def enc(obj: Any) -> Any:
-        if isinstance(obj, Size):
-            return format_size(int(obj))
-        if isinstance(obj, Duration):
-            return format_duration(float(obj))
-        raise NotImplementedError
-
-    def walk(value: Any) -> Any:
-        if isinstance(value, msgspec.Struct):
-            # TOML has no null: an unset optional key is simply left out.
-            return {
-                f: walk(getattr(value, f))
-                for f in value.__struct_fields__
-                if getattr(value, f) is not None
-            }
-        if isinstance(value, list):
-            return [walk(v) for v in value]
-        if isinstance(value, (Size, Duration)):
-            return enc(value)
-        return value
-
-    result: dict[str, Any] = walk(cfg)
-    return result
-
-
-def dump_toml(cfg: Config) -> str:
-    return tomli_w.dumps(to_builtins(cfg))
-
-
-def encode_json(cfg: Config) -> bytes:
-    """Wire form for handing a config to a worker process."""
-    return msgspec.json.encode(to_builtins(cfg))
-
-
-def decode_json(data: bytes) -> Config:
-    return from_dict(msgspec.json.decode(data))

@@ -1,0 +1,58 @@
+"""The configuration: one typed, frozen tree read from a TOML file.
+
+`units` parses the value syntaxes (sizes, durations, host:port, the retry schedule),
+`tree` declares every section and key with its default, and `loader` reads a file
+into a `Config` (errors as one `path: problem` line) and writes it back. Import the
+names from here: `from engine.config import Config, load`.
+"""
+
+from engine.config.loader import (
+    ConfigError,
+    decode_json,
+    dump_toml,
+    encode_json,
+    from_dict,
+    load,
+    to_builtins,
+)
+from engine.config.tree import (
+    AuthConfig,
+    Config,
+    ControlConfig,
+    DeliveryConfig,
+    DnsConfig,
+    Frozen,
+    LimitsConfig,
+    ListenerConfig,
+    LogConfig,
+    MetricsConfig,
+    QueueConfig,
+    RelayConfig,
+    RouteConfig,
+    ServerConfig,
+    TimeoutsConfig,
+    TlsConfig,
+    TlsPolicy,
+)
+from engine.config.units import (
+    DEFAULT_SCHEDULE,
+    Duration,
+    RetrySchedule,
+    Size,
+    format_duration,
+    format_size,
+    parse_duration,
+    parse_nameserver,
+    parse_schedule,
+    parse_size,
+    split_host_port,
+)
+
+__all__ = [
+    "DEFAULT_SCHEDULE", "AuthConfig", "Config", "ConfigError", "ControlConfig", "DeliveryConfig",
+    "DnsConfig", "Duration", "Frozen", "LimitsConfig", "ListenerConfig", "LogConfig", "MetricsConfig",
+    "QueueConfig", "RelayConfig", "RetrySchedule", "RouteConfig", "ServerConfig", "Size", "TimeoutsConfig",
+    "TlsConfig", "TlsPolicy", "decode_json", "dump_toml", "encode_json", "format_duration", "format_size",
+    "from_dict", "load", "parse_duration", "parse_nameserver", "parse_schedule", "parse_size",
+    "split_host_port", "to_builtins",
+]

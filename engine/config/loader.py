@@ -1,0 +1,140 @@
+"""Reading and writing the configuration: TOML in, `Config` out, and back.
+
+Errors read as `path: problem`, one line, so an operator can fix the file without
+reading a traceback. `to_builtins` writes every value in the form a file would use
+("10MiB", "90s", the retry schedule as written), so `volley config check` prints a
+file that loads back to the same `Config`, and a worker receives exactly what the
+supervisor read (`encode_json` / `decode_json`).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import tomli_w
+
+from engine.config.tree import Config
+from engine.config.units import (
+    Duration,
+    RetrySchedule,
+    Size,
+    format_duration,
+    format_size,
+    parse_duration,
+    parse_size,
+)
+
+
+class ConfigError(Exception):
+    """A configuration that must not be started; the message is `path: problem`."""
+
+
+def _retry_schedule(obj: object) -> RetrySchedule:
+    if not isinstance(obj, str):
+        try:
+            msgspec.convert(obj, str)
+        except msgspec.ValidationError as err:
+            # Said as msgspec says it for any other string key ("expected `str`, got `int`").
+            raise ValueError(str(err)) from None
+    return RetrySchedule(str(obj))
+
+
+def _dec_hook(tp: type, obj: object) -> object:
+    if tp is Size:
+        return parse_size(obj)
+    if tp is Duration:
+        return parse_duration(obj)
+    if tp is RetrySchedule:
+        return _retry_schedule(obj)
+    raise NotImplementedError(f"no decoder for {tp!r}")
+
+
+_AT = re.compile(r"^(.*?)(?: - at `\$(.*)`)?$", re.S)
+
+
+def _error_line(err: msgspec.ValidationError) -> str:
+    m = _AT.match(str(err))
+    assert m is not None
+    problem, path = m.group(1), (m.group(2) or "").lstrip(".")
+    # Messages raised by our own __post_init__ may already start with a sub-path.
+    sub = re.match(r"^([a-z_]+(?:\[\d+\])?(?:\.[a-z_]+)*): (.*)$", problem, re.S)
+    if sub:
+        path = f"{path}.{sub.group(1)}" if path else sub.group(1)
+        problem = sub.group(2)
+    field = re.match(r"Object contains unknown field `(.*)`", problem)
+    if field:
+        path = f"{path}.{field.group(1)}" if path else field.group(1)
+        problem = "unknown key"
+    problem = problem[:1].lower() + problem[1:]
+    return f"{path or '(top level)'}: {problem}"
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Decode a parsed TOML document; raises ConfigError('path: problem')."""
+    try:
+        cfg = msgspec.convert(data, Config, dec_hook=_dec_hook)
+    except msgspec.ValidationError as err:
+        raise ConfigError(_error_line(err)) from None
+    if not cfg.server.hostname:
+        # Resolved once, at load, in the supervisor: never on the event loop.
+        cfg = msgspec.structs.replace(
+            cfg, server=msgspec.structs.replace(cfg.server, hostname=socket.gethostname())
+        )
+    return cfg
+
+
+def load(path: str | Path | None) -> Config:
+    """Read a TOML file (None → built-in defaults); raises ConfigError."""
+    if path is None:
+        return from_dict({})
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: {err.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    return from_dict(data)
+
+
+def _plain(value: object) -> object:
+    """`value` as TOML/JSON data, with sizes, durations and the schedule as text."""
+    if isinstance(value, msgspec.Struct):
+        # TOML has no null: an unset optional key is simply left out.
+        fields = ((f, getattr(value, f)) for f in value.__struct_fields__)
+        return {f: _plain(v) for f, v in fields if v is not None}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, Size):
+        return format_size(int(value))
+    if isinstance(value, Duration):
+        return format_duration(float(value))
+    if isinstance(value, RetrySchedule):
+        return value.text
+    return value
+
+
+def to_builtins(cfg: Config) -> dict[str, Any]:
+    """Plain data with sizes, durations and the retry schedule in their readable form."""
+    result = _plain(cfg)
+    assert isinstance(result, dict)
+    return result
+
+
+def dump_toml(cfg: Config) -> str:
+    return tomli_w.dumps(to_builtins(cfg))
+
+
+def encode_json(cfg: Config) -> bytes:
+    """Wire form for handing a config to a worker process."""
+    return msgspec.json.encode(to_builtins(cfg))
+
+
+def decode_json(data: bytes) -> Config:
+    return from_dict(msgspec.json.decode(data))
