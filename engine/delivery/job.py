@@ -40,7 +40,9 @@ class PoolSettings(msgspec.Struct, frozen=True):
     only_domain: str = ""
 
 
-class JobResult(msgspec.Struct):
+class JobResult(msgspec.Struct, frozen=True):
+    """What became of a job: built once, by the session or the pool that decided it."""
+
     # recipient index (into MessageRecord.recipients) → the reply that decided it
     replies: dict[int, Reply]
     mx_host: str = ""

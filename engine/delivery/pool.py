@@ -262,22 +262,23 @@ class SitePool:
         return self._queue.popleft()
 
     def job_finished(self, session: DeliverySession, job: Job, result: JobResult) -> None:
-        replies = result.replies
-        if session.saw_421:
-            self._enter_backoff(next((r for r in replies.values() if r.code == 421), self._backoff_reply))
-            result.destination_failed = True
-            result.retry_after = self._backoff_until
-        elif any(r.code // 100 == 2 for r in replies.values()):
-            self._sent += 1
-            self._sent_bytes += len(job.body)
-            if self._limit < self.settings.max_connections:
-                self._limit += 1  # slow start: one more per success
-                if self._queue:
-                    self._dispatch()
-        safe_done(job, result)
-        if session.saw_421:
+        if session.saw_421:  # the result says so already (back_off)
+            safe_done(job, result)
             self._fail_queue(self._backoff_reply, failed=True)
+        else:
+            if any(r.code // 100 == 2 for r in result.replies.values()):
+                self._sent += 1
+                self._sent_bytes += len(job.body)
+                if self._limit < self.settings.max_connections:
+                    self._limit += 1  # slow start: one more per success
+                    if self._queue:
+                        self._dispatch()
+            safe_done(job, result)
         self._changed.set()
+
+    def back_off(self, said: Reply | None) -> float:
+        self._enter_backoff(said or self._backoff_reply)
+        return self._backoff_until
 
     def session_idle(self, session: DeliverySession) -> None:
         if session not in self._sessions:

@@ -69,6 +69,9 @@ class SessionOwner(Protocol):
     def job_finished(self, session: DeliverySession, job: Job, result: JobResult) -> None: ...
     def session_idle(self, session: DeliverySession) -> None: ...
     def session_closed(self, session: DeliverySession) -> None: ...
+    def back_off(self, said: Reply | None) -> float:
+        """The server said 421 (`said`, if a job got it): back the destination off;
+        returns the end of the backoff (loop.time())."""
 
 
 class _InFlight:
@@ -278,7 +281,12 @@ class DeliverySession(asyncio.Protocol):
         """Deliver one job on this connection; resolves to its JobResult (never raises:
         a failure is a result with 4xx replies)."""
         fut: asyncio.Future[JobResult] = self.loop.create_future()
-        self._local.append((job, lambda _s, _j, r: fut.done() or fut.set_result(r)))
+
+        def deliver(_session: DeliverySession, _job: Job, result: JobResult) -> None:
+            if not fut.done():
+                fut.set_result(result)
+
+        self._local.append((job, deliver))
         self.kick()
         return await fut
 
@@ -375,9 +383,16 @@ class DeliverySession(asyncio.Protocol):
                 return
 
     def _result(self, job: Job, outcomes: list[Reply], started: float) -> JobResult:
+        """The job's complete result. After a 421 (RFC 5321 §3.8) the owner backs the
+        destination off, and the result says until when."""
+        failed, retry_after = False, 0.0
+        if self.saw_421 and self.owner is not None:
+            said = next((r for r in outcomes if r.code == 421), None)
+            failed, retry_after = True, self.owner.back_off(said)
         return JobResult(
             dict(zip(job.indices, outcomes)), mx_host=self.mx_host, ip=self.ip,
-            tls=self.tls_version, remote_dsn=self.caps.dsn, attempt_started=started)
+            tls=self.tls_version, remote_dsn=self.caps.dsn, attempt_started=started,
+            destination_failed=failed, retry_after=retry_after)
 
     def _deliver(self, entry: _InFlight) -> None:
         self._call(entry.deliver, entry.job, self._result(entry.job, entry.tx.outcomes, entry.started))
