@@ -35,6 +35,7 @@ import uvloop
 
 from engine import config as config_mod
 from engine.config import Config, split_host_port
+from engine.control import wire
 from engine.control.commands import ControlPlane
 from engine.control.metrics_http import start_metrics_http
 from engine.control.server import ControlSocketError, start_control_server
@@ -88,7 +89,16 @@ class WorkerSlot:
         self.restarts = 0
         self.started_at = 0.0
         self._asks = itertools.count(1)
-        self._waiting: dict[int, asyncio.Future[dict[str, object]]] = {}
+        self._waiting: dict[int, asyncio.Future[wire.AnyAnswer]] = {}
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def running(self) -> bool:
+        """Started and accepting (it said Ready), as far as we know."""
+        return self.ready.is_set()
 
     async def supervise(self) -> None:
         failures = 0
@@ -130,17 +140,17 @@ class WorkerSlot:
         finally:
             child.close()
         reader, self.writer = await asyncio.open_unix_connection(sock=parent)
-        self.send({"cmd": "start", "slot": self.slot, "workers": self.sup.workers,
-                   "config": config_mod.to_builtins(self.sup.cfg)})
+        self.send(wire.Start(slot=self.slot, workers=self.sup.workers,
+                             config=config_mod.to_builtins(self.sup.cfg)))
         reading = asyncio.ensure_future(self._read(reader))
         code = await self.proc.wait()
         reading.cancel()
         self.ready.clear()
         self.writer.close()
         self.writer = None
-        for fut in self._waiting.values():
+        for ask, fut in self._waiting.items():
             if not fut.done():
-                fut.set_result({"error": "worker exited"})
+                fut.set_result(wire.Refused(ask=ask, error="worker exited"))
         self._waiting.clear()
         if self.sup.plane is not None:
             self.sup.plane.fleet.worker_exited(self.slot)
@@ -149,41 +159,42 @@ class WorkerSlot:
     async def _read(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
             try:
-                message = msgspec.json.decode(line)
+                message = wire.from_worker_decoder.decode(line)
             except msgspec.DecodeError:
                 continue
-            event = message.get("event")
-            if event == "state" and self.sup.plane is not None:
-                self.sup.plane.fleet.update(self.slot, message)
-            elif event == "answer":
-                fut = self._waiting.pop(message.get("ask", 0), None)
-                if fut is not None and not fut.done():
-                    fut.set_result(message)
-            elif event == "ready":
-                self.ready.set()
-                if self.sup.draining:
-                    self.send({"cmd": "drain"})
-                self.sup.on_worker_ready(self)
+            match message:
+                case wire.State():
+                    if self.sup.plane is not None:
+                        self.sup.plane.fleet.update(self.slot, message)
+                case wire.MxFlushed() | wire.MxEntries() | wire.Refused():
+                    fut = self._waiting.pop(message.ask, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(message)
+                case wire.Ready():
+                    self.ready.set()
+                    if self.sup.draining:
+                        self.send(wire.Drain())
+                    self.sup.on_worker_ready(self)
 
-    async def ask(self, message: dict[str, object], timeout: float) -> dict[str, object]:
-        """Send a request to the worker and wait for its {"event": "answer"}; a worker
-        that is down or silent answers {"error": ...} instead of raising."""
+    async def ask(self, query: wire.MxQuery, timeout: float) -> wire.AnyAnswer:
+        """Send a query to the worker and wait for its answer; a worker that is down or
+        silent answers `Refused` instead of raising."""
         if self.writer is None or not self.ready.is_set():
-            return {"error": "worker not running"}
+            return wire.Refused(ask=0, error="worker not running")
         n = next(self._asks)
-        fut: asyncio.Future[dict[str, object]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[wire.AnyAnswer] = asyncio.get_running_loop().create_future()
         self._waiting[n] = fut
-        self.send({**message, "ask": n})
+        self.send(msgspec.structs.replace(query, ask=n))
         try:
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
-            return {"error": "worker did not answer"}
+            return wire.Refused(ask=n, error="worker did not answer")
         finally:
             self._waiting.pop(n, None)
 
-    def send(self, message: dict[str, object]) -> None:
+    def send(self, message: wire.ToWorker) -> None:
         if self.writer is not None and not self.writer.is_closing():
-            self.writer.write(msgspec.json.encode(message) + b"\n")
+            self.writer.write(wire.encode(message))
 
 
 class Supervisor:
@@ -229,7 +240,7 @@ class Supervisor:
         for socks in self.sockets:
             for s in socks:
                 s.close()
-        Path(self.cfg.control.socket).unlink(missing_ok=True)
+        await asyncio.to_thread(Path(self.cfg.control.socket).unlink, missing_ok=True)
         store.close()
         log.info("stopped")
         return 0
@@ -264,7 +275,7 @@ class Supervisor:
                 log.error("control_tick_failed", error=repr(err))
             n += 1
 
-    def broadcast(self, message: dict[str, object]) -> None:
+    def broadcast(self, message: wire.ToWorker) -> None:
         for slot in self.slots:
             slot.send(message)
 
@@ -273,7 +284,7 @@ class Supervisor:
         if not self.draining:
             self.draining = True
             log.info("draining")
-            self.broadcast({"cmd": "drain"})
+            self.broadcast(wire.Drain())
             # Our copies too: while any process holds a listening socket the kernel
             # keeps completing handshakes that nobody would ever answer.
             for socks in self.sockets:
@@ -316,13 +327,13 @@ class Supervisor:
         self.cfg = cfg
         log.configure(cfg.log.level)
         for slot in self.slots:
-            slot.send({"cmd": "reload", "config": config_mod.to_builtins(cfg)})
+            slot.send(wire.Reload(config=config_mod.to_builtins(cfg)))
         log.info("reloaded")
         return True
 
-    async def _shutdown(self, tasks: list[asyncio.Future[None]]) -> None:
+    async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
         for slot in self.slots:
-            slot.send({"cmd": "stop"})
+            slot.send(wire.Stop())
             if slot.proc is not None and slot.proc.returncode is None:
                 try:
                     slot.proc.send_signal(signal.SIGTERM)

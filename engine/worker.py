@@ -4,14 +4,10 @@ The supervisor execs us (fork + exec, never a bare fork) with the listening sock
 and one end of a control socketpair inherited. Only here, after the exec, is LMDB
 opened (RELIABILITY finding 9), so the supervisor stays free to open it too.
 
-Control channel: JSON lines. Supervisor → worker: {"cmd": "start", "config": …,
-"workers": N, "slot": i} first, then any of {"cmd": "reload", "config": …},
-{"cmd": "stop"}, {"cmd": "drain"} (stop accepting, keep delivering), {"cmd": "holds",
-"holds": …} (suspensions and throttles), {"cmd": "flush", "domain": d | null} (end
-backoffs, scan now), {"cmd": "mx", "domain": …, "flush": bool, "ask": n}.
-Worker → supervisor: {"event": "ready"} once it accepts, {"event": "state", …} every
-second (metrics and live figures, engine/control/fleet.py), {"event": "answer",
-"ask": n, …} to a request that carries "ask".
+Control channel: one JSON line per message, the typed messages of
+engine/control/wire.py: `Start` first, then orders (reload, stop, drain, holds, flush,
+mx queries); we send `Ready` once we accept, our `State` every second, and an answer
+to each mx query.
 """
 
 from __future__ import annotations
@@ -22,19 +18,18 @@ import os
 import signal
 import socket
 import sys
-from typing import Any
 
 import msgspec
 import uvloop
 
 from engine import config as config_mod
-from engine.delivery.holds import HOLDS_KEY, Holds, decode_holds, holds_from_builtins
+from engine.control import wire
+from engine.delivery.holds import HOLDS_KEY, Holds, decode_holds
 from engine.delivery.runtime import Delivery
 from engine.inbound.context import WorkerContext
 from engine.inbound.listener import start_listeners
 from engine.observe import log
 from engine.observe.metrics import WorkerMetrics
-from engine.observe.worker_state import worker_state
 from engine.queue.commit import Committer
 from engine.queue.ids import IdAllocator
 from engine.queue.inline_commit import InlineCommitter
@@ -160,9 +155,10 @@ class Worker:
         loop = asyncio.get_running_loop()
         sock = socket.socket(fileno=self.control_fd)
         reader, writer = await asyncio.open_unix_connection(sock=sock)
-        start = msgspec.json.decode(await reader.readline())
-        cfg = config_mod.from_dict(start["config"])
-        workers = int(start["workers"])
+        start = wire.to_worker_decoder.decode(await reader.readline())
+        if not isinstance(start, wire.Start):
+            raise config_mod.ConfigError(f"the supervisor began with {type(start).__name__}, not Start")
+        cfg = config_mod.from_dict(start.config)
         log.configure(cfg.log.level, role=f"worker{self.slot}")
 
         for sig in (signal.SIGTERM,):
@@ -172,12 +168,12 @@ class Worker:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
         runtime = await WorkerRuntime.start(
-            cfg, [socket.socket(fileno=fd) for fd in self.listen_fds], workers=workers,
+            cfg, [socket.socket(fileno=fd) for fd in self.listen_fds], workers=start.workers,
             slot=self.slot,
         )
         ctx = runtime.ctx
         housekeeping = loop.create_task(self._housekeeping(runtime.store, runtime.committer))
-        self._send(writer, {"event": "ready", "slot": self.slot, "pid": os.getpid()})
+        writer.write(wire.encode(wire.Ready(slot=self.slot, pid=os.getpid())))
         log.info("worker_ready", slot=self.slot)
 
         control = loop.create_task(self._control(reader, writer, runtime))
@@ -192,14 +188,10 @@ class Worker:
                  commits=st.batches, committed_ops=st.ops, syncs=st.syncs)
         return self.exit_code
 
-    @staticmethod
-    def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
-        writer.write(msgspec.json.encode(message) + b"\n")
-
     async def _push_state(self, writer: asyncio.StreamWriter, runtime: WorkerRuntime) -> None:
         while not writer.is_closing():
             try:
-                self._send(writer, {"event": "state", "slot": self.slot, **worker_state(runtime)})
+                writer.write(wire.encode(worker_state(self.slot, runtime)))
             except Exception as err:  # reporting must never stop the worker
                 log.error("state_push_failed", error=repr(err))
             await asyncio.sleep(1.0)
@@ -216,44 +208,35 @@ class Worker:
                 self.stop_event.set()
                 return
             try:
-                message = msgspec.json.decode(line)
-                cmd = message.get("cmd")
-                if cmd == "stop":
-                    self.stop_event.set()
-                elif cmd == "reload":
-                    cfg = config_mod.from_dict(message["config"])
-                    runtime.apply_config(cfg)
-                    log.configure(cfg.log.level)
-                    log.info("worker_reloaded", slot=self.slot)
-                else:
-                    answer = self._steer(cmd, message, runtime)
-                    if "ask" in message:
-                        self._send(writer, {"event": "answer", "ask": message["ask"], **answer})
-            except (msgspec.DecodeError, msgspec.ValidationError, config_mod.ConfigError,
-                    OSError, ValueError, KeyError, TypeError) as err:
+                self._obey(wire.to_worker_decoder.decode(line), writer, runtime)
+            except (msgspec.DecodeError, config_mod.ConfigError, OSError, ValueError, KeyError,
+                    TypeError) as err:
                 log.error("control_message_refused", slot=self.slot, error=str(err))
 
-    def _steer(self, cmd: object, message: dict[str, Any],
-               runtime: WorkerRuntime) -> dict[str, Any]:
-        """Control commands that change or read delivery; returns the answer."""
+    def _obey(self, message: wire.AnyToWorker, writer: asyncio.StreamWriter,
+              runtime: WorkerRuntime) -> None:
+        """Carry out one order of the supervisor; answer it when it is a query. Holds
+        and flush without delivery are dropped: there is nothing to steer."""
         delivery = runtime.delivery
-        if cmd == "drain":
-            runtime.stop_accepting()
-            log.info("worker_draining", slot=self.slot)
-            return {}
-        if delivery is None:
-            return {"error": "delivery is disabled"}
-        if cmd == "holds":
-            delivery.set_holds(holds_from_builtins(message["holds"]))
-        elif cmd == "flush":
-            delivery.flush(message.get("domain"))
-        elif cmd == "mx":
-            if message.get("flush"):
-                return {"flushed": delivery.mx_flush(message.get("domain"))}
-            return {"entries": [delivery.mx(str(message["domain"]))]}
-        else:
-            raise ValueError(f"unknown control command {cmd!r}")
-        return {}
+        match message:
+            case wire.Stop():
+                self.stop_event.set()
+            case wire.Reload(config=config):
+                cfg = config_mod.from_dict(config)
+                runtime.apply_config(cfg)
+                log.configure(cfg.log.level)
+                log.info("worker_reloaded", slot=self.slot)
+            case wire.Drain():
+                runtime.stop_accepting()
+                log.info("worker_draining", slot=self.slot)
+            case wire.SetHolds(holds=holds) if delivery is not None:
+                delivery.set_holds(holds)
+            case wire.Flush(domain=domain) if delivery is not None:
+                delivery.flush(domain)
+            case wire.MxQuery():
+                writer.write(wire.encode(_mx_answer(message, delivery)))
+            case wire.Start():
+                raise ValueError("Start twice")
 
     async def _housekeeping(self, store: QueueStore, committer: Committer) -> None:
         loop = asyncio.get_running_loop()
@@ -271,6 +254,46 @@ class Worker:
                 cleared = await loop.run_in_executor(None, store.reader_check)
                 if cleared:
                     log.info("stale_readers_cleared", count=cleared)
+
+
+def _mx_answer(query: wire.MxQuery, delivery: Delivery | None) -> wire.AnyAnswer:
+    if delivery is None:
+        return wire.Refused(ask=query.ask, error="delivery is disabled")
+    if query.flush:
+        return wire.MxFlushed(ask=query.ask, flushed=delivery.mx_flush(query.domain))
+    return wire.MxEntries(ask=query.ask, entries=[delivery.mx(query.domain or "")])
+
+
+def worker_state(slot: int, runtime: WorkerRuntime) -> wire.State:
+    """The state a worker pushes to the supervisor every second (engine/control/fleet.py).
+
+    Counters are copied from the stats objects the hot paths already keep (inbound,
+    scheduler, DNS cache, pools) into the worker's `WorkerMetrics` here, once a second,
+    instead of bumping a second set of counters per message. Histograms are observed
+    where the event happens (the scheduler's outcome) into the same object.
+    """
+    m = runtime.metrics
+    inbound = runtime.ctx.stats
+    m.received = inbound.received
+    m.received_bytes = inbound.received_bytes
+    m.connections_in = inbound.connections
+    sessions_in = len(runtime.ctx.sessions)
+    delivery = runtime.delivery
+    if delivery is None:
+        return wire.State(slot=slot, metrics=m.snapshot(), live=wire.Live(sessions_in=sessions_in))
+    st = delivery.scheduler.stats
+    m.delivered = st.delivered
+    m.deferred = st.deferred
+    m.bounced = st.bounced
+    m.expired = st.expired
+    m.dsns_queued = st.dsns
+    dns = delivery.dns.stats
+    m.dns_lookups = dns.misses
+    m.dns_cache_hits = dns.hits
+    m.connections_out = delivery.pools.connections_opened
+    m.sent_bytes = delivery.pools.bytes_sent
+    live = msgspec.convert({**delivery.live_state(), "sessions_in": sessions_in}, wire.Live)
+    return wire.State(slot=slot, metrics=m.snapshot(), live=live)
 
 
 def main(argv: list[str] | None = None) -> int:

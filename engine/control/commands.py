@@ -15,14 +15,15 @@ import contextvars
 import functools
 import os
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import msgspec
 
-from engine.control import bulk, protocol, queue_view
+from engine.control import bulk, protocol, queue_view, replies, wire
 from engine.control.fleet import Fleet
 from engine.control.message_view import domain_key
+from engine.control.supervisor_api import SupervisorHandle
 from engine.delivery.holds import (
     HOLDS_KEY,
     Holds,
@@ -30,7 +31,6 @@ from engine.delivery.holds import (
     Throttle,
     decode_holds,
     encode_holds,
-    holds_to_builtins,
 )
 from engine.observe import log
 from engine.observe.metrics import gauge, render
@@ -38,9 +38,6 @@ from engine.queue.ids import IdAllocator, id_bytes
 from engine.queue.layout import stable_shard
 from engine.queue.store import QueueStore
 from engine.version import __version__
-
-if TYPE_CHECKING:
-    from engine.supervisor import Supervisor
 
 _T = TypeVar("_T")
 # Who sent the request being handled; each connection is its own task, so its own context.
@@ -50,7 +47,7 @@ WORKER_ANSWER = 5.0  # seconds to wait for a worker's answer (mx)
 
 
 class ControlPlane:
-    def __init__(self, sup: Supervisor, store: QueueStore) -> None:
+    def __init__(self, sup: SupervisorHandle, store: QueueStore) -> None:
         self.sup = sup
         self.store = store
         self.fleet = Fleet()
@@ -58,7 +55,7 @@ class ControlPlane:
         self.ids = IdAllocator(store.next_boot())  # for DSNs of operator bounces
         self.started = time.time()
         self._totals: tuple[float, dict[str, Any]] | None = None
-        self._handlers: dict[type, Callable[[Any], Any]] = {
+        self._handlers: dict[type, Callable[[Any], Awaitable[replies.Reply]]] = {
             protocol.Status: self.status, protocol.Queue: self.queue, protocol.List: self.list,
             protocol.Show: self.show, protocol.Flush: self.flush, protocol.Suspend: self.suspend,
             protocol.Resume: self.resume, protocol.Bounce: self.bounce, protocol.Delete: self.delete,
@@ -67,12 +64,12 @@ class ControlPlane:
             protocol.Metrics: self.metrics,
         }
 
-    async def handle(self, req: protocol.AnyRequest, peer: str = "unknown") -> dict[str, Any]:
+    async def handle(self, req: protocol.AnyRequest, peer: str = "unknown") -> replies.Reply:
         if not isinstance(req, _READS):
             # An audit trail of every change: what, by whom (SO_PEERCRED).
             log.info("control_command", peer=peer, request=msgspec.to_builtins(req))
         _peer.set(peer)
-        return await self._handlers[type(req)](req)  # type: ignore[no-any-return]
+        return await self._handlers[type(req)](req)
 
     # --- plumbing ----------------------------------------------------------------------
     async def _thread(self, fn: Callable[..., _T], *args: Any, **kw: Any) -> _T:
@@ -85,14 +82,14 @@ class ControlPlane:
 
     async def _save_holds(self) -> None:
         await self._thread(self.store.put_control, HOLDS_KEY, encode_holds(self.holds))
-        self.sup.broadcast({"cmd": "holds", "holds": holds_to_builtins(self.holds)})
+        self.sup.broadcast(wire.SetHolds(holds=self.holds))
 
     def suspended(self, now: float) -> dict[str, Suspension]:
         in_force = {d: s for d, s in self.holds.suspensions.items() if s.in_force(now)}
         for b in self.fleet.backoffs():  # automatic suspensions, with the reply that caused them
-            for domain in b.get("domains", []):
-                in_force.setdefault(domain, Suspension(domain, since=0.0, until=b.get("until"),
-                                                       reason=b.get("reply", ""), by="backoff"))
+            for domain in b.domains:
+                in_force.setdefault(domain, Suspension(domain, since=0.0, until=b.until,
+                                                       reason=b.reply, by="backoff"))
         return in_force
 
     async def expire_holds(self) -> None:
@@ -105,7 +102,7 @@ class ControlPlane:
             await self._save_holds()
 
     def _wake(self, domain: str | None) -> None:
-        self.sup.broadcast({"cmd": "flush", "domain": domain})
+        self.sup.broadcast(wire.Flush(domain=domain))
 
     # --- reading ---------------------------------------------------------------------
     async def _walked_totals(self) -> dict[str, Any]:
@@ -120,7 +117,7 @@ class ControlPlane:
             self._totals = (time.monotonic() + 10 * (time.monotonic() - now), totals)
         return self._totals[1]
 
-    async def status(self, req: protocol.Status) -> dict[str, Any]:
+    async def status(self, req: protocol.Status) -> replies.Status:
         now = time.time()
         mono = time.monotonic()
         fleet = self.fleet
@@ -128,72 +125,73 @@ class ControlPlane:
         workers = []
         for s in self.sup.slots:
             live = fleet.live(s.slot)
-            budget = live.get("connection_budget", {})
-            workers.append({
-                "slot": s.slot, "pid": s.proc.pid if s.proc else None,
-                "age": round(mono - s.started_at, 1) if s.proc else None, "restarts": s.restarts,
-                "sessions_in": live.get("sessions_in", 0), "sessions_out": live.get("sessions_out", 0),
-                # The worker's share of delivery.max_connections, and pools waiting for a slot.
-                "out_limit": budget.get("limit"), "out_waiting": budget.get("waiting", 0),
-            })
+            budget = live.connection_budget
+            pid = s.pid
+            workers.append(replies.WorkerRow(
+                slot=s.slot, pid=pid, age=round(mono - s.started_at, 1) if pid is not None else None,
+                restarts=s.restarts, sessions_in=live.sessions_in, sessions_out=live.sessions_out,
+                out_limit=budget.limit if budget else None, out_waiting=budget.waiting if budget else 0,
+            ))
         # The message count is always exact (an O(1) read), the rest from the last walk.
         queue = {**await self._walked_totals(), "messages": await self._thread(self.store.count)}
-        return {
-            "version": __version__, "pid": os.getpid(), "uptime": round(now - self.started, 1),
-            "hostname": self.sup.cfg.server.hostname, "listeners": self.sup.addresses,
-            "draining": self.sup.draining, "workers": workers,
-            "queue": queue, "rates": fleet.rates.rates(mono),
-            "suspensions": [_suspension(s) for s in held.values()],
-            "throttles": [_throttle(t) for t in self.holds.throttles.values()],
-            "backoffs": fleet.backoffs(),
-        }
+        return replies.Status(
+            version=__version__, pid=os.getpid(), uptime=round(now - self.started, 1),
+            hostname=self.sup.cfg.server.hostname, listeners=self.sup.addresses,
+            draining=self.sup.draining, workers=workers,
+            queue=queue, rates=fleet.rates.rates(mono),
+            suspensions=[_suspension(s) for s in held.values()],
+            throttles=[_throttle(t) for t in self.holds.throttles.values()],
+            backoffs=fleet.backoffs(),
+        )
 
-    async def queue(self, req: protocol.Queue) -> dict[str, Any]:
+    async def queue(self, req: protocol.Queue) -> replies.Queue:
         now = time.time()
         held = self.suspended(now)
-        reply = await self._thread(queue_view.summary, self.store, by=req.by, limit=req.limit,
+        shape = await self._thread(queue_view.summary, self.store, by=req.by, limit=req.limit,
                                    now=now, suspended=held)
         if req.by == "domain":
-            for row in reply["rows"]:
+            for row in shape["rows"]:
                 s = held.get(row["key"])
                 if s is not None:
                     row.update(reason=s.reason, until=s.until, by_who=s.by)
-        return reply
+        return replies.Queue(**shape)
 
-    async def list(self, req: protocol.List) -> dict[str, Any]:
+    async def list(self, req: protocol.List) -> replies.List:
         now = time.time()
         if req.after:
             _parse_id(req.after, "after")
-        return await self._thread(
+        page = await self._thread(
             queue_view.list_messages, self.store, domain=req.domain, sender=req.sender,
             state=req.state, limit=req.limit, after=req.after,
             suspended=self.suspended(now))
+        return replies.List(**page)
 
-    async def show(self, req: protocol.Show) -> dict[str, Any]:
+    async def show(self, req: protocol.Show) -> replies.Show:
         now = time.time()
         message = await self._thread(queue_view.show, self.store, _parse_id(req.id, "id"),
                                      suspended=self.suspended(now))
         if message is None:
             raise protocol.RequestError(f"no queued message {req.id}")
-        return {"message": message}
+        return replies.Show(message=message)
 
-    async def mx(self, req: protocol.Mx) -> dict[str, Any]:
+    async def mx(self, req: protocol.Mx) -> replies.MxFlushed | replies.MxEntries:
         domain = domain_key(req.domain)
         if req.flush:
-            answers = await asyncio.gather(*[
-                s.ask({"cmd": "mx", "domain": domain or None, "flush": True}, WORKER_ANSWER)
-                for s in self.sup.slots])
-            return {"flushed": sum(int(a.get("flushed", 0)) for a in answers)}
+            query = wire.MxQuery(domain=domain or None, flush=True)
+            answers = await asyncio.gather(*[s.ask(query, WORKER_ANSWER) for s in self.sup.slots])
+            # A worker that is down or has no delivery has nothing cached: it counts 0.
+            return replies.MxFlushed(
+                flushed=sum(a.flushed for a in answers if isinstance(a, wire.MxFlushed)))
         if not domain:
             raise protocol.RequestError("mx: give a domain (or --flush)")
         # The domain's owner worker is the one that resolves and delivers it.
         slot = self.sup.slots[stable_shard(domain, len(self.sup.slots))]
-        answer = await slot.ask({"cmd": "mx", "domain": domain, "flush": False}, WORKER_ANSWER)
-        return {"entries": answer.get("entries", [])}
+        answer = await slot.ask(wire.MxQuery(domain=domain), WORKER_ANSWER)
+        return replies.MxEntries(entries=answer.entries if isinstance(answer, wire.MxEntries) else [])
 
-    async def metrics(self, req: protocol.Metrics) -> dict[str, Any]:
+    async def metrics(self, req: protocol.Metrics) -> replies.Metrics:
         await self._walked_totals()
-        return {"text": self.metrics_text()}
+        return replies.Metrics(text=self.metrics_text())
 
     async def refresh(self) -> None:
         """Sample the rates and, when there is an HTTP endpoint to scrape, keep the
@@ -214,9 +212,9 @@ class ControlPlane:
             gauge("volley_queue_messages", totals.get("messages", 0)),
             gauge("volley_queue_bytes", totals.get("bytes", 0)),
             gauge("volley_queue_units", totals.get("units", 0)),
-            gauge("volley_sessions_in", sum(fleet.live(s.slot).get("sessions_in", 0) for s in slots)),
-            gauge("volley_sessions_out", sum(fleet.live(s.slot).get("sessions_out", 0) for s in slots)),
-            gauge("volley_workers", sum(1 for s in slots if s.ready.is_set())),
+            gauge("volley_sessions_in", sum(fleet.live(s.slot).sessions_in for s in slots)),
+            gauge("volley_sessions_out", sum(fleet.live(s.slot).sessions_out for s in slots)),
+            gauge("volley_workers", sum(1 for s in slots if s.running)),
             gauge("volley_worker_restarts_total", sum(s.restarts for s in slots)),
             gauge("volley_domains_suspended", len(self.suspended(now))),
             gauge("volley_uptime_seconds", round(now - self.started, 1)),
@@ -224,7 +222,7 @@ class ControlPlane:
         return render(fleet.metrics(), gauges)
 
     # --- steering ----------------------------------------------------------------------
-    async def suspend(self, req: protocol.Suspend) -> dict[str, Any]:
+    async def suspend(self, req: protocol.Suspend) -> replies.Suspend:
         now = time.time()
         domain = _domain(req.domain)
         until = now + req.duration if req.duration else None
@@ -232,9 +230,9 @@ class ControlPlane:
         self.holds.suspensions[domain] = s
         await self._save_holds()
         log.info("suspended", domain=domain, until=until, reason=req.reason)
-        return {"suspension": _suspension(s)}
+        return replies.Suspend(suspension=_suspension(s))
 
-    async def resume(self, req: protocol.Resume) -> dict[str, Any]:
+    async def resume(self, req: protocol.Resume) -> replies.Resume:
         domain = _domain(req.domain)
         resumed = self.holds.suspensions.pop(domain, None) is not None
         if resumed:
@@ -242,10 +240,10 @@ class ControlPlane:
         # Parked entries wait until the end of the suspension: bring them back now.
         done = await self._bulk("flush", domain=domain)
         self._wake(domain)
-        log.info("resumed", domain=domain, released=done["done"])
-        return {"resumed": resumed, "released": done["done"]}
+        log.info("resumed", domain=domain, released=done.done)
+        return replies.Resume(resumed=resumed, released=done.done)
 
-    async def throttle(self, req: protocol.Throttle) -> dict[str, Any]:
+    async def throttle(self, req: protocol.Throttle) -> replies.Throttle:
         domain = _domain(req.domain)
         t: Throttle | None = None
         if req.clear:
@@ -260,9 +258,9 @@ class ControlPlane:
             self.holds.throttles[domain] = t
         await self._save_holds()
         log.info("throttled", domain=domain, throttle=_throttle(t) if t else None)
-        return {"throttle": _throttle(t) if t else None}
+        return replies.Throttle(throttle=_throttle(t) if t else None)
 
-    async def flush(self, req: protocol.Flush) -> dict[str, Any]:
+    async def flush(self, req: protocol.Flush) -> replies.Flush:
         # Workers end the destination's backoff first, so entries made due below are
         # not deferred again by a pool that still backs off; and they scan again after.
         domain = _domain(req.domain) if req.domain else None
@@ -272,15 +270,15 @@ class ControlPlane:
         else:
             done = await self._bulk("flush", domain=domain or "", all=domain is None)
         self._wake(domain)
-        return {"messages": done["done"]}
+        return replies.Flush(messages=done.done)
 
-    async def bounce(self, req: protocol.Bounce) -> dict[str, Any]:
+    async def bounce(self, req: protocol.Bounce) -> replies.Bulk:
         return await self._filtered("bounce", req)
 
-    async def delete(self, req: protocol.Delete) -> dict[str, Any]:
+    async def delete(self, req: protocol.Delete) -> replies.Bulk:
         return await self._filtered("delete", req)
 
-    async def _filtered(self, action: str, req: protocol.Bounce | protocol.Delete) -> dict[str, Any]:
+    async def _filtered(self, action: str, req: protocol.Bounce | protocol.Delete) -> replies.Bulk:
         kw: dict[str, Any] = {"dry_run": req.dry_run}
         if req.id:
             kw["id"] = _parse_id(req.id, "id")
@@ -292,24 +290,25 @@ class ControlPlane:
         result = await self._bulk(action, **kw)
         if not req.dry_run:
             self._wake(None)  # DSNs were queued (bounce) or capacity freed
-            log.info(f"operator_{action}", matched=result["matched"], done=result["done"],
+            log.info(f"operator_{action}", matched=result.matched, done=result.done,
                      seconds=round(time.monotonic() - started, 3))
         return result
 
-    async def _bulk(self, action: str, **kw: Any) -> dict[str, Any]:
+    async def _bulk(self, action: str, **kw: Any) -> replies.Bulk:
         now = time.time()
-        return await bulk.run_bulk(
+        report = await bulk.run_bulk(
             self.store, action, now=now, suspended=self.suspended(now),
             run_in_thread=self._thread, id_alloc=self.ids,
             hostname=self.sup.cfg.server.hostname, **kw)
+        return replies.Bulk(**report)
 
     # --- process -----------------------------------------------------------------------
-    async def reload(self, req: protocol.Reload) -> dict[str, Any]:
+    async def reload(self, req: protocol.Reload) -> replies.Done:
         if not self.sup.reload():
             raise protocol.RequestError("reload refused; see the supervisor log")
-        return {}
+        return replies.Done()
 
-    async def drain(self, req: protocol.Drain) -> dict[str, Any]:
+    async def drain(self, req: protocol.Drain) -> replies.Drain:
         started = time.monotonic()
         self.sup.drain()
         loop = asyncio.get_running_loop()
@@ -318,13 +317,13 @@ class ControlPlane:
         while remaining and loop.time() < deadline:
             await asyncio.sleep(0.2)  # polling the queue: nothing signals "empty"
             remaining = await self._thread(self.store.count)
-        return {"drained": remaining == 0, "remaining": remaining,
-                "seconds": round(time.monotonic() - started, 2)}
+        return replies.Drain(drained=remaining == 0, remaining=remaining,
+                             seconds=round(time.monotonic() - started, 2))
 
-    async def shutdown(self, req: protocol.Shutdown) -> dict[str, Any]:
+    async def shutdown(self, req: protocol.Shutdown) -> replies.Done:
         # Answer first: the stop begins on the next loop turn, after this reply is written.
         asyncio.get_running_loop().call_later(0.05, self.sup.request_stop)
-        return {}
+        return replies.Done()
 
 
 def _domain(text: str) -> str:
@@ -341,9 +340,9 @@ def _parse_id(text: str, what: str) -> bytes:
         raise protocol.RequestError(f"{what}: not a queue id (16 hex digits): {text!r}") from None
 
 
-def _suspension(s: Suspension) -> dict[str, Any]:
-    return {"domain": s.domain, "by": s.by, "reason": s.reason, "since": s.since, "until": s.until}
+def _suspension(s: Suspension) -> replies.SuspensionRow:
+    return replies.SuspensionRow(domain=s.domain, by=s.by, reason=s.reason, since=s.since, until=s.until)
 
 
-def _throttle(t: Throttle) -> dict[str, Any]:
-    return {"domain": t.domain, "max_connections": t.max_connections, "rate": t.rate}
+def _throttle(t: Throttle) -> replies.ThrottleRow:
+    return replies.ThrottleRow(domain=t.domain, max_connections=t.max_connections, rate=t.rate)

@@ -4,9 +4,9 @@ Request:  {"cmd": "<name>", ...arguments}     (a msgspec tagged union on "cmd")
 Reply:    {"ok": true, ...result}  or  {"ok": false, "error": "<what is wrong>"}
 
 Requests are typed here so a bad argument is refused with a message naming it
-(`decode_request`), never a dropped connection. Replies are plain JSON objects built
-by the server's handlers; their fields are documented in the README ("Control
-socket") and rendered by `engine/control/client.py`.
+(`decode_request`), never a dropped connection. Replies are typed in
+`engine/control/replies.py`; their fields are documented in the README ("Control
+socket") and rendered by `engine/control/render.py`.
 
 Times on the wire are epoch seconds (floats); durations are seconds; queue ids are the
 16-hex-digit form of `engine.queue.ids.id_text`.
@@ -165,16 +165,6 @@ def _check(req: AnyRequest) -> None:
             raise RequestError(f"{req.__struct_config__.tag}: give an id or a filter, not both")
         if not (req.id or req.domain or req.sender or req.state or req.all):
             raise RequestError(f"{req.__struct_config__.tag}: give an id, a filter, or all")
-
-
-def ok(**fields: object) -> bytes:
-    """One success reply line."""
-    return msgspec.json.encode({"ok": True, **fields}) + b"\n"
-
-
-def error(text: str) -> bytes:
-    """One error reply line."""
-    return msgspec.json.encode({"ok": False, "error": text}) + b"\n"
 
 
 def encode_request(req: Request) -> bytes:

@@ -25,9 +25,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from engine.control import protocol
+from engine.control.replies import Failure, Reply, encode_reply
 from engine.observe import log
 
-Handler = Callable[[protocol.AnyRequest, str], Awaitable[dict[str, object]]]
+Handler = Callable[[protocol.AnyRequest, str], Awaitable[Reply]]
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid (socket(7) SO_PEERCRED)
 
 
@@ -111,7 +112,7 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             try:
                 line = await reader.readline()
             except (asyncio.LimitOverrunError, ValueError):
-                writer.write(protocol.error(f"request longer than {protocol.MAX_LINE} bytes"))
+                writer.write(_error(f"request longer than {protocol.MAX_LINE} bytes"))
                 break
             if not line:
                 break
@@ -129,11 +130,15 @@ async def _answer(line: bytes, handle: Handler, peer: str) -> bytes:
     try:
         req = protocol.decode_request(line)
     except protocol.RequestError as err:
-        return protocol.error(str(err))
+        return _error(str(err))
     try:
-        return protocol.ok(**await handle(req, peer))
+        return encode_reply(await handle(req, peer))
     except protocol.RequestError as err:
-        return protocol.error(str(err))
+        return _error(str(err))
     except Exception as err:  # a handler bug answers, it never kills the supervisor
         log.error("control_command_failed", cmd=type(req).__name__.lower(), error=repr(err))
-        return protocol.error(f"internal error: {err!r}")
+        return _error(f"internal error: {err!r}")
+
+
+def _error(text: str) -> bytes:
+    return encode_reply(Failure(error=text))

@@ -1,0 +1,69 @@
+"""What the control commands need of the supervisor, said here in control.
+
+The supervisor (engine/supervisor.py) sits above control: it starts the control
+server and hands it itself. The commands talk to it only through these Protocols,
+so control never imports the supervisor and a test may hand the commands anything
+with the same shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from engine.config import Config
+from engine.control.wire import AnyAnswer, MxQuery, ToWorker
+
+
+class WorkerHandle(Protocol):
+    """One worker slot as the supervisor keeps it."""
+
+    @property
+    def slot(self) -> int: ...
+
+    @property
+    def pid(self) -> int | None:
+        """The pid of its process (the last one while it is being restarted); None
+        before the first start."""
+
+    @property
+    def started_at(self) -> float:
+        """time.monotonic() of the current process's start."""
+
+    @property
+    def restarts(self) -> int: ...
+
+    @property
+    def running(self) -> bool:
+        """Started and accepting (it said Ready)."""
+
+    async def ask(self, query: MxQuery, timeout: float) -> AnyAnswer:
+        """The worker's answer; `Refused` when it is down or silent for `timeout` s."""
+
+
+class SupervisorHandle(Protocol):
+    @property
+    def cfg(self) -> Config:
+        """The configuration in force (replaced by a reload)."""
+
+    @property
+    def addresses(self) -> list[str]:
+        """The bound listener addresses."""
+
+    @property
+    def draining(self) -> bool: ...
+
+    @property
+    def slots(self) -> Sequence[WorkerHandle]: ...
+
+    def broadcast(self, message: ToWorker) -> None:
+        """Send `message` to every running worker."""
+
+    def reload(self) -> bool:
+        """Re-read the configuration file; False when it was refused (logged)."""
+
+    def drain(self) -> None:
+        """Stop accepting everywhere; delivery goes on."""
+
+    def request_stop(self) -> None:
+        """Begin the shutdown."""
