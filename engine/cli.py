@@ -146,7 +146,7 @@ def _read_password() -> str:
 
 
 def _cmd_passwd(args: argparse.Namespace) -> int:
-    from engine.inbound.auth import check_username, set_user
+    from engine.inbound.users import check_username, set_user
 
     user: str = args.user
     try:

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from engine.config import Config
-from engine.inbound import auth
+from engine.inbound import users
 from engine.inbound.policy import Policy
 from engine.observe import log
 from engine.queue.commit import Committer
@@ -72,7 +72,7 @@ class WorkerContext:
         self.command_timeout = float(cfg.limits.command_timeout)
         self.data_timeout = float(cfg.limits.data_timeout)
         self.policy = Policy(cfg)
-        self.users = auth.UserDb.load(cfg.auth.users_file)
+        self.users = users.UserDb.load(cfg.auth.users_file)
         self.ssl_context = make_server_tls_context(cfg)
         # Each worker takes its share of the global caps (see README, "Limits").
         self.max_connections = max(1, math.ceil(cfg.limits.max_connections / self.workers))
@@ -120,4 +120,4 @@ class WorkerContext:
             self._sweeper.cancel()
 
     async def check_password(self, user: str, password: str) -> bool:
-        return await auth.authenticate(self.users, user, password, self.executor)
+        return await users.authenticate(self.users, user, password, self.executor)

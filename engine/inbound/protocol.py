@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from engine.errors import VolleyError
 from engine.inbound import session_io
+from engine.inbound.sasl import AuthExchange
 from engine.observe import log
 from engine.smtp.commands import Auth, Ehlo, Helo, Mail, Rcpt, StartTls
 from engine.smtp.events import _Sentinel
@@ -70,7 +71,7 @@ class SmtpServerProtocol(asyncio.Protocol):
         self.busy = False  # a decision (commit, auth) is pending
         self.closing = False
         self.auth_failures = 0
-        self.auth_state: session_io.AuthExchange | None = None
+        self.auth_state: AuthExchange | None = None
         self.tls_version = ""
         # session_io.received_header's per-session parts (key, head, tail)
         self.received_parts: tuple[tuple[object, ...], str, str] | None = None
@@ -329,7 +330,7 @@ class SmtpServerProtocol(asyncio.Protocol):
         if reply is not None:
             out.append(self.session.send(reply))
             return True
-        self.auth_state = session_io.AuthExchange(command.mechanism)
+        self.auth_state = AuthExchange(command.mechanism)
         return self._auth_step(command.initial, out)
 
     def _auth_step(self, response: str | None, out: list[bytes]) -> bool:

@@ -8,14 +8,13 @@ import time
 from email.utils import formatdate
 from typing import TYPE_CHECKING
 
-from engine.inbound import auth
+from engine.inbound.sasl import MECHANISMS
 from engine.queue.ids import id_text
 from engine.queue.records import MessageRecord, Recipient
 from engine.smtp.commands import Auth, Ehlo, Helo
 from engine.smtp.replies import (
     R235_AUTH_OK,
     R421_AUTH_FAILURES,
-    R501_AUTH_CANCELLED,
     R502_NOT_IMPLEMENTED,
     R504_AUTH_MECHANISM,
     R535_AUTH_FAILED,
@@ -26,9 +25,6 @@ from engine.smtp.server import MessageReceived
 
 if TYPE_CHECKING:
     from engine.inbound.protocol import SmtpServerProtocol
-
-MECHANISMS = ("PLAIN", "LOGIN")
-
 
 def auth_offered(proto: SmtpServerProtocol) -> bool:
     """RFC 4954 §4: plaintext passwords only under TLS unless explicitly allowed."""
@@ -155,40 +151,6 @@ def auth_refusal(proto: SmtpServerProtocol, command: Auth) -> Reply | None:
     if command.mechanism not in MECHANISMS:
         return R504_AUTH_MECHANISM
     return None
-
-
-class AuthExchange:
-    """The SASL conversation of one AUTH command, one step per client line."""
-
-    def __init__(self, mechanism: str) -> None:
-        self.mechanism = mechanism
-        self.user: str | None = None
-        self.asked = False
-
-    def step(self, response: str | None) -> Reply | tuple[str, str]:
-        """A Reply to send (challenge or refusal) or the (user, password) to verify."""
-        try:
-            if response == "*":
-                raise auth.AuthCancelled()
-            if self.mechanism == "PLAIN":
-                if response is None:
-                    if self.asked:
-                        return R501_AUTH_CANCELLED
-                    self.asked = True
-                    return Reply(334, "", "")
-                # RFC 4954 §4: "=" is an empty initial response.
-                return auth.decode_plain("" if response == "=" else response)
-            if response is None or (self.user is None and not self.asked and response == "="):
-                self.asked = True
-                return Reply(334, "", auth.LOGIN_USERNAME_CHALLENGE)
-            if self.user is None:
-                self.user = auth.decode_login_field(response)
-                return Reply(334, "", auth.LOGIN_PASSWORD_CHALLENGE)
-            return self.user, auth.decode_login_field(response)
-        except auth.AuthCancelled:
-            return R501_AUTH_CANCELLED
-        except auth.AuthSyntaxError as err:
-            return err.reply
 
 
 def auth_result(proto: SmtpServerProtocol, user: str, ok: bool) -> Reply:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.inbound.auth import set_user
+from engine.inbound.users import set_user
 from tests.integration.harness import REPO, LoopThread, ServeProcess
 from tests.integration.test_blast import _rcpt_and_end_refusals
 from tests.peers.smtp_sink import Sink, start_sink

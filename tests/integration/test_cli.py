@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from engine import config
-from engine.inbound.auth import UserDb, verify_password
+from engine.inbound.passwords import verify_password
+from engine.inbound.users import UserDb
 from engine.version import __version__
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.inbound import auth
+from engine.inbound.users import set_user
 from engine.queue.ids import id_bytes
 from engine.queue.records import domain_of
 from tests.integration.smtp_raw import (
@@ -32,7 +32,7 @@ PLAIN_BAD = b64("\0alice\0wrong")
 @pytest.fixture
 def users_file(tmp_path: Path) -> str:
     path = str(tmp_path / "users")
-    auth.set_user(path, "alice", "secret", ln=10)  # low cost: fast tests
+    set_user(path, "alice", "secret", ln=10)  # low cost: fast tests
     return path
 
 

@@ -1,4 +1,5 @@
-"""engine.inbound.auth: scrypt hashes, the users file, SASL PLAIN/LOGIN decoding."""
+"""SMTP AUTH's parts: scrypt hashes (passwords), the users file (users), SASL PLAIN/LOGIN
+decoding (sasl)."""
 
 from __future__ import annotations
 
@@ -14,20 +15,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.inbound import auth
-from engine.inbound.auth import (
+from engine.inbound import passwords
+from engine.inbound.passwords import hash_password, verify_password
+from engine.inbound.sasl import (
     LOGIN_PASSWORD_CHALLENGE,
     LOGIN_USERNAME_CHALLENGE,
     AuthCancelled,
     AuthSyntaxError,
-    UserDb,
-    authenticate,
     decode_login_field,
     decode_plain,
-    hash_password,
-    set_user,
-    verify_password,
 )
+from engine.inbound.users import UserDb, authenticate, set_user
 from engine.smtp.replies import R501_AUTH_CANCELLED, R501_BAD_BASE64
 
 # ln=10 is 1 MiB and a few ms: fast tests, same code path as the default ln=14.
@@ -64,7 +62,7 @@ def test_non_ascii_password() -> None:
 
 
 def test_default_cost_is_ln14() -> None:
-    assert auth.DEFAULT_LN == 14
+    assert passwords.DEFAULT_LN == 14
     encoded = hash_password("pw")
     assert encoded.startswith("$scrypt$ln=14,r=8,p=1$")
     assert verify_password("pw", encoded)
@@ -122,7 +120,7 @@ def test_authenticate_unknown_user_spends_a_scrypt(tmp_path: Path) -> None:
     # The dummy hash copies the database's cost, so both paths run the same scrypt.
     assert db.dummy_hash.startswith(f"$scrypt$ln={LN},r=8,p=1$")
     calls: list[tuple[str, str]] = []
-    real = auth.verify_password
+    real = passwords.verify_password
 
     class CountingExecutor(ThreadPoolExecutor):
         def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
