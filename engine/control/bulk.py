@@ -24,9 +24,7 @@ from typing import Any
 import msgspec
 
 from engine.control.message_view import Selector, domain_key, record_pages
-from engine.delivery import outcome
-from engine.delivery.job import JobResult
-from engine.delivery.reports import queue_dsns
+from engine.delivery.bounce import bounce_recipients
 from engine.errors import StorageError
 from engine.queue.ids import IdAllocator
 from engine.queue.layout import DUE_FIXED, DUE_HEAD, key_domain, stable_shard
@@ -198,27 +196,19 @@ def bounce_reply(reason: str = "") -> Reply:
 
 def bounce_chunk(store: QueueStore, ids: list[bytes], *, domain: str = "", reason: str = "",
                  id_alloc: IdAllocator, hostname: str, now: float) -> int:
-    """Bounce the pending recipients (of `domain`, or all) with `bounce_reply`, as the
-    scheduler does a remote 5xx: outcome.apply marks them BOUNCED and a failure report
-    goes to the sender (reports.queue_dsns; none for the null sender, RFC 3461 §6.2, nor
-    for NOTIFY=NEVER) in the same op. The message is deleted when nothing is pending.
-    Returns how many messages had recipients bounced."""
+    """Bounce the pending recipients (of `domain`, or all) with `bounce_reply`, through
+    the delivery side's own bounce path (`bounce.bounce_recipients`: BOUNCED, a failure
+    report to the sender, the message deleted when nothing is pending) in the chunk's
+    write transaction. Returns how many messages had recipients bounced."""
     reply = bounce_reply(reason)
     # Bodies never change once queued, so they are read outside the write txn; report
     # ids are taken outside the ops too, because an op may be run twice.
     bodies = dict(zip(ids, store.get_bodies(ids)))
     report_ids = {mid: (id_alloc.next(), id_alloc.next(), id_alloc.next()) for mid in ids}
-    no_result = JobResult(replies={})
 
     def change(w: WriteTxn, current: MessageRecord, idx: list[int]) -> None:
-        applied = outcome.apply(current, {i: reply for i in idx}, now, schedule=(60.0,),
-                                max_age=float("inf"))
-        if applied.done:
-            w.delete_message(current.id, stored=current)
-        else:
-            w.update_message(applied.record, stored=current)
-        queue_dsns(w, applied, bodies[current.id] or b"", report_ids[current.id], hostname, now,
-                   no_result, [], current.received_at)
+        bounce_recipients(w, current, idx, reply, bodies[current.id] or b"",
+                          report_ids=report_ids[current.id], reporting_mta=hostname, now=now)
 
     return _each_pending(store, ids, domain, change)
 

@@ -1,14 +1,14 @@
 """Delivery status notifications queued inside the outcome's write transaction.
 
-Shared by the scheduler (remote replies) and the control socket (an operator's
-bounce), so a report is built and queued the same way whoever decided it.
+Used through `bounce.write_outcome`, the one path by which the scheduler (remote
+replies, expiry) and the control socket (an operator's bounce) store an outcome, so a
+report is built and queued the same way whoever decided it.
 """
 
 from __future__ import annotations
 
 from engine.delivery import dsn as dsn_mod
 from engine.delivery import outcome as outcome_mod
-from engine.delivery.job import JobResult
 from engine.queue.ids import id_text
 from engine.queue.records import MessageRecord, Recipient
 from engine.queue.writetxn import WriteTxn
@@ -33,16 +33,17 @@ def due_delay_reports(applied: outcome_mod.Applied, now: float,
 
 def queue_dsns(w: WriteTxn, applied: outcome_mod.Applied, body: bytes,
                 dsn_ids: tuple[bytes, bytes, bytes], reporting: str, now: float,
-                result: JobResult, delayed: list[tuple[Recipient, Reply, str]],
-                retry_until: float) -> None:
+                remote_mta: str, remote_dsn: bool,
+                delayed: list[tuple[Recipient, Reply, str]], retry_until: float) -> None:
     """Queue the failure DSN, the relayed DSN for NOTIFY=SUCCESS, and the delay DSN for
-    NOTIFY=DELAY (RFC 3461 §4.1), each as its own message."""
+    NOTIFY=DELAY (RFC 3461 §4.1), each as its own message. `remote_mta` is the next hop
+    that answered ("" for none); `remote_dsn` says it took over NOTIFY=SUCCESS."""
     record = applied.record
-    remote = result.mx_host or None
+    remote = remote_mta or None
     kinds: list[list[tuple[Recipient, Reply, str]]] = [[], [], delayed]
     if applied.bounced:
         kinds[0] = applied.dsn_entries("failed")
-    action = dsn_mod.success_action(result.remote_dsn)
+    action = dsn_mod.success_action(remote_dsn)
     if action and applied.delivered:
         kinds[1] = [(record.recipients[i], applied.replies[i], action)
                     for i in sorted(applied.delivered)]

@@ -37,10 +37,11 @@ from typing import Any
 
 from engine.config import Config
 from engine.delivery import outcome as outcome_mod
+from engine.delivery.bounce import write_outcome
 from engine.delivery.holds import Holds, Parked, park_op
 from engine.delivery.job import Job, JobResult, PoolSettings
 from engine.delivery.planner import RoutePlanner
-from engine.delivery.reports import due_delay_reports, queue_dsns
+from engine.delivery.reports import due_delay_reports
 from engine.delivery.retry import expired
 from engine.dns.cache import DnsCache
 from engine.dns.mx import Route, RouteError
@@ -308,12 +309,9 @@ class Scheduler:
                 if result.retry_after and applied.deferred:
                     _not_before(applied.record, applied.deferred, now, result, mono_now)
             delayed = due_delay_reports(applied, now, delay_warning)
-            if applied.done:
-                w.delete_message(msg_id, stored=current)
-            else:
-                w.update_message(applied.record, stored=current)
-            queue_dsns(w, applied, body, dsn_ids, reporting, now, result, delayed,
-                        current.received_at + max_age)
+            write_outcome(w, current, applied, body, report_ids=dsn_ids, reporting_mta=reporting,
+                          now=now, retry_until=current.received_at + max_age,
+                          remote_mta=result.mx_host, remote_dsn=result.remote_dsn, delayed=delayed)
             return current, applied
 
         self.committer.submit(op, lambda res: self._committed(msg_id, domain, result, res, now))

@@ -1,0 +1,56 @@
+"""Storing an outcome, and bouncing recipients: the one path by which the scheduler
+(remote replies, routing errors, expiry) and an operator's `volley ctl bounce` (run by
+the control side) change a message's recipients and queue the reports that owes.
+
+Both run inside the caller's write transaction, after re-reading the record in it
+(`stored`): whoever commits, the recipient states and the DSNs land together (P3).
+Report ids are allocated by the caller outside the op, because an op may run twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from engine.delivery import outcome
+from engine.delivery.outcome import Applied
+from engine.delivery.reports import queue_dsns
+from engine.queue.records import MessageRecord, Recipient
+from engine.queue.writetxn import WriteTxn
+from engine.smtp.replies import Reply
+
+ReportIds = tuple[bytes, bytes, bytes]  # ids for the failure, relayed and delay reports
+
+
+def write_outcome(w: WriteTxn, stored: MessageRecord, applied: Applied, body: bytes, *,
+                  report_ids: ReportIds, reporting_mta: str, now: float, retry_until: float,
+                  remote_mta: str = "", remote_dsn: bool = False,
+                  delayed: list[tuple[Recipient, Reply, str]] | None = None) -> None:
+    """Store `applied` (from outcome.apply / expire_pending over `stored`): the message
+    is deleted when nothing is pending any more, else updated. Then queue the reports it
+    owes (failure, relayed for NOTIFY=SUCCESS, and the `delayed` entries), each with the
+    null sender (RFC 3461 §6.2) and `reporting_mta` as Reporting-MTA; `retry_until`
+    becomes Will-Retry-Until in a delay report."""
+    if applied.done:
+        w.delete_message(stored.id, stored=stored)
+    else:
+        w.update_message(applied.record, stored=stored)
+    queue_dsns(w, applied, body, report_ids, reporting_mta, now, remote_mta, remote_dsn,
+               delayed or [], retry_until)
+
+
+def bounce_recipients(w: WriteTxn, stored: MessageRecord, indices: Sequence[int],
+                      reason: Reply, body: bytes, *, report_ids: ReportIds,
+                      reporting_mta: str, now: float) -> Applied:
+    """Bounce the PENDING recipients `indices` of `stored` with `reason` (a 5xx reply),
+    as a remote 5xx would: they become BOUNCED, the record is written (deleted when
+    nothing is pending) and one failure report goes to the sender, unless the sender is
+    null or the recipients asked for NOTIFY=NEVER. `body` is the queued message (its
+    headers, or all of it for RET=FULL, go back with the report).
+
+    Raises IndexError for an index outside the record (a caller bug).
+    """
+    applied = outcome.apply(stored, dict.fromkeys(indices, reason), now, schedule=(60.0,),
+                            max_age=float("inf"))
+    write_outcome(w, stored, applied, body, report_ids=report_ids,
+                  reporting_mta=reporting_mta, now=now, retry_until=stored.received_at)
+    return applied
