@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -57,6 +57,7 @@ class MessageView(msgspec.Struct, array_like=True, tag_field="v", tag=RECORD_VER
 
 decode_view: Callable[[bytes], MessageView] = msgspec.msgpack.Decoder(MessageView).decode
 AnyRecord = MessageRecord | MessageView
+_Record = TypeVar("_Record", MessageRecord, MessageView)
 
 
 # --- per-message facts, shared by list, show and bulk selection --------------------------
@@ -142,7 +143,7 @@ class Selector:
                 return None
         return self.match(decode_view(raw))
 
-    def match(self, view: AnyRecord) -> AnyRecord | None:
+    def match(self, view: _Record) -> _Record | None:
         if self.before is not None and view.received_at >= self.before:
             return None
         if self.sender is not None and view.sender.lower() != self.sender:

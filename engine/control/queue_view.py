@@ -298,8 +298,7 @@ def totals(store: QueueStore, now: float, suspended: Mapping[str, object]) -> di
         if not keys:
             break
         units += len(keys)
-        for lo, cut, hi in _owner_runs(keys, now_ms):
-            ready += cut - lo
+        ready += sum(cut - lo for lo, cut, _ in _owner_runs(keys, now_ms))
         if held:
             count_held += sum(map(held.__contains__, map(key_domain, keys)))
             start = keys[-1] + b"\0"

@@ -23,7 +23,7 @@ import orjson
 import pytest
 
 from engine import cli
-from engine.control import client, protocol, render
+from engine.control import client, formats, protocol, render
 from engine.control.cli_ctl import rate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -426,8 +426,8 @@ def test_unknown_reply_shape_falls_back_to_json(ctl: FakeControl,
 
 
 def test_table_aligns_numbers_right() -> None:
-    text = render.table([{"k": "a", "n": 5}, {"k": "bbb", "n": 1234}, {"k": None, "n": None}],
-                        [render.Column("KEY", "k"), render.Column("N", "n")])
+    text = formats.table([{"k": "a", "n": 5}, {"k": "bbb", "n": 1234}, {"k": None, "n": None}],
+                         [formats.Column("KEY", "k"), formats.Column("N", "n")])
     assert text == "KEY     N\na       5\nbbb  1234\n-       -\n"
 
 
@@ -435,16 +435,16 @@ def test_table_aligns_numbers_right() -> None:
     (0, "0s"), (45, "45s"), (60, "1m"), (185, "3m05s"), (7380, "2h03m"), (3600, "1h"),
     (86400 * 4 + 3600 * 7 + 59, "4d07h"), (-90, "1m30s")])
 def test_short_duration(seconds: float, text: str) -> None:
-    assert render.short_duration(seconds) == text
+    assert formats.short_duration(seconds) == text
 
 
 def test_sizes_and_relative_times() -> None:
-    assert [render.human_size(n) for n in (0, 1023, 1536, 5 * 1024**2, 3 * 1024**3)] == \
+    assert [formats.human_size(n) for n in (0, 1023, 1536, 5 * 1024**2, 3 * 1024**3)] == \
         ["0B", "1023B", "1.5KiB", "5.0MiB", "3.0GiB"]
-    assert render.relative(NOW + 720, NOW) == "in 12m"
-    assert render.relative(NOW - 180, NOW) == "3m ago"
-    assert render.relative(NOW + 0.4, NOW) == "now"
-    assert render.relative(None, NOW) == "-"
+    assert formats.relative(NOW + 720, NOW) == "in 12m"
+    assert formats.relative(NOW - 180, NOW) == "3m ago"
+    assert formats.relative(NOW + 0.4, NOW) == "now"
+    assert formats.relative(None, NOW) == "-"
 
 
 @pytest.mark.parametrize(("text", "per_second"), [
