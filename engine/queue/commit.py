@@ -32,29 +32,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from engine.errors import StorageError, StoragePanic
-from engine.queue.store import QueueStore, WriteTxn
+from engine.queue.committer import Callback, CommitStats, Op
+from engine.queue.store import QueueStore
 
-Op = Callable[[WriteTxn], object]
 # How long a commit may wait for its batch to reach the previous batch's size.
 GATHER_WAIT = 0.003
-Callback = Callable[[object], None]  # receives the op's result or its exception
-
-
-@dataclass
-class CommitStats:
-    """Counters written by the commit thread; read them from anywhere."""
-
-    batches: int = 0
-    ops: int = 0
-    largest_batch: int = 0
-    syncs: int = 0
 
 
 class Committer:
-    """Owns the store's write side for one worker process."""
+    """Owns the store's write side for one worker process (a `QueueCommitter`)."""
 
     def __init__(
         self,

@@ -13,7 +13,7 @@ millisecond to milliseconds, which must never stall the loop (house rule 4).
 "batch" flushes every batch_interval in the default executor; `mdb_env_sync` takes no
 lock, so commits go on meanwhile.
 
-Same interface as `Committer`: start, submit(op, callback), stop, stats, panicked.
+Same interface as `Committer`: both are a `committer.QueueCommitter`.
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ import asyncio
 
 from engine.errors import StorageError, StoragePanic
 from engine.observe import log
-from engine.queue.commit import Callback, CommitStats, Op
+from engine.queue.committer import Callback, CommitStats, Op
 from engine.queue.store import QueueStore
 
 
 class InlineCommitter:
+    """Commits once per loop iteration on the loop thread (a `QueueCommitter`)."""
+
     def __init__(self, store: QueueStore, loop: asyncio.AbstractEventLoop, *,
                  durability: str, batch_interval: float = 0.05, max_batch: int = 512) -> None:
         """Raises ValueError for the "fsync" level (it needs the threaded Committer)

@@ -24,16 +24,19 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import Callable
+from typing import TypeVar, cast
 
 import lmdb
 
 from engine.errors import QueueFull, StorageError, StoragePanic
-from engine.queue.layout import DUE_FIXED, DUE_HEAD, due_key, due_keys, due_value, stable_shard  # noqa: F401  (re-exported)
-from engine.queue.records import MessageRecord, decode_record
+from engine.queue.layout import due_keys, due_value, stable_shard
+from engine.queue.records import decode_record
 from engine.queue.store_views import StoreViews
 from engine.queue.writetxn import WriteTxn
+
+# WriteTxn and stable_shard are re-exported: callers name the store and what it hands out.
+__all__ = ["DURABILITIES", "FORMAT", "QueueStore", "WriteTxn", "map_error", "stable_shard"]
 
 _T = TypeVar("_T")
 _U16 = struct.Struct(">H")
@@ -295,7 +298,7 @@ class QueueStore(StoreViews):
             raise res
         if self.durability == "fsync":
             self.sync()  # durable on return: the meta page too (see lmdb.open above)
-        return res  # type: ignore[return-value]
+        return cast(_T, res)  # not an exception: what `op` returned
 
     def next_boot(self) -> int:
         """Increment and return the u32 boot counter, committed before it returns.
@@ -331,75 +334,6 @@ class QueueStore(StoreViews):
             except lmdb.Error as err:
                 raise map_error(err) from err
         raise AssertionError("unreachable")
-
-    def get(self, msg_id: bytes) -> MessageRecord | None:
-        """The queued record, or None. Raises StorageError on lmdb failure."""
-        data = self._read(lambda t: t.get(msg_id, db=self._msg))
-        return None if data is None else decode_record(data)
-
-    def get_body(self, msg_id: bytes) -> bytes | None:
-        """The raw message bytes, or None. Raises StorageError on lmdb failure."""
-        return self._read(lambda t: t.get(msg_id, db=self._body))
-
-    def count(self) -> int:
-        """Number of queued messages. Raises StorageError on lmdb failure."""
-        return int(self._read(lambda t: t.stat(self._msg)["entries"]))
-
-    def iter_ids(self, chunk: int = 1024) -> Iterator[bytes]:
-        """Every queued id in key order, read in chunks of short read transactions
-        (a long-lived reader would pin old pages and grow the file, finding 7)."""
-        after = b""
-        while True:
-
-            def page(t: lmdb.Transaction[bytes]) -> list[bytes]:
-                with t.cursor(db=self._msg) as cur:
-                    if not cur.set_range(after):
-                        return []
-                    out: list[bytes] = []
-                    for k in cur.iternext(keys=True, values=False):
-                        if k != after:
-                            out.append(k)
-                            if len(out) >= chunk:
-                                break
-                    return out
-
-            ids = self._read(page)
-            if not ids:
-                return
-            yield from ids
-            after = ids[-1]
-
-    def due_entries(
-        self, owner: int, until_ms: int, limit: int, since_ms: int = 0,
-        exclude: set[tuple[bytes, str]] | frozenset[tuple[bytes, str]] = frozenset(),
-    ) -> list[tuple[int, bytes, str]]:
-        """Up to `limit` (due_ms, msg_id, domain) of shard `owner` due in
-        [`since_ms`, `until_ms`], earliest first. Raises StorageError on lmdb failure.
-
-        `since_ms` lets the scheduler resume near where it left off; (msg_id, domain)
-        pairs in `exclude` (already in flight) are passed over and do not count."""
-        prefix = _U16.pack(owner)
-        start = DUE_HEAD.pack(owner, max(0, since_ms))
-
-        def scan(t: lmdb.Transaction[bytes]) -> list[tuple[int, bytes, str]]:
-            out: list[tuple[int, bytes, str]] = []
-            with t.cursor(db=self._due) as cur:
-                if not cur.set_range(start):
-                    return out
-                for k in cur.iternext(keys=True, values=False):
-                    if len(out) >= limit or k[:2] != prefix:
-                        break
-                    _, due = DUE_HEAD.unpack_from(k)
-                    if due > until_ms:
-                        break
-                    dom = k[DUE_FIXED:].decode("utf-8", "surrogatepass")
-                    mid = k[DUE_HEAD.size:DUE_FIXED]
-                    if exclude and (mid, dom) in exclude:
-                        continue
-                    out.append((due, mid, dom))
-            return out
-
-        return self._read(scan)
 
     # ---- maintenance ----------------------------------------------------------
 

@@ -1,17 +1,20 @@
-"""Paged reads and control state of the queue store, for the control socket.
+"""The read side of the queue store, and its control state.
 
 A mixin of `QueueStore` (store.py owns the environment and its named DBs; this file
-only names lmdb for annotations, so store.py stays the one runtime importer). Each
-scan is ONE short read transaction over at most `limit` entries; callers page with
-the last key they got, so no reader lives long (finding 7).
+only names lmdb for annotations, so store.py stays the one runtime importer). Every
+read is ONE short read transaction; the scans cover at most `limit` entries and
+callers page with the last key they got, so no reader lives long (finding 7).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+import struct
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import TYPE_CHECKING, TypeVar
 
+from engine.queue.layout import DUE_FIXED, DUE_HEAD
 from engine.queue.records import MessageRecord, decode_record
 from engine.queue.writetxn import WriteTxn
 
@@ -19,16 +22,17 @@ if TYPE_CHECKING:
     import lmdb
 
 _T = TypeVar("_T")
+_OWNER = struct.Struct(">H")  # a due key's first field
 
 
 class StoreViews:
-    """Methods of `QueueStore` that read in pages or keep control state."""
+    """Methods of `QueueStore` that read, or keep control state."""
 
     # Provided by QueueStore (store.py).
-    _due: Any
-    _msg: Any
-    _body: Any
-    _ctl: Any
+    _due: lmdb._Database
+    _msg: lmdb._Database
+    _body: lmdb._Database
+    _ctl: lmdb._Database
     _psize: int
 
     def _read(self, fn: Callable[[lmdb.Transaction[bytes]], _T]) -> _T:
@@ -36,6 +40,72 @@ class StoreViews:
 
     def write_one(self, op: Callable[[WriteTxn], _T]) -> _T:
         raise NotImplementedError
+
+    def get(self, msg_id: bytes) -> MessageRecord | None:
+        """The queued record, or None. Raises StorageError on lmdb failure."""
+        data = self._read(lambda t: t.get(msg_id, db=self._msg))
+        return None if data is None else decode_record(data)
+
+    def get_body(self, msg_id: bytes) -> bytes | None:
+        """The raw message bytes, or None. Raises StorageError on lmdb failure."""
+        return self._read(lambda t: t.get(msg_id, db=self._body))
+
+    def count(self) -> int:
+        """Number of queued messages. Raises StorageError on lmdb failure."""
+        return int(self._read(lambda t: t.stat(self._msg)["entries"]))
+
+    def iter_ids(self, chunk: int = 1024) -> Iterator[bytes]:
+        """Every queued id in key order, read in chunks of short read transactions
+        (a long-lived reader would pin old pages and grow the file, finding 7)."""
+        after = b""
+        while ids := self._read(partial(self._ids_after, after, chunk)):
+            yield from ids
+            after = ids[-1]
+
+    def _ids_after(self, after: bytes, chunk: int, t: lmdb.Transaction[bytes]) -> list[bytes]:
+        """Up to `chunk` ids greater than `after`, in key order."""
+        with t.cursor(db=self._msg) as cur:
+            if not cur.set_range(after):
+                return []
+            out: list[bytes] = []
+            for k in cur.iternext(keys=True, values=False):
+                if k != after:
+                    out.append(k)
+                    if len(out) >= chunk:
+                        break
+            return out
+
+    def due_entries(
+        self, owner: int, until_ms: int, limit: int, since_ms: int = 0,
+        exclude: set[tuple[bytes, str]] | frozenset[tuple[bytes, str]] = frozenset(),
+    ) -> list[tuple[int, bytes, str]]:
+        """Up to `limit` (due_ms, msg_id, domain) of shard `owner` due in
+        [`since_ms`, `until_ms`], earliest first. Raises StorageError on lmdb failure.
+
+        `since_ms` lets the scheduler resume near where it left off; (msg_id, domain)
+        pairs in `exclude` (already in flight) are passed over and do not count."""
+        prefix = _OWNER.pack(owner)
+        start = DUE_HEAD.pack(owner, max(0, since_ms))
+
+        def scan(t: lmdb.Transaction[bytes]) -> list[tuple[int, bytes, str]]:
+            out: list[tuple[int, bytes, str]] = []
+            with t.cursor(db=self._due) as cur:
+                if not cur.set_range(start):
+                    return out
+                for k in cur.iternext(keys=True, values=False):
+                    if len(out) >= limit or k[:2] != prefix:
+                        break
+                    _, due = DUE_HEAD.unpack_from(k)
+                    if due > until_ms:
+                        break
+                    dom = k[DUE_FIXED:].decode("utf-8", "surrogatepass")
+                    mid = k[DUE_HEAD.size:DUE_FIXED]
+                    if exclude and (mid, dom) in exclude:
+                        continue
+                    out.append((due, mid, dom))
+            return out
+
+        return self._read(scan)
 
     def scan_due(self, start: bytes, limit: int) -> tuple[list[bytes], list[bytes]]:
         """Up to `limit` entries of the due index from key `start` on (inclusive; b"" =

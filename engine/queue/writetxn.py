@@ -1,12 +1,13 @@
 """WriteTxn: what a group-commit op may do inside the batch's write transaction.
 
-Kept beside store.py (which creates it and owns the LMDB handles it uses); lmdb is
-named here for type annotations only, so store.py stays the one runtime importer.
+store.py creates it and owns the LMDB handles it uses; `StoreTables` names the part of
+the store it needs, so this module sits below store.py. lmdb is named here for type
+annotations only, so store.py stays the one runtime importer.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from engine.queue.ids import ID_LEN
 from engine.queue.layout import due_keys, due_value
@@ -15,7 +16,17 @@ from engine.queue.records import MessageRecord, decode_record, encode_record
 if TYPE_CHECKING:
     import lmdb
 
-    from engine.queue.store import QueueStore
+
+class StoreTables(Protocol):
+    """What a WriteTxn uses of the store that made it (`store.QueueStore`)."""
+
+    shards: int
+    _msg: lmdb._Database
+    _body: lmdb._Database
+    _due: lmdb._Database
+    _ctl: lmdb._Database
+
+    def _account_put(self, txn: lmdb.Transaction[bytes], body_len: int, n_keys: int) -> None: ...
 
 
 class WriteTxn:
@@ -26,7 +37,7 @@ class WriteTxn:
 
     __slots__ = ("_store", "_txn")
 
-    def __init__(self, store: QueueStore, txn: lmdb.Transaction[bytes]) -> None:
+    def __init__(self, store: StoreTables, txn: lmdb.Transaction[bytes]) -> None:
         self._store = store
         self._txn: lmdb.Transaction[bytes] | None = txn
 
