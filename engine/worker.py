@@ -31,6 +31,7 @@ from engine.inbound.listener import start_listeners
 from engine.observe import log
 from engine.observe.metrics import WorkerMetrics
 from engine.queue.commit import Committer
+from engine.queue.committer import QueueCommitter
 from engine.queue.ids import IdAllocator
 from engine.queue.inline_commit import InlineCommitter
 from engine.queue.store import QueueStore
@@ -45,7 +46,7 @@ class WorkerRuntime:
     this process, group commit, and the SMTP listeners. Tests start it in-process on
     their own sockets; the worker process starts it on the supervisor's."""
 
-    def __init__(self, store: QueueStore, committer: Committer, ctx: WorkerContext,
+    def __init__(self, store: QueueStore, committer: QueueCommitter, ctx: WorkerContext,
                  servers: list[asyncio.AbstractServer], delivery: Delivery | None,
                  sockets: list[socket.socket] | None = None) -> None:
         self.sockets = sockets or []
@@ -238,7 +239,7 @@ class Worker:
             case wire.Start():
                 raise ValueError("Start twice")
 
-    async def _housekeeping(self, store: QueueStore, committer: Committer) -> None:
+    async def _housekeeping(self, store: QueueStore, committer: QueueCommitter) -> None:
         loop = asyncio.get_running_loop()
         ticks = 0
         while True:

@@ -49,7 +49,7 @@ from engine.dns.resolver import Resolver
 from engine.errors import VolleyError
 from engine.observe import log
 from engine.observe.delivery_log import DeliveryLog
-from engine.queue.commit import Committer
+from engine.queue.committer import QueueCommitter
 from engine.queue.ids import IdAllocator, id_text
 from engine.queue.records import EXPIRED, PENDING, MessageRecord, domain_of
 from engine.queue.store import QueueStore, WriteTxn
@@ -74,7 +74,7 @@ class DeliveryStats:
 
 
 class Scheduler:
-    def __init__(self, cfg: Config, *, store: QueueStore, committer: Committer,
+    def __init__(self, cfg: Config, *, store: QueueStore, committer: QueueCommitter,
                  ids: IdAllocator, dns: DnsCache, resolver: Resolver, pools: Any,
                  owner: int, dlog: DeliveryLog, local: set[tuple[str, int]]) -> None:
         self.cfg = cfg
