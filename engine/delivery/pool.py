@@ -105,6 +105,7 @@ class SitePool:
         self._sent = 0
         self._sent_bytes = 0
         self._closing = False
+        self._quiet_since = self.loop.time()  # when the last session or attempt ended
         self._changed = asyncio.Event()
         self._domains: dict[str, None] = {}  # insertion-ordered set, see _RECENT
         self._bucket = TokenBucket(self.loop, self._dispatch)  # used when settings.rate > 0
@@ -203,13 +204,21 @@ class SitePool:
         self._changed.set()
         return was
 
-    def close_idle(self) -> int:
-        """QUIT every idle session; returns how many."""
-        n = 0
-        while self._idle:
-            self._retire(self._idle.pop())
-            n += 1
-        return n
+    def idle_since(self) -> float | None:
+        """loop.time() since when the pool has had nothing at all (no session, job,
+        connection attempt or backoff); None while it has anything."""
+        if (self._queue or self._connecting or self._sessions or self._retiring
+                or self.loop.time() < self._backoff_until):
+            return None
+        return max(self._quiet_since, self._backoff_until)
+
+    def drop(self) -> None:
+        """The pool manager forgets this pool (idle, see `idle_since`): no timer or
+        budget callback may reach it any more; a job submitted still gets its result."""
+        self._closing = True
+        if self.budget is not None:
+            self.budget.forget(self)
+        self._bucket.cancel()
 
     def on_slot_free(self) -> None:
         """The budget freed a slot while this pool waited in its line (BudgetUser)."""
@@ -300,6 +309,7 @@ class SitePool:
             self._idle.remove(session)
         if was_open and not session.saw_421 and session.messages and not session.quitting:
             self._limit = max(1, self._limit - 1)  # lost or timed out: feedback
+        self._quiet_since = self.loop.time()
         self._changed.set()
         self._dispatch()
         if session in self._slots:
@@ -390,6 +400,7 @@ class SitePool:
             self.budget.give()
 
     def _connect_failed(self, reply: Reply) -> None:
+        self._quiet_since = self.loop.time()
         if self._sessions:
             # Other connections work: a concurrency signal, not a dead destination.
             self._limit = max(1, min(self._limit, len(self._sessions)))

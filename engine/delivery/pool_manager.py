@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 
 from engine.config import TimeoutsConfig
 from engine.delivery.budget import ConnectionBudget
@@ -27,18 +28,26 @@ class PoolManager:
 
     Differing `settings` for an existing key are applied to that pool
     (`SitePool.update_settings`): a reload or a throttle changes running pools.
+
+    Pools do not live for ever: every `sweep_interval` seconds while any exist, a pool
+    that has had no session, job or backoff for its `idle_timeout` is dropped
+    (`drop_idle_pools`), so a worker that once mailed 100,000 domains does not keep
+    100,000 pools. A later job for the site simply makes a new one.
     """
 
     def __init__(self, timeouts: TimeoutsConfig | None = None,
                  loop: asyncio.AbstractEventLoop | None = None,
-                 budget: ConnectionBudget | None = None) -> None:
+                 budget: ConnectionBudget | None = None, sweep_interval: float = 1.0) -> None:
         self.timeouts = timeouts or TimeoutsConfig()
         self.budget = budget
         self.loop = loop or asyncio.get_running_loop()
         self.pools: dict[PoolKey, SitePool] = {}
         self._contexts: dict[tuple[bool, str], ssl.SSLContext] = {}
         self._closing = False
-        self._retired = PoolStats()  # totals of pools dropped by close_idle
+        self._retired = PoolStats()  # totals of pools dropped by drop_idle_pools
+        self._sweep_interval = sweep_interval
+        self._sweep: asyncio.TimerHandle | None = None
+        self._changed = asyncio.Event()  # a pool was made or dropped
 
     def tls_context(self, settings: PoolSettings) -> ssl.SSLContext:
         """One cached client context per (verify, CA file).
@@ -56,9 +65,7 @@ class PoolManager:
         key = (site, settings.port, settings.tls, settings.auth_user, settings.only_domain)
         pool = self.pools.get(key)
         if pool is None:
-            pool = self.pools[key] = SitePool(
-                site, settings, self.timeouts,
-                lambda: self.tls_context(pool.settings), self.loop, self.budget)
+            pool = self._new_pool(key, settings)
         elif pool.settings is not settings and pool.settings != settings:
             pool.update_settings(settings)
         return pool
@@ -81,19 +88,49 @@ class PoolManager:
         return [p for k, p in self.pools.items()
                 if k[4] == domain or k[0] in sites or p.serves(domain)]
 
-    def close_idle(self) -> int:
-        """QUIT idle sessions everywhere and drop pools with nothing left; returns the
-        number of sessions asked to QUIT."""
-        n = sum(pool.close_idle() for pool in self.pools.values())
-        for key, pool in list(self.pools.items()):
+    def _new_pool(self, key: PoolKey, settings: PoolSettings) -> SitePool:
+        def tls_context() -> ssl.SSLContext:
+            return self.tls_context(pool.settings)
+
+        pool = self.pools[key] = SitePool(key[0], settings, self.timeouts, tls_context,
+                                          self.loop, self.budget)
+        if self._sweep is None and not self._closing:
+            self._sweep = self.loop.call_later(self._sweep_interval, self._on_sweep)
+        self._changed.set()
+        return pool
+
+    def _on_sweep(self) -> None:
+        self._sweep = None
+        self.drop_idle_pools()
+        if self.pools and not self._closing:
+            self._sweep = self.loop.call_later(self._sweep_interval, self._on_sweep)
+
+    def drop_idle_pools(self) -> int:
+        """Drop every pool idle (`SitePool.idle_since`) for at least its settings'
+        `idle_timeout`; their counters go on in the totals. Returns how many."""
+        now = self.loop.time()
+        idle = [(key, pool) for key, pool in self.pools.items()
+                if (since := pool.idle_since()) is not None
+                and now - since >= pool.settings.idle_timeout]
+        for key, pool in idle:
             st = pool.stats
-            if pool.idle and not st.connections_open and not pool.in_backoff:
-                self._retired.connections_opened += st.connections_opened
-                self._retired.bytes_sent += st.bytes_sent
-                del self.pools[key]
-                if self.budget is not None:
-                    self.budget.forget(pool)
-        return n
+            self._retired.connections_opened += st.connections_opened
+            self._retired.bytes_sent += st.bytes_sent
+            del self.pools[key]
+            pool.drop()
+        if idle:
+            self._changed.set()
+        return len(idle)
+
+    async def wait_for(self, predicate: Callable[[PoolManager], bool], timeout: float) -> None:
+        """Wait until `predicate(self)` holds, re-checked whenever a pool is made or
+        dropped. Raises TimeoutError after `timeout` seconds."""
+        async def wait() -> None:
+            while not predicate(self):
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(wait(), timeout)
 
     @property
     def connections_opened(self) -> int:
@@ -109,6 +146,9 @@ class PoolManager:
     async def close(self, grace: float | None = None) -> None:
         """Close every pool (see `SitePool.close`); every job gets exactly one result."""
         self._closing = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         await asyncio.gather(*[pool.close(grace) for pool in self.pools.values()])
 
     @property

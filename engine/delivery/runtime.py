@@ -27,7 +27,8 @@ from engine.queue.ids import IdAllocator
 from engine.queue.store import QueueStore
 from engine.smtp.replies import Reply
 
-# Idle sessions are checked for QUIT this often (each pool also has its own timer).
+# Pools idle past their idle_timeout are looked for (and dropped) this often; idle
+# sessions need no sweep: each has its own timer.
 _IDLE_SWEEP = 1.0
 # Pools listed in `live_state` (busiest first): a worker delivering to thousands of
 # sites must not push megabytes a second over its control pipe.
@@ -53,7 +54,7 @@ class Delivery:
         )
         self.workers = max(1, workers)
         self.budget = ConnectionBudget(self._budget_share(cfg))
-        self.pools = PoolManager(cfg.delivery.timeouts, loop, self.budget)
+        self.pools = PoolManager(cfg.delivery.timeouts, loop, self.budget, sweep_interval=_IDLE_SWEEP)
         self.dlog = DeliveryLog(cfg.log.delivery, loop)
         self.scheduler = Scheduler(cfg, store=store, committer=committer, ids=ids,
                                    dns=self.dns, resolver=self.resolver, pools=self.pools, owner=owner,

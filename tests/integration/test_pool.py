@@ -298,3 +298,30 @@ def test_manager_shares_pools_and_close_answers_everything(ca: trustme.CA) -> No
 
     run_bounded(main)
 
+
+
+def test_idle_pool_is_dropped_and_the_site_still_delivers() -> None:
+    """A pool with no session, job or backoff for its idle_timeout leaves the manager
+    (its counters stay in the totals); the next message to the site makes a new pool."""
+    async def main() -> None:
+        sink = await sink_at("127.0.0.4")
+        r = route(("mx.dest.test", ("127.0.0.4",)))
+        manager = PoolManager(fast_timeouts(1.0), sweep_interval=0.05)
+        settings = settings_for(sink, idle_timeout=0.2)
+        results = Results()
+        manager.submit(make_job(["a@d.test"], tag="first", results=results, job_route=r), settings)
+        await results.wait(1)
+        first = manager.pool_for(r, settings)
+        # The session QUITs after idle_timeout; the empty pool goes idle_timeout later.
+        await manager.wait_for(lambda m: not m.pools, 5.0)
+        assert sink.commands[-1][0] == "QUIT"
+        assert manager.connections_opened == 1 and manager.bytes_sent > 0
+        manager.submit(make_job(["b@d.test"], tag="again", results=results, job_route=r), settings)
+        await results.wait(2)
+        assert codes(results.by_tag["again"]) == [250]
+        assert manager.pool_for(r, settings) is not first
+        assert manager.connections_opened == 2 and sink.connections == 2
+        await manager.close()
+        await sink.close()
+
+    run_bounded(main)
