@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import types
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from engine.cmdline import (
     EXIT_FAILURE,
@@ -25,6 +25,9 @@ from engine.cmdline import (
     positive_duration,
     positive_int,
 )
+
+if TYPE_CHECKING:  # imported where used, below: every `volley` run loads this module
+    from engine.control import protocol
 
 DEFAULT_TIMEOUT = 30.0
 # These may run for minutes on a big queue; the server answers when it is done.
@@ -160,7 +163,7 @@ def _check(args: argparse.Namespace) -> None:
         raise _usage(cmd, "give --max-connections and/or --rate, or --clear")
 
 
-def build_request(args: argparse.Namespace) -> Any:
+def build_request(args: argparse.Namespace) -> protocol.AnyRequest:
     """The protocol request for the parsed arguments.
 
     Raises:

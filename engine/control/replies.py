@@ -76,7 +76,7 @@ class Status(Reply, kw_only=True):
     listeners: list[str]
     draining: bool
     workers: list[WorkerRow]
-    queue: dict[str, Any]  # queue_view.totals with the exact "messages"
+    queue: dict[str, int]  # queue_view.totals with the exact "messages"
     rates: dict[str, dict[str, float]]  # window ("1m") → counter → per second
     suspensions: list[SuspensionRow]
     throttles: list[ThrottleRow]
