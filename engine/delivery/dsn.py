@@ -55,7 +55,8 @@ ACTIONS = frozenset({"failed", "delayed", "delivered", "relayed", "expanded"})  
 DEFAULT_NOTIFY: tuple[str, ...] = ("FAILURE",)
 
 # RFC 3461 §4.1: which NOTIFY keyword asks for which Action.
-_KEYWORD = {"failed": "FAILURE", "delayed": "DELAY", "delivered": "SUCCESS", "relayed": "SUCCESS", "expanded": "SUCCESS"}
+_KEYWORD = {"failed": "FAILURE", "delayed": "DELAY",
+            "delivered": "SUCCESS", "relayed": "SUCCESS", "expanded": "SUCCESS"}
 _SUBJECT = {
     "failed": "Undelivered Mail Returned to Sender",
     "delayed": "Delayed Mail (still being retried)",
@@ -72,7 +73,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
-_SPACE_RUN = re.compile(" {%d,}" % (_MAX_RUN + 1))
+_SPACE_RUN = re.compile(f" {{{_MAX_RUN + 1},}}")
 
 
 def dsn_wanted(recipient: Recipient, action: str) -> bool:
@@ -227,13 +228,29 @@ def _line_clean(data: bytes) -> bool:
 
 def _wrap(text: str, indent: str = "") -> list[str]:
     """Human-readable lines ≤ 76 characters (long words broken)."""
-    return textwrap.wrap(text, width=76, subsequent_indent=indent, break_long_words=True, break_on_hyphens=False) or [""]
+    return textwrap.wrap(text, width=76, subsequent_indent=indent, break_long_words=True,
+                         break_on_hyphens=False) or [""]
+
+
+Entry = tuple[Recipient, Reply, str]  # (recipient, its reply, the DSN action)
+
+_INTRO = {
+    "failed": "Your message could not be delivered to one or more recipients. "
+    "The reason reported for each recipient follows; the original message "
+    "(or its headers) is attached.",
+    "delayed": "Your message has not yet been delivered to one or more recipients. "
+    "The mail system will keep trying; you do not need to resend it.",
+    "success": "Your message was delivered or relayed to the recipients below. "
+    "The next system did not offer delivery reports, so no further report may follow.",
+}
+_HEADERS_ONLY = ("The original message contains bare CR/LF or over-long lines, "
+                 "so only its headers are returned.")
 
 
 def build_dsn(
     record: MessageRecord,
     original: bytes,
-    recipients: list[tuple[Recipient, Reply, str]],
+    recipients: list[Entry],
     *,
     reporting_mta: str,
     now: float,
@@ -258,32 +275,45 @@ def build_dsn(
     if not wanted:
         return None
     utf8 = record.smtputf8 or any(
-        _NON_ASCII.search(s) for s in [record.sender] + [r.address + (r.orcpt or "") for r, _, _ in wanted]
+        _NON_ASCII.search(s)
+        for s in [record.sender] + [r.address + (r.orcpt or "") for r, _, _ in wanted]
     )
     actions = {a for _, _, a in wanted}
     kind = "failed" if "failed" in actions else "delayed" if "delayed" in actions else "success"
     mta = _clean(reporting_mta, False)
-
-    # --- part 1: human readable (RFC 3462 §2 / RFC 6522 §3) --------------------
     full = (record.ret or "").upper() == "FULL"
     returnable = full and _line_clean(original)
-    intro = {
-        "failed": "Your message could not be delivered to one or more recipients. "
-        "The reason reported for each recipient follows; the original message "
-        "(or its headers) is attached.",
-        "delayed": "Your message has not yet been delivered to one or more recipients. "
-        "The mail system will keep trying; you do not need to resend it.",
-        "success": "Your message was delivered or relayed to the recipients below. "
-        "The next system did not offer delivery reports, so no further report may follow.",
-    }[kind]
-    text = [f"This is the mail system at host {mta}.", ""] + _wrap(intro) + [""]
+
+    notification = _notification(wanted, kind, mta, utf8, headers_only=full and not returnable)
+    status = _delivery_status(record, wanted, mta, utf8, now, remote_mta, retry_until)
+    ctype3, desc3, returned = _returned(original, returnable, utf8, kind)
+    boundary = _boundary(message_id, record.id, (notification, status, returned))
+
+    out = _report_head(record, kind, mta, utf8, now, message_id, boundary)
+    charset = "utf-8" if _cte(notification) == "8bit" else "us-ascii"
+    out += _mime_part(boundary, f"text/plain; charset={charset}", "Notification", notification)
+    status_type = "message/global-delivery-status" if utf8 else "message/delivery-status"
+    out += _mime_part(boundary, status_type, "Delivery report", status)
+    out += _mime_part(boundary, ctype3, desc3, returned)
+    out += f"--{boundary}--\r\n".encode()
+    return out
+
+
+def _notification(wanted: list[Entry], kind: str, mta: str, utf8: bool, *,
+                  headers_only: bool) -> bytes:
+    """Part 1, for people (RFC 3462 §2 / RFC 6522 §3): what happened, per recipient."""
+    text = [f"This is the mail system at host {mta}.", ""] + _wrap(_INTRO[kind]) + [""]
     for r, rep, a in wanted:
         text += _wrap(f"<{_clean(r.address, utf8)}> ({a}): {_clean(_diagnostic(rep)[6:], utf8)}", "    ")
-    if full and not returnable:
-        text += [""] + _wrap("The original message contains bare CR/LF or over-long lines, so only its headers are returned.")
-    part1 = "\r\n".join(text) + "\r\n"
+    if headers_only:
+        text += [""] + _wrap(_HEADERS_ONLY)
+    return ("\r\n".join(text) + "\r\n").encode("utf-8")
 
-    # --- part 2: machine readable (RFC 3464 §2.2 per-message, §2.3 per-recipient)
+
+def _delivery_status(record: MessageRecord, wanted: list[Entry], mta: str, utf8: bool,
+                     now: float, remote_mta: str | None, retry_until: float | None) -> bytes:
+    """Part 2, for machines: the per-message fields (RFC 3464 §2.2), then one block of
+    per-recipient fields (§2.3) for each recipient."""
     ds: list[str] = _field("Reporting-MTA", f"dns; {mta}")
     ds += _field("X-Volley-Queue-ID", record.id.hex())
     if record.envid:
@@ -291,42 +321,57 @@ def build_dsn(
     ds += _field("Arrival-Date", _date(record.received_at))  # §2.2.5
     for r, rep, a in wanted:
         ds.append("")
-        if r.orcpt:  # §2.3.1, from RFC 3461 §4.2 ORCPT=addr-type;xtext
-            atype, sep, addr = r.orcpt.partition(";")
-            value = f"{_clean(atype.strip(), utf8)}; {_decoded(addr.strip(), utf8)}" if sep else _clean(r.orcpt, utf8)
-            ds += _field("Original-Recipient", value)
-        ds += _field("Final-Recipient", f"{_addr_type(r.address)}; {_clean(r.address, utf8)}")  # §2.3.2
-        ds += _field("Action", a)  # §2.3.3
-        ds += _field("Status", _status(rep, a))  # §2.3.4
-        if remote_mta:
-            ds += _field("Remote-MTA", f"dns; {_clean(remote_mta, utf8)}")  # §2.3.5
-        ds += _field("Diagnostic-Code", _clean(_diagnostic(rep), utf8))  # §2.3.6
-        if r.attempts > 0:
-            ds += _field("Last-Attempt-Date", _date(now))  # §2.3.7
-        if a == "delayed" and retry_until is not None:
-            ds += _field("Will-Retry-Until", _date(retry_until))  # §2.3.8
-    part2 = "\r\n".join(ds) + "\r\n"
+        ds += _recipient_fields(r, rep, a, utf8, now, remote_mta, retry_until)
+    return ("\r\n".join(ds) + "\r\n").encode("utf-8")
 
-    # --- part 3: the original (RFC 3462 §2: text/rfc822-headers or message/rfc822)
-    returned = original if returnable else _headers_of(original)
+
+def _recipient_fields(r: Recipient, rep: Reply, a: str, utf8: bool, now: float,
+                      remote_mta: str | None, retry_until: float | None) -> list[str]:
+    ds: list[str] = []
+    if r.orcpt:  # §2.3.1, from RFC 3461 §4.2 ORCPT=addr-type;xtext
+        atype, sep, addr = r.orcpt.partition(";")
+        value = f"{_clean(atype.strip(), utf8)}; {_decoded(addr.strip(), utf8)}" if sep else _clean(r.orcpt, utf8)
+        ds += _field("Original-Recipient", value)
+    ds += _field("Final-Recipient", f"{_addr_type(r.address)}; {_clean(r.address, utf8)}")  # §2.3.2
+    ds += _field("Action", a)  # §2.3.3
+    ds += _field("Status", _status(rep, a))  # §2.3.4
+    if remote_mta:
+        ds += _field("Remote-MTA", f"dns; {_clean(remote_mta, utf8)}")  # §2.3.5
+    ds += _field("Diagnostic-Code", _clean(_diagnostic(rep), utf8))  # §2.3.6
+    if r.attempts > 0:
+        ds += _field("Last-Attempt-Date", _date(now))  # §2.3.7
+    if a == "delayed" and retry_until is not None:
+        ds += _field("Will-Retry-Until", _date(retry_until))  # §2.3.8
+    return ds
+
+
+def _returned(original: bytes, returnable: bool, utf8: bool, kind: str) -> tuple[str, str, bytes]:
+    """Part 3 (RFC 3462 §2): (content type, description, body): the whole original when
+    RET=FULL allows it, else its headers."""
     if returnable:
-        ctype3, desc3 = ("message/global" if utf8 else "message/rfc822"), "Undelivered Message"
+        ctype, desc, body = ("message/global" if utf8 else "message/rfc822"), "Undelivered Message", original
     else:
-        ctype3, desc3 = ("message/global-headers" if utf8 else "text/rfc822-headers"), "Undelivered Message Headers"
+        ctype = "message/global-headers" if utf8 else "text/rfc822-headers"
+        desc, body = "Undelivered Message Headers", _headers_of(original)
     if kind != "failed":
-        desc3 = desc3.replace("Undelivered", "Original")
+        desc = desc.replace("Undelivered", "Original")
+    return ctype, desc, body
 
-    b1, b2 = part1.encode("utf-8"), part2.encode("utf-8")
-    seed = hashlib.sha256(message_id.encode("utf-8") + record.id).hexdigest()[:20]
+
+def _boundary(message_id: str, record_id: bytes, parts: tuple[bytes, ...]) -> str:
+    """A MIME boundary derived from the report's ids, made longer until no part holds it."""
+    seed = hashlib.sha256(message_id.encode("utf-8") + record_id).hexdigest()[:20]
     boundary = f"=_volley-dsn-{seed}"
     n = 0
-    while any(boundary.encode() in p for p in (b1, b2, returned)):
+    while any(boundary.encode() in p for p in parts):
         n += 1
         boundary = f"=_volley-dsn-{seed}-{n}"
+    return boundary
 
-    def cte(data: bytes) -> str:
-        return "8bit" if any(c > 0x7F for c in data) else "7bit"
 
+def _report_head(record: MessageRecord, kind: str, mta: str, utf8: bool, now: float,
+                 message_id: str, boundary: str) -> bytes:
+    """The report's RFC 5322 header and MIME preamble (RFC 3462 multipart/report)."""
     mid = _clean(message_id.strip(), False)
     if not mid.startswith("<"):
         mid = f"<{mid}>"
@@ -341,15 +386,14 @@ def build_dsn(
     head += _field("MIME-Version", "1.0")
     head += _field("Content-Type", f'multipart/report; report-type={report_type}; boundary="{boundary}"')
     head += ["", "This is a MIME-encapsulated message.", ""]
+    return "\r\n".join(head).encode("utf-8") + b"\r\n"
 
-    def part(ctype: str, desc: str, body: bytes) -> bytes:
-        hdr = [f"--{boundary}", f"Content-Description: {desc}", f"Content-Type: {ctype}", f"Content-Transfer-Encoding: {cte(body)}", ""]
-        return "\r\n".join(hdr).encode("utf-8") + b"\r\n" + body + b"\r\n"
 
-    charset = "utf-8" if cte(b1) == "8bit" else "us-ascii"
-    out = "\r\n".join(head).encode("utf-8") + b"\r\n"
-    out += part(f"text/plain; charset={charset}", "Notification", b1)
-    out += part("message/global-delivery-status" if utf8 else "message/delivery-status", "Delivery report", b2)
-    out += part(ctype3, desc3, returned)
-    out += f"--{boundary}--\r\n".encode()
-    return out
+def _cte(data: bytes) -> str:
+    return "8bit" if any(c > 0x7F for c in data) else "7bit"
+
+
+def _mime_part(boundary: str, ctype: str, desc: str, body: bytes) -> bytes:
+    hdr = [f"--{boundary}", f"Content-Description: {desc}", f"Content-Type: {ctype}",
+           f"Content-Transfer-Encoding: {_cte(body)}", ""]
+    return "\r\n".join(hdr).encode("utf-8") + b"\r\n" + body + b"\r\n"

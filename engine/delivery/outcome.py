@@ -88,7 +88,8 @@ def transient_failure(kind: str, text: str) -> Reply:
     try:
         code, enhanced = TRANSIENT_KINDS[kind]
     except KeyError:
-        raise ValueError(f"unknown transient failure kind {kind!r}; expected one of {sorted(TRANSIENT_KINDS)}") from None
+        raise ValueError(f"unknown transient failure kind {kind!r}; "
+                         f"expected one of {sorted(TRANSIENT_KINDS)}") from None
     return Reply(code, enhanced, text)
 
 
