@@ -50,7 +50,7 @@ def _negative_ttl(response: dns.message.Message | None) -> int:
     dnspython's chaining result computes exactly that (and also the CNAME TTLs that led
     to the negative answer), falling back to its own default without an SOA.
     """
-    if response is None:
+    if not isinstance(response, dns.message.QueryMessage):  # None: no response kept
         return DEFAULT_NEGATIVE_TTL
     try:
         return int(response.resolve_chaining().minimum_ttl)
@@ -103,8 +103,9 @@ class Resolver:
         except TimeoutError:
             return Status.TIMEOUT, None, 0
         except dns.resolver.NXDOMAIN as exc:
-            responses = list(exc.responses().values())
-            return Status.NXDOMAIN, None, _negative_ttl(responses[0] if responses else None)
+            # What NXDOMAIN.responses() returns (dnspython leaves that method untyped).
+            responses: dict[dns.name.Name, dns.message.Message] = exc.kwargs["responses"]
+            return Status.NXDOMAIN, None, _negative_ttl(next(iter(responses.values()), None))
         except dns.exception.Timeout:  # LifetimeTimeout: the whole budget is spent
             return Status.TIMEOUT, None, 0
         except (dns.exception.DNSException, OSError):

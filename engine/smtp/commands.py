@@ -347,5 +347,5 @@ def encode(command: Command) -> bytes:
     elif isinstance(command, Vrfy):
         line = f"VRFY {command.argument}"
     else:
-        line = {StartTls: "STARTTLS"}.get(type(command), type(command).__name__.upper())
+        line = "STARTTLS" if isinstance(command, StartTls) else type(command).__name__.upper()
     return line.encode("utf-8") + b"\r\n"
