@@ -192,17 +192,6 @@ class Capabilities(msgspec.Struct, frozen=True):
     auth: frozenset[str] = frozenset()  # RFC 4954 SASL mechanisms, upper-case
 
 
-_FLAGS: Final = {
-    "PIPELINING": "pipelining",
-    "CHUNKING": "chunking",
-    "SMTPUTF8": "smtputf8",
-    "8BITMIME": "eightbitmime",
-    "STARTTLS": "starttls",
-    "DSN": "dsn",
-    "ENHANCEDSTATUSCODES": "enhancedstatuscodes",
-}
-
-
 def parse_ehlo(reply: Reply) -> Capabilities:
     """Capabilities from a 250 reply to EHLO.
 
@@ -214,17 +203,28 @@ def parse_ehlo(reply: Reply) -> Capabilities:
     """
     if reply.code != 250:
         raise ValueError(f"EHLO was refused with {reply.code}")
-    found: dict[str, object] = {}
+    keywords: set[str] = set()
+    size: int | None = None
     mechanisms: set[str] = set()
     for line in reply.lines[1:]:
         keyword, _, params = line.strip().partition(" ")
         key = keyword.upper()
-        if key in _FLAGS:
-            found[_FLAGS[key]] = True
-        elif key == "SIZE":
+        if key == "SIZE":
             value = params.strip()
             # A missing or unreadable limit is treated as "no fixed maximum".
-            found["size"] = int(value) if value.isdigit() and value.isascii() and len(value) <= 20 else 0
+            size = int(value) if value.isdigit() and value.isascii() and len(value) <= 20 else 0
         elif key == "AUTH" or key.startswith("AUTH="):
             mechanisms.update(m.upper() for m in (key[5:] + " " + params).split() if m)
-    return Capabilities(auth=frozenset(mechanisms), **found)  # type: ignore[arg-type]
+        else:
+            keywords.add(key)
+    return Capabilities(
+        pipelining="PIPELINING" in keywords,
+        size=size,
+        chunking="CHUNKING" in keywords,
+        smtputf8="SMTPUTF8" in keywords,
+        eightbitmime="8BITMIME" in keywords,
+        starttls="STARTTLS" in keywords,
+        dsn="DSN" in keywords,
+        enhancedstatuscodes="ENHANCEDSTATUSCODES" in keywords,
+        auth=frozenset(mechanisms),
+    )

@@ -51,7 +51,9 @@ def format_reply(reply: Reply) -> bytes:
 
 
 # --- the catalogue -----------------------------------------------------------------
-R214_HELP = Reply(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY STARTTLS AUTH")
+R214_HELP = Reply(
+    214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY STARTTLS AUTH"
+)
 R220_READY_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 R221_BYE = Reply(221, "2.0.0", "Bye")
 R235_AUTH_OK = Reply(235, "2.7.0", "Authentication successful")

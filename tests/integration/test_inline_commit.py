@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -18,6 +19,18 @@ from engine.queue.store import QueueStore
 def _record(ids: IdAllocator) -> MessageRecord:
     return MessageRecord(id=ids.next(), sender="a@x.test", recipients=[Recipient("b@y.test")],
                          received_at=time.time(), size=10)
+
+
+class _FlushSignallingStore(QueueStore):
+    """A real store that also says when it was flushed (set on the flushing thread)."""
+
+    def __init__(self, path: str, *, map_size: int, durability: str) -> None:
+        self.flushed = threading.Event()
+        super().__init__(path, map_size=map_size, durability=durability)
+
+    def sync(self) -> None:
+        super().sync()
+        self.flushed.set()
 
 
 def test_one_transaction_per_loop_iteration(tmp_path):
@@ -52,8 +65,9 @@ def test_one_transaction_per_loop_iteration(tmp_path):
 
 
 def test_queue_full_reaches_every_callback_and_batch_level_flushes(tmp_path):
-    store = QueueStore(str(tmp_path / "q"), map_size=1 << 20, durability="batch")
+    store = _FlushSignallingStore(str(tmp_path / "q"), map_size=1 << 20, durability="batch")
     ids = IdAllocator(store.next_boot())
+    store.flushed.clear()  # next_boot() flushes; wait for the committer's own flush
 
     async def main() -> list[object]:
         loop = asyncio.get_running_loop()
@@ -67,11 +81,10 @@ def test_queue_full_reaches_every_callback_and_batch_level_flushes(tmp_path):
             outcomes.append(await asyncio.wait_for(fut, 10))
             if isinstance(outcomes[-1], QueueFull):
                 break
-        deadline = loop.time() + 10
-        while committer.stats.syncs == 0 and loop.time() < deadline:
-            await asyncio.sleep(0.01)  # polling a real condition: the flush timer ran
-        assert committer.stats.syncs > 0
+        # The flush timer flushes before stop() would (stop flushes what is dirty too).
+        assert await loop.run_in_executor(None, store.flushed.wait, 10)
         await committer.stop()
+        assert committer.stats.syncs > 0
         return outcomes
 
     outcomes = uvloop.run(main())

@@ -720,6 +720,8 @@ def test_dsn_and_utf8_parameters_reach_the_server() -> None:
     tx = Transaction(envelope, caps, first_on_connection=True)
     log = converse(server_session(), [tx])
     mail, rcpt = commands(log)
-    assert mail == Mail("sé@example.com", size=len(envelope.body), body="8BITMIME", smtputf8=True, ret="FULL", envid="id 1")
+    assert mail == Mail(
+        "sé@example.com", size=len(envelope.body), body="8BITMIME", smtputf8=True, ret="FULL", envid="id 1"
+    )
     assert rcpt == Rcpt("δ@example.org", notify=("NEVER",), orcpt="rfc822;a+b@example.org")
     assert [m.content for m in messages(log)] == [envelope.body]

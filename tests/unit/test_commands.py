@@ -78,7 +78,10 @@ VALID: list[tuple[bytes, Command]] = [
         "MAIL FROM:<δοκιμή@παράδειγμα.δοκιμή> SMTPUTF8".encode(),
         Mail("δοκιμή@παράδειγμα.δοκιμή", smtputf8=True),
     ),
-    ("MAIL FROM:<用户@例子.广告> SMTPUTF8 BODY=8BITMIME".encode(), Mail("用户@例子.广告", body="8BITMIME", smtputf8=True)),
+    (
+        "MAIL FROM:<用户@例子.广告> SMTPUTF8 BODY=8BITMIME".encode(),
+        Mail("用户@例子.广告", body="8BITMIME", smtputf8=True),
+    ),
     # RCPT
     (b"RCPT TO:<b@example.com>", Rcpt("b@example.com")),
     (b"rcpt to: <b@example.com>", Rcpt("b@example.com")),
