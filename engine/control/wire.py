@@ -78,7 +78,7 @@ class Ready(FromWorker, tag="ready"):
     pid: int
 
 
-class Budget(msgspec.Struct, kw_only=True):
+class Budget(msgspec.Struct, kw_only=True, frozen=True):
     """The worker's share of delivery.max_connections and who waits for a slot."""
 
     limit: int | None = None
@@ -86,7 +86,7 @@ class Budget(msgspec.Struct, kw_only=True):
     waiting: int = 0
 
 
-class Backoff(msgspec.Struct, kw_only=True):
+class Backoff(msgspec.Struct, kw_only=True, frozen=True):
     """A destination a worker's pool is backing off: an automatic suspension."""
 
     site: str
@@ -95,7 +95,7 @@ class Backoff(msgspec.Struct, kw_only=True):
     reply: str = ""
 
 
-class Live(msgspec.Struct, kw_only=True):
+class Live(msgspec.Struct, kw_only=True, frozen=True):
     """A worker's live figures (engine.delivery.runtime.Delivery.live_state and its
     inbound sessions); everything but the sessions stays empty without delivery."""
 
