@@ -56,9 +56,6 @@ from __future__ import annotations
 from collections import deque
 from typing import Final
 
-import msgspec
-
-from engine.smtp import grammar
 from engine.smtp.client_replies import (
     MAX_REPLY_LINE,
     MAX_REPLY_LINES,
@@ -79,6 +76,7 @@ from engine.smtp.client_wire import (
     starttls_ready,
 )
 from engine.smtp.commands import Mail, Rcpt, encode
+from engine.smtp.envelope import Envelope, Recipient, dot_stuff, local_refusal, xtext_safe
 from engine.smtp.replies import Reply
 
 __all__ = [
@@ -113,60 +111,10 @@ PHASE_RCPT: Final = "rcpt"
 PHASE_DATA: Final = "data"  # the 354 to DATA
 PHASE_DATA_END: Final = "data_end"  # the reply to "." or to BDAT … LAST
 
-# Local refusals (precheck): permanent, so the message bounces without being sent.
-# RFC 6531: a message that needs SMTPUTF8 must not go to a server without it; Volley
-# does not downgrade, so it bounces (X.6.7, RFC 6531's code for this).
-R550_NEEDS_SMTPUTF8: Final = Reply(550, "5.6.7", "Remote server does not support SMTPUTF8, required by this message")
-# RFC 1870: the server's declared maximum (SIZE 0 = no fixed maximum).
-R552_OVER_REMOTE_SIZE: Final = Reply(552, "5.3.4", "Message size exceeds the remote server's limit")
-# RFC 6152: 8-bit content needs 8BITMIME; Volley does not convert to 7-bit (KumoMTA
-# also refuses rather than convert).
-R554_NEEDS_8BITMIME: Final = Reply(554, "5.6.3", "Remote server does not support 8BITMIME, required by this message")
 # Remote faults in sequencing: transient, the adapter closes the connection.
 R451_OUT_OF_TURN: Final = Reply(451, "4.5.0", "Remote server replied out of turn")
 R451_UNEXPECTED: Final = Reply(451, "4.5.0", "Unexpected reply from remote server")
 R451_RSET_REFUSED: Final = Reply(451, "4.5.0", "Remote server refused RSET")
-
-
-class Recipient(msgspec.Struct, frozen=True):
-    address: str
-    notify: tuple[str, ...] | None = None  # RFC 3461 §4.1, sent only if the server has DSN
-    orcpt: str | None = None  # RFC 3461 §4.2 "rfc822;addr", sent only with DSN
-
-
-class Envelope(msgspec.Struct, frozen=True):
-    """One message to one server: what the Transaction sends."""
-
-    sender: str  # "" = the null reverse-path (bounces)
-    recipients: list[Recipient]
-    body: bytes  # CRLF lines, not dot-stuffed
-    needs_smtputf8: bool = False  # RFC 6531: UTF-8 addresses or headers
-    body_8bit: bool = False  # RFC 6152: octets above 127 in the body
-    ret: str | None = None  # RFC 3461 §4.3 "FULL" | "HDRS"
-    envid: str | None = None  # RFC 3461 §4.4
-    size: int | None = None  # RFC 1870 SIZE to declare; None = len(body)
-
-
-def dot_stuff(body: bytes) -> bytes:
-    """RFC 5321 §4.5.2: double the dot that starts any line (the first line too).
-
-    One C-level replace over the body with a CRLF prefix, so line 1 needs no special case.
-    """
-    if not body.startswith(b".") and b"\r\n." not in body:
-        return body  # the common case: no copy
-    return (b"\r\n" + body).replace(b"\r\n.", b"\r\n..")[2:]
-
-
-def _xtext_safe(value: str | None) -> str | None:
-    # grammar.xtext_encode carries one octet per "+XX"; drop what it cannot carry
-    # (optional DSN data is better lost than the whole transaction).
-    if value is None:
-        return None
-    try:
-        grammar.xtext_encode(value)
-    except ValueError:
-        return None
-    return value
 
 
 class Transaction:
@@ -234,11 +182,11 @@ class Transaction:
                 body="8BITMIME" if envelope.body_8bit and caps.eightbitmime else None,
                 smtputf8=envelope.needs_smtputf8,
                 ret=envelope.ret if dsn else None,
-                envid=_xtext_safe(envelope.envid) if dsn else None,
+                envid=xtext_safe(envelope.envid) if dsn else None,
             )
         )
         self._rcpt_lines = [
-            encode(Rcpt(r.address, notify=r.notify, orcpt=_xtext_safe(r.orcpt)))
+            encode(Rcpt(r.address, notify=r.notify, orcpt=xtext_safe(r.orcpt)))
             if dsn
             else encode(Rcpt(r.address))
             for r in recipients
@@ -256,20 +204,9 @@ class Transaction:
         self._lone_dot = False
         self._started = False
         self._outcomes: list[Reply] = []
-        self._refusal = self._check(size)
+        self._refusal = local_refusal(envelope, caps, size)
         if self._refusal is not None:
             self._finish(self._refusal, clean=True)
-
-    def _check(self, size: int) -> Reply | None:
-        caps, envelope = self.caps, self.envelope
-        if envelope.needs_smtputf8 and not caps.smtputf8:
-            return R550_NEEDS_SMTPUTF8
-        if caps.size and size > caps.size:
-            return R552_OVER_REMOTE_SIZE
-        # RFC 6531: a server offering SMTPUTF8 must offer 8BITMIME as well.
-        if envelope.body_8bit and not (caps.eightbitmime or caps.smtputf8):
-            return R554_NEEDS_8BITMIME
-        return None
 
     # --- public API ------------------------------------------------------------------
     def precheck(self) -> Reply | None:
