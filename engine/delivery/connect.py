@@ -1,7 +1,7 @@
 """Opening an outbound SMTP connection for a Route: failover across its hosts and
 addresses (RFC 5321 §5.1), the opportunistic-TLS fallback, and the client TLS context.
-Each attempt is an `open_session`: TCP to a new DeliverySession, then the dialogue of
-dialogue.py over it.
+Each attempt is an `open_session`: TCP, the dialogue of dialogue.py, then a
+DeliverySession that takes the connection over.
 
 The setup policy (greeting, EHLO, STARTTLS, AUTH and the SetupError each failure
 gives) is described in dialogue.py. Here: a failed *handshake* under tls="opportunistic"
@@ -17,7 +17,7 @@ import random
 import ssl
 
 from engine.config import TimeoutsConfig
-from engine.delivery.dialogue import SetupError, setup
+from engine.delivery.dialogue import SetupConnection, SetupError, setup
 from engine.delivery.job import PoolSettings
 from engine.delivery.outcome import transient_failure
 from engine.delivery.session import DeliverySession
@@ -61,26 +61,25 @@ async def open_session(mx_host: str, ip: str, port: int, settings: PoolSettings,
     "protocol"); the connection is closed then.
     """
     loop = loop or asyncio.get_running_loop()
-    session = DeliverySession(mx_host, ip, port, settings, timeouts, loop)
+    conn = SetupConnection(mx_host, ip, port, loop)
     local = (settings.source_address, 0) if settings.source_address else None
     try:
         await asyncio.wait_for(
-            loop.create_connection(lambda: session, ip, port, local_addr=local),
+            loop.create_connection(lambda: conn, ip, port, local_addr=local),
             float(timeouts.connect))
     except TimeoutError:
         raise SetupError(transient_failure(
-            "timeout", f"connect to {session.where}: timed out"), "connect") from None
+            "timeout", f"connect to {conn.where}: timed out"), "connect") from None
     except OSError as err:
         reason = err.strerror or str(err) or type(err).__name__
         raise SetupError(transient_failure(
-            "refused", f"connect to {session.where}: {reason}"), "connect") from None
+            "refused", f"connect to {conn.where}: {reason}"), "connect") from None
     try:
-        await setup(session, settings, timeouts, tls_context)
+        await setup(conn, settings, timeouts, tls_context)
     except BaseException:
-        session.close()
+        conn.abort()
         raise
-    session.setup_done()
-    return session
+    return DeliverySession(conn, settings, timeouts)
 
 
 def _connection_order(route: Route) -> list[RouteHost]:

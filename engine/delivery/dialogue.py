@@ -1,9 +1,9 @@
 """The setup dialogue of an outbound SMTP connection: greeting, EHLO/HELO, STARTTLS,
 AUTH, up to a session ready for MAIL.
 
-Runs once per connection, one awaited reply at a time, over a `SetupChannel` (the
-DeliverySession that owns the socket); the hot path is the callback-driven
-transaction engine in session.py.
+Runs once per connection, one awaited reply at a time, on a `SetupConnection` (the
+transport's protocol until the dialogue is done); the hot path is the callback-driven
+transaction engine in session.py, which takes the transport over afterwards.
 
 Policy decisions, each a `SetupError` whose `reply` is the 4xx the jobs would get:
 
@@ -27,8 +27,9 @@ Policy decisions, each a `SetupError` whose `reply` is the 4xx the jobs would ge
 
 from __future__ import annotations
 
+import asyncio
 import ssl
-from typing import Protocol
+from typing import cast
 
 from engine.config import TimeoutsConfig
 from engine.delivery.job import PoolSettings
@@ -36,7 +37,9 @@ from engine.delivery.outcome import reply_summary, transient_failure
 from engine.smtp.client import (
     STARTTLS,
     Capabilities,
+    ClientProtocolError,
     RemoteReply,
+    ReplyParser,
     auth_login,
     auth_plain,
     greeting_bytes,
@@ -57,34 +60,112 @@ class SetupError(Exception):
         self.kind = kind
 
 
-class SetupChannel(Protocol):
-    """The connection the dialogue talks over (DeliverySession implements it)."""
+class SetupConnection(asyncio.Protocol):
+    """The connection while the dialogue runs: the transport's protocol from TCP
+    connect to a session ready for MAIL, one awaited reply at a time. `connect`
+    then hands the transport (and any bytes already buffered in `parser`) to a
+    DeliverySession, which runs the transactions callback-driven."""
 
-    tls_version: str  # "" until STARTTLS succeeded
-    caps: Capabilities  # set by `setup` when the dialogue is done
+    def __init__(self, mx_host: str, ip: str, port: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.mx_host = mx_host
+        self.ip = ip
+        self.port = port
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = ReplyParser()
+        self.caps = Capabilities()  # set by `setup` when the dialogue is done
+        self.tls_version = ""  # ssl_object.version() after STARTTLS, "" for plaintext
+        self.closed = False
+        self._waiter: asyncio.Future[None] | None = None  # a reply or the close
 
     @property
     def where(self) -> str:
-        """ "mx[ip]:port", for the texts of the replies."""
+        return f"{self.mx_host}[{self.ip}]:{self.port}"
+
+    # --- asyncio.Protocol ----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream transport (uvloop's is not an asyncio.Transport subclass).
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed(data)
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # --- what the dialogue does with it ----------------------------------------------------
+    def write_raw(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
 
     @property
     def buffered(self) -> int:
         """Bytes received and not yet parsed into a reply."""
-
-    def write_raw(self, data: bytes) -> None: ...
+        return self.parser.buffered
 
     async def read_reply(self, timeout: float, what: str) -> RemoteReply:
-        """The next reply within `timeout` seconds; raises SetupError."""
+        """The next reply, within `timeout` seconds.
+
+        Raises SetupError: timeout (4.4.1), connection lost (4.4.2), or a malformed reply
+        (the parser's 451 4.5.0).
+        """
+        deadline = self.loop.time() + timeout
+        while True:
+            try:
+                reply = self.parser.next_reply()
+            except ClientProtocolError as err:
+                raise SetupError(err.reply, "protocol") from None
+            if reply is not None:
+                return reply
+            if self.closed:
+                raise SetupError(transient_failure(
+                    "lost", f"connection to {self.where} lost while waiting for {what}"), "connect")
+            fut = self._waiter = self.loop.create_future()
+            try:
+                await asyncio.wait_for(fut, max(0.0, deadline - self.loop.time()))
+            except TimeoutError:
+                raise SetupError(transient_failure(
+                    "timeout", f"timeout waiting for {what} from {self.where}"), "connect") from None
+            finally:
+                self._waiter = None
 
     async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
-        """Upgrade the connection; raises ssl.SSLError, OSError, ConnectionError, TimeoutError."""
+        """Upgrade the connection (RFC 3207 §4.2: a fresh parser; the caller re-sends EHLO).
+
+        Raises ssl.SSLError, OSError, ConnectionError or TimeoutError on failure.
+        """
+        assert self.transport is not None
+        new = await asyncio.wait_for(
+            self.loop.start_tls(self.transport, self, context,
+                                server_hostname=self.mx_host or None,
+                                ssl_handshake_timeout=timeout),
+            timeout + 1.0)
+        if new is None or self.closed:
+            raise ConnectionError("connection closed during the TLS handshake")
+        self.transport = new
+        self.parser = ReplyParser()
+        obj = new.get_extra_info("ssl_object")
+        self.tls_version = obj.version() if obj is not None else "TLS"
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
 
 
-def _said(session: SetupChannel, reply: Reply) -> str:
+def _said(session: SetupConnection, reply: Reply) -> str:
     return f"{session.where} said: {reply_summary(reply)}"
 
 
-async def _ehlo(session: SetupChannel, settings: PoolSettings, timeouts: TimeoutsConfig) -> Capabilities:
+async def _ehlo(session: SetupConnection, settings: PoolSettings, timeouts: TimeoutsConfig) -> Capabilities:
     session.write_raw(greeting_bytes(settings.helo_name))
     reply = await session.read_reply(float(timeouts.ehlo), "the EHLO reply")
     if reply.code == 250:
@@ -100,7 +181,7 @@ async def _ehlo(session: SetupChannel, settings: PoolSettings, timeouts: Timeout
     raise SetupError(transient_failure("refused", f"EHLO/HELO refused: {_said(session, reply)}"), "ehlo")
 
 
-async def setup(session: SetupChannel, settings: PoolSettings, timeouts: TimeoutsConfig,
+async def setup(session: SetupConnection, settings: PoolSettings, timeouts: TimeoutsConfig,
                 tls_context: ssl.SSLContext | None) -> None:
     """The dialogue from the greeting to a session ready for MAIL; sets `session.caps`.
 
@@ -142,7 +223,7 @@ async def setup(session: SetupChannel, settings: PoolSettings, timeouts: Timeout
     session.caps = caps
 
 
-async def _auth(session: SetupChannel, settings: PoolSettings, timeouts: TimeoutsConfig,
+async def _auth(session: SetupConnection, settings: PoolSettings, timeouts: TimeoutsConfig,
                 caps: Capabilities) -> None:
     if not session.tls_version:
         raise SetupError(transient_failure(

@@ -15,6 +15,8 @@ import msgspec
 from engine.dns.mx import Route
 from engine.observe import log
 from engine.queue.records import MessageRecord
+from engine.smtp.client import Envelope
+from engine.smtp.client import Recipient as EnvelopeRecipient
 from engine.smtp.replies import Reply
 
 
@@ -88,6 +90,24 @@ class Job:
             or any(not record.recipients[i].address.isascii() for i in indices)
         )
         self.body_8bit = record.body_type == "8BITMIME" or not body.isascii()
+
+
+def build_envelope(job: Job) -> Envelope:
+    """The client Envelope for a job: its recipients in `job.indices` order.
+
+    Raises IndexError for an index outside the record (a caller bug).
+    """
+    record = job.record
+    recipients = record.recipients
+    rcpts = []
+    for i in job.indices:
+        r = recipients[i]
+        rcpts.append(EnvelopeRecipient(r.address, r.notify, r.orcpt))
+    return Envelope(
+        record.sender, rcpts, job.body,
+        needs_smtputf8=job.needs_smtputf8, body_8bit=job.body_8bit,
+        ret=record.ret, envid=record.envid,
+    )
 
 
 # RFC 3463 X.3.2 "System not accepting network messages": we are stopping. 451, not 421,

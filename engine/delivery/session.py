@@ -2,9 +2,10 @@
 
 Theory of operation
 -------------------
-`connect.open_session` opens TCP to a new session and runs the setup dialogue
-(greeting, EHLO, STARTTLS, AUTH: `dialogue.setup`) over it with one awaited reply at
-a time (`read_reply`): it happens once per connection, so clarity beats speed there. After that the session is
+`connect.open_session` opens TCP and runs the setup dialogue (greeting, EHLO,
+STARTTLS, AUTH: `dialogue.setup`) on a `SetupConnection`, with one awaited reply at a
+time: it happens once per connection, so clarity beats speed there. Then a
+DeliverySession takes the transport over (`transport.set_protocol`). After that the session is
 callback-driven, like the inbound adapter: `data_received` parses every reply buffered,
 feeds each to the transaction at the head of `_inflight` and writes everything that
 produced in ONE write (house rule 5).
@@ -22,7 +23,7 @@ chained one is aborted and the connection closed, as client.py requires.
 Deadlines (house rule 8): one per session, `_deadline`, set at every write to now + the
 sum of the timeouts of every reply still awaited (RFC 5321 §4.5.3.2 per phase; the
 end-of-data wait also gets one data-block allowance for sending the body). One
-`loop.call_at` timer re-arms itself lazily, so a write costs no timer churn. Idle, the
+`loop.call_at` timer re-arms itself lazily (deadline.py), so a write costs no timer churn. Idle, the
 same timer enforces `idle_timeout` (then QUIT); quitting, `timeouts.quit`.
 
 Every job handed to the session gets exactly one result: a finished transaction's
@@ -33,25 +34,20 @@ outcomes (recipients already refused keep their refusal; the rest get the failur
 from __future__ import annotations
 
 import asyncio
-import math
-import ssl
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from engine.config import TimeoutsConfig
-from engine.delivery.dialogue import SetupError
-from engine.delivery.job import Job, JobResult, PoolSettings
+from engine.delivery.deadline import Deadline
+from engine.delivery.dialogue import SetupConnection
+from engine.delivery.job import Job, JobResult, PoolSettings, build_envelope
 from engine.delivery.outcome import transient_failure
 from engine.observe import log
 from engine.smtp.client import (
     QUIT,
-    Capabilities,
     ClientProtocolError,
-    Envelope,
-    Recipient,
     RemoteReply,
-    ReplyParser,
     Transaction,
 )
 from engine.smtp.replies import Reply
@@ -84,48 +80,32 @@ class _InFlight:
         self.started = started
 
 
-def build_envelope(job: Job) -> Envelope:
-    """The client Envelope for a job: its recipients in `job.indices` order.
-
-    Raises IndexError for an index outside the record (a caller bug).
-    """
-    record = job.record
-    recipients = record.recipients
-    rcpts = []
-    for i in job.indices:
-        r = recipients[i]
-        rcpts.append(Recipient(r.address, r.notify, r.orcpt))
-    return Envelope(
-        record.sender, rcpts, job.body,
-        needs_smtputf8=job.needs_smtputf8, body_8bit=job.body_8bit,
-        ret=record.ret, envid=record.envid,
-    )
-
-
 class DeliverySession(asyncio.Protocol):
     """One SMTP client connection to one MX address. Not thread-safe; loop thread only."""
 
-    def __init__(self, mx_host: str, ip: str, port: int, settings: PoolSettings,
-                 timeouts: TimeoutsConfig, loop: asyncio.AbstractEventLoop) -> None:
-        self.mx_host = mx_host
-        self.ip = ip
-        self.port = port
+    def __init__(self, conn: SetupConnection, settings: PoolSettings,
+                 timeouts: TimeoutsConfig) -> None:
+        """Take over `conn`'s transport (its dialogue is done) and whatever it buffered."""
+        assert conn.transport is not None
+        loop = conn.loop
+        self.mx_host = conn.mx_host
+        self.ip = conn.ip
+        self.port = conn.port
         self.settings = settings
         self.timeouts = timeouts
         self.loop = loop
         self.owner: SessionOwner | None = None
-        self.transport: asyncio.Transport | None = None
-        self.caps = Capabilities()
-        self.tls_version = ""  # ssl_object.version(), "" for plaintext
+        self.transport: asyncio.Transport = conn.transport
+        self.caps = conn.caps
+        self.tls_version = conn.tls_version  # ssl_object.version(), "" for plaintext
         self.messages = 0  # transactions started on this connection
         self.created_at = loop.time()
         self.last_used = self.created_at
         self.saw_421 = False  # the server said 421: the pool backs the site off
         self.closed = False
-        self.ready = False  # setup done, transactions may start
+        self.ready = True  # transactions may start (False once aborted or lost)
         self.quitting = False
-        self._parser = ReplyParser()
-        self._waiter: asyncio.Future[None] | None = None  # setup: a reply or the close
+        self._parser = conn.parser
         self._closed_fut: asyncio.Future[None] = loop.create_future()
         self._inflight: deque[_InFlight] = deque()
         self._local: deque[tuple[Job, Deliver]] = deque()
@@ -133,15 +113,16 @@ class DeliverySession(asyncio.Protocol):
         self._idle_notified = False
         self._write_paused = False
         self._backlog: list[bytes] = []
-        self._deadline = math.inf
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = math.inf
+        self._deadline = Deadline(loop, self._on_deadline)
         t = timeouts
         # RFC 5321 §4.5.3.2; RSET has no timeout of its own: the generic command one (MAIL).
         self._phase_timeout = {
             "rset": float(t.mail), "mail": float(t.mail), "rcpt": float(t.rcpt),
             "data": float(t.data), _DATA_END: float(t.data_end) + float(t.data_block),
         }
+        self.transport.set_protocol(self)
+        if conn.closed:  # lost before the hand-over: its connection_lost went to conn
+            self.connection_lost(None)
 
     @property
     def where(self) -> str:
@@ -151,74 +132,11 @@ class DeliverySession(asyncio.Protocol):
     def busy(self) -> bool:
         return bool(self._inflight)
 
-    # --- setup I/O: one awaited reply at a time (dialogue.SetupChannel) -----------------
-    def setup_done(self) -> None:
-        """The dialogue is over: transactions may start, and the age counts from now."""
-        self.ready = True
-        self.created_at = self.last_used = self.loop.time()
-
-    def write_raw(self, data: bytes) -> None:
-        """Write during setup (no deadline bookkeeping)."""
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
-
-    @property
-    def buffered(self) -> int:
-        return self._parser.buffered
-
-    async def read_reply(self, timeout: float, what: str) -> RemoteReply:
-        """The next reply during setup, within `timeout` seconds.
-
-        Raises SetupError: timeout (4.4.1), connection lost (4.4.2), or a malformed reply
-        (the parser's 451 4.5.0).
-        """
-        deadline = self.loop.time() + timeout
-        while True:
-            try:
-                reply = self._parser.next_reply()
-            except ClientProtocolError as err:
-                raise SetupError(err.reply, "protocol") from None
-            if reply is not None:
-                return reply
-            if self.closed:
-                raise SetupError(transient_failure(
-                    "lost", f"connection to {self.where} lost while waiting for {what}"), "connect")
-            fut = self._waiter = self.loop.create_future()
-            try:
-                await asyncio.wait_for(fut, max(0.0, deadline - self.loop.time()))
-            except TimeoutError:
-                raise SetupError(transient_failure(
-                    "timeout", f"timeout waiting for {what} from {self.where}"), "connect") from None
-            finally:
-                self._waiter = None
-
-    async def start_tls(self, context: ssl.SSLContext, timeout: float) -> None:
-        """Upgrade the connection (RFC 3207 §4.2: a fresh parser; the caller re-sends EHLO).
-
-        Raises ssl.SSLError, OSError, ConnectionError or TimeoutError on failure.
-        """
-        assert self.transport is not None
-        new = await asyncio.wait_for(
-            self.loop.start_tls(self.transport, self, context,
-                                server_hostname=self.mx_host or None,
-                                ssl_handshake_timeout=timeout),
-            timeout + 1.0)
-        if new is None or self.closed:
-            raise ConnectionError("connection closed during the TLS handshake")
-        self.transport = new
-        self._parser = ReplyParser()
-        obj = new.get_extra_info("ssl_object")
-        self.tls_version = obj.version() if obj is not None else "TLS"
-
     # --- asyncio.Protocol ----------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
     def data_received(self, data: bytes) -> None:
         self._parser.feed(data)
         if not self.ready:
-            self._wake()
-            return
+            return  # aborted: nothing is waiting for it
         if self.quitting:
             self._abort_transport()  # the 221 (or anything): done
             return
@@ -248,8 +166,7 @@ class DeliverySession(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.ready = False
-        self._cancel_timer()
-        self._wake()
+        self._deadline.cancel()
         why = f"connection to {self.where} lost: {exc}" if exc else \
             f"connection to {self.where} closed by the remote server"
         self._fail_all(transient_failure("lost", why))
@@ -267,14 +184,10 @@ class DeliverySession(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._backlog and self.transport is not None and not self.closed:
+        if self._backlog and not self.closed:
             data = b"".join(self._backlog)
             self._backlog.clear()
             self.transport.write(data)
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
 
     # --- running jobs --------------------------------------------------------------------
     async def run(self, job: Job) -> JobResult:
@@ -343,7 +256,7 @@ class DeliverySession(asyncio.Protocol):
         self._write(out)
         if not self._inflight and self.ready and not self.quitting and not self._idle_notified:
             self._idle_notified = True
-            self._arm(self.loop.time() + float(self.settings.idle_timeout))
+            self._deadline.set(self.loop.time() + float(self.settings.idle_timeout))
             if self.owner is not None:
                 self.owner.session_idle(self)
 
@@ -419,7 +332,7 @@ class DeliverySession(asyncio.Protocol):
 
     # --- writing and deadlines -----------------------------------------------------------
     def _write(self, out: list[bytes]) -> None:
-        if not out or self.transport is None or self.closed or self.transport.is_closing():
+        if not out or self.closed or self.transport.is_closing():
             out.clear()
             return
         data = b"".join(out) if len(out) > 1 else out[0]
@@ -434,29 +347,10 @@ class DeliverySession(asyncio.Protocol):
         for entry in self._inflight:
             for phase in entry.tx.pending_phases:
                 budget += timeouts[phase]
-        self._arm(self.loop.time() + budget)
+        self._deadline.set(self.loop.time() + budget)
 
-    def _arm(self, deadline: float) -> None:
-        self._deadline = deadline
-        if self._timer is None or deadline < self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = deadline
-            self._timer = self.loop.call_at(deadline, self._on_timer)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_at = math.inf
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = math.inf
+    def _on_deadline(self) -> None:
         if self.closed or not self.ready:
-            return
-        if self.loop.time() < self._deadline:
-            self._arm(self._deadline)  # pushed back by later writes: sleep again
             return
         if self.quitting:
             self._abort_transport()
@@ -477,10 +371,8 @@ class DeliverySession(asyncio.Protocol):
             return
         self.quitting = True
         self._fail_all(transient_failure("lost", f"connection to {self.where} closed by us"))
-        if self.transport is None:
-            return
         self.transport.write(QUIT)
-        self._arm(self.loop.time() + float(self.timeouts.quit))
+        self._deadline.set(self.loop.time() + float(self.timeouts.quit))
 
     async def quit(self) -> None:
         """QUIT and wait (bounded by timeouts.quit) until the connection is closed."""
@@ -497,9 +389,5 @@ class DeliverySession(asyncio.Protocol):
 
     def _abort_transport(self) -> None:
         self.ready = False
-        self._cancel_timer()
-        if self.transport is not None:
-            self.transport.abort()
-        elif not self._closed_fut.done():
-            self.closed = True
-            self._closed_fut.set_result(None)
+        self._deadline.cancel()
+        self.transport.abort()
