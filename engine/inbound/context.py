@@ -6,23 +6,37 @@ from __future__ import annotations
 
 import asyncio
 import math
-import ssl
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from engine.config import Config
 from engine.inbound import users
 from engine.inbound.policy import Policy
+from engine.inbound.tls import make_server_tls_context
 from engine.observe import log
-from engine.queue.commit import Committer
+from engine.queue.committer import QueueCommitter
 from engine.queue.ids import IdAllocator
 
-if TYPE_CHECKING:
-    from engine.inbound.protocol import SmtpServerProtocol
+
+class InboundSession(Protocol):
+    """What the shared context needs of one connection (protocol.py's
+    SmtpServerProtocol): its address for the per-IP cap, its deadline for the
+    sweeper, and the ways to end it (sweeper, drain)."""
+
+    client_ip: str
+    deadline: float  # loop.time() after which the sweeper calls timed_out()
+
+    def timed_out(self) -> None: ...
+
+    def shutdown_if_idle(self) -> bool: ...
+
+    def close(self) -> None: ...
 
 
 class InboundStats:
+    """Counters the worker reports (status, metrics)."""
+
     __slots__ = ("received", "received_bytes", "connections", "refused_connections")
 
     def __init__(self) -> None:
@@ -31,21 +45,14 @@ class InboundStats:
         self.refused_connections = 0
 
 
-def make_server_tls_context(cfg: Config) -> ssl.SSLContext | None:
-    if not (cfg.tls.cert_file and cfg.tls.key_file):
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file)
-    return ctx
-
-
 class WorkerContext:
+    """One per worker process, handed to every inbound connection it accepts."""
+
     def __init__(
         self,
         cfg: Config,
         loop: asyncio.AbstractEventLoop,
-        committer: Committer,
+        committer: QueueCommitter,
         ids: IdAllocator,
         *,
         workers: int,
@@ -54,7 +61,7 @@ class WorkerContext:
         self.committer = committer
         self.ids = ids
         self.workers = max(1, workers)
-        self.sessions: set[SmtpServerProtocol] = set()
+        self.sessions: set[InboundSession] = set()
         self.per_ip: dict[str, int] = {}
         self.stats = InboundStats()
         self.draining = False
@@ -79,7 +86,7 @@ class WorkerContext:
         self.max_per_ip = max(1, math.ceil(cfg.limits.max_connections_per_ip / self.workers))
 
     # --- connection accounting ------------------------------------------------------
-    def admit(self, proto: SmtpServerProtocol) -> bool:
+    def admit(self, proto: InboundSession) -> bool:
         ip = proto.client_ip
         if (
             self.draining
@@ -93,7 +100,7 @@ class WorkerContext:
         self.stats.connections += 1
         return True
 
-    def release(self, proto: SmtpServerProtocol) -> None:
+    def release(self, proto: InboundSession) -> None:
         if proto in self.sessions:
             self.sessions.discard(proto)
             left = self.per_ip.get(proto.client_ip, 1) - 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from functools import partial
 
 from engine.config import Config
 from engine.inbound.context import WorkerContext
@@ -19,14 +20,12 @@ async def start_listeners(
     handshake gets the command timeout as its deadline.
     """
     loop = asyncio.get_running_loop()
-    servers = []
+    servers: list[asyncio.AbstractServer] = []
     for sock, listener in zip(sockets, cfg.listeners):
         implicit = listener.tls == "implicit"
         servers.append(
             await loop.create_server(
-                lambda listener=listener, implicit=implicit: SmtpServerProtocol(  # type: ignore[misc]
-                    ctx, listener, implicit
-                ),
+                partial(SmtpServerProtocol, ctx, listener, implicit),
                 sock=sock,
                 ssl=ctx.ssl_context if implicit else None,
                 backlog=1024,

@@ -4,6 +4,11 @@ Every read is run through the machine until it needs more bytes or a decision th
 takes time (a queue commit, a password check); all replies produced by one read go
 out in one write (house rule 5). While a decision is pending the machine is PAUSED,
 so nothing pipelined behind it runs ahead.
+
+The class owns the flow: reading, writing, deadlines, handing a finished message to
+the queue committer and answering when the commit completes. What to answer (EHLO's
+extensions, AUTH refusals) and what to store (the Received: header, the queue record)
+are session_io's functions over plain facts; the SASL exchange is sasl.py's.
 """
 
 from __future__ import annotations
@@ -14,11 +19,20 @@ import ssl
 from typing import TYPE_CHECKING
 
 from engine.errors import VolleyError
-from engine.inbound import session_io
+from engine.inbound import session_io, tls
 from engine.inbound.sasl import AuthExchange
 from engine.observe import log
+from engine.queue.ids import id_text
 from engine.smtp.commands import Auth, Ehlo, Helo, Mail, Rcpt, StartTls
-from engine.smtp.events import _Sentinel
+from engine.smtp.events import (
+    AuthResponse,
+    AutoReply,
+    CommandReceived,
+    ConnectionClosed,
+    MessageReceived,
+    State,
+    _Sentinel,
+)
 from engine.smtp.replies import (
     R220_READY_TLS,
     R250_RCPT_OK,
@@ -32,15 +46,7 @@ from engine.smtp.replies import (
     R554_TOO_MANY_HOPS,
     Reply,
 )
-from engine.smtp.server import (
-    AuthResponse,
-    AutoReply,
-    CommandReceived,
-    ConnectionClosed,
-    MessageReceived,
-    ServerSession,
-    State,
-)
+from engine.smtp.server import ServerSession
 
 if TYPE_CHECKING:
     from engine.config import ListenerConfig
@@ -73,18 +79,17 @@ class SmtpServerProtocol(asyncio.Protocol):
         self.auth_failures = 0
         self.auth_state: AuthExchange | None = None
         self.tls_version = ""
-        # session_io.received_header's per-session parts (key, head, tail)
-        self.received_parts: tuple[tuple[object, ...], str, str] | None = None
+        self._received = session_io.ReceivedHeader()
         self._reading_paused = False
         self._write_paused = False
         self._greeting_handle: asyncio.TimerHandle | None = None
 
     # --- connection lifecycle ------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses; same interface.
-        self.transport = transport  # type: ignore[assignment]
+    # A stream server's loop hands us a Transport; uvloop's are not asyncio.Transport
+    # subclasses, hence the narrower parameter than BaseProtocol declares.
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.transport = transport
         peer = transport.get_extra_info("peername")
-        assert self.transport is not None
         self.client_ip = peer[0] if isinstance(peer, tuple) else "unix"
         ctx = self.ctx
         if not ctx.admit(self):
@@ -94,7 +99,7 @@ class SmtpServerProtocol(asyncio.Protocol):
             return
         self.may_relay = ctx.policy.in_relay_networks(self.client_ip)
         if self.session.tls_active:
-            self._note_tls(transport)
+            self.tls_version = tls.negotiated_version(transport)
         delay = float(ctx.cfg.limits.greeting_delay)
         if delay > 0:
             self._greeting_handle = ctx.loop.call_later(delay, self._greet)
@@ -225,7 +230,16 @@ class SmtpServerProtocol(asyncio.Protocol):
             )
             out.append(session.send(reply or R250_SENDER_OK))
         elif isinstance(command, (Ehlo, Helo)):
-            out.append(session.send(session_io.greeting_reply(self, command)))
+            ctx = self.ctx
+            reply = session_io.greeting_reply(
+                command,
+                hostname=ctx.hostname,
+                max_message_size=policy.max_message_size,
+                listener=self.listener,
+                tls_active=session.tls_active,
+                tls_available=ctx.ssl_context is not None,
+            )
+            out.append(session.send(reply))
         elif isinstance(command, StartTls):
             return self._starttls(out)
         elif isinstance(command, Auth):
@@ -236,20 +250,37 @@ class SmtpServerProtocol(asyncio.Protocol):
 
     # --- DATA → queue ----------------------------------------------------------------
     def _enqueue(self, event: MessageReceived) -> None:
+        """Hand the message to group commit; its 250 waits for `_committed`."""
         self.busy = True
         self.deadline = math.inf  # our own commit time never counts against the client
-        if session_io.hop_count(event.content) >= self.ctx.cfg.limits.max_hops:
+        ctx = self.ctx
+        content = event.content
+        if session_io.hop_count(content) >= ctx.cfg.limits.max_hops:
             # RFC 5321 §6.3: a message that has passed this many relays is looping
             # somewhere our MX check cannot see (Postfix: hopcount_limit, 50).
             self._decided(R554_TOO_MANY_HOPS)
             return
+        if content and not content.endswith(b"\r\n"):
+            # BDAT content need not end in CRLF, but the relayed copy must (P5).
+            content += b"\r\n"
+        session = self.session
         try:
-            session_io.submit_message(self, event)
+            raw_id = ctx.ids.next()
+            msg_id = id_text(raw_id)
+            header = self._received.render(
+                session, self.client_ip, ctx.hostname, self.tls_version, msg_id
+            )
+            body = header + content
+            record = session_io.queue_record(raw_id, session, len(body), self.client_ip)
+            ctx.committer.submit(
+                lambda txn: txn.put_message(record, body),
+                lambda result: self._committed(result, msg_id, len(body)),
+            )
         except VolleyError as err:
             self._decided(getattr(err, "reply", R451_LOCAL_ERROR))
 
-    def committed(self, result: object, msg_id: str, size: int = 0) -> None:
-        """Commit callback, on the loop thread."""
+    def _committed(self, result: object, msg_id: str, size: int) -> None:
+        """The commit of `_enqueue` completed (on the loop thread): answer the client."""
         if isinstance(result, BaseException):
             reply = getattr(result, "reply", R451_LOCAL_ERROR)
             log.warning("queue_refused", client=self.client_ip, error=repr(result))
@@ -297,36 +328,28 @@ class SmtpServerProtocol(asyncio.Protocol):
         self.ctx.loop.create_task(self._handshake(ctx))
         return False
 
-    async def _handshake(self, ctx: ssl.SSLContext) -> None:
+    async def _handshake(self, ssl_context: ssl.SSLContext) -> None:
         assert self.transport is not None
-        try:
-            transport = await self.ctx.loop.start_tls(
-                self.transport, self, ctx, server_side=True,
-                ssl_handshake_timeout=float(self.ctx.cfg.limits.command_timeout),
-            )
-        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as err:
-            log.info("tls_failed", client=self.client_ip, error=repr(err))
-            transport = None
+        ctx = self.ctx
+        transport = await tls.upgrade(
+            ctx.loop, self.transport, self, ssl_context, ctx.command_timeout, self.client_ip
+        )
         if transport is None or self.closing:
             # Closed mid-handshake (e.g. by the sweeper): uvloop's start_tls then
             # returns None and never calls connection_lost, so free the slot here.
             self.close()
-            self.ctx.release(self)
+            ctx.release(self)
             return
         self.transport = transport
         self._reading_paused = False
         self.session.tls_established()
-        self._note_tls(transport)
+        self.tls_version = tls.negotiated_version(transport)
         self.busy = False
         self._arm_deadline()
 
-    def _note_tls(self, transport: asyncio.BaseTransport) -> None:
-        obj = transport.get_extra_info("ssl_object")
-        self.tls_version = obj.version() if obj is not None else "TLS"
-
     # --- AUTH (RFC 4954) -------------------------------------------------------------
     def _auth_start(self, command: Auth, out: list[bytes]) -> bool:
-        reply = session_io.auth_refusal(self, command)
+        reply = session_io.auth_refusal(self.listener, self.session.tls_active, command.mechanism)
         if reply is not None:
             out.append(self.session.send(reply))
             return True
@@ -351,7 +374,11 @@ class SmtpServerProtocol(asyncio.Protocol):
     async def _verify(self, user: str, password: str) -> None:
         ok = await self.ctx.check_password(user, password)
         self.auth_state = None
-        reply = session_io.auth_result(self, user, ok)
+        if ok:
+            self.session.authenticated(user)
+        else:
+            self.auth_failures += 1
+        reply = session_io.auth_result(ok, self.auth_failures, self.ctx.cfg.limits.max_auth_failures)
         if reply.code == 421:
             self.busy = False
             self._write([self.session.send(reply)])

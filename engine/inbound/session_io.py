@@ -1,17 +1,21 @@
-"""Decisions the inbound adapter takes around the machine: EHLO capabilities, the
-Received: header and queue record, and the AUTH exchange. Kept apart from
-protocol.py so the Protocol class stays about bytes and flow."""
+"""Decisions the inbound adapter takes around the machine: what EHLO offers, the
+Received: header and the queue record of a message, and whether AUTH may go on.
+
+Functions over plain facts (the ServerSession's state, the listener's settings, a
+few config values): each returns a Reply or a value and changes nothing, so the
+Protocol class in protocol.py stays about bytes and flow, and these are read and
+tested on their own.
+"""
 
 from __future__ import annotations
 
 import time
 from email.utils import formatdate
-from typing import TYPE_CHECKING
 
+from engine.config import ListenerConfig
 from engine.inbound.sasl import MECHANISMS
-from engine.queue.ids import id_text
 from engine.queue.records import MessageRecord, Recipient
-from engine.smtp.commands import Auth, Ehlo, Helo
+from engine.smtp.commands import Ehlo, Helo
 from engine.smtp.replies import (
     R235_AUTH_OK,
     R421_AUTH_FAILURES,
@@ -21,37 +25,45 @@ from engine.smtp.replies import (
     R538_ENCRYPTION_REQUIRED,
     Reply,
 )
-from engine.smtp.server import MessageReceived
+from engine.smtp.server import ServerSession
 
-if TYPE_CHECKING:
-    from engine.inbound.protocol import SmtpServerProtocol
+# --- EHLO --------------------------------------------------------------------------------
 
-def auth_offered(proto: SmtpServerProtocol) -> bool:
+
+def auth_offered(listener: ListenerConfig, tls_active: bool) -> bool:
     """RFC 4954 §4: plaintext passwords only under TLS unless explicitly allowed."""
-    listener = proto.listener
-    return listener.auth != "none" and (
-        proto.session.tls_active or listener.allow_plaintext_auth
-    )
+    return listener.auth != "none" and (tls_active or listener.allow_plaintext_auth)
 
 
-def greeting_reply(proto: SmtpServerProtocol, command: Ehlo | Helo) -> Reply:
+def greeting_reply(
+    command: Ehlo | Helo,
+    *,
+    hostname: str,
+    max_message_size: int,
+    listener: ListenerConfig,
+    tls_active: bool,
+    tls_available: bool,
+) -> Reply:
+    """The answer to EHLO (RFC 5321 §4.1.1.1, with our extensions) or HELO.
+
+    `tls_available`: a server certificate is configured.
+    """
     # RFC 2034 §3: no enhanced status code on replies to EHLO/HELO.
-    hostname = proto.ctx.hostname
     if isinstance(command, Helo):
         return Reply(250, "", hostname)
     lines = [
         f"{hostname} greets {command.domain}",
         "PIPELINING",
-        f"SIZE {int(proto.ctx.cfg.limits.max_message_size)}",
+        f"SIZE {max_message_size}",
         "8BITMIME",
         "SMTPUTF8",
         "ENHANCEDSTATUSCODES",
         "CHUNKING",
         "DSN",
     ]
-    if proto.listener.tls == "starttls" and not proto.session.tls_active and proto.ctx.ssl_context:
+    if listener.tls == "starttls" and not tls_active and tls_available:
         lines.append("STARTTLS")
-    if auth_offered(proto):
+    if auth_offered(listener, tls_active):
         lines.append("AUTH " + " ".join(MECHANISMS))
     return Reply(250, "", tuple(lines))
 
@@ -69,9 +81,8 @@ def _rfc5322_date() -> str:
     return _date_cache[1]
 
 
-def _protocol_name(proto: SmtpServerProtocol, utf8: bool) -> str:
+def _protocol_name(session: ServerSession, utf8: bool) -> str:
     # RFC 3848 / RFC 6531 §4.3 "with" protocol types.
-    session = proto.session
     name = ("UTF8SMTP" if utf8 else "ESMTP") if session.esmtp else "SMTP"
     if session.tls_active:
         name += "S"
@@ -80,24 +91,42 @@ def _protocol_name(proto: SmtpServerProtocol, utf8: bool) -> str:
     return name
 
 
-def received_header(proto: SmtpServerProtocol, msg_id: str, rcpts: list[str], utf8: bool) -> bytes:
-    """RFC 5321 §4.4 trace header, folded so no line exceeds 78 octets."""
-    session = proto.session
-    # What goes around the id depends only on session facts that change at EHLO,
-    # STARTTLS or AUTH: built once per session (and again when they change).
-    key = (session.helo, session.esmtp, session.tls_active, session.auth_user, utf8,
-           proto.tls_version)
-    cached = proto.received_parts
-    if cached is None or cached[0] != key:
-        helo = (session.helo or "unknown").replace("\r", "").replace("\n", "")[:200]
-        head = (f"Received: from {helo} ([{proto.client_ip}])\r\n"
-                f"\tby {proto.ctx.hostname} (Volley) with {_protocol_name(proto, utf8)} id ")
-        tail = f"\r\n\t(using {proto.tls_version})" if proto.tls_version else ""
-        cached = proto.received_parts = (key, head, tail)
-    _, head, tail = cached
-    if len(rcpts) == 1 and len(rcpts[0]) < 200:
-        return f"{head}{msg_id}{tail}\r\n\tfor <{rcpts[0]}>;\r\n\t{_rfc5322_date()}\r\n".encode()
-    return f"{head}{msg_id}{tail};\r\n\t{_rfc5322_date()}\r\n".encode()
+class ReceivedHeader:
+    """The RFC 5321 §4.4 trace header of one session's messages, folded so no line
+    exceeds 78 octets.
+
+    What goes around the id depends only on session facts that change at EHLO,
+    STARTTLS or AUTH (and on the message's SMTPUTF8): it is built once per session,
+    and again when they change, not once per message.
+    """
+
+    __slots__ = ("_key", "_head", "_tail")
+
+    def __init__(self) -> None:
+        self._key: tuple[object, ...] | None = None
+        self._head = self._tail = ""
+
+    def render(
+        self, session: ServerSession, client_ip: str, hostname: str, tls_version: str, msg_id: str
+    ) -> bytes:
+        """The header for message `msg_id` of the transaction in `session.envelope`."""
+        envelope = session.envelope
+        mail = envelope.mail
+        assert mail is not None
+        utf8 = mail.smtputf8
+        key = (session.helo, session.esmtp, session.tls_active, session.auth_user, utf8,
+               tls_version)
+        if key != self._key:
+            helo = (session.helo or "unknown").replace("\r", "").replace("\n", "")[:200]
+            self._head = (f"Received: from {helo} ([{client_ip}])\r\n"
+                          f"\tby {hostname} (Volley) with {_protocol_name(session, utf8)} id ")
+            self._tail = f"\r\n\t(using {tls_version})" if tls_version else ""
+            self._key = key
+        head, tail, rcpts = self._head, self._tail, envelope.rcpts
+        if len(rcpts) == 1 and len(rcpts[0].address) < 200:
+            return (f"{head}{msg_id}{tail}\r\n\tfor <{rcpts[0].address}>;\r\n"
+                    f"\t{_rfc5322_date()}\r\n").encode()
+        return f"{head}{msg_id}{tail};\r\n\t{_rfc5322_date()}\r\n".encode()
 
 
 def hop_count(content: bytes) -> int:
@@ -107,57 +136,45 @@ def hop_count(content: bytes) -> int:
     return head.count(b"\r\nreceived:") + head.startswith(b"received:")
 
 
-def submit_message(proto: SmtpServerProtocol, event: MessageReceived) -> None:
-    """Build the record and body and hand them to group commit; the 250 waits for it."""
-    ctx = proto.ctx
-    session = proto.session
-    mail = session.envelope.mail
+def queue_record(raw_id: bytes, session: ServerSession, size: int, client_ip: str) -> MessageRecord:
+    """The queue's record of the transaction in `session.envelope`; `size` counts the
+    body as stored (our Received: header included)."""
+    envelope = session.envelope
+    mail = envelope.mail
     assert mail is not None
-    raw_id = ctx.ids.next()
-    msg_id = id_text(raw_id)
-    rcpts = session.envelope.rcpts
-    addresses = [r.address for r in rcpts]
-    content = event.content
-    if content and not content.endswith(b"\r\n"):
-        # BDAT content need not end in CRLF, but the relayed copy must (P5).
-        content += b"\r\n"
-    body = received_header(proto, msg_id, addresses, mail.smtputf8) + content
-    record = MessageRecord(
+    return MessageRecord(
         id=raw_id,
         sender=mail.address,
-        recipients=[Recipient(r.address, orcpt=r.orcpt, notify=r.notify) for r in rcpts],
+        recipients=[Recipient(r.address, orcpt=r.orcpt, notify=r.notify) for r in envelope.rcpts],
         received_at=time.time(),
-        size=len(body),
+        size=size,
         body_type=mail.body,
         smtputf8=mail.smtputf8,
         ret=mail.ret,
         envid=mail.envid,
-        client_ip=proto.client_ip,
+        client_ip=client_ip,
         helo=session.helo or "",
         auth_user=session.auth_user,
     )
-    ctx.committer.submit(
-        lambda txn: txn.put_message(record, body),
-        lambda result: proto.committed(result, msg_id, len(body)),
-    )
 
 
-# --- AUTH PLAIN / LOGIN (RFC 4954, RFC 4616) -------------------------------------------
-def auth_refusal(proto: SmtpServerProtocol, command: Auth) -> Reply | None:
-    if proto.listener.auth == "none":
+# --- AUTH (RFC 4954) ---------------------------------------------------------------------
+def auth_refusal(listener: ListenerConfig, tls_active: bool, mechanism: str) -> Reply | None:
+    """Why this AUTH command cannot start an exchange, or None when it can."""
+    if listener.auth == "none":
         return R502_NOT_IMPLEMENTED
-    if not auth_offered(proto):
+    if not auth_offered(listener, tls_active):
         return R538_ENCRYPTION_REQUIRED
-    if command.mechanism not in MECHANISMS:
+    if mechanism not in MECHANISMS:
         return R504_AUTH_MECHANISM
     return None
 
 
-def auth_result(proto: SmtpServerProtocol, user: str, ok: bool) -> Reply:
+def auth_result(ok: bool, failures: int, max_failures: int) -> Reply:
+    """The reply to a checked password; `failures` counts this session's failed
+    attempts, this one included. A 421 ends the session."""
     if ok:
-        proto.session.authenticated(user)
         return R235_AUTH_OK
-    proto.auth_failures += 1
-    if proto.auth_failures >= proto.ctx.cfg.limits.max_auth_failures:
+    if failures >= max_failures:
         return R421_AUTH_FAILURES
     return R535_AUTH_FAILED
