@@ -218,16 +218,10 @@ def build_route(
     records: list[MxRecord] = list(mx_answer.records)
     if is_null_mx(records):
         return RouteError(null_mx_reply(domain))
-    # A root exchange among other records (or alone at a preference other than 0) is
-    # not a null MX and names no host: ignore it.
-    records = [r for r in records if r.host]
-    best: dict[str, MxRecord] = {}
-    for r in sorted(records, key=lambda r: r.preference):
-        best.setdefault(r.host, r)  # a host listed twice keeps its best preference
-    records = list(best.values())
+    records = _distinct_hosts(records)
     if not records:
         return RouteError(no_usable_mx_reply(domain))
-    site_key = ",".join(sorted(best))
+    site_key = ",".join(sorted(r.host for r in records))
 
     if local:
         # RFC 5321 §5.1: if this host is an MX, "it MUST discard all MX records with
@@ -238,6 +232,30 @@ def build_route(
             if not records:
                 return RouteError(loop_reply(domain))
 
+    hosts, transient = _hosts_with_addresses(records, address_answers, rng)
+    if not hosts:
+        if transient:
+            return RouteError(dns_failure_reply(domain, Status.SERVFAIL))
+        return RouteError(no_usable_mx_reply(domain))
+    return Route(domain, tuple(hosts), site_key, implicit=False, address_key=address_key(hosts))
+
+
+def _distinct_hosts(records: list[MxRecord]) -> list[MxRecord]:
+    """One record per named host (its best preference), by preference."""
+    best: dict[str, MxRecord] = {}
+    for r in sorted(records, key=lambda r: r.preference):
+        # A root exchange among other records (or alone at a preference other than 0)
+        # is not a null MX and names no host: ignore it.
+        if r.host:
+            best.setdefault(r.host, r)  # a host listed twice keeps its best preference
+    return list(best.values())
+
+
+def _hosts_with_addresses(
+    records: list[MxRecord], address_answers: dict[str, Answer], rng: random.Random
+) -> tuple[list[RouteHost], bool]:
+    """The hosts to try, in order, each with its addresses; and whether a host was
+    skipped only because its address lookup failed (so "no host" must defer)."""
     hosts: list[RouteHost] = []
     transient = False
     for group in order_mx(records, rng):
@@ -251,11 +269,7 @@ def build_route(
                 addrs = _shuffled_addresses(answer.records, rng)
                 hosts.append(RouteHost(record.host, record.preference, addrs))
             # NXDOMAIN/NODATA: an MX naming a host without addresses; skip it.
-    if not hosts:
-        if transient:
-            return RouteError(dns_failure_reply(domain, Status.SERVFAIL))
-        return RouteError(no_usable_mx_reply(domain))
-    return Route(domain, tuple(hosts), site_key, implicit=False, address_key=address_key(hosts))
+    return hosts, transient
 
 
 def _implicit_route(

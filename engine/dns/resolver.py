@@ -12,7 +12,6 @@ No caching here (that is `cache.py`) and no SMTP meaning (that is `mx.py`).
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import dns.asyncresolver
 import dns.exception
@@ -21,6 +20,7 @@ import dns.name
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
+import dns.rrset
 
 from engine.config import parse_nameserver
 
@@ -88,7 +88,7 @@ class Resolver:
         self._resolver = resolver
         self.timeout = timeout
 
-    async def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> tuple[Status, Any, int]:
+    async def _query(self, name: str, rdtype: dns.rdatatype.RdataType) -> tuple[Status, dns.rrset.RRset | None, int]:
         """One query → (status, dnspython answer RRset or None, ttl). Never raises for
         DNS outcomes; unexpected programming errors propagate."""
         qname = _dns_name(name)
@@ -120,7 +120,7 @@ class Resolver:
     async def mx(self, domain: str) -> Answer:
         """The MX RRset of `domain` (CNAMEs followed), records in the order received."""
         status, rrset, ttl = await self._query(domain, dns.rdatatype.MX)
-        if status is not Status.OK:
+        if rrset is None:  # every status but OK
             return Answer(status, (), ttl)
         records = tuple(
             MxRecord(
