@@ -15,12 +15,8 @@ grows by one per successful transaction up to max_connections, and drops by one
 (to at least 1) when a session times out, is lost, or a connection attempt fails
 while other sessions work.
 
-Dead destinations are detected separately (Postfix: "dead destination" vs concurrency
-feedback): when a connection attempt fails on every address and no session is open,
-or a server says 421, the pool backs off. For `backoff` seconds (doubling up to
-`backoff_max` while it keeps failing, reset by a successful connection) it opens no
-connection, and every queued or newly submitted job is answered at once with the
-failure reply, `destination_failed=True` and `retry_after` = the end of the backoff.
+Dead destinations are detected separately (backoff.py): while the pool backs off it
+opens no connection and answers every job at once with the failure reply.
 
 Retirement (rule 10): a session takes no new job after `max_messages_per_connection`
 transactions or `max_connection_age` seconds, or while more sessions are open than
@@ -51,7 +47,9 @@ from collections.abc import Callable
 import msgspec
 
 from engine.config import TimeoutsConfig
+from engine.delivery.backoff import Backoff
 from engine.delivery.budget import ConnectionBudget
+from engine.delivery.changes import Changes
 from engine.delivery.connect import connect_route
 from engine.delivery.dialogue import SetupError
 from engine.delivery.job import Job, JobResult, PoolSettings, safe_done, unsent
@@ -97,16 +95,14 @@ class SitePool:
         self._connecting = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._limit = min(2, settings.max_connections)
-        self._backoff_until = 0.0
-        self._backoff_delay = float(settings.backoff)
-        self._backoff_reply: Reply = Reply(421, "4.4.1", "destination backing off")
+        self._backoff = Backoff(float(settings.backoff))
         self._plain_only: set[str] = set()  # opportunistic TLS failed at these addresses
         self._opened = 0
         self._sent = 0
         self._sent_bytes = 0
         self._closing = False
         self._quiet_since = self.loop.time()  # when the last session or attempt ended
-        self._changed = asyncio.Event()
+        self._changed = Changes()
         self._domains: dict[str, None] = {}  # insertion-ordered set, see _RECENT
         self._bucket = TokenBucket(self.loop, self._dispatch)  # used when settings.rate > 0
 
@@ -121,8 +117,8 @@ class SitePool:
                 domains[job.domain] = None
             if self._closing:
                 safe_done(job, unsent(job))
-            elif self.loop.time() < self._backoff_until:
-                safe_done(job, self._flat(job, self._backoff_reply, failed=True))
+            elif self.loop.time() < self._backoff.until:
+                safe_done(job, self._flat(job, self._backoff.reply, failed=True))
             else:
                 self._queue.append(job)
                 self._dispatch()
@@ -131,7 +127,7 @@ class SitePool:
 
     @property
     def stats(self) -> PoolStats:
-        until = self._backoff_until if self.loop.time() < self._backoff_until else 0.0
+        until = self._backoff.until if self.in_backoff else 0.0
         return PoolStats(self._opened, len(self._sessions) + len(self._retiring), self._sent,
                          len(self._queue), until, self._limit, self._sent_bytes)
 
@@ -146,28 +142,18 @@ class SitePool:
     @property
     def backoff_reply(self) -> Reply:
         """The reply that started the current (or last) backoff."""
-        return self._backoff_reply
+        return self._backoff.reply
 
     @property
     def in_backoff(self) -> bool:
-        return self.loop.time() < self._backoff_until
-
-    @property
-    def idle(self) -> bool:
-        """Nothing queued, connecting or in flight."""
-        return not self._queue and not self._connecting and not any(s.busy for s in self._sessions)
+        return self.loop.time() < self._backoff.until
 
     async def wait_for(self, predicate: Callable[[SitePool], bool], timeout: float) -> None:
         """Wait until `predicate(self)` holds, re-checked at every pool state change.
 
         Raises TimeoutError after `timeout` seconds.
         """
-        async def wait() -> None:
-            while not predicate(self):
-                self._changed.clear()
-                await self._changed.wait()
-
-        await asyncio.wait_for(wait(), timeout)
+        await self._changed.until(lambda: predicate(self), timeout)
 
     def update_settings(self, settings: PoolSettings) -> None:
         """Adopt new limits (a reload, an operator's throttle) without dropping work:
@@ -198,8 +184,7 @@ class SitePool:
         """An operator's flush: connect again now; the next backoff starts over from
         `backoff`. True if the pool was backing off."""
         was = self.in_backoff
-        self._backoff_until = 0.0
-        self._backoff_delay = float(self.settings.backoff)
+        self._backoff.restart(float(self.settings.backoff), end=True)
         self._dispatch()
         self._changed.set()
         return was
@@ -207,10 +192,9 @@ class SitePool:
     def idle_since(self) -> float | None:
         """loop.time() since when the pool has had nothing at all (no session, job,
         connection attempt or backoff); None while it has anything."""
-        if (self._queue or self._connecting or self._sessions or self._retiring
-                or self.loop.time() < self._backoff_until):
+        if self._queue or self._connecting or self._sessions or self._retiring or self.in_backoff:
             return None
-        return max(self._quiet_since, self._backoff_until)
+        return max(self._quiet_since, self._backoff.until)
 
     def drop(self) -> None:
         """The pool manager forgets this pool (idle, see `idle_since`): no timer or
@@ -235,10 +219,7 @@ class SitePool:
         """Stop: queued and later jobs get a 4.3.2 deferral; sessions finish what is in
         flight (up to `grace` seconds, default timeouts.quit), then QUIT; stragglers are
         aborted (their jobs get 4.4.2). Every job gets exactly one result."""
-        self._closing = True
-        if self.budget is not None:
-            self.budget.forget(self)
-        self._bucket.cancel()
+        self.drop()  # no more timer or budget callbacks
         self._hand_back_queue()
         for task in list(self._tasks):
             task.cancel()
@@ -273,7 +254,7 @@ class SitePool:
     def job_finished(self, session: DeliverySession, job: Job, result: JobResult) -> None:
         if session.saw_421:  # the result says so already (back_off)
             safe_done(job, result)
-            self._fail_queue(self._backoff_reply, failed=True)
+            self._fail_queue(self._backoff.reply, failed=True)
         else:
             if any(r.code // 100 == 2 for r in result.replies.values()):
                 self._sent += 1
@@ -286,8 +267,8 @@ class SitePool:
         self._changed.set()
 
     def back_off(self, said: Reply | None) -> float:
-        self._enter_backoff(said or self._backoff_reply)
-        return self._backoff_until
+        self._enter_backoff(said or self._backoff.reply)
+        return self._backoff.until
 
     def session_idle(self, session: DeliverySession) -> None:
         if session not in self._sessions:
@@ -341,7 +322,7 @@ class SitePool:
             session = self._idle.pop()  # LIFO: the warmest connection
             if not (session.quitting or session.closed):
                 session.kick()
-        if not self._queue or self.loop.time() < self._backoff_until:
+        if not self._queue or self.loop.time() < self._backoff.until:
             return
         # Each connecting session will take at least one queued job.
         room = min(self._limit, self.settings.max_connections) - len(self._sessions) - self._connecting
@@ -385,7 +366,7 @@ class SitePool:
         if self.budget is not None:
             self._slots.add(session)
         self._opened += 1
-        self._backoff_delay = float(self.settings.backoff)
+        self._backoff.restart(float(self.settings.backoff))
         session.owner = self
         self._sessions.add(session)
         self._changed.set()
@@ -410,18 +391,13 @@ class SitePool:
         self._changed.set()
 
     def _enter_backoff(self, reply: Reply) -> None:
-        now = self.loop.time()
-        self._backoff_reply = reply
-        if now < self._backoff_until:
-            return  # this round already counted
-        self._backoff_until = now + self._backoff_delay
-        self._backoff_delay = min(self._backoff_delay * 2, float(self.settings.backoff_max))
-        self._limit = min(2, self.settings.max_connections)
-        log.info("destination_backoff", site=self.site_key, until=self._backoff_until)
+        if self._backoff.enter(reply, self.loop.time(), float(self.settings.backoff_max)):
+            self._limit = min(2, self.settings.max_connections)  # slow start again after
+            log.info("destination_backoff", site=self.site_key, until=self._backoff.until)
 
     def _flat(self, job: Job, reply: Reply, *, failed: bool) -> JobResult:
         return JobResult({i: reply for i in job.indices}, destination_failed=failed,
-                         retry_after=self._backoff_until if failed else 0.0,
+                         retry_after=self._backoff.until if failed else 0.0,
                          attempt_started=self.loop.time())
 
     def _fail_queue(self, reply: Reply, *, failed: bool) -> None:

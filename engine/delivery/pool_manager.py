@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from engine.config import TimeoutsConfig
 from engine.delivery.budget import ConnectionBudget
+from engine.delivery.changes import Changes
 from engine.delivery.connect import client_tls_context
 from engine.delivery.job import Job, PoolSettings, safe_done, unsent
 from engine.delivery.pool import PoolStats, SitePool
@@ -47,7 +48,7 @@ class PoolManager:
         self._retired = PoolStats()  # totals of pools dropped by drop_idle_pools
         self._sweep_interval = sweep_interval
         self._sweep: asyncio.TimerHandle | None = None
-        self._changed = asyncio.Event()  # a pool was made or dropped
+        self._changed = Changes()  # a pool was made or dropped
 
     def tls_context(self, settings: PoolSettings) -> ssl.SSLContext:
         """One cached client context per (verify, CA file).
@@ -125,12 +126,7 @@ class PoolManager:
     async def wait_for(self, predicate: Callable[[PoolManager], bool], timeout: float) -> None:
         """Wait until `predicate(self)` holds, re-checked whenever a pool is made or
         dropped. Raises TimeoutError after `timeout` seconds."""
-        async def wait() -> None:
-            while not predicate(self):
-                self._changed.clear()
-                await self._changed.wait()
-
-        await asyncio.wait_for(wait(), timeout)
+        await self._changed.until(lambda: predicate(self), timeout)
 
     @property
     def connections_opened(self) -> int:
