@@ -69,6 +69,24 @@ def map_error(err: lmdb.Error) -> StorageError:
     return StorageError(text)
 
 
+def _open_environment(path: str, map_size: int, *, flush: bool) -> lmdb.Environment:
+    os.makedirs(path, mode=0o700, exist_ok=True)  # P10: not world-writable
+    try:
+        # finding 4 / P1: sync+metasync and no writemap make commit() the durability
+        # point; max_spare_txns=0 so no cached read txn holds a reader slot (finding 7).
+        # metasync=False (MDB_NOMETASYNC) under "fsync" too: lmdb.h says the meta
+        # page is then flushed by "the next non-MDB_RDONLY commit or
+        # mdb_env_sync()", and integrity is kept either way. commit.py acks a batch
+        # only after one of those two, so each commit costs one flush, not two.
+        return lmdb.open(
+            path, map_size=map_size, subdir=True, max_dbs=8, mode=0o600,
+            sync=flush, metasync=False, writemap=False, map_async=False,
+            max_spare_txns=0, meminit=True,
+        )
+    except lmdb.Error as err:
+        raise map_error(err) from err
+
+
 class QueueStore(StoreViews):
     """The LMDB environment holding the queue. Open it in the process that uses it:
     never before fork() (finding 9).
@@ -98,22 +116,7 @@ class QueueStore(StoreViews):
         self.durability = durability
         self.shards = shards
         self._resize_lock = threading.Lock()
-        os.makedirs(path, mode=0o700, exist_ok=True)  # P10: not world-writable
-        flush = durability == "fsync"
-        try:
-            # finding 4 / P1: sync+metasync and no writemap make commit() the durability
-            # point; max_spare_txns=0 so no cached read txn holds a reader slot (finding 7).
-            # metasync=False (MDB_NOMETASYNC) under "fsync" too: lmdb.h says the meta
-            # page is then flushed by "the next non-MDB_RDONLY commit or
-            # mdb_env_sync()", and integrity is kept either way. commit.py acks a batch
-            # only after one of those two, so each commit costs one flush, not two.
-            self._env = lmdb.open(
-                path, map_size=map_size, subdir=True, max_dbs=8, mode=0o600,
-                sync=flush, metasync=False, writemap=False, map_async=False,
-                max_spare_txns=0, meminit=True,
-            )
-        except lmdb.Error as err:
-            raise map_error(err) from err
+        self._env = _open_environment(path, map_size, flush=durability == "fsync")
         try:
             self._meta = self._env.open_db(b"meta")
             self._msg = self._env.open_db(b"msg")
