@@ -22,7 +22,7 @@ from engine.dns.cache import DnsCache
 from engine.dns.mx import Route, norm_domain
 from engine.dns.resolver import Resolver
 from engine.observe.delivery_log import DeliveryLog
-from engine.queue.commit import Committer
+from engine.queue.committer import QueueCommitter
 from engine.queue.ids import IdAllocator
 from engine.queue.store import QueueStore
 from engine.smtp.replies import Reply
@@ -36,7 +36,7 @@ MAX_POOLS_SHOWN = 200
 
 
 class Delivery:
-    def __init__(self, cfg: Config, *, store: QueueStore, committer: Committer,
+    def __init__(self, cfg: Config, *, store: QueueStore, committer: QueueCommitter,
                  ids: IdAllocator, owner: int, local: set[tuple[str, int]],
                  workers: int = 1) -> None:
         loop = asyncio.get_running_loop()
