@@ -41,6 +41,9 @@ DUTY = 0.5
 ACTIONS = ("flush", "delete", "bounce")
 DELETED_REPLY = "deleted by the operator"
 
+# One chunk: (ids matched, messages changed), or None when the selection is exhausted.
+Step = Callable[[], tuple[int, int] | None]
+
 _ID = itemgetter(slice(DUE_HEAD.size, DUE_FIXED))
 
 
@@ -112,7 +115,7 @@ def _mine(rec: MessageRecord, domain: str) -> list[int]:
             if r.state == PENDING and (not domain or domain_of(r.address) == domain)]
 
 
-def _commit(store: QueueStore, ops: list[Callable[[WriteTxn], int]]) -> int:
+def _commit(store: QueueStore, ops: list[Callable[[WriteTxn], object]]) -> int:
     """One write transaction for the chunk; the number of messages changed."""
     if not ops:
         return 0
@@ -215,7 +218,7 @@ def bounce_chunk(store: QueueStore, ids: list[bytes], *, domain: str = "", reaso
 
 async def run_bulk(store: QueueStore, action: str, *, now: float,
                    suspended: Mapping[str, object],
-                   run_in_thread: Callable[[Callable[[], Any]], Awaitable[Any]],
+                   run_in_thread: Callable[[Step], Awaitable[tuple[int, int] | None]],
                    id: bytes | None = None, domain: str = "", sender: str = "",
                    state: str | None = None, all: bool = False, dry_run: bool = False,
                    reason: str = "", id_alloc: IdAllocator | None = None, hostname: str = "",

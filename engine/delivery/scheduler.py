@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import Any
+from typing import cast
 
 from engine.config import Config
 from engine.delivery import outcome as outcome_mod
@@ -41,6 +41,7 @@ from engine.delivery.bounce import write_outcome
 from engine.delivery.holds import Holds, Parked, park_op
 from engine.delivery.job import Job, JobResult, PoolSettings
 from engine.delivery.planner import RoutePlanner
+from engine.delivery.pool_manager import PoolManager
 from engine.delivery.reports import due_delay_reports
 from engine.delivery.retry import expired
 from engine.dns.cache import DnsCache
@@ -49,6 +50,7 @@ from engine.dns.resolver import Resolver
 from engine.errors import VolleyError
 from engine.observe import log
 from engine.observe.delivery_log import DeliveryLog
+from engine.observe.metrics import WorkerMetrics
 from engine.queue.committer import QueueCommitter
 from engine.queue.ids import IdAllocator, id_text
 from engine.queue.records import EXPIRED, PENDING, MessageRecord, domain_of
@@ -75,7 +77,7 @@ class DeliveryStats:
 
 class Scheduler:
     def __init__(self, cfg: Config, *, store: QueueStore, committer: QueueCommitter,
-                 ids: IdAllocator, dns: DnsCache, resolver: Resolver, pools: Any,
+                 ids: IdAllocator, dns: DnsCache, resolver: Resolver, pools: PoolManager,
                  owner: int, dlog: DeliveryLog, local: set[tuple[str, int]]) -> None:
         self.cfg = cfg
         self.store = store
@@ -97,7 +99,7 @@ class Scheduler:
         self.planner = RoutePlanner(cfg, dns, resolver, local, self.loop)
         self._last_full = 0.0
         self.holds = Holds()
-        self.metrics: Any = None  # WorkerMetrics, when the worker wants histograms
+        self.metrics: WorkerMetrics | None = None  # when the worker wants histograms
 
     def apply_config(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -325,7 +327,7 @@ class Scheduler:
             return
         if res is None:
             return
-        before, applied = res  # type: ignore[misc]
+        before, applied = cast(tuple[MessageRecord, outcome_mod.Applied], res)
         st = self.stats
         st.delivered += len(applied.delivered)
         st.deferred += len(applied.deferred)
@@ -334,14 +336,13 @@ class Scheduler:
             recipients = applied.record.recipients
             st.expired += sum(1 for i in applied.bounced if recipients[i].state == EXPIRED)
         if self.metrics is not None:
-            self._observe(before, applied, result, now)
+            self._observe(self.metrics, before, applied, result, now)
         self._log(before, applied, domain, result, now)
 
-    def _observe(self, before: MessageRecord, applied: outcome_mod.Applied, result: JobResult,
-                 now: float) -> None:
+    def _observe(self, m: WorkerMetrics, before: MessageRecord, applied: outcome_mod.Applied,
+                 result: JobResult, now: float) -> None:
         """Histograms: one latency per SMTP transaction, one queue time per recipient
         delivered."""
-        m = self.metrics
         if result.attempt_started and result.mx_host:
             m.delivery_latency.observe(max(0.0, self.loop.time() - result.attempt_started))
         for _ in applied.delivered:
