@@ -216,6 +216,19 @@ def bounce_chunk(store: QueueStore, ids: list[bytes], *, domain: str = "", reaso
     return _each_pending(store, ids, domain, change)
 
 
+def _chunk_action(store: QueueStore, action: str, *, domain: str, reason: str,
+                  id_alloc: IdAllocator | None, hostname: str,
+                  now: float) -> Callable[[list[bytes]], int]:
+    """The change `action` makes to one chunk of ids (it returns how many changed)."""
+    if action == "flush":
+        return lambda ids: flush_chunk(store, ids, domain)
+    if action == "delete":
+        return lambda ids: delete_chunk(store, ids, domain)
+    assert id_alloc is not None
+    return lambda ids: bounce_chunk(store, ids, domain=domain, reason=reason, id_alloc=id_alloc,
+                                    hostname=hostname, now=now)
+
+
 async def run_bulk(store: QueueStore, action: str, *, now: float,
                    suspended: Mapping[str, object],
                    run_in_thread: Callable[[Step], Awaitable[tuple[int, int] | None]],
@@ -251,14 +264,8 @@ async def run_bulk(store: QueueStore, action: str, *, now: float,
         chunks = select(store, domain=domain, sender=sender, state=state, now=now,
                         suspended=suspended, chunk=chunk)
 
-    def change(ids: list[bytes]) -> int:
-        if action == "flush":
-            return flush_chunk(store, ids, domain)
-        if action == "delete":
-            return delete_chunk(store, ids, domain)
-        assert id_alloc is not None
-        return bounce_chunk(store, ids, domain=domain, reason=reason, id_alloc=id_alloc,
-                            hostname=hostname, now=now)
+    change = _chunk_action(store, action, domain=domain, reason=reason, id_alloc=id_alloc,
+                           hostname=hostname, now=now)
 
     def step() -> tuple[int, int] | None:
         ids = next(chunks, None)

@@ -130,6 +130,14 @@ class Applied(msgspec.Struct):
         return [(self.record.recipients[i], self.replies[i], action) for i in sorted(self.bounced)]
 
 
+def _expire(rcpt: Recipient) -> Reply:
+    """Mark `rcpt` EXPIRED; its final reply is the 5.4.7 one, quoting the last reply."""
+    final = expiry_reply(rcpt.last_reply)
+    rcpt.state = EXPIRED
+    rcpt.last_reply = reply_summary(final)
+    return final
+
+
 def _copy(record: MessageRecord) -> MessageRecord:
     """A new record with new Recipient objects (the input is never mutated)."""
     return msgspec.structs.replace(
@@ -187,21 +195,16 @@ def apply(
         if verdict is Verdict.DELIVERED:
             rcpt.state = DELIVERED
             delivered.append(i)
-            replies[i] = reply
         elif verdict is Verdict.BOUNCED:
             rcpt.state = BOUNCED
             bounced.append(i)
-            replies[i] = reply
         elif too_old:
-            final = expiry_reply(rcpt.last_reply)
-            rcpt.state = EXPIRED
-            rcpt.last_reply = reply_summary(final)
+            reply = _expire(rcpt)
             bounced.append(i)
-            replies[i] = final
         else:
             rcpt.next_attempt = min(next_attempt(rcpt.attempts, now, schedule, rng), limit)
             deferred.append(i)
-            replies[i] = reply
+        replies[i] = reply
     done = all(r.state != PENDING for r in new.recipients)
     return Applied(new, delivered, deferred, bounced, done, backoff, replies)
 
@@ -223,10 +226,7 @@ def expire_pending(record: MessageRecord, now: float, max_age: float,
         for i, rcpt in enumerate(new.recipients):
             if rcpt.state != PENDING or (indices is not None and i not in indices):
                 continue
-            final = expiry_reply(rcpt.last_reply)
-            rcpt.state = EXPIRED
-            rcpt.last_reply = reply_summary(final)
+            replies[i] = _expire(rcpt)
             bounced.append(i)
-            replies[i] = final
     done = all(r.state != PENDING for r in new.recipients)
     return Applied(new, [], [], bounced, done, False, replies)
