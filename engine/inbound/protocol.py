@@ -5,10 +5,12 @@ takes time (a queue commit, a password check); all replies produced by one read 
 out in one write (house rule 5). While a decision is pending the machine is PAUSED,
 so nothing pipelined behind it runs ahead.
 
-The class owns the flow: reading, writing, deadlines, handing a finished message to
-the queue committer and answering when the commit completes. What to answer (EHLO's
-extensions, AUTH refusals) and what to store (the Received: header, the queue record)
-are session_io's functions over plain facts; the SASL exchange is sasl.py's.
+The class runs the conversation: it feeds reads to the machine, answers commands,
+hands a finished message to the queue committer and answers when the commit
+completes, and runs the STARTTLS and AUTH exchanges. Its base, connection.py's
+InboundConnection, does flow control, writes, the deadline and ending. What to answer
+(EHLO's extensions, AUTH refusals) and what to store (the Received: header, the
+queue record) are session_io's functions over plain facts; SASL is sasl.py's.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from engine.errors import VolleyError
 from engine.inbound import session_io, tls
+from engine.inbound.connection import InboundConnection
 from engine.inbound.sasl import AuthExchange
 from engine.observe import log
 from engine.queue.ids import id_text
@@ -38,7 +41,6 @@ from engine.smtp.replies import (
     R250_RCPT_OK,
     R250_SENDER_OK,
     R421_SHUTTING_DOWN,
-    R421_TIMEOUT,
     R421_TOO_MANY_CONNECTIONS,
     R451_LOCAL_ERROR,
     R454_TLS_UNAVAILABLE,
@@ -54,34 +56,27 @@ if TYPE_CHECKING:
 
 # Pause reading when this much unprocessed input piles up behind a pending decision.
 _MAX_BUFFERED = 1 << 20
-_DATA_STATES = (State.DATA, State.BDAT, State.BDAT_MORE)
 _CLOSED = State.CLOSED
 
 
-class SmtpServerProtocol(asyncio.Protocol):
-    """One inbound SMTP connection."""
+class SmtpServerProtocol(InboundConnection):
+    """One inbound SMTP connection: the conversation (InboundConnection does the
+    flow control, writes, deadline and ending)."""
 
     def __init__(self, ctx: WorkerContext, listener: ListenerConfig, implicit_tls: bool) -> None:
-        self.ctx = ctx
-        self.listener = listener
-        self.session = ServerSession(
-            max_message_size=int(ctx.cfg.limits.max_message_size),
-            max_unknown_commands=ctx.cfg.limits.max_unknown_commands,
-            max_junk_commands=ctx.cfg.limits.max_junk_commands,
+        limits = ctx.cfg.limits
+        super().__init__(ctx, ServerSession(
+            max_message_size=int(limits.max_message_size),
+            max_unknown_commands=limits.max_unknown_commands,
+            max_junk_commands=limits.max_junk_commands,
             tls_active=implicit_tls,
-        )
-        self.transport: asyncio.Transport | None = None
-        self.client_ip = ""
+        ))
+        self.listener = listener
         self.may_relay = False
-        self.deadline = math.inf  # loop.time() after which the sweeper ends us
-        self.busy = False  # a decision (commit, auth) is pending
-        self.closing = False
         self.auth_failures = 0
         self.auth_state: AuthExchange | None = None
         self.tls_version = ""
         self._received = session_io.ReceivedHeader()
-        self._reading_paused = False
-        self._write_paused = False
         self._greeting_handle: asyncio.TimerHandle | None = None
 
     # --- connection lifecycle ------------------------------------------------------
@@ -124,27 +119,6 @@ class SmtpServerProtocol(asyncio.Protocol):
         if self._greeting_handle is not None:
             self._greeting_handle.cancel()
         self.ctx.release(self)
-
-    def pause_writing(self) -> None:
-        # The client is not reading our replies: stop reading its commands (bounded
-        # memory under a pipelining flood).
-        self._write_paused = True
-        self._pause_reading()
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if not self.busy:
-            self._resume_reading()
-
-    def _pause_reading(self) -> None:
-        if not self._reading_paused and self.transport is not None:
-            self._reading_paused = True
-            self.transport.pause_reading()
-
-    def _resume_reading(self) -> None:
-        if self._reading_paused and self.transport is not None and not self.closing:
-            self._reading_paused = False
-            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         session = self.session
@@ -385,45 +359,3 @@ class SmtpServerProtocol(asyncio.Protocol):
             self.close()
             return
         self._decided(reply)
-
-    # --- output and ending -----------------------------------------------------------
-    def _write(self, out: list[bytes]) -> None:
-        if not out:
-            return
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(b"".join(out) if len(out) > 1 else out[0])
-            out.clear()
-            self._arm_deadline()
-
-    def _arm_deadline(self) -> None:
-        # A deadline per command (or per DATA phase), not per read: a client that
-        # dribbles one byte a minute still times out (P8).
-        if self.busy:
-            return
-        ctx = self.ctx
-        budget = ctx.data_timeout if self.session.state in _DATA_STATES else ctx.command_timeout
-        self.deadline = ctx.loop.time() + budget
-
-    def timed_out(self) -> None:
-        """Called by the worker's sweeper once `deadline` has passed."""
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(R421_TIMEOUT.to_bytes())
-        log.info("session_timeout", client=self.client_ip, state=self.session.state.value)
-        self.close()
-
-    def shutdown_if_idle(self) -> bool:
-        """Drain: end a session that is between transactions; True if it was ended."""
-        # A session waiting for a SASL line holds no mail: end it like an idle one.
-        if self.busy or self.session.state not in (State.CONNECTED, State.READY,
-                                                   State.GREETING, State.AUTH):
-            return False
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(R421_SHUTTING_DOWN.to_bytes())
-        self.close()
-        return True
-
-    def close(self) -> None:
-        self.closing = True
-        if self.transport is not None:
-            self.transport.close()
