@@ -101,28 +101,28 @@ def measure_reads(store: QueueStore, runs: int) -> dict[str, dict[str, Any]]:
         return result
 
     record("list first page", lambda: queue_view.list_messages(store, suspended={}),
-           runs, lambda r: f"{len(r['messages'])} rows, {r['scanned']} scanned")
+           runs, lambda r: f"{len(r.messages)} rows, {r.scanned} scanned")
     mid_domain = domain_name(100)
     record("list --domain page", lambda: queue_view.list_messages(
         store, domain=mid_domain, suspended={}), runs,
-        lambda r: f"{mid_domain}: {len(r['messages'])} rows, {r['scanned']} scanned, "
-                  f"{'more' if r['next'] else 'end'}")
+        lambda r: f"{mid_domain}: {len(r.messages)} rows, {r.scanned} scanned, "
+                  f"{'more' if r.next else 'end'}")
     some_id = next(iter(store.iter_ids(chunk=1)))
     record("show", lambda: queue_view.show(store, some_id, suspended={}), runs,
-           lambda r: f"{len(r['headers'])} headers")
+           lambda r: f"{len(r.headers)} headers")
     record("summary by domain", lambda: queue_view.summary(store, now=now, suspended={}), runs,
-           lambda r: f"{r['rows_total']} domains, {r['totals']['units']} units, top {len(r['rows'])}")
+           lambda r: f"{r.rows_total} domains, {r.totals.units} units, top {len(r.rows)}")
     record("summary by domain, limit 10000", lambda: queue_view.summary(
         store, now=now, suspended={}, limit=10_000), max(1, runs // 2),
-        lambda r: f"{len(r['rows'])} rows")
+        lambda r: f"{len(r.rows)} rows")
     record("summary by age", lambda: queue_view.summary(store, by="age", now=now, suspended={}),
-           max(1, runs // 2), lambda r: f"{r['totals']['units']} units")
+           max(1, runs // 2), lambda r: f"{r.totals.units} units")
     record("summary by sender", lambda: queue_view.summary(store, by="sender", now=now, suspended={}),
-           1, lambda r: f"{r['rows_total']} senders (decodes every record)")
+           1, lambda r: f"{r.rows_total} senders (decodes every record)")
     record("totals", lambda: queue_view.totals(store, now, {}), runs,
-           lambda r: f"{r['messages']} messages, {r['ready']} ready")
+           lambda r: f"{r.messages} messages, {r.ready} ready")
     record("totals, one suspension", lambda: queue_view.totals(store, now, {domain_name(0): 1}),
-           runs, lambda r: f"{r['suspended']} suspended units")
+           runs, lambda r: f"{r.suspended} suspended units")
     return out
 
 

@@ -45,6 +45,8 @@ _P = ParamSpec("_P")
 _peer: contextvars.ContextVar[str] = contextvars.ContextVar("peer", default="unknown")
 _READS = (protocol.Status, protocol.Queue, protocol.List, protocol.Show, protocol.Metrics)
 WORKER_ANSWER = 5.0  # seconds to wait for a worker's answer (mx)
+# What metrics scrapes show before the first walk of the queue.
+_NO_COUNTS = replies.QueueCounts(messages=0, units=0, bytes=0, ready=0, deferred=0, suspended=0)
 
 
 class ControlPlane:
@@ -55,7 +57,7 @@ class ControlPlane:
         self.holds = self._load_holds()
         self.ids = IdAllocator(store.next_boot())  # for DSNs of operator bounces
         self.started = time.time()
-        self._totals: tuple[float, dict[str, int]] | None = None
+        self._totals: tuple[float, replies.QueueCounts] | None = None
 
     async def handle(self, req: protocol.AnyRequest, peer: str = "unknown") -> replies.Reply:
         if not isinstance(req, _READS):
@@ -130,7 +132,7 @@ class ControlPlane:
         self.sup.broadcast(wire.Flush(domain=domain))
 
     # --- reading ---------------------------------------------------------------------
-    async def _walked_totals(self) -> dict[str, int]:
+    async def _walked_totals(self) -> replies.QueueCounts:
         """Queue totals by state, from a walk of the due index reused for ten times
         what it cost (a million entries: ~0.5 s, reused 5 s; a small queue: always
         fresh), so polling `status` never costs the server more than a tenth of a core.
@@ -158,7 +160,8 @@ class ControlPlane:
                 out_limit=budget.limit if budget else None, out_waiting=budget.waiting if budget else 0,
             ))
         # The message count is always exact (an O(1) read), the rest from the last walk.
-        queue = {**await self._walked_totals(), "messages": await self._thread(self.store.count)}
+        queue = msgspec.structs.replace(await self._walked_totals(),
+                                        messages=await self._thread(self.store.count))
         return replies.Status(
             version=__version__, pid=os.getpid(), uptime=round(now - self.started, 1),
             hostname=self.sup.cfg.server.hostname, listeners=self.sup.addresses,
@@ -175,21 +178,20 @@ class ControlPlane:
         shape = await self._thread(queue_view.summary, self.store, by=req.by, limit=req.limit,
                                    now=now, suspended=held)
         if req.by == "domain":
-            for row in shape["rows"]:
-                s = held.get(row["key"])
-                if s is not None:
-                    row.update(reason=s.reason, until=s.until, by_who=s.by)
-        return replies.Queue(**shape)
+            for row in shape.rows:
+                s = held.get(row.key)
+                if s is not None and isinstance(row, replies.ShapeRow):
+                    row.reason, row.until, row.by_who = s.reason, s.until, s.by
+        return shape
 
     async def list(self, req: protocol.List) -> replies.List:
         now = time.time()
         if req.after:
             _parse_id(req.after, "after")
-        page = await self._thread(
+        return await self._thread(
             queue_view.list_messages, self.store, domain=req.domain, sender=req.sender,
             state=req.state, limit=req.limit, after=req.after,
             suspended=self.suspended(now))
-        return replies.List(**page)
 
     async def show(self, req: protocol.Show) -> replies.Show:
         now = time.time()
@@ -229,14 +231,14 @@ class ControlPlane:
     def metrics_text(self) -> str:
         """Prometheus text from what is known now (queue totals from the last walk, at
         most 5 s old): an HTTP scrape never waits for a walk of the queue."""
-        totals = self._totals[1] if self._totals else {}
+        totals = self._totals[1] if self._totals else _NO_COUNTS
         now = time.time()
         fleet = self.fleet
         slots = self.sup.slots
         gauges = [
-            gauge("volley_queue_messages", totals.get("messages", 0)),
-            gauge("volley_queue_bytes", totals.get("bytes", 0)),
-            gauge("volley_queue_units", totals.get("units", 0)),
+            gauge("volley_queue_messages", totals.messages),
+            gauge("volley_queue_bytes", totals.bytes),
+            gauge("volley_queue_units", totals.units),
             gauge("volley_sessions_in", sum(fleet.live(s.slot).sessions_in for s in slots)),
             gauge("volley_sessions_out", sum(fleet.live(s.slot).sessions_out for s in slots)),
             gauge("volley_workers", sum(1 for s in slots if s.running)),

@@ -11,10 +11,11 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import NamedTuple, TypeVar
 
 import msgspec
 
+from engine.control.replies import List, MessageDetail, MessageRow, RecipientRow
 from engine.queue.ids import id_bytes, id_text
 from engine.queue.records import (
     BOUNCED,
@@ -78,23 +79,33 @@ def message_state(rec: AnyRecord, pending: Mapping[str, float],
     return "queued"
 
 
-def facts(rec: AnyRecord, suspended: Mapping[str, object]) -> dict[str, Any]:
-    """The per-message summary fields of `list` rows and `show`."""
+class Facts(NamedTuple):
+    """The per-message summary fields of `list` rows and `show` (replies.MessageRow)."""
+
+    pending: int
+    domains: list[str]
+    state: str
+    attempts: int
+    next_attempt: float | None
+    last_reply: str
+
+
+def facts(rec: AnyRecord, suspended: Mapping[str, object]) -> Facts:
+    """The summary of one message, for `list` rows and `show`."""
     pending = pending_of(rec)
     live = [r for r in rec.recipients if r.state == PENDING] or rec.recipients
     # No per-reply timestamps are kept: the recipient tried last is the one whose
     # retry lies furthest ahead, so its reply is taken as the most recent.
     replied = [r for r in live if r.last_reply] or [r for r in rec.recipients if r.last_reply]
     last = max(replied, key=lambda r: (r.next_attempt, r.attempts)).last_reply if replied else ""
-    return {
-        "recipients": len(rec.recipients),
-        "pending": sum(r.state == PENDING for r in rec.recipients),
-        "domains": sorted(pending),
-        "state": message_state(rec, pending, suspended),
-        "attempts": max((r.attempts for r in live), default=0),
-        "next_attempt": min(pending.values()) if pending else None,
-        "last_reply": last,
-    }
+    return Facts(
+        pending=sum(r.state == PENDING for r in rec.recipients),
+        domains=sorted(pending),
+        state=message_state(rec, pending, suspended),
+        attempts=max((r.attempts for r in live), default=0),
+        next_attempt=min(pending.values()) if pending else None,
+        last_reply=last,
+    )
 
 
 def domain_key(text: str) -> str:
@@ -169,18 +180,21 @@ def record_pages(store: QueueStore, after: bytes = b"",
 
 
 # --- messages -----------------------------------------------------------------------------
-def _list_row(view: AnyRecord, suspended: Mapping[str, object]) -> dict[str, Any]:
-    return {"id": id_text(view.id), "sender": view.sender, "received_at": view.received_at,
-            "size": view.size, **facts(view, suspended)}
+def _list_row(view: AnyRecord, suspended: Mapping[str, object]) -> MessageRow:
+    f = facts(view, suspended)
+    return MessageRow(id=id_text(view.id), sender=view.sender, received_at=view.received_at,
+                      size=view.size, recipients=len(view.recipients), pending=f.pending,
+                      domains=f.domains, state=f.state, attempts=f.attempts,
+                      next_attempt=f.next_attempt, last_reply=f.last_reply)
 
 
 def list_messages(store: QueueStore, *, domain: str = "", sender: str = "",
                   state: str | None = None, limit: int = 50, after: str = "",
                   suspended: Mapping[str, object], budget: int = LIST_BUDGET,
-                  seconds: float = LIST_SECONDS) -> dict[str, Any]:
-    """A page of queued messages in id order (oldest first) after id `after`:
-    {"messages": rows, "next": id to pass as `after` for more ("" at the end),
-    "scanned": records examined}.
+                  seconds: float = LIST_SECONDS) -> List:
+    """A page of queued messages in id order (oldest first) after id `after` (the
+    `list` reply): "messages", "next" (the id to pass as `after` for more, "" at the
+    end) and "scanned" (records examined).
 
     Filters as `Selector` (sender: case-insensitive, "<>" the null sender). The call
     stops after `budget` records or `seconds` even with fewer than `limit` rows, with
@@ -194,7 +208,7 @@ def list_messages(store: QueueStore, *, domain: str = "", sender: str = "",
     cursor = id_bytes(after) if after else b""
     chunk = limit + 1 if sel.everything else RECORD_CHUNK
     deadline = time.monotonic() + seconds
-    rows: list[dict[str, Any]] = []
+    rows: list[MessageRow] = []
     scanned = 0
     for page in record_pages(store, cursor, chunk):
         for i, (mid, raw) in enumerate(page):
@@ -206,12 +220,12 @@ def list_messages(store: QueueStore, *, domain: str = "", sender: str = "",
             rows.append(_list_row(view, suspended))
             if len(rows) >= limit:
                 more = i < len(page) - 1 or len(page) == chunk
-                return {"messages": rows, "next": id_text(mid) if more else "", "scanned": scanned}
+                return List(messages=rows, next=id_text(mid) if more else "", scanned=scanned)
         if len(page) < chunk:
-            return {"messages": rows, "next": "", "scanned": scanned}
+            return List(messages=rows, next="", scanned=scanned)
         if scanned >= budget or time.monotonic() >= deadline:
-            return {"messages": rows, "next": id_text(cursor), "scanned": scanned}
-    return {"messages": rows, "next": "", "scanned": scanned}
+            return List(messages=rows, next=id_text(cursor), scanned=scanned)
+    return List(messages=rows, next="", scanned=scanned)
 
 
 _LINE = re.compile(rb"\r?\n")
@@ -240,10 +254,10 @@ def parse_headers(body: bytes, cap: int = HEADER_CAP) -> list[list[str]]:
 
 
 def show(store: QueueStore, msg_id: bytes, *,
-         suspended: Mapping[str, object]) -> dict[str, Any] | None:
+         suspended: Mapping[str, object]) -> MessageDetail | None:
     """Everything about one message, or None when it is not queued: the envelope (id as
     text), recipients with state names, the summary fields of `list` rows and the
-    body's headers ("headers": [[name, value], ...], see `parse_headers`).
+    body's headers ([[name, value], ...], see `parse_headers`).
 
     Raises:
         StorageError: the store failed.
@@ -252,17 +266,18 @@ def show(store: QueueStore, msg_id: bytes, *,
     if rec is None:
         return None
     body = store.get_body(msg_id) or b""
-    out = _list_row(rec, suspended)
-    out.update(
+    f = facts(rec, suspended)
+    recipients = [RecipientRow(
+        address=r.address, orcpt=r.orcpt, notify=list(r.notify) if r.notify is not None else None,
+        state=STATE_NAMES.get(r.state, str(r.state)), attempts=r.attempts,
+        next_attempt=max(r.next_attempt, rec.received_at) if r.state == PENDING else None,
+        last_reply=r.last_reply, delay_warned=r.delay_warned,
+    ) for r in rec.recipients]
+    return MessageDetail(
+        id=id_text(rec.id), sender=rec.sender, received_at=rec.received_at, size=rec.size,
+        recipients=recipients, pending=f.pending, domains=f.domains, state=f.state,
+        attempts=f.attempts, next_attempt=f.next_attempt, last_reply=f.last_reply,
         body_type=rec.body_type, smtputf8=rec.smtputf8, ret=rec.ret, envid=rec.envid,
         client_ip=rec.client_ip, helo=rec.helo, auth_user=rec.auth_user,
+        headers=parse_headers(body),
     )
-    out["recipients"] = [{  # the list, in place of the count of a `list` row
-        "address": r.address, "orcpt": r.orcpt,
-        "notify": list(r.notify) if r.notify is not None else None,
-        "state": STATE_NAMES.get(r.state, str(r.state)), "attempts": r.attempts,
-        "next_attempt": max(r.next_attempt, rec.received_at) if r.state == PENDING else None,
-        "last_reply": r.last_reply, "delay_warned": r.delay_warned,
-    } for r in rec.recipients]
-    out["headers"] = parse_headers(body)
-    return out

@@ -2,9 +2,10 @@
 
 Each encodes to one JSON object whose first field is "ok" (protocol.py): the field
 names and their order are the wire format that `volley ctl --json` prints and the
-README documents ("Control socket"), so they change only together with those. Rows
-that the queue views build (`queue_view`, `message_view`) and what workers report
-(MX entries, pools) travel as the plain objects those modules document.
+README documents ("Control socket"), so they change only together with those. The
+queue views (`queue_view`, `message_view`) build the parts defined here; what workers
+report (MX entries, pools) and the metrics snapshot travel as the plain objects their
+modules document.
 
 The client does not decode into these types: it reads a reply as a plain object
 with `.get` (engine/control/render.py), so a server of another version that adds
@@ -13,9 +14,11 @@ or drops a field still prints.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from engine.control.wire import Backoff
 
@@ -65,6 +68,104 @@ class ThrottleRow(msgspec.Struct, kw_only=True):
     rate: float | None  # messages per second
 
 
+class QueueCounts(msgspec.Struct, kw_only=True):
+    """queue_view.totals: the queue by state, in delivery units ((message, domain) pairs)."""
+
+    messages: int
+    units: int
+    bytes: int  # of the bodies, approximate
+    ready: int
+    deferred: int
+    suspended: int  # units of suspended domains (also counted in ready or deferred)
+
+
+class ShapeRow(msgspec.Struct, kw_only=True):
+    """One domain's (or sender's) row of `queue`: see queue_view.summary."""
+
+    key: str
+    total: int
+    ages: list[int]  # counts per bucket of Queue.buckets, youngest first
+    oldest: int  # the earliest arrival, epoch seconds
+    next_attempt: float | None  # the earliest due after now
+    ready: int
+    deferred: int
+    state: str  # "suspended" | "active" (some ready) | "deferred"
+    # Only on the row of a suspended domain: its suspension.
+    reason: str | UnsetType = UNSET
+    until: float | None | UnsetType = UNSET
+    by_who: str | UnsetType = UNSET
+
+
+class AgeRow(msgspec.Struct, kw_only=True):
+    """One age bucket's row of `queue --by age`."""
+
+    key: str  # the bucket's label
+    total: int
+    ready: int
+    deferred: int
+
+
+class ShapeTotals(msgspec.Struct, kw_only=True):
+    units: int
+    messages: int | UnsetType = UNSET  # by sender only: rows count messages there
+    ready: int
+    deferred: int
+    suspended: int
+    domains: int | None  # None by sender
+
+
+class MessageRow(msgspec.Struct, kw_only=True):
+    """One message of `list`: see message_view.list_messages."""
+
+    id: str
+    sender: str
+    received_at: float
+    size: int
+    recipients: int
+    pending: int  # recipients still to deliver
+    domains: list[str]  # of the pending recipients
+    state: str  # "queued" | "deferred" | "suspended"
+    attempts: int
+    next_attempt: float | None
+    last_reply: str
+
+
+class RecipientRow(msgspec.Struct, kw_only=True):
+    address: str
+    orcpt: str | None
+    notify: list[str] | None
+    state: str  # "pending" | "delivered" | "bounced" | "expired"
+    attempts: int
+    next_attempt: float | None  # None unless pending
+    last_reply: str
+    delay_warned: bool
+
+
+class MessageDetail(msgspec.Struct, kw_only=True):
+    """Everything `show` tells of one message: a `MessageRow` with the recipients
+    listed, the envelope's facts and the body's headers."""
+
+    id: str
+    sender: str
+    received_at: float
+    size: int
+    recipients: list[RecipientRow]
+    pending: int
+    domains: list[str]
+    state: str
+    attempts: int
+    next_attempt: float | None
+    last_reply: str
+    body_type: str | None
+    smtputf8: bool
+    ret: str | None
+    envid: str | None
+    client_ip: str
+    helo: str
+    auth_user: str | None
+    headers: list[list[str]]  # [name, value] in order, unfolded
+
+
 # --- per request ------------------------------------------------------------------------
 
 
@@ -76,7 +177,7 @@ class Status(Reply, kw_only=True):
     listeners: list[str]
     draining: bool
     workers: list[WorkerRow]
-    queue: dict[str, int]  # queue_view.totals with the exact "messages"
+    queue: QueueCounts  # from the last walk, with the exact "messages"
     rates: dict[str, dict[str, float]]  # window ("1m") → counter → per second
     suspensions: list[SuspensionRow]
     throttles: list[ThrottleRow]
@@ -88,21 +189,21 @@ class Queue(Reply, kw_only=True):
 
     by: str
     buckets: list[str]
-    rows: list[dict[str, Any]]
-    rows_total: int
-    totals: dict[str, Any]
+    rows: Sequence[ShapeRow | AgeRow]  # biggest first
+    rows_total: int  # rows before the limit
+    totals: ShapeTotals
 
 
 class List(Reply, kw_only=True):
     """message_view.list_messages: a page of messages."""
 
-    messages: list[dict[str, Any]]
+    messages: list[MessageRow]
     next: str  # pass as `after` for the next page; "" at the end
     scanned: int
 
 
 class Show(Reply, kw_only=True):
-    message: dict[str, Any]  # message_view.show
+    message: MessageDetail
 
 
 class MxFlushed(Reply, kw_only=True):

@@ -146,8 +146,8 @@ def test_select_matches_list_semantics(store: QueueStore, ids: IdAllocator) -> N
     put(store, ids, "late@hit.test", at=NOW + 1)  # received after the request: never selected
     for kw in ({"domain": "hit.test"}, {"sender": "big@X.org"}, {"sender": "<>"},
                {"domain": "hit.test", "sender": "<>"}, {"state": "queued"}):
-        listed = [bytes.fromhex(m["id"]) for m in
-                  list_messages(store, suspended={}, limit=100, **kw)["messages"]]
+        listed = [bytes.fromhex(m.id) for m in
+                  list_messages(store, suspended={}, limit=100, **kw).messages]
         chunks = list(bulk.select(store, now=NOW, suspended={}, chunk=2, **kw))
         assert [m for c in chunks for m in c] == [m for m in listed if store.get(m).received_at < NOW], kw
         assert all(0 < len(c) <= 2 for c in chunks)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 
 from engine.control import message_view as mv
@@ -48,6 +50,23 @@ def rows_by_key(reply: dict) -> dict:
     return {r["key"]: r for r in reply["rows"]}
 
 
+# The views build the socket's reply Structs; the tests read them as the client does.
+def summary(store: QueueStore, **kw: Any) -> dict[str, Any]:
+    return msgspec.to_builtins(qv.summary(store, **kw))
+
+
+def totals(store: QueueStore, now: float, suspended: dict[str, object]) -> dict[str, Any]:
+    return msgspec.to_builtins(qv.totals(store, now, suspended))
+
+
+def list_messages(store: QueueStore, **kw: Any) -> dict[str, Any]:
+    return msgspec.to_builtins(qv.list_messages(store, **kw))
+
+
+def show(store: QueueStore, msg_id: bytes, **kw: Any) -> dict[str, Any] | None:
+    return msgspec.to_builtins(qv.show(store, msg_id, **kw))
+
+
 # --- summary by domain ----------------------------------------------------------------
 def test_bucket_edges(q: Q) -> None:
     # Bucket "m" holds ages up to m minutes inclusive; one second more is the next one.
@@ -56,7 +75,7 @@ def test_bucket_edges(q: Q) -> None:
         q.add("b@edge.test", age=minutes * 60 + 1)
     q.add("c@edge.test", age=0)
     q.add("d@edge.test", age=-30)  # arrival in the future (clock step): youngest bucket
-    row = rows_by_key(qv.summary(q.store, now=NOW, suspended={}))["edge.test"]
+    row = rows_by_key(summary(q.store, now=NOW, suspended={}))["edge.test"]
     assert qv.BUCKETS == ["5", "10", "20", "40", "80", "160", "320", "640", "1280", "1280+"]
     assert row["ages"] == [3, 2, 2, 2, 2, 2, 2, 2, 2, 1]
     assert row["total"] == 20
@@ -70,7 +89,7 @@ def test_ready_deferred_split_next_attempt_and_state(q: Q) -> None:
     q.add(later("d@mixed.test", 120))
     q.add(later("e@wait.test", 600), later("f@wait.test", 900))  # one unit: earliest recipient
     q.add("g@held.test")
-    reply = qv.summary(q.store, now=NOW, suspended={"held.test": object()})
+    reply = summary(q.store, now=NOW, suspended={"held.test": object()})
     rows = rows_by_key(reply)
     mixed = rows["mixed.test"]
     assert (mixed["total"], mixed["ready"], mixed["deferred"]) == (4, 2, 2)
@@ -84,7 +103,7 @@ def test_ready_deferred_split_next_attempt_and_state(q: Q) -> None:
 
 def test_delivered_recipients_are_not_counted(q: Q) -> None:
     q.add(Recipient("a@done.test", state=DELIVERED), "b@open.test")
-    rows = rows_by_key(qv.summary(q.store, now=NOW, suspended={}))
+    rows = rows_by_key(summary(q.store, now=NOW, suspended={}))
     assert set(rows) == {"open.test"}
 
 
@@ -92,13 +111,13 @@ def test_rows_sorted_by_total_then_name_and_cut_to_limit(q: Q) -> None:
     for domain, n in [("b.test", 2), ("a.test", 2), ("c.test", 5), ("d.test", 1)]:
         for i in range(n):
             q.add(f"u{i}@{domain}")
-    reply = qv.summary(q.store, now=NOW, suspended={}, limit=3)
+    reply = summary(q.store, now=NOW, suspended={}, limit=3)
     assert [(r["key"], r["total"]) for r in reply["rows"]] == [("c.test", 5), ("a.test", 2), ("b.test", 2)]
     assert reply["rows_total"] == 4 and reply["totals"]["units"] == 10
 
 
 def test_empty_queue(q: Q) -> None:
-    reply = qv.summary(q.store, now=NOW, suspended={})
+    reply = summary(q.store, now=NOW, suspended={})
     assert reply["rows"] == [] and reply["totals"]["units"] == 0
 
 
@@ -106,7 +125,7 @@ def test_walk_spans_pages_and_owners(q: Q, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(qv, "WALK_CHUNK", 3)  # many pages, some across owner boundaries
     for i in range(40):
         q.add(f"u@d{i % 7}.test", later(f"v@e{i % 5}.test", 10 + i), age=i * 100)
-    full = qv.summary(q.store, now=NOW, suspended={})
+    full = summary(q.store, now=NOW, suspended={})
     assert sum(r["total"] for r in full["rows"]) == 80
     e0 = rows_by_key(full)["e0.test"]
     assert e0["next_attempt"] == NOW + 10 and e0["deferred"] == 8
@@ -116,7 +135,7 @@ def test_walk_spans_pages_and_owners(q: Q, monkeypatch: pytest.MonkeyPatch) -> N
 def test_summary_by_age(q: Q) -> None:
     q.add("a@x.test", age=10)
     q.add("b@x.test", later("c@y.test", 60), age=700)
-    reply = qv.summary(q.store, by="age", now=NOW, suspended={"y.test": 1})
+    reply = summary(q.store, by="age", now=NOW, suspended={"y.test": 1})
     rows = rows_by_key(reply)
     assert [r["key"] for r in reply["rows"]] == qv.BUCKETS
     assert rows["5"]["total"] == 1 and rows["20"] == {"key": "20", "total": 2, "ready": 1, "deferred": 1}
@@ -127,7 +146,7 @@ def test_summary_by_sender(q: Q) -> None:
     q.add("a@x.test", sender="Big@Sender.test", age=30)
     q.add(later("b@x.test", 60), sender="big@sender.test", age=4000)
     q.add("c@x.test", sender="")
-    reply = qv.summary(q.store, by="sender", now=NOW, suspended={})
+    reply = summary(q.store, by="sender", now=NOW, suspended={})
     rows = rows_by_key(reply)
     big = rows["big@sender.test"]
     assert (big["total"], big["ready"], big["deferred"], big["next_attempt"]) == (2, 1, 1, NOW + 60)
@@ -135,7 +154,7 @@ def test_summary_by_sender(q: Q) -> None:
     assert rows["<>"]["total"] == 1
     assert reply["rows"][0]["key"] == "big@sender.test"
     with pytest.raises(ValueError):
-        qv.summary(q.store, by="colour", now=NOW, suspended={})
+        summary(q.store, by="colour", now=NOW, suspended={})
 
 
 # --- totals ---------------------------------------------------------------------------------
@@ -143,11 +162,11 @@ def test_totals(q: Q) -> None:
     q.add("a@x.test", "b@y.test")
     q.add(later("c@y.test", 100))
     q.add(later("d@z.test", 100), body=b"x" * 5000)
-    plain = qv.totals(q.store, NOW, {})
+    plain = totals(q.store, NOW, {})
     assert {k: plain[k] for k in ("messages", "units", "ready", "deferred", "suspended")} == {
         "messages": 3, "units": 4, "ready": 2, "deferred": 2, "suspended": 0}
     assert plain["bytes"] >= 5000
-    held = qv.totals(q.store, NOW, {"y.test": 1})
+    held = totals(q.store, NOW, {"y.test": 1})
     assert (held["ready"], held["deferred"], held["suspended"]) == (2, 2, 2)
 
 
@@ -157,7 +176,7 @@ def test_list_pages_see_every_message_once(q: Q) -> None:
     seen: list[str] = []
     after = ""
     for _ in range(10):
-        page = qv.list_messages(q.store, limit=5, after=after, suspended={})
+        page = list_messages(q.store, limit=5, after=after, suspended={})
         seen += [m["id"] for m in page["messages"]]
         after = page["next"]
         if not after:
@@ -168,7 +187,7 @@ def test_list_pages_see_every_message_once(q: Q) -> None:
 def test_list_exact_page_at_the_end_says_no_more(q: Q) -> None:
     for i in range(4):
         q.add(f"u{i}@x.test")
-    page = qv.list_messages(q.store, limit=4, suspended={})
+    page = list_messages(q.store, limit=4, suspended={})
     assert len(page["messages"]) == 4 and page["next"] == ""
 
 
@@ -176,7 +195,7 @@ def test_list_row_fields(q: Q) -> None:
     rec = q.add(Recipient("a@done.test", state=DELIVERED, attempts=1, last_reply="250 ok"),
                 later("b@y.test", 50, attempts=2, reply="451 later"),
                 later("c@z.test", 20, attempts=1, reply="452 full"), sender="S@x.org", age=9)
-    (row,) = qv.list_messages(q.store, suspended={})["messages"]
+    (row,) = list_messages(q.store, suspended={})["messages"]
     assert row == {
         "id": id_text(rec.id), "sender": "S@x.org", "received_at": NOW - 9, "size": len(BODY),
         "recipients": 3, "pending": 2, "domains": ["y.test", "z.test"], "state": "deferred",
@@ -191,7 +210,7 @@ def test_list_filters(q: Q) -> None:
     d = q.add(Recipient("y@one.test", state=DELIVERED), "z@four.test", sender="alice@x.org")
 
     def ids(**kw: object) -> list[bytes]:
-        page = qv.list_messages(q.store, suspended={"three.test": 1}, **kw)  # type: ignore[arg-type]
+        page = list_messages(q.store, suspended={"three.test": 1}, **kw)  # type: ignore[arg-type]
         return [bytes.fromhex(m["id"]) for m in page["messages"]]
 
     assert ids(domain="one.test") == [a.id, c.id]  # d's one.test recipient is delivered
@@ -213,7 +232,7 @@ def test_list_scan_budget_returns_next(q: Q, monkeypatch: pytest.MonkeyPatch) ->
     seen: list[bytes] = []
     after, calls = "", 0
     while True:
-        page = qv.list_messages(q.store, domain="hit.test", limit=50, after=after,
+        page = list_messages(q.store, domain="hit.test", limit=50, after=after,
                                 suspended={}, budget=3)
         calls += 1
         assert page["scanned"] <= 4  # the budget is checked after each page of 2
@@ -229,22 +248,22 @@ def test_list_budget_stops_early(q: Q, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mv, "RECORD_CHUNK", 4)
     for i in range(12):
         q.add(f"u{i}@miss.test")
-    page = qv.list_messages(q.store, domain="hit.test", suspended={}, budget=5)
+    page = list_messages(q.store, domain="hit.test", suspended={}, budget=5)
     assert page["messages"] == [] and page["scanned"] == 8 and page["next"]
-    rest = qv.list_messages(q.store, domain="hit.test", after=page["next"], suspended={})
+    rest = list_messages(q.store, domain="hit.test", after=page["next"], suspended={})
     assert rest["scanned"] == 4 and rest["next"] == ""
 
 
 def test_list_bad_after(q: Q) -> None:
     with pytest.raises(ValueError):
-        qv.list_messages(q.store, after="xyz", suspended={})
+        list_messages(q.store, after="xyz", suspended={})
 
 
 # --- show -----------------------------------------------------------------------------------------
 def test_show(q: Q) -> None:
     rec = q.add(Recipient("a@x.test", orcpt="rfc822;a@x.test", notify=("FAILURE", "DELAY")),
                 Recipient("b@y.test", state=DELIVERED, attempts=1, last_reply="250 ok"))
-    out = qv.show(q.store, rec.id, suspended={})
+    out = show(q.store, rec.id, suspended={})
     assert out is not None
     assert out["id"] == id_text(rec.id) and out["sender"] == "s@x.org" and out["state"] == "queued"
     assert out["recipients"][0] == {
@@ -254,7 +273,7 @@ def test_show(q: Q) -> None:
     assert out["recipients"][1]["state"] == "delivered" and out["recipients"][1]["next_attempt"] is None
     assert out["headers"] == [["Subject", "hello\tworld"], ["From", "A <a@x.org>"], ["X-Long", "one two"]]
     assert out["pending"] == 1 and out["domains"] == ["x.test"]
-    assert qv.show(q.store, b"\0" * 8, suspended={}) is None
+    assert show(q.store, b"\0" * 8, suspended={}) is None
 
 
 def test_parse_headers_edges() -> None:
@@ -289,7 +308,7 @@ def test_format_1_store_gets_arrival_values_on_open(tmp_path: Path) -> None:
         by_id = {k[10:18]: v for k, v in values.items()}
         assert all(by_id[r.id] == DUE_VALUE.pack(int(r.received_at)) for r in recs)
         assert reopened.get_control(b"nothing") is None
-        assert qv.summary(reopened, now=NOW, suspended={})["totals"]["units"] == 5
+        assert summary(reopened, now=NOW, suspended={})["totals"]["units"] == 5
     finally:
         reopened.close()
 
