@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 import uvloop
 
-from engine.config import parse_nameserver
 from engine.dns.cache import DnsCache
 from engine.dns.mx import Route, RouteError
 from engine.dns.resolver import Resolver, Status
@@ -210,16 +209,6 @@ def test_sync_server_thread() -> None:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             assert runner.run(asyncio.wait_for(lookup(), 10)) is Status.OK
         assert server.count("example.test", "MX") == 1
-
-
-def test_parse_nameserver() -> None:
-    assert parse_nameserver("192.0.2.1") == ("192.0.2.1", 53)
-    assert parse_nameserver("192.0.2.1:5353") == ("192.0.2.1", 5353)
-    assert parse_nameserver("2001:db8::1") == ("2001:db8::1", 53)
-    assert parse_nameserver("[2001:db8::1]:5353") == ("2001:db8::1", 5353)
-    for bad in ("ns.example:53", "192.0.2.1:99999", "[::1]", "192.0.2.1:"):
-        with pytest.raises(ValueError):
-            parse_nameserver(bad)
 
 
 # --- the cache --------------------------------------------------------------------

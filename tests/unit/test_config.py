@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from engine.config import ConfigError, RetrySchedule, decode_json, dump_toml, encode_json, from_dict, load
+from engine.config import (
+    ConfigError,
+    RetrySchedule,
+    decode_json,
+    dump_toml,
+    encode_json,
+    from_dict,
+    load,
+    parse_nameserver,
+)
 
 
 def test_retry_schedule_decoded_to_seconds() -> None:
@@ -53,3 +62,14 @@ def test_bad_nameserver_names_its_index(nameserver: str) -> None:
     with pytest.raises(ConfigError) as err:
         from_dict({"dns": {"nameservers": ["192.0.2.1", nameserver]}})
     assert str(err.value).startswith("dns.nameservers[1]: ")
+
+
+def test_parse_nameserver() -> None:
+    assert parse_nameserver("192.0.2.1") == ("192.0.2.1", 53)
+    assert parse_nameserver("192.0.2.1:5353") == ("192.0.2.1", 5353)
+    assert parse_nameserver("2001:db8::1") == ("2001:db8::1", 53)
+    assert parse_nameserver("[2001:db8::1]:5353") == ("2001:db8::1", 5353)
+    assert parse_nameserver("[fe80::1%eth0]:53") == ("fe80::1%eth0", 53)
+    for bad in ("ns.example:53", "192.0.2.1:99999", "[::1]", "192.0.2.1:", "192.0.2.1:0", "::1:53:x"):
+        with pytest.raises(ValueError):
+            parse_nameserver(bad)
