@@ -26,7 +26,7 @@ from engine.inbound.connection import InboundConnection
 from engine.inbound.sasl import AuthExchange
 from engine.observe import log
 from engine.queue.ids import id_text
-from engine.smtp.commands import Auth, Ehlo, Helo, Mail, Rcpt, StartTls
+from engine.smtp.commands import Auth, Command, Ehlo, Helo, Mail, Rcpt, StartTls
 from engine.smtp.events import (
     AuthResponse,
     AutoReply,
@@ -159,6 +159,9 @@ class SmtpServerProtocol(InboundConnection):
         self._write(out)
 
     def _run(self, out: list[bytes]) -> None:
+        # Dispatch on `kind = type(event)`: one call per event where a chain of
+        # isinstance() tests would cost several; mypy cannot narrow through `kind`,
+        # hence the `type: ignore`s here and in _command.
         session = self.session
         next_event = session.next_event
         while not self.closing:
@@ -186,7 +189,7 @@ class SmtpServerProtocol(InboundConnection):
                 self.close()
                 return
 
-    def _command(self, command: object, out: list[bytes]) -> bool:
+    def _command(self, command: Command, out: list[bytes]) -> bool:
         """Answer a command; False when processing must stop (a pending decision)."""
         session, policy = self.session, self.ctx.policy
         kind = type(command)
