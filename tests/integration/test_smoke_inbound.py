@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import smtplib
 
+import pytest
+
 from engine.queue.ids import id_bytes
 
 
@@ -31,9 +33,6 @@ def test_serve_process_accepts_mail(serve):
         errors = client.sendmail("a@example.com", ["b@example.org"], b"Subject: x\r\n\r\nhi\r\n")
         assert errors == {}
     assert proc.stop() == 0
-
-
-import pytest
 
 
 @pytest.mark.parametrize("durability", ["batch", "memory"])
