@@ -262,7 +262,8 @@ def _mx_answer(query: wire.MxQuery, delivery: Delivery | None) -> wire.AnyAnswer
         return wire.Refused(ask=query.ask, error="delivery is disabled")
     if query.flush:
         return wire.MxFlushed(ask=query.ask, flushed=delivery.mx_flush(query.domain))
-    return wire.MxEntries(ask=query.ask, entries=[delivery.mx(query.domain or "")])
+    entry = msgspec.convert(delivery.mx(query.domain or ""), wire.MxEntry)
+    return wire.MxEntries(ask=query.ask, entries=[entry])
 
 
 def worker_state(slot: int, runtime: WorkerRuntime) -> wire.State:

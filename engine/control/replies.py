@@ -4,8 +4,7 @@ Each encodes to one JSON object whose first field is "ok" (protocol.py): the fie
 names and their order are the wire format that `volley ctl --json` prints and the
 README documents ("Control socket"), so they change only together with those. The
 queue views (`queue_view`, `message_view`) build the parts defined here; what workers
-report (MX entries, pools) and the metrics snapshot travel as the plain objects their
-modules document.
+report comes as engine/control/wire.py defines it.
 
 The client does not decode into these types: it reads a reply as a plain object
 with `.get` (engine/control/render.py), so a server of another version that adds
@@ -15,12 +14,11 @@ or drops a field still prints.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from engine.control.wire import Backoff
+from engine.control.wire import Backoff, MxEntry
 
 
 class Reply(msgspec.Struct, kw_only=True):
@@ -211,7 +209,7 @@ class MxFlushed(Reply, kw_only=True):
 
 
 class MxEntries(Reply, kw_only=True):
-    entries: list[dict[str, Any]]  # engine.delivery.runtime.Delivery.mx
+    entries: list[MxEntry]
 
 
 class Metrics(Reply, kw_only=True):

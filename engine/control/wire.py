@@ -125,8 +125,24 @@ class MxFlushed(Answer, tag="mx_flushed"):
     flushed: int  # cache entries removed
 
 
+class MxHost(msgspec.Struct, kw_only=True, frozen=True):
+    name: str
+    preference: int
+    addresses: list[str]
+
+
+class MxEntry(msgspec.Struct, kw_only=True, frozen=True):
+    """What a worker's MX cache holds for a domain (engine.delivery.runtime.Delivery.mx)."""
+
+    domain: str
+    kind: str  # "route" (hosts in the order tried) | "error" (reply) | "none" (not cached)
+    hosts: list[MxHost]
+    reply: str
+    ttl: float  # seconds left
+
+
 class MxEntries(Answer, tag="mx_entries"):
-    entries: list[dict[str, Any]]  # engine.delivery.runtime.Delivery.mx, one per domain
+    entries: list[MxEntry]
 
 
 class Refused(Answer, tag="refused"):

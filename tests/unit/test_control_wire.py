@@ -28,7 +28,10 @@ FROM_WORKER = [
         sessions_in=2, connection_budget=wire.Budget(limit=10, used=1, waiting=0),
         backoffs=[wire.Backoff(site="mx.e.test", domains=["e.test"], until=5.0, reply="421 busy")])),
     wire.MxFlushed(ask=1, flushed=4),
-    wire.MxEntries(ask=2, entries=[{"domain": "f.test", "kind": "none"}]),
+    wire.MxEntries(ask=2, entries=[
+        wire.MxEntry(domain="f.test", kind="none", hosts=[], reply="", ttl=0.0),
+        wire.MxEntry(domain="g.test", kind="route", ttl=30.0, reply="",
+                     hosts=[wire.MxHost(name="mx.g.test", preference=10, addresses=["192.0.2.1"])])]),
     wire.Refused(ask=3, error="delivery is disabled"),
 ]
 
