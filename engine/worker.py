@@ -116,9 +116,7 @@ class WorkerRuntime:
     async def drain(self) -> None:
         """Stop accepting, end idle sessions, give busy ones the shutdown bound."""
         ctx = self.ctx
-        self.stop_accepting()
-        for proto in list(ctx.sessions):
-            proto.shutdown_if_idle()
+        self.stop_accepting()  # ends the idle sessions too
         loop = asyncio.get_running_loop()
         deadline = loop.time() + float(ctx.cfg.server.shutdown_timeout)
         while ctx.sessions and loop.time() < deadline:
