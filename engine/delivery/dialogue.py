@@ -14,9 +14,7 @@ Policy decisions, each a `SetupError` whose `reply` is the 4xx the jobs would ge
 - STARTTLS (RFC 3207) when offered and tls != "none". tls="required": no STARTTLS offered
   → 454 4.7.4; refused or failed handshake → 454 4.7.5. tls="opportunistic": a refused
   STARTTLS continues in plaintext on the same connection; a failed *handshake* leaves
-  the connection unusable, so `connect_route` reconnects once to the same address
-  without TLS and remembers the address (Postfix does the same for its "may" level:
-  opportunistic TLS must never make mail less deliverable than plaintext would).
+  the connection unusable: `connect.connect_route` reconnects once in plaintext.
 - AUTH (RFC 4954) only when `settings.auth_user` is set, and only under TLS: credentials
   are never sent in plaintext (454 4.7.4 instead). PLAIN preferred, else LOGIN. A 535
   (or any non-235) defers with 454 4.7.0 quoting the server: a credentials problem is

@@ -5,10 +5,10 @@ Theory of operation
 `connect.open_session` opens TCP and runs the setup dialogue (greeting, EHLO,
 STARTTLS, AUTH: `dialogue.setup`) on a `SetupConnection`, with one awaited reply at a
 time: it happens once per connection, so clarity beats speed there. Then a
-DeliverySession takes the transport over (`transport.set_protocol`). After that the session is
-callback-driven, like the inbound adapter: `data_received` parses every reply buffered,
-feeds each to the transaction at the head of `_inflight` and writes everything that
-produced in ONE write (house rule 5).
+DeliverySession takes the transport over (`transport.set_protocol`) and is
+callback-driven from there, like the inbound adapter: `data_received` parses every
+reply buffered, feeds each to the transaction at the head of `_inflight` and writes
+everything that produced in ONE write (house rule 5).
 
 Work arrives by pull: whenever the session can start a transaction it asks `_pull()`
 for one, from its own queue (`run`/`run_many`) or from its owner (the `SitePool`).
@@ -23,8 +23,9 @@ chained one is aborted and the connection closed, as client.py requires.
 Deadlines (house rule 8): one per session, `_deadline`, set at every write to now + the
 sum of the timeouts of every reply still awaited (RFC 5321 §4.5.3.2 per phase; the
 end-of-data wait also gets one data-block allowance for sending the body). One
-`loop.call_at` timer re-arms itself lazily (deadline.py), so a write costs no timer churn. Idle, the
-same timer enforces `idle_timeout` (then QUIT); quitting, `timeouts.quit`.
+`loop.call_at` timer re-arms itself lazily (deadline.py), so a write costs no timer
+churn. Idle, the same deadline enforces `idle_timeout` (then QUIT); quitting,
+`timeouts.quit`.
 
 Every job handed to the session gets exactly one result: a finished transaction's
 outcomes, or on timeout / protocol error / lost connection the transaction's `abort`
