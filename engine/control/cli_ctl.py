@@ -65,7 +65,7 @@ def _common(p: argparse.ArgumentParser, top: bool) -> None:
 
     Below the command they default to SUPPRESS so they never overwrite what was given
     before it."""
-    unset: Any = None if top else argparse.SUPPRESS
+    unset: str | None = None if top else argparse.SUPPRESS
     p.add_argument("-c", "--config", metavar="FILE", default=unset,
                    help="take control.socket from this file")
     p.add_argument("--socket", metavar="PATH", default=unset,
