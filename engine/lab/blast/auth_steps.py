@@ -24,12 +24,11 @@ class AuthSteps:
 
     if TYPE_CHECKING:  # provided by BlastConnection
         s: Shared
-        authed: bool
 
         def _write(self, data: bytes) -> None: ...
         def _expect(self, n: int, handler: Callable[[list[tuple[int, bytes]]], None]) -> None: ...
         def _give_up(self, kind: str) -> None: ...
-        def _next_message(self) -> None: ...
+        def _authenticated(self) -> None: ...
 
     def _authenticate(self, ehlo: bytes) -> None:
         auth = self.s.auth
@@ -65,5 +64,4 @@ class AuthSteps:
         code = r[0][0]
         if code != 235:
             return self._give_up(f"auth {code}")
-        self.authed = True
-        self._next_message()
+        self._authenticated()

@@ -168,6 +168,11 @@ class BlastConnection(AuthSteps, asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def _authenticated(self) -> None:
+        """AUTH succeeded (235): the connection may send its messages now."""
+        self.authed = True
+        self._next_message()
+
     def expire(self) -> None:
         self._fail("timeout")
 
@@ -243,7 +248,7 @@ class BlastConnection(AuthSteps, asyncio.Protocol):
                 self.transport.abort()
             self._end(None)
             return
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport
         self.tls = True
         self._write(f"EHLO {HELO_NAME}\r\n".encode())
         self._expect(1, self._on_ehlo)

@@ -151,6 +151,11 @@ def _percentiles(samples: list[float]) -> Latency:
     return Latency(p50=rank(0.50), p90=rank(0.90), p99=rank(0.99), max=1000.0 * ordered[-1])
 
 
+def _factory(conn: BlastConnection) -> Callable[[], BlastConnection]:
+    """The protocol factory create_connection wants, for a connection built beforehand."""
+    return lambda: conn
+
+
 async def _session(shared: Shared, options: BlastOptions) -> None:
     """Open connections one after another until the run has no messages left."""
     loop = shared.loop
@@ -163,7 +168,7 @@ async def _session(shared: Shared, options: BlastOptions) -> None:
         conn = BlastConnection(shared, done, quota)
         try:
             await asyncio.wait_for(
-                loop.create_connection(lambda conn=conn: conn, options.host, options.port),
+                loop.create_connection(_factory(conn), options.host, options.port),
                 options.timeout,
             )
         except (TimeoutError, OSError) as err:

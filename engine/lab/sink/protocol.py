@@ -355,7 +355,7 @@ class SinkProtocol(asyncio.Protocol):
                 self.transport.abort()
             return
         # RFC 3207 §4.2: forget everything learnt before the handshake.
-        self.transport = new  # type: ignore[assignment]
+        self.transport = new
         self.tls = True
         self.authed = False
         self._reset()
