@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench soak clean install bench-peers
+.PHONY: run test lint bench soak clean install bench-peers
 
 # The stamp depends on pyproject.toml, so a changed dependency list reinstalls and an
 # unchanged one costs nothing.
@@ -19,8 +19,13 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/volley serve
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -q tests
+
+# Style and types: ruff over every Python tree, mypy (strict) over the engine.
+lint: $(STAMP)
+	$(BIN)/ruff check engine tests bench tools
+	$(BIN)/mypy
 
 # The whole loop on loopback (lab DNS, sinks, `volley serve`, blast) and a one-screen report.
 .PHONY: demo

@@ -1,4 +1,6 @@
-"""Profile the inbound path in one process: `python tools/profile_inbound.py [--null-commit] [--durability memory|fsync|batch] [--cprofile]`.
+"""Profile the inbound path in one process.
+
+    python tools/profile_inbound.py [--null-commit] [--durability memory|fsync|batch] [--cprofile]
 
 Runs one worker's inbound stack (protocol + machine + committer) on uvloop in this
 process, drives it with `python -m engine.lab.blast` in a child process, and prints the
@@ -22,16 +24,27 @@ from engine import config as config_mod
 from engine.inbound.context import WorkerContext
 from engine.inbound.protocol import SmtpServerProtocol
 from engine.queue.commit import Committer
+from engine.queue.committer import Callback, CommitStats, Op, QueueCommitter
 from engine.queue.ids import IdAllocator
 from engine.queue.store import QueueStore
 
 
 class NullCommitter:
+    """A QueueCommitter that stores nothing: every op "commits" on the next loop turn."""
+
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self.stats = CommitStats()
+        self.panicked = False
 
-    def submit(self, op, callback) -> None:  # type: ignore[no-untyped-def]
+    def start(self) -> None:
+        pass
+
+    def submit(self, op: Op, callback: Callback) -> None:
         self.loop.call_soon(callback, None)
+
+    async def stop(self) -> None:
+        pass
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -39,10 +52,11 @@ async def main(args: argparse.Namespace) -> None:
     tmp = tempfile.mkdtemp()
     cfg = config_mod.from_dict({"queue": {"path": tmp + "/q", "durability": args.durability}})
     store = QueueStore(cfg.queue.path, map_size=8 << 30, durability=args.durability)
-    committer = NullCommitter(loop) if args.null_commit else Committer(store, loop, durability=args.durability)
+    committer: QueueCommitter = (NullCommitter(loop) if args.null_commit
+                                 else Committer(store, loop, durability=args.durability))
     if not args.null_commit:
         committer.start()
-    ctx = WorkerContext(cfg, loop, committer, IdAllocator(store.next_boot()), workers=1)  # type: ignore[arg-type]
+    ctx = WorkerContext(cfg, loop, committer, IdAllocator(store.next_boot()), workers=1)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(1024)
@@ -65,7 +79,9 @@ async def main(args: argparse.Namespace) -> None:
     server.close()
     stats = getattr(committer, "stats", None)
     if stats is not None:
-        print(f"commit batches {stats.batches}, ops {stats.ops}, mean batch {stats.ops / max(1, stats.batches):.1f}, largest {stats.largest_batch}")
+        mean = stats.ops / max(1, stats.batches)
+        print(f"commit batches {stats.batches}, ops {stats.ops}, mean batch {mean:.1f}, "
+              f"largest {stats.largest_batch}")
     if prof:
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 

@@ -185,7 +185,7 @@ class MemoryTlsSocket:
                     self.raw.sendall(pending)
                 chunk = self.raw.recv(65536)
                 if not chunk:
-                    raise ConnectionClosedError("server closed during the TLS handshake")
+                    raise ConnectionClosedError("server closed during the TLS handshake") from None
                 self.inc.write(chunk)
         # Handshake done on our side: Finished is in `out`, not yet sent.
         if first:

@@ -111,7 +111,8 @@ def test_kill_9_both_workers_mid_delivery_loses_nothing(serve, peers, dns_zone):
         kill_worker(server, slot, pids[slot])
         kills += 1
         # The replacement picks the same deliveries up again (they stayed due).
-        wait_until(lambda: held_for(doms[slot]) > before, 30, f"worker {slot} redelivers")
+        wait_until(lambda slot=slot, before=before: held_for(doms[slot]) > before, 30,
+                   f"worker {slot} redelivers")
 
     released.set()
 
