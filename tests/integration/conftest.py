@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import trustme
 
+from engine.lab.dns import DnsServerThread
 from tests.integration.harness import InboundServer, LoopThread, ServeProcess
-from tests.peers.dns_server import DnsServerThread
 
 
 @pytest.fixture

@@ -25,11 +25,11 @@ from typing import Any
 import orjson
 import pytest
 
+from engine.lab.sink.protocol import Sink, start_sink
 from engine.queue.ids import id_text
 from engine.queue.records import MessageRecord
 from tests.integration.harness import InboundServer, merge, wait_until
 from tests.integration.smtp_client import RawSmtp, queue_id
-from tests.peers.smtp_sink import Sink, start_sink
 
 HOME = "home.test"  # the senders' domain: DSNs go to its MX
 SENDER = f"alice@{HOME}"

@@ -17,7 +17,7 @@ import uvloop
 from engine.lab.blast.cli import build_parser, options_from_args
 from engine.lab.blast.message import make_message
 from engine.lab.blast.run import BlastOptions, Report, run
-from tests.peers.smtp_sink import Sink, start_sink
+from engine.lab.sink.protocol import Sink, start_sink
 
 T = TypeVar("T")
 _DEADLINE = 10.0  # generous per test; each normally takes well under a second

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.inbound.users import set_user
+from engine.lab.sink.protocol import Sink, start_sink
 from tests.integration.harness import REPO, LoopThread, ServeProcess
 from tests.integration.test_blast import _rcpt_and_end_refusals
-from tests.peers.smtp_sink import Sink, start_sink
 
 TIMEOUT = 60
 

@@ -18,8 +18,8 @@ import pytest
 
 from engine.lab.blast.message import UNIFORM_STEPS
 from engine.lab.blast.run import BlastOptions, Progress, Report, run
+from engine.lab.sink.protocol import Sink, start_sink
 from tests.integration.test_blast import _against_server, _blast_raw, _run
-from tests.peers.smtp_sink import Sink, start_sink
 
 
 def _against(sink_kw: dict[str, object], **options: object) -> tuple[Sink, Report]:

@@ -13,10 +13,10 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.lab.sink.protocol import start_sink
 from tests.integration.control_helpers import ask, ctl, ctl_json, relay_overrides
 from tests.integration.harness import wait_until
 from tests.integration.relay_helpers import HOME, HOME_IP, body, rcpt_of, send_many, tag_of
-from tests.peers.smtp_sink import start_sink
 
 A_IP, B_IP = "127.0.0.2", "127.0.0.3"
 WAIT = 40.0

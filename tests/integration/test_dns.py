@@ -1,4 +1,4 @@
-"""engine/dns against a real DNS server on loopback (tests/peers/dns_server.py).
+"""engine/dns against a real DNS server on loopback (engine/lab/dns.py).
 
 Each test runs on its own uvloop loop under a hard deadline (`run`). Time inside the
 cache is a fake clock the test advances, so TTL tests never sleep; the only real wait is
@@ -19,7 +19,7 @@ import uvloop
 from engine.dns.cache import DnsCache
 from engine.dns.mx import Route, RouteError
 from engine.dns.resolver import Resolver, Status
-from tests.peers.dns_server import DnsServer, DnsServerThread, start_dns_server
+from engine.lab.dns import DnsServer, DnsServerThread, start_dns_server
 
 ZONE: dict[str, Any] = {
     "example.test": {"MX": [(10, "mx1.example.test"), (10, "mx2.example.test")], "TTL": 300},

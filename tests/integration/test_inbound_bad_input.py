@@ -1,4 +1,4 @@
-"""Hostile and broken input on real sockets (RELIABILITY findings 1-3, P5, P6, P8):
+"""Hostile and broken input on real sockets (P5, P6, P8):
 overlong lines, bare CR/LF smuggling, NUL and 8-bit bytes, STARTTLS injection."""
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from engine.delivery.job import PoolSettings
 from engine.delivery.pool import SitePool
 from engine.delivery.pool_manager import PoolManager
 from engine.dns.mx import Route
+from engine.lab.sink.protocol import NO_REPLY
 from tests.integration.test_session import (
     LOCAL_ROUTE,
     Results,
@@ -27,7 +28,6 @@ from tests.integration.test_session import (
     settings_for,
     sink_at,
 )
-from tests.peers.smtp_sink import NO_REPLY
 
 
 def make_pool(settings: PoolSettings, r: Route = LOCAL_ROUTE, t: float = 2.0) -> SitePool:

@@ -8,7 +8,7 @@ import asyncio
 from engine.delivery.budget import ConnectionBudget
 from engine.delivery.pool_manager import PoolManager
 from engine.dns.mx import Route, RouteHost, address_key
-from engine.lab.sink.protocol import start_sinks
+from engine.lab.sink.protocol import NO_REPLY, start_sinks
 from tests.integration.test_pool import free_port
 from tests.integration.test_session import (
     _OPEN,
@@ -20,7 +20,6 @@ from tests.integration.test_session import (
     settings_for,
     sink_at,
 )
-from tests.peers.smtp_sink import NO_REPLY
 
 
 def named_route(domain: str, mx: str, ip: str) -> Route:

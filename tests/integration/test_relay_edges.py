@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine.lab.sink.protocol import NO_REPLY
 from tests.integration.harness import InboundServer, merge, wait_until
 from tests.integration.relay_helpers import (
     FAST,
@@ -22,7 +23,6 @@ from tests.integration.relay_helpers import (
     send_many,
     tag_of,
 )
-from tests.peers.smtp_sink import NO_REPLY
 
 ZONE = {
     "dest.test": {"MX": [(10, "mx.dest.test")]},
@@ -41,7 +41,8 @@ def test_message_over_the_remote_size_limit_bounces_without_sending(lab: Lab):
     home = lab.home_sink()
     lab.zone(ZONE)
     lab.start()
-    qid = lab.send(["bob@dest.test"], body("big", extra="X-Pad: " + "x" * 900 + "\r\n" + "X-Pad2: " + "y" * 900 + "\r\n"))
+    pad = "X-Pad: " + "x" * 900 + "\r\n" + "X-Pad2: " + "y" * 900 + "\r\n"
+    qid = lab.send(["bob@dest.test"], body("big", extra=pad))
     [line] = lab.wait_log(lambda e: e["id"] == qid)
     assert line["outcome"] == "bounced" and line["enhanced"].startswith("5.3."), line
     lab.wait_sink(home, 1)

@@ -14,10 +14,10 @@ from collections import Counter as Tally
 from typing import Any
 
 from engine import config as config_mod
+from engine.lab.sink.protocol import NO_REPLY, start_sink
 from engine.queue.store import QueueStore, stable_shard
 from tests.integration.harness import ServeProcess, wait_until
 from tests.integration.relay_helpers import body, rcpt_of, send, send_many, tag_of
-from tests.peers.smtp_sink import NO_REPLY, start_sink
 
 EVENT_TIMEOUT = 30.0
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import smtplib
 
+from engine.lab.sink.protocol import start_sink
 from tests.integration.harness import wait_until
-from tests.peers.smtp_sink import start_sink
 
 
 def test_message_relayed_via_mx(inbound, peers, dns_zone):

@@ -24,8 +24,8 @@ from engine.delivery.dialogue import SetupError
 from engine.delivery.job import Job, JobResult, PoolSettings
 from engine.delivery.session import DeliverySession
 from engine.dns.mx import Route, RouteHost
+from engine.lab.sink.protocol import NO_REPLY, Sink, start_sink
 from engine.queue.records import MessageRecord, Recipient
-from tests.peers.smtp_sink import NO_REPLY, Sink, start_sink
 
 T = TypeVar("T")
 DEADLINE = 10.0

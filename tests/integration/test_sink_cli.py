@@ -257,8 +257,8 @@ def test_bad_rates_and_busy_address_fail_cleanly(sinks: Any) -> None:
 
 
 def test_bench_mode_reports_targets_and_exits_when_stdin_closes(sinks: Any) -> None:
-    # bench/relay_peers.py starts the sink so: `python -m tests.peers.smtp_sink sink ...`
-    sink = sinks("--targets-from-stdin", module=["-m", "tests.peers.smtp_sink", "sink"])
+    # bench/relay_peers.py starts the sink so: `python -m engine.lab.sink --json --no-starttls ...`
+    sink = sinks("--targets-from-stdin", module=["-m", "engine.lab.sink", "--json", "--no-starttls"])
     assert sink.ready["starttls"] is False  # the benchmark destination stays plaintext
     assert sink.proc.stdin is not None
     sink.proc.stdin.write("2\n")

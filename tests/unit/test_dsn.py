@@ -36,10 +36,12 @@ def record(**kw: object) -> MessageRecord:
     return r
 
 
-def build(r: MessageRecord, entries: list[tuple[Recipient, Reply, str]] | None = None, original: bytes = ORIGINAL, **kw: object) -> bytes | None:
+def build(r: MessageRecord, entries: list[tuple[Recipient, Reply, str]] | None = None,
+          original: bytes = ORIGINAL, **kw: object) -> bytes | None:
     if entries is None:
         entries = [(r.recipients[0], UNKNOWN, "failed")]
-    args: dict[str, object] = {"reporting_mta": "relay.example.net", "now": T0 + 3600, "message_id": "dsn1@relay.example.net"}
+    args: dict[str, object] = {"reporting_mta": "relay.example.net", "now": T0 + 3600,
+                               "message_id": "dsn1@relay.example.net"}
     args.update(kw)
     return build_dsn(r, original, entries, **args)  # type: ignore[arg-type]
 
@@ -251,7 +253,8 @@ def test_smtputf8_keeps_addresses() -> None:
     # email.message_from_bytes reads 8-bit headers as surrogates; parse the UTF-8 text
     text_msg = email.message_from_string(raw.decode("utf-8"), policy=email.policy.default)
     assert text_msg["To"].addresses[0].addr_spec == "expéditeur@exemple.fr"
-    assert [p.get_content_type() for p in parts(msg)][1:] == ["message/global-delivery-status", "message/global-headers"]
+    assert [p.get_content_type() for p in parts(msg)][1:] == [
+        "message/global-delivery-status", "message/global-headers"]
     assert "Final-Recipient: utf-8; 用户@例子.中国".encode() in raw
 
 

@@ -32,7 +32,8 @@ R421 = Reply(421, "4.7.0", "too many connections")
 
 
 def rec(n: int = 3, received: float = T0) -> MessageRecord:
-    return MessageRecord(b"\x01\x02", "sender@example.org", [Recipient(f"r{i}@example.com") for i in range(n)], received, 100)
+    recipients = [Recipient(f"r{i}@example.com") for i in range(n)]
+    return MessageRecord(b"\x01\x02", "sender@example.org", recipients, received, 100)
 
 
 @pytest.mark.parametrize(

@@ -549,7 +549,7 @@ def test_long_data_line(length: int) -> None:
     assert messages(result) == [MessageReceived(b"ok\r\n", chunked=False)]
 
 
-# === smuggling (RELIABILITY finding 3, P5) ===========================================================
+# === smuggling (P5) ===========================================================
 SMUGGLED = b"MAIL FROM:<evil@attacker.example>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nspoofed\r\n"
 
 
@@ -589,7 +589,7 @@ def test_bare_cr_or_lf_in_bdat_is_refused(bare: bytes) -> None:
     assert reply_of(result) == (550, "5.6.0")
 
 
-# === overlong command lines (RELIABILITY finding 2) ============================================
+# === overlong command lines ============================================
 @pytest.mark.parametrize("tail", [b"BBBB\r\n", b"QUIT\r\n", b"MAIL FROM:<x@y.example>\r\n", b"\r\n"])
 def test_overlong_line_tail_is_never_a_command(tail: bytes) -> None:
     session = session_in(State.READY)
@@ -623,7 +623,7 @@ def test_line_length_boundary(pieces: str) -> None:
     assert codes(drive_pieces(session, feed)) == [250, 500, 250]
 
 
-# === STARTTLS (RELIABILITY finding 1, P6) ======================================================
+# === STARTTLS (P6) ======================================================
 def starttls_session(pipelined: bytes = b"") -> tuple[ServerSession, CommandReceived]:
     session = session_in(State.READY)
     session.receive_data(b"STARTTLS\r\n" + pipelined)

@@ -1,4 +1,4 @@
-"""engine.inbound.session_io: the inbound decisions as plain functions over session
+"""engine.inbound.decisions: the inbound decisions as plain functions over session
 facts (a real ServerSession driven by bytes, a real ListenerConfig), no sockets."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from engine.config import ListenerConfig
-from engine.inbound import session_io
-from engine.inbound.session_io import ReceivedHeader
+from engine.inbound import decisions
+from engine.inbound.decisions import ReceivedHeader
 from engine.smtp.commands import Ehlo, Helo
 from engine.smtp.replies import (
     R235_AUTH_OK,
@@ -24,7 +24,7 @@ STARTTLS_OPTIONAL_AUTH = ListenerConfig(tls="starttls", auth="optional")
 
 
 def _ehlo(listener: ListenerConfig, *, tls_active: bool, tls_available: bool) -> tuple[str, ...]:
-    reply = session_io.greeting_reply(
+    reply = decisions.greeting_reply(
         Ehlo("client.example"),
         hostname="mx.example",
         max_message_size=1000,
@@ -46,7 +46,7 @@ def _transaction(session: ServerSession, *rcpts: str, mail: str = "MAIL FROM:<a@
 
 
 def test_helo_is_one_line_with_the_hostname() -> None:
-    reply = session_io.greeting_reply(
+    reply = decisions.greeting_reply(
         Helo("client.example"), hostname="mx.example", max_message_size=1000,
         listener=ListenerConfig(), tls_active=False, tls_available=False,
     )
@@ -87,13 +87,13 @@ def test_auth_is_offered_under_tls_or_when_plaintext_is_allowed() -> None:
     ],
 )
 def test_auth_refusal(listener: ListenerConfig, tls_active: bool, mechanism: str, expected: object) -> None:
-    assert session_io.auth_refusal(listener, tls_active, mechanism) == expected
+    assert decisions.auth_refusal(listener, tls_active, mechanism) == expected
 
 
 def test_auth_result_counts_failures_up_to_the_limit() -> None:
-    assert session_io.auth_result(True, 2, 3) is R235_AUTH_OK
-    assert session_io.auth_result(False, 2, 3) is R535_AUTH_FAILED
-    assert session_io.auth_result(False, 3, 3) is R421_AUTH_FAILURES
+    assert decisions.auth_result(True, 2, 3) is R235_AUTH_OK
+    assert decisions.auth_result(False, 2, 3) is R535_AUTH_FAILED
+    assert decisions.auth_result(False, 3, 3) is R421_AUTH_FAILURES
 
 
 # --- the Received: header and the queue record ------------------------------------
@@ -134,14 +134,14 @@ def test_received_header_protocol_for_smtputf8() -> None:
 def test_hop_count_looks_at_the_header_section_only() -> None:
     content = (b"Received: from a\r\nSubject: x\r\nreceived: from b\r\n\r\n"
                b"Received: in the body, not counted\r\n")
-    assert session_io.hop_count(content) == 2
-    assert session_io.hop_count(b"Subject: x\r\n\r\nbody\r\n") == 0
+    assert decisions.hop_count(content) == 2
+    assert decisions.hop_count(b"Subject: x\r\n\r\nbody\r\n") == 0
 
 
 def test_queue_record_carries_the_envelope_and_session_facts() -> None:
     session = new_session()
     _transaction(session, "b@example.org", mail="MAIL FROM:<a@example.com> RET=HDRS ENVID=xyz")
-    record = session_io.queue_record(b"\0" * 8, session, 1234, "192.0.2.1")
+    record = decisions.queue_record(b"\0" * 8, session, 1234, "192.0.2.1")
     assert record.sender == "a@example.com"
     assert [r.address for r in record.recipients] == ["b@example.org"]
     assert (record.size, record.client_ip, record.helo) == (1234, "192.0.2.1", "client.example")
