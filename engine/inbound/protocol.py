@@ -10,7 +10,7 @@ hands a finished message to the queue committer and answers when the commit
 completes, and runs the STARTTLS and AUTH exchanges. Its base, connection.py's
 InboundConnection, does flow control, writes, the deadline and ending. What to answer
 (EHLO's extensions, AUTH refusals) and what to store (the Received: header, the
-queue record) are session_io's functions over plain facts; SASL is sasl.py's.
+queue record) are functions over plain facts in decisions.py; SASL is sasl.py's.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import ssl
 from typing import TYPE_CHECKING
 
 from engine.errors import VolleyError
-from engine.inbound import session_io, tls
+from engine.inbound import decisions, tls
 from engine.inbound.connection import InboundConnection
 from engine.inbound.sasl import AuthExchange
 from engine.observe import log
@@ -76,7 +76,7 @@ class SmtpServerProtocol(InboundConnection):
         self.auth_failures = 0
         self.auth_state: AuthExchange | None = None
         self.tls_version = ""
-        self._received = session_io.ReceivedHeader()
+        self._received = decisions.ReceivedHeader()
         self._greeting_handle: asyncio.TimerHandle | None = None
 
     # --- connection lifecycle ------------------------------------------------------
@@ -208,7 +208,7 @@ class SmtpServerProtocol(InboundConnection):
             out.append(session.send(reply or R250_SENDER_OK))
         elif isinstance(command, (Ehlo, Helo)):
             ctx = self.ctx
-            reply = session_io.greeting_reply(
+            reply = decisions.greeting_reply(
                 command,
                 hostname=ctx.hostname,
                 max_message_size=policy.max_message_size,
@@ -232,7 +232,7 @@ class SmtpServerProtocol(InboundConnection):
         self.deadline = math.inf  # our own commit time never counts against the client
         ctx = self.ctx
         content = event.content
-        if session_io.hop_count(content) >= ctx.cfg.limits.max_hops:
+        if decisions.hop_count(content) >= ctx.cfg.limits.max_hops:
             # RFC 5321 §6.3: a message that has passed this many relays is looping
             # somewhere our MX check cannot see (Postfix: hopcount_limit, 50).
             self._decided(R554_TOO_MANY_HOPS)
@@ -248,7 +248,7 @@ class SmtpServerProtocol(InboundConnection):
                 session, self.client_ip, ctx.hostname, self.tls_version, msg_id
             )
             body = header + content
-            record = session_io.queue_record(raw_id, session, len(body), self.client_ip)
+            record = decisions.queue_record(raw_id, session, len(body), self.client_ip)
             ctx.committer.submit(
                 lambda txn: txn.put_message(record, body),
                 lambda result: self._committed(result, msg_id, len(body)),
@@ -326,7 +326,7 @@ class SmtpServerProtocol(InboundConnection):
 
     # --- AUTH (RFC 4954) -------------------------------------------------------------
     def _auth_start(self, command: Auth, out: list[bytes]) -> bool:
-        reply = session_io.auth_refusal(self.listener, self.session.tls_active, command.mechanism)
+        reply = decisions.auth_refusal(self.listener, self.session.tls_active, command.mechanism)
         if reply is not None:
             out.append(self.session.send(reply))
             return True
@@ -355,7 +355,7 @@ class SmtpServerProtocol(InboundConnection):
             self.session.authenticated(user)
         else:
             self.auth_failures += 1
-        reply = session_io.auth_result(ok, self.auth_failures, self.ctx.cfg.limits.max_auth_failures)
+        reply = decisions.auth_result(ok, self.auth_failures, self.ctx.cfg.limits.max_auth_failures)
         if reply.code == 421:
             self.busy = False
             self._write([self.session.send(reply)])
