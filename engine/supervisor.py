@@ -2,11 +2,11 @@
 
 Workers are started by fork + exec (`python -m engine.worker`) with the listening
 sockets inherited, rather than by a bare fork: a child then never inherits an event
-loop, threads or an LMDB environment from us (RELIABILITY finding 9), and the
+loop, threads or an LMDB environment from us, and the
 supervisor may itself open the queue for the control socket later.
 
 Each (listener, worker) pair gets its own socket bound with SO_REUSEPORT, so the
-kernel spreads new connections evenly over workers (PERFORMANCE finding 4: one shared
+kernel spreads new connections evenly over workers (measured: one shared
 accept socket split persistent sessions 20,000 to 0). The supervisor keeps every
 socket open, so connections that reach a dead worker's socket wait in its backlog
 until the restart instead of being refused.

@@ -2,7 +2,7 @@
 
 The supervisor execs us (fork + exec, never a bare fork) with the listening sockets
 and one end of a control socketpair inherited. Only here, after the exec, is LMDB
-opened (RELIABILITY finding 9), so the supervisor stays free to open it too.
+opened, so the supervisor stays free to open it too.
 
 Control channel: one JSON line per message, the typed messages of
 engine/control/wire.py: `Start` first, then orders (reload, stop, drain, holds, flush,

@@ -1,4 +1,4 @@
-"""A private Postfix instance for bench/run.py: a relay on loopback, as /work/shared/PEERS.md.
+"""A private Postfix instance for bench/run.py: a relay on loopback, measured the same way as Volley.
 
 main.cf and master.cf are generated (never appended: a key set twice wedged an
 instance) in a fresh directory, with the queue, data directory and log file beside them;

@@ -56,7 +56,7 @@ def classify(reply: Reply) -> Verdict:
 # - lost: connection dropped or reset mid-session: RFC 5321 §3.8 says treat it
 #   "as if a 451 response had been received"; 4.4.2 "Bad connection".
 # - dns: SERVFAIL / timeout: 4.4.3 "Directory server failure" — defer, never bounce
-#   (RELIABILITY finding 10, P11).
+#   (P11).
 # - route: MX-to-self with a better but unusable MX: 4.4.4 "Unable to route" (P11).
 # - tls_required: policy requires TLS and the host does not offer STARTTLS:
 #   454 (RFC 3207 §4) with 4.7.4 "Security features not supported".

@@ -12,7 +12,7 @@ everything that produced in ONE write (house rule 5).
 
 Work arrives by pull: whenever the session can start a transaction it asks `_pull()`
 for one, from its own queue (`run`/`run_many`) or from its owner (the `SitePool`).
-Chaining (RFC 2920 §3.1, PERFORMANCE finding 2): when a reply makes the head
+Chaining (RFC 2920 §3.1): when a reply makes the head
 transaction send its body (after 354) or its BDAT LAST chunk, so that only the
 end-of-data reply is still awaited, the session pulls the next job at once and appends
 that transaction's MAIL/RCPT.../DATA to the same write. Replies are matched in order:

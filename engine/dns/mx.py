@@ -6,7 +6,7 @@ treat the domain itself as the only MX ("implicit MX"); if this relay is one of 
 MX hosts, discard every record at its own preference or worse. RFC 7505 adds the null
 MX ("0 .") by which a domain says it takes no mail.
 
-Which outcomes bounce and which defer is RELIABILITY promise P11: DNS *facts* (NXDOMAIN,
+Which outcomes bounce and which defer is promise P11 of the README: DNS *facts* (NXDOMAIN,
 NODATA, null MX, a loop to ourselves) bounce; DNS *failures* (SERVFAIL, timeout) defer
 with 4.4.3 and never fall back to A records, since a failed MX lookup says nothing
 about whether MX records exist.

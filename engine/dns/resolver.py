@@ -1,6 +1,6 @@
 """A thin async wrapper over dnspython that turns every DNS outcome into a value.
 
-Delivery must tell DNS *facts* from DNS *failures* (RELIABILITY finding 10, promise P11):
+Delivery must tell DNS *facts* from DNS *failures* (the README's promise P11):
 NXDOMAIN and NODATA are answers a zone gave us and may bounce mail; SERVFAIL and a
 timeout say nothing about the zone and must only defer it. dnspython reports these as
 a mix of return values and exceptions; this module folds them into one `Answer` with a

@@ -21,7 +21,7 @@ Which command is legal in which state is the table `ALLOWED` in sequence.py, and
 nothing else; a pair missing from it is answered 503 5.5.1.
 
 Input is bounded: a command line longer than 512 octets is discarded up to its real
-CRLF (never re-read as a new command: RELIABILITY finding 2), and message content
+CRLF (never re-read as a new command), and message content
 beyond the size limit is discarded while the terminator is still looked for.
 """
 
