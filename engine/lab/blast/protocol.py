@@ -26,17 +26,14 @@ import time
 from collections.abc import Callable
 
 from engine.lab.blast.auth_steps import AuthSteps
+from engine.lab.blast.lockstep import LockStepSteps, positive
 from engine.lab.blast.message import HELO_NAME
 from engine.lab.blast.shared import UNLIMITED_QUOTA, Shared
 
 __all__ = ["BlastConnection"]
 
 
-def _positive(code: int) -> bool:
-    return 200 <= code < 300
-
-
-class BlastConnection(AuthSteps, asyncio.Protocol):
+class BlastConnection(AuthSteps, LockStepSteps, asyncio.Protocol):
     """One SMTP client connection: EHLO once, messages until told to stop, QUIT.
 
     Each step sets `need` (replies to wait for) and `handler` (called with them), so
@@ -299,7 +296,7 @@ class BlastConnection(AuthSteps, asyncio.Protocol):
 
     def _on_pipelined(self, r: list[tuple[int, bytes]]) -> None:
         mail, data = r[0][0], r[-1][0]
-        if not _positive(mail):
+        if not positive(mail):
             self._finish(mail, False)  # RCPT/DATA got 503s: nothing more to count
             if data == 354:  # a broken server opened DATA anyway: close it empty
                 self.rset = True
@@ -311,7 +308,7 @@ class BlastConnection(AuthSteps, asyncio.Protocol):
         ok, first_bad = 0, 0
         refused = self.s.rcpt_refused
         for code, _ in r[1:-1]:
-            if _positive(code):
+            if positive(code):
                 ok += 1
             else:
                 refused[code] = refused.get(code, 0) + 1
@@ -357,7 +354,7 @@ class BlastConnection(AuthSteps, asyncio.Protocol):
     def _on_final(self, r: list[tuple[int, bytes]]) -> None:
         code = r[0][0]
         self.s.latencies.append(time.perf_counter() - self.t_data_end)
-        self._finish(code, _positive(code))
+        self._finish(code, positive(code))
         nxt = self.chained
         if nxt < 0:
             self._next_message()
@@ -371,52 +368,6 @@ class BlastConnection(AuthSteps, asyncio.Protocol):
         # The chained group's replies follow (typically already in this read); from here
         # on it is an ordinary pipelined transaction, refusals and RSET included.
         self._expect(self.s.recipients + 2, self._on_pipelined)
-
-    # -- lock-step transaction ------------------------------------------------------
-
-    def _send_mail(self) -> None:
-        self._write(self.s.blocks[self.ticket % len(self.s.blocks)][0])
-        self._expect(1, self._on_mail)
-
-    def _on_mail(self, r: list[tuple[int, bytes]]) -> None:
-        code = r[0][0]
-        if not _positive(code):
-            self._finish(code, False)
-            self._next_message()
-            return
-        self.rcpt_ok, self.rcpt_first_bad, self.rcpt_index = 0, 0, 1
-        self._send_rcpt()
-
-    def _send_rcpt(self) -> None:
-        self._write(self.s.blocks[self.ticket % len(self.s.blocks)][self.rcpt_index])
-        self._expect(1, self._on_rcpt)
-
-    def _on_rcpt(self, r: list[tuple[int, bytes]]) -> None:
-        code = r[0][0]
-        if _positive(code):
-            self.rcpt_ok += 1
-        else:
-            self.s.rcpt_refused[code] = self.s.rcpt_refused.get(code, 0) + 1
-            self.rcpt_first_bad = self.rcpt_first_bad or code
-        self.rcpt_index += 1
-        if self.rcpt_index <= self.s.recipients:
-            self._send_rcpt()
-        elif not self.rcpt_ok:  # nobody to send to: don't issue DATA
-            self._finish(self.rcpt_first_bad, False)
-            self.rset = True
-            self._next_message()
-        else:
-            self._write(b"DATA\r\n")
-            self._expect(1, self._on_data)
-
-    def _on_data(self, r: list[tuple[int, bytes]]) -> None:
-        code = r[0][0]
-        if code != 354:
-            self._finish(code, False)
-            self.rset = True
-            self._next_message()
-            return
-        self._send_body()
 
     # -- end ----------------------------------------------------------------------
 
