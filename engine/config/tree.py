@@ -9,6 +9,7 @@ type cannot say, and the loader turns that into the `section.key: problem` line.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Literal
 
 import msgspec
@@ -27,15 +28,31 @@ class Frozen(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     pass
 
 
+# RFC 5321 §4.1.2 Mailbox in its plain form: a dot-atom local part and a domain of
+# letters, digits and hyphens (quoted local parts and address literals are refused:
+# this is an address the operator types, not one a client sends).
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_MAILBOX = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})*")
+
+
 class ServerConfig(Frozen, frozen=True):
     hostname: str = ""
     workers: int = 0
     # How long SIGTERM waits for sessions in flight before closing them.
     shutdown_timeout: Duration = Duration(30)
+    # Where RCPT TO:<postmaster> (RFC 5321 §4.5.1, no domain) goes: an address with a
+    # domain. "" = unset: then that RCPT gets 550 5.1.1 and nothing is queued.
+    postmaster: str = ""
 
     def __post_init__(self) -> None:
         if self.workers < 0:
             raise ValueError("workers: must be 0 (one per CPU) or more")
+        if self.postmaster and not _MAILBOX.fullmatch(self.postmaster):
+            raise ValueError(
+                f'postmaster: expected an address with a domain, like "postmaster@example.com",'
+                f' got "{self.postmaster}"'
+            )
 
 
 class ListenerConfig(Frozen, frozen=True):

@@ -13,6 +13,7 @@ import time
 from email.utils import formatdate
 
 from engine.config import ListenerConfig
+from engine.errors import Transient
 from engine.inbound.sasl import MECHANISMS
 from engine.queue.records import MessageRecord, Recipient
 from engine.smtp.commands import Ehlo, Helo
@@ -136,16 +137,33 @@ def hop_count(content: bytes) -> int:
     return head.count(b"\r\nreceived:") + head.startswith(b"received:")
 
 
-def queue_record(raw_id: bytes, session: ServerSession, size: int, client_ip: str) -> MessageRecord:
+def queue_record(
+    raw_id: bytes, session: ServerSession, size: int, client_ip: str, postmaster: str = ""
+) -> MessageRecord:
     """The queue's record of the transaction in `session.envelope`; `size` counts the
-    body as stored (our Received: header included)."""
+    body as stored (our Received: header included).
+
+    `postmaster` is server.postmaster: a bare RCPT TO:<postmaster> is queued for that
+    address. No recipient is ever queued without a domain (delivery would look up
+    the empty domain and bounce it): if one remains (server.postmaster was unset by a
+    reload after the RCPT), the message gets 451 and the client's retry a clear 550.
+
+    Raises:
+        Transient: a recipient would be queued without a domain.
+    """
     envelope = session.envelope
     mail = envelope.mail
     assert mail is not None
+    recipients = []
+    for r in envelope.rcpts:
+        address = postmaster if r.address == "postmaster" else r.address
+        if "@" not in address:
+            raise Transient(f"recipient without a domain: {r.address!r}")
+        recipients.append(Recipient(address, orcpt=r.orcpt, notify=r.notify))
     return MessageRecord(
         id=raw_id,
         sender=mail.address,
-        recipients=[Recipient(r.address, orcpt=r.orcpt, notify=r.notify) for r in envelope.rcpts],
+        recipients=recipients,
         received_at=time.time(),
         size=size,
         body_type=mail.body,

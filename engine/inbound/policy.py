@@ -19,6 +19,13 @@ from engine.smtp.replies import (
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+# RFC 5321 §4.5.1 wants "postmaster" (no domain) accepted, but with no mailbox
+# configured for it the only honest answer is that there is none (Postfix answers
+# 550 5.1.1 for an unknown local user too). The text names the key to set.
+R550_NO_POSTMASTER = Reply(
+    550, "5.1.1", "<postmaster> has no mailbox here (server.postmaster is not set)"
+)
+
 
 class Policy:
     """Built once per config (and again on reload); methods are pure."""
@@ -31,6 +38,8 @@ class Policy:
         self.local_domains = frozenset(d.lower().rstrip(".") for d in cfg.relay.local_domains)
         self.max_message_size = int(cfg.limits.max_message_size)
         self.max_recipients = cfg.limits.max_recipients
+        # Where a bare RCPT TO:<postmaster> is queued ("" = refused): queue_record maps it.
+        self.postmaster = cfg.server.postmaster
 
     def in_relay_networks(self, ip: str) -> bool:
         try:
@@ -55,11 +64,15 @@ class Policy:
         if accepted >= self.max_recipients:
             # RFC 5321 §4.5.3.1.10: 452 so the client sends the rest in a new transaction.
             return R452_TOO_MANY_RCPTS
+        if rcpt.address == "postmaster":
+            # The parser's spelling of RFC 5321's bare <Postmaster>, any case: ours to
+            # take from anyone when it has somewhere to go, never queued domain-less.
+            return None if self.postmaster else R550_NO_POSTMASTER
         if trusted:
             return None
         # P7: the destination is the text after the last "@" and nothing else: no %,
         # ! or source-route interpretation can change it.
         domain = rcpt.address.rpartition("@")[2].lower().rstrip(".")
-        if domain in self.local_domains or rcpt.address == "postmaster":
+        if domain in self.local_domains:
             return None
         return R554_RELAY_DENIED

@@ -248,7 +248,9 @@ class SmtpServerProtocol(InboundConnection):
                 session, self.client_ip, ctx.hostname, self.tls_version, msg_id
             )
             body = header + content
-            record = decisions.queue_record(raw_id, session, len(body), self.client_ip)
+            record = decisions.queue_record(
+                raw_id, session, len(body), self.client_ip, ctx.policy.postmaster
+            )
             ctx.committer.submit(
                 lambda txn: txn.put_message(record, body),
                 lambda result: self._committed(result, msg_id, len(body)),
