@@ -87,9 +87,16 @@ def _add_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
-    from engine.config import dump_toml
+    from engine.config import ConfigError, dump_toml
+    from engine.supervisor import check_startup
 
     cfg = _load_config(args.config)
+    try:
+        # What `volley serve` checks before it binds: a file that will not load is
+        # found here, not by a worker at start.
+        check_startup(cfg)
+    except ConfigError as err:
+        raise CliError(str(err), EXIT_USAGE) from None
     sys.stdout.write(dump_toml(cfg))
     sys.stdout.flush()
     return EXIT_OK

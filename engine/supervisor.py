@@ -11,6 +11,19 @@ accept socket split persistent sessions 20,000 to 0). The supervisor keeps every
 socket open, so connections that reach a dead worker's socket wait in its backlog
 until the restart instead of being refused.
 
+Before anything binds or forks, `check_startup` loads the TLS certificate and key the
+way every worker will: a file that does not load stops `volley serve` (and
+`volley config check`) with one line naming it, instead of every worker crashing in
+a loop behind a supervisor that stays up.
+
+SO_REUSEPORT lets any process of the same user join a listening address, so a second
+`volley serve` on our address would bind without an error and the kernel would split
+mail between two unrelated queues. The supervisor therefore holds, for its lifetime,
+an exclusive claim per listening address: an abstract Unix socket named after the
+address (`ListenClaim`). Abstract names are unique per network namespace, like the
+addresses themselves, and vanish when the process dies, so a crash leaves nothing
+stale. Only this supervisor's own sockets (one per worker) share the address.
+
 Signals: TERM/INT → drain workers and exit 0; HUP → re-read the config file and
 hand limits, relay rules, users and TLS to every worker (listeners are fixed at start).
 
@@ -22,10 +35,13 @@ worker's last pushed state, and asks workers over the same pipes when it needs t
 from __future__ import annotations
 
 import asyncio
+import errno
+import ipaddress
 import itertools
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -39,6 +55,7 @@ from engine.control import wire
 from engine.control.commands import ControlPlane
 from engine.control.metrics_http import start_metrics_http
 from engine.control.server import ControlSocketError, start_control_server
+from engine.inbound.tls import make_server_tls_context
 from engine.observe import log
 from engine.queue.store import QueueStore
 
@@ -48,33 +65,138 @@ BACKOFF_MAX = 30.0
 HEALTHY_RUN = 30.0
 
 
-def bind_listeners(cfg: Config, workers: int) -> tuple[list[list[socket.socket]], list[str]]:
-    """One socket per (listener, worker slot); returns them and the bound addresses."""
+# --- startup checks ---------------------------------------------------------------------
+
+
+def check_startup(cfg: Config) -> None:
+    """What must hold before anything binds or forks; raises ConfigError("key: problem").
+
+    Today: the TLS certificate and key load (see the module docstring)."""
+    cert, key = cfg.tls.cert_file, cfg.tls.key_file
+    if not (cert and key):
+        return  # no TLS offered (the config refuses a TLS listener without both)
+    texts = {}
+    for name, path in (("cert_file", cert), ("key_file", key)):
+        try:
+            with open(path, "rb") as f:
+                texts[name] = f.read().decode("ascii", "ignore")  # PEM is ASCII
+        except OSError as err:
+            raise _tls_error(name, path, err.strerror or str(err)) from None
+    try:
+        # Parses every certificate in the file; a key or garbage has none.
+        ssl.create_default_context().load_verify_locations(cadata=texts["cert_file"])
+    except (ssl.SSLError, ValueError, TypeError):
+        raise _tls_error("cert_file", cert, "no PEM certificate in it") from None
+    if "ENCRYPTED" in texts["key_file"]:
+        # A worker has no terminal to ask a passphrase on.
+        raise _tls_error("key_file", key, "the key is encrypted; Volley needs it unencrypted")
+    try:
+        make_server_tls_context(cfg)
+    except ssl.SSLError as err:
+        if err.reason == "KEY_VALUES_MISMATCH":
+            raise _tls_error("key_file", key, f"does not match the certificate in {cert}") from None
+        raise _tls_error("key_file", key, "no PEM private key in it" if err.reason is None
+                         else str(err.reason)) from None
+    except OSError as err:
+        raise _tls_error("cert_file", cert, err.strerror or str(err)) from None
+
+
+def _tls_error(name: str, path: str, reason: str) -> config_mod.ConfigError:
+    return config_mod.ConfigError(f"tls.{name}: cannot load {path}: {reason}")
+
+
+# --- listeners ---------------------------------------------------------------------------
+
+
+class ListenClaim:
+    """This server's exclusive claim on listening addresses, held for its lifetime.
+
+    One abstract Unix socket per address, named "\\0volley-listen/HOST:PORT": a second
+    server's bind of the same name fails (EADDRINUSE) while we live, and the kernel
+    drops the name when we die. A non-Volley process on the port takes no claim; the
+    bind of the address itself still fails as before.
+    """
+
+    def __init__(self) -> None:
+        self._held: list[socket.socket] = []
+
+    def take(self, index: int, address: str) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(f"\0volley-listen/{address}")
+        except OSError as err:
+            sock.close()
+            if err.errno == errno.EADDRINUSE:
+                raise config_mod.ConfigError(
+                    f"listeners[{index}].address: {address} is already served by another "
+                    "Volley server") from None
+            raise config_mod.ConfigError(
+                f"listeners[{index}].address: cannot claim {address}: {err.strerror}") from None
+        self._held.append(sock)
+
+    def release(self) -> None:
+        for sock in self._held:
+            sock.close()
+        self._held.clear()
+
+
+def _address_text(host: str, port: int) -> str:
+    """One spelling per address, so "::1" and "0:0::1" claim the same name."""
+    try:
+        host = ipaddress.ip_address(host.split("%", 1)[0]).compressed
+    except ValueError:
+        host = host.lower()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind_listeners(
+    cfg: Config, workers: int, claim: ListenClaim
+) -> tuple[list[list[socket.socket]], list[str]]:
+    """One socket per (listener, worker slot); returns them and the bound addresses.
+
+    Each address is claimed (`claim`) before any socket of ours listens on it: a
+    second server fails here without ever taking a connection from the first.
+    """
     per_listener: list[list[socket.socket]] = []
     bound: list[str] = []
-    for listener in cfg.listeners:
-        host, port = split_host_port(listener.address)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        socks: list[socket.socket] = []
-        for _ in range(workers):
+    try:
+        for index, listener in enumerate(cfg.listeners):
+            per_listener.append(_bind_one(index, listener.address, workers, claim))
+            port = per_listener[-1][0].getsockname()[1]
+            bound.append(_address_text(split_host_port(listener.address)[0], port))
+    except BaseException:
+        for socks in per_listener:
+            for s in socks:
+                s.close()
+        raise
+    return per_listener, bound
+
+
+def _bind_one(index: int, address: str, workers: int, claim: ListenClaim) -> list[socket.socket]:
+    host, port = split_host_port(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    socks: list[socket.socket] = []
+    try:
+        for n in range(workers):
             sock = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             try:
                 sock.bind((host, port))
             except OSError as err:
-                sock.close()
-                for s in socks:
-                    s.close()
                 raise config_mod.ConfigError(
-                    f"listeners: cannot bind {listener.address}: {err.strerror}"
-                ) from None
+                    f"listeners: cannot bind {address}: {err.strerror}") from None
+            if n == 0:
+                # Bound, not yet listening: takes no connection. Port 0 is known now.
+                port = sock.getsockname()[1]
+                claim.take(index, _address_text(host, port))
             sock.listen(1024)
-            port = sock.getsockname()[1]  # port 0: the rest share the port the first got
-            socks.append(sock)
-        per_listener.append(socks)
-        bound.append(f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}")
-    return per_listener, bound
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
 
 
 class WorkerSlot:
@@ -210,12 +332,14 @@ class Supervisor:
         self.announced = False
         self.draining = False
         self.plane: ControlPlane | None = None
+        self.claim = ListenClaim()
         self._servers: list[asyncio.AbstractServer] = []
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        check_startup(self.cfg)
         self._prepare_dirs()
-        self.sockets, self.addresses = bind_listeners(self.cfg, self.workers)
+        self.sockets, self.addresses = bind_listeners(self.cfg, self.workers, self.claim)
         store = QueueStore(self.cfg.queue.path, map_size=int(self.cfg.queue.max_size),
                            durability=self.cfg.queue.durability, shards=self.workers)
         try:
@@ -317,6 +441,7 @@ class Supervisor:
             return True
         try:
             cfg = config_mod.load(self.config_path)
+            check_startup(cfg)  # a worker given a cert it cannot load would crash
         except config_mod.ConfigError as err:
             log.error("reload_refused", error=str(err))
             return False
@@ -352,8 +477,11 @@ class Supervisor:
 def serve(cfg: Config, config_path: str | None) -> int:
     """Run the supervisor in the foreground until TERM/INT; returns the exit status."""
     log.configure(cfg.log.level, role="supervisor")
+    sup = Supervisor(cfg, config_path)
     try:
-        return uvloop.run(Supervisor(cfg, config_path).run())
+        return uvloop.run(sup.run())
     except config_mod.ConfigError as err:
         print(f"volley: {err}", file=sys.stderr)
         return 2
+    finally:
+        sup.claim.release()  # the addresses are free once we return (a test may serve again)
