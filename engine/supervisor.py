@@ -175,6 +175,14 @@ def bind_listeners(
 def _bind_one(index: int, address: str, workers: int, claim: ListenClaim) -> list[socket.socket]:
     host, port = split_host_port(address)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if port:
+        claim.take(index, _address_text(host, port))
+        # The claim covers this exact address; a holder of an overlapping one
+        # (0.0.0.0 or :: on this port, another server's or anyone's) shows up as a
+        # bind without SO_REUSEPORT failing. Port 0 gets a port nobody holds.
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
+            _bind(probe, address, host, port)
     socks: list[socket.socket] = []
     try:
         for n in range(workers):
@@ -182,13 +190,9 @@ def _bind_one(index: int, address: str, workers: int, claim: ListenClaim) -> lis
             socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            try:
-                sock.bind((host, port))
-            except OSError as err:
-                raise config_mod.ConfigError(
-                    f"listeners: cannot bind {address}: {err.strerror}") from None
-            if n == 0:
-                # Bound, not yet listening: takes no connection. Port 0 is known now.
+            _bind(sock, address, host, port)
+            if n == 0 and not port:
+                # Bound, not yet listening: takes no connection. The port is known now.
                 port = sock.getsockname()[1]
                 claim.take(index, _address_text(host, port))
             sock.listen(1024)
@@ -197,6 +201,13 @@ def _bind_one(index: int, address: str, workers: int, claim: ListenClaim) -> lis
             s.close()
         raise
     return socks
+
+
+def _bind(sock: socket.socket, address: str, host: str, port: int) -> None:
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        raise config_mod.ConfigError(f"listeners: cannot bind {address}: {err.strerror}") from None
 
 
 class WorkerSlot:

@@ -7,6 +7,7 @@ address (SO_REUSEPORT would otherwise let the kernel split mail between two queu
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import tomllib
@@ -140,6 +141,7 @@ def test_second_server_on_a_served_address_exits_2_and_the_first_keeps_all_mail(
 def test_the_address_is_free_for_a_new_server_once_the_first_stopped(serve, tmp_path):
     first: ServeProcess = serve()
     port = first.port
+    send_one(HOST, port, "leaves-time-wait")  # a closed connection must not block the next
     stop_ok(first)
     (tmp_path / "again").mkdir()
     second = ServeProcess(tmp_path / "again", {"listeners": [{"address": f"{HOST}:{port}"}]})
@@ -148,3 +150,16 @@ def test_the_address_is_free_for_a_new_server_once_the_first_stopped(serve, tmp_
         send_one(HOST, port, "on-the-second")
     finally:
         stop_ok(second)
+
+
+def test_a_process_sharing_the_port_by_so_reuseport_is_not_joined(tmp_path):
+    # Another program of the same user listening with SO_REUSEPORT would let our
+    # sockets join its group: the kernel would hand it part of our connections.
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind((HOST, 0))
+        other.listen(1)
+        port = other.getsockname()[1]
+        r = _second_serve(tmp_path / "second", port)
+    assert r.returncode == 2
+    assert r.stderr == f"volley: listeners: cannot bind {HOST}:{port}: Address already in use\n"
