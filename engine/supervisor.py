@@ -113,8 +113,8 @@ class ListenClaim:
 
     One abstract Unix socket per address, named "\\0volley-listen/HOST:PORT": a second
     server's bind of the same name fails (EADDRINUSE) while we live, and the kernel
-    drops the name when we die. A non-Volley process on the port takes no claim; the
-    bind of the address itself still fails as before.
+    drops the name when we die. A non-Volley process takes no claim: the probe bind
+    in `_bind_one` finds it, and any holder of an overlapping address (0.0.0.0, ::).
     """
 
     def __init__(self) -> None:
@@ -143,7 +143,7 @@ class ListenClaim:
 def _address_text(host: str, port: int) -> str:
     """One spelling per address, so "::1" and "0:0::1" claim the same name."""
     try:
-        host = ipaddress.ip_address(host.split("%", 1)[0]).compressed
+        host = ipaddress.ip_address(host).compressed
     except ValueError:
         host = host.lower()
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
