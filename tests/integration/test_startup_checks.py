@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import tomli_w
 import trustme
+from cryptography.hazmat.primitives import serialization
 
 from engine.queue.ids import id_bytes
 from tests.integration.harness import REPO, ServeProcess, base_config, merge
@@ -47,6 +48,11 @@ def bad_tls(ca: trustme.CA, tls_files: dict[str, str], tmp_path: Path):
     garbage.write_bytes(b"this is not PEM\n\x00\xff\n")
     missing = tmp_path / "missing.pem"
     cert, key = tls_files["cert_file"], tls_files["key_file"]
+    encrypted = tmp_path / "encrypted-key.pem"
+    encrypted.write_bytes(serialization.load_pem_private_key(
+        Path(key).read_bytes(), password=None).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret")))
     return {
         "missing cert": (str(missing), key,
                          f"volley: tls.cert_file: cannot load {missing}: No such file or directory\n"),
@@ -61,11 +67,16 @@ def bad_tls(ca: trustme.CA, tls_files: dict[str, str], tmp_path: Path):
         "key of another cert": (
             cert, str(other_key),
             f"volley: tls.key_file: cannot load {other_key}: does not match the certificate in {cert}\n"),
+        # A worker has no terminal to ask the passphrase on: refused, never prompted for.
+        "encrypted key": (
+            cert, str(encrypted),
+            f"volley: tls.key_file: cannot load {encrypted}: the key is encrypted; "
+            "Volley needs it unencrypted\n"),
     }
 
 
 CASES = ["missing cert", "missing key", "garbage cert", "key as cert", "garbage key",
-         "key of another cert"]
+         "key of another cert", "encrypted key"]
 
 
 # --- 1. certificates and keys -----------------------------------------------------------
