@@ -88,7 +88,7 @@ def _add_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
     from engine.config import ConfigError, dump_toml
-    from engine.supervisor import check_startup
+    from engine.supervisor.startup import check_startup
 
     cfg = _load_config(args.config)
     try:

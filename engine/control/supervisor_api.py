@@ -1,6 +1,6 @@
 """What the control commands need of the supervisor, said here in control.
 
-The supervisor (engine/supervisor.py) sits above control: it starts the control
+The supervisor (engine/supervisor/) sits above control: it starts the control
 server and hands it itself. The commands talk to it only through these Protocols,
 so control never imports the supervisor and a test may hand the commands anything
 with the same shape.

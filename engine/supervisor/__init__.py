@@ -5,43 +5,27 @@ sockets inherited, rather than by a bare fork: a child then never inherits an ev
 loop, threads or an LMDB environment from us, and the
 supervisor may itself open the queue for the control socket later.
 
-Each (listener, worker) pair gets its own socket bound with SO_REUSEPORT, so the
-kernel spreads new connections evenly over workers (measured: one shared
-accept socket split persistent sessions 20,000 to 0). The supervisor keeps every
-socket open, so connections that reach a dead worker's socket wait in its backlog
-until the restart instead of being refused.
-
-Before anything binds or forks, `check_startup` loads the TLS certificate and key the
-way every worker will: a file that does not load stops `volley serve` (and
-`volley config check`) with one line naming it, instead of every worker crashing in
-a loop behind a supervisor that stays up.
-
-SO_REUSEPORT lets any process of the same user join a listening address, so a second
-`volley serve` on our address would bind without an error and the kernel would split
-mail between two unrelated queues. The supervisor therefore holds, for its lifetime,
-an exclusive claim per listening address: an abstract Unix socket named after the
-address (`ListenClaim`). Abstract names are unique per network namespace, like the
-addresses themselves, and vanish when the process dies, so a crash leaves nothing
-stale. Only this supervisor's own sockets (one per worker) share the address.
+Each (listener, worker) pair gets its own socket bound with SO_REUSEPORT, and each
+address is claimed for the supervisor's lifetime (`listeners.py`); the supervisor keeps
+every socket open, so connections that reach a dead worker's socket wait in its backlog
+until the restart instead of being refused. Before anything binds or forks,
+`startup.check_startup` loads the TLS certificate and key the way every worker will.
 
 Signals: TERM/INT → drain workers and exit 0; HUP → re-read the config file and
 hand limits, relay rules, users and TLS to every worker (listeners are fixed at start).
 
 The supervisor also serves the control socket (engine/control/): it opens its own
-handle of the queue for that (safe: workers are exec'd, finding 9), keeps each
+handle of the queue for that (safe: workers are exec'd), keeps each
 worker's last pushed state, and asks workers over the same pipes when it needs them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import ipaddress
 import itertools
 import os
 import signal
 import socket
-import ssl
 import sys
 import time
 from pathlib import Path
@@ -55,159 +39,15 @@ from engine.control import wire
 from engine.control.commands import ControlPlane
 from engine.control.metrics_http import start_metrics_http
 from engine.control.server import ControlSocketError, start_control_server
-from engine.inbound.tls import make_server_tls_context
 from engine.observe import log
 from engine.queue.store import QueueStore
+from engine.supervisor.listeners import ListenClaim, bind_listeners
+from engine.supervisor.startup import check_startup
 
 # Restart backoff: immediate-ish at first, capped, reset after a healthy run.
 BACKOFF_FIRST = 0.25
 BACKOFF_MAX = 30.0
 HEALTHY_RUN = 30.0
-
-
-# --- startup checks ---------------------------------------------------------------------
-
-
-def check_startup(cfg: Config) -> None:
-    """What must hold before anything binds or forks; raises ConfigError("key: problem").
-
-    Today: the TLS certificate and key load (see the module docstring)."""
-    cert, key = cfg.tls.cert_file, cfg.tls.key_file
-    if not (cert and key):
-        return  # no TLS offered (the config refuses a TLS listener without both)
-    texts = {}
-    for name, path in (("cert_file", cert), ("key_file", key)):
-        try:
-            with open(path, "rb") as f:
-                texts[name] = f.read().decode("ascii", "ignore")  # PEM is ASCII
-        except OSError as err:
-            raise _tls_error(name, path, err.strerror or str(err)) from None
-    try:
-        # Parses every certificate in the file; a key or garbage has none.
-        ssl.create_default_context().load_verify_locations(cadata=texts["cert_file"])
-    except (ssl.SSLError, ValueError, TypeError):
-        raise _tls_error("cert_file", cert, "no PEM certificate in it") from None
-    if "ENCRYPTED" in texts["key_file"]:
-        # A worker has no terminal to ask a passphrase on.
-        raise _tls_error("key_file", key, "the key is encrypted; Volley needs it unencrypted")
-    try:
-        make_server_tls_context(cfg)
-    except ssl.SSLError as err:
-        if err.reason == "KEY_VALUES_MISMATCH":
-            raise _tls_error("key_file", key, f"does not match the certificate in {cert}") from None
-        raise _tls_error("key_file", key, "no PEM private key in it" if err.reason is None
-                         else str(err.reason)) from None
-    except OSError as err:
-        raise _tls_error("cert_file", cert, err.strerror or str(err)) from None
-
-
-def _tls_error(name: str, path: str, reason: str) -> config_mod.ConfigError:
-    return config_mod.ConfigError(f"tls.{name}: cannot load {path}: {reason}")
-
-
-# --- listeners ---------------------------------------------------------------------------
-
-
-class ListenClaim:
-    """This server's exclusive claim on listening addresses, held for its lifetime.
-
-    One abstract Unix socket per address, named "\\0volley-listen/HOST:PORT": a second
-    server's bind of the same name fails (EADDRINUSE) while we live, and the kernel
-    drops the name when we die. A non-Volley process takes no claim: the probe bind
-    in `_bind_one` finds it, and any holder of an overlapping address (0.0.0.0, ::).
-    """
-
-    def __init__(self) -> None:
-        self._held: list[socket.socket] = []
-
-    def take(self, index: int, address: str) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(f"\0volley-listen/{address}")
-        except OSError as err:
-            sock.close()
-            if err.errno == errno.EADDRINUSE:
-                raise config_mod.ConfigError(
-                    f"listeners[{index}].address: {address} is already served by another "
-                    "Volley server") from None
-            raise config_mod.ConfigError(
-                f"listeners[{index}].address: cannot claim {address}: {err.strerror}") from None
-        self._held.append(sock)
-
-    def release(self) -> None:
-        for sock in self._held:
-            sock.close()
-        self._held.clear()
-
-
-def _address_text(host: str, port: int) -> str:
-    """One spelling per address, so "::1" and "0:0::1" claim the same name."""
-    try:
-        host = ipaddress.ip_address(host).compressed
-    except ValueError:
-        host = host.lower()
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def bind_listeners(
-    cfg: Config, workers: int, claim: ListenClaim
-) -> tuple[list[list[socket.socket]], list[str]]:
-    """One socket per (listener, worker slot); returns them and the bound addresses.
-
-    Each address is claimed (`claim`) before any socket of ours listens on it: a
-    second server fails here without ever taking a connection from the first.
-    """
-    per_listener: list[list[socket.socket]] = []
-    bound: list[str] = []
-    try:
-        for index, listener in enumerate(cfg.listeners):
-            per_listener.append(_bind_one(index, listener.address, workers, claim))
-            port = per_listener[-1][0].getsockname()[1]
-            bound.append(_address_text(split_host_port(listener.address)[0], port))
-    except BaseException:
-        for socks in per_listener:
-            for s in socks:
-                s.close()
-        raise
-    return per_listener, bound
-
-
-def _bind_one(index: int, address: str, workers: int, claim: ListenClaim) -> list[socket.socket]:
-    host, port = split_host_port(address)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    if port:
-        claim.take(index, _address_text(host, port))
-        # The claim covers this exact address; a holder of an overlapping one
-        # (0.0.0.0 or :: on this port, another server's or anyone's) shows up as a
-        # bind without SO_REUSEPORT failing. Port 0 gets a port nobody holds.
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
-            _bind(probe, address, host, port)
-    socks: list[socket.socket] = []
-    try:
-        for n in range(workers):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            _bind(sock, address, host, port)
-            if n == 0 and not port:
-                # Bound, not yet listening: takes no connection. The port is known now.
-                port = sock.getsockname()[1]
-                claim.take(index, _address_text(host, port))
-            sock.listen(1024)
-    except BaseException:
-        for s in socks:
-            s.close()
-        raise
-    return socks
-
-
-def _bind(sock: socket.socket, address: str, host: str, port: int) -> None:
-    try:
-        sock.bind((host, port))
-    except OSError as err:
-        raise config_mod.ConfigError(f"listeners: cannot bind {address}: {err.strerror}") from None
 
 
 class WorkerSlot:

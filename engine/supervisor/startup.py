@@ -1,0 +1,52 @@
+"""What must hold before `volley serve` binds or forks anything (also run by `volley
+config check` and on SIGHUP).
+
+Today: the TLS certificate and key load exactly as every worker will load them. A
+file that does not load stops the server with one line naming the key and the file,
+instead of every worker crashing in a loop behind a supervisor that stays up.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from engine import config as config_mod
+from engine.config import Config
+from engine.inbound.tls import make_server_tls_context
+
+
+def check_startup(cfg: Config) -> None:
+    """What must hold before anything binds or forks; raises ConfigError("key: problem").
+
+    Today: the TLS certificate and key load (see the module docstring)."""
+    cert, key = cfg.tls.cert_file, cfg.tls.key_file
+    if not (cert and key):
+        return  # no TLS offered (the config refuses a TLS listener without both)
+    texts = {}
+    for name, path in (("cert_file", cert), ("key_file", key)):
+        try:
+            with open(path, "rb") as f:
+                texts[name] = f.read().decode("ascii", "ignore")  # PEM is ASCII
+        except OSError as err:
+            raise _tls_error(name, path, err.strerror or str(err)) from None
+    try:
+        # Parses every certificate in the file; a key or garbage has none.
+        ssl.create_default_context().load_verify_locations(cadata=texts["cert_file"])
+    except (ssl.SSLError, ValueError, TypeError):
+        raise _tls_error("cert_file", cert, "no PEM certificate in it") from None
+    if "ENCRYPTED" in texts["key_file"]:
+        # A worker has no terminal to ask a passphrase on.
+        raise _tls_error("key_file", key, "the key is encrypted; Volley needs it unencrypted")
+    try:
+        make_server_tls_context(cfg)
+    except ssl.SSLError as err:
+        if err.reason == "KEY_VALUES_MISMATCH":
+            raise _tls_error("key_file", key, f"does not match the certificate in {cert}") from None
+        raise _tls_error("key_file", key, "no PEM private key in it" if err.reason is None
+                         else str(err.reason)) from None
+    except OSError as err:
+        raise _tls_error("cert_file", cert, err.strerror or str(err)) from None
+
+
+def _tls_error(name: str, path: str, reason: str) -> config_mod.ConfigError:
+    return config_mod.ConfigError(f"tls.{name}: cannot load {path}: {reason}")
