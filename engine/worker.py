@@ -62,7 +62,8 @@ class WorkerRuntime:
                     workers: int = 1, slot: int = 0) -> WorkerRuntime:
         loop = asyncio.get_running_loop()
         store = QueueStore(cfg.queue.path, map_size=int(cfg.queue.max_size),
-                           durability=cfg.queue.durability, shards=workers)
+                           durability=cfg.queue.durability, shards=workers,
+                           reserve=cfg.queue.headroom())
         ids = IdAllocator(store.next_boot())
         # "fsync" flushes inside the commit, which must not stall the loop: a thread.
         # The other levels commit on the loop (engine/queue/inline_commit.py says why).

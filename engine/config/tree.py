@@ -20,8 +20,14 @@ from engine.config.units import (
     RetrySchedule,
     Size,
     parse_nameserver,
+    parse_size,
     split_host_port,
 )
+
+# The least of max_size kept free whatever high_water says, so a small queue (tests,
+# drills) still has room for one batch of deletions: 128 KiB was measured too little
+# for a 1 MiB queue of small messages (a batch of deletions hit MDB_MAP_FULL).
+MIN_HEADROOM = 256 * 1024
 
 
 class Frozen(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -80,6 +86,50 @@ class QueueConfig(Frozen, frozen=True):
     # lose that window. memory: never flushed, for load-testing runs.
     durability: Literal["fsync", "batch", "memory"] = "fsync"
     batch_interval: Duration = Duration(0.05)
+    # New mail is refused (452 4.3.1) once the queue holds this much: "90%" of
+    # max_size, a fraction such as 0.9, or a size ("3GiB"). The rest of the map stays
+    # free for what must commit when the queue is full: outcomes, deletions (LMDB
+    # copies every page it changes and reuses the freed ones only after the commit)
+    # and the DSNs of bounces. A 512-op batch of deletions needs a few MiB at worst;
+    # 10% of the default 4 GiB is about 400 MiB, and of a 1 GiB queue still 100 MiB.
+    high_water: str | float = "90%"
+
+    def __post_init__(self) -> None:
+        self.headroom()  # raises ValueError("high_water: ...")
+
+    def headroom(self) -> int:
+        """Bytes of `max_size` kept free of new mail: max_size minus the high-water mark,
+        but never less than MIN_HEADROOM (nor more than max_size).
+
+        Raises:
+            ValueError: "high_water: problem" for a mark that is not a percentage in
+                (0, 100], a fraction in (0, 1] or a size below max_size.
+        """
+        total = int(self.max_size)
+        mark = self.high_water
+        if isinstance(mark, str) and mark.strip().endswith("%"):
+            try:
+                fraction = float(mark.strip()[:-1]) / 100
+            except ValueError:
+                fraction = -1.0
+            if not 0 < fraction <= 1:
+                raise ValueError(f'high_water: expected a percentage such as "90%", got "{mark}"')
+            return _clamp(total - int(total * fraction), total)
+        if isinstance(mark, float) and (mark <= 1 or not mark.is_integer()):
+            if not 0 < mark <= 1:
+                raise ValueError(f"high_water: a fraction must be in (0, 1], got {mark}")
+            return _clamp(total - int(total * mark), total)
+        try:
+            size = int(parse_size(int(mark) if isinstance(mark, float) else mark))
+        except ValueError as err:
+            raise ValueError(f"high_water: {err}") from None
+        if not 0 < size <= total:
+            raise ValueError(f"high_water: {size} bytes is not within max_size ({total})")
+        return _clamp(total - size, total)
+
+
+def _clamp(headroom: int, total: int) -> int:
+    return min(total, max(headroom, MIN_HEADROOM))
 
 
 class RelayConfig(Frozen, frozen=True):

@@ -62,4 +62,4 @@ def queue_dsns(w: WriteTxn, applied: outcome_mod.Applied, body: bytes,
             size=len(message), smtputf8=record.smtputf8,
             body_type="8BITMIME" if not message.isascii() else None, helo=reporting,
         )
-        w.put_message(dsn_record, message)
+        w.put_message(dsn_record, message, report=True)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from typing import cast
 
 from engine.config import Config
@@ -47,7 +48,7 @@ from engine.delivery.retry import expired
 from engine.dns.cache import DnsCache
 from engine.dns.mx import Route, RouteError
 from engine.dns.resolver import Resolver
-from engine.errors import VolleyError
+from engine.errors import StorageError, StoragePanic, VolleyError
 from engine.observe import log
 from engine.observe.delivery_log import DeliveryLog
 from engine.observe.metrics import WorkerMetrics
@@ -62,6 +63,8 @@ _SCAN_MARGIN_MS = 1000
 _MIN_SCAN_GAP = 0.005
 _FULL_SCAN_EVERY = 5.0
 _SCAN_BATCH = 512
+# Wait before committing an outcome again after its commit failed (see _committed).
+_COMMIT_RETRY = 0.5
 
 
 class DeliveryStats:
@@ -316,10 +319,31 @@ class Scheduler:
                           remote_mta=result.mx_host, remote_dsn=result.remote_dsn, delayed=delayed)
             return current, applied
 
-        self.committer.submit(op, lambda res: self._committed(msg_id, domain, result, res, now))
+        self._submit_outcome(op, msg_id, domain, result, now)
 
-    def _committed(self, msg_id: bytes, domain: str, result: JobResult, res: object,
-                   now: float) -> None:
+    def _submit_outcome(self, op: Callable[[WriteTxn], object], msg_id: bytes, domain: str,
+                        result: JobResult, now: float) -> None:
+        try:
+            self.committer.submit(
+                op, lambda res: self._committed(op, msg_id, domain, result, res, now))
+        except RuntimeError:  # the committer stopped (shutdown): the entry stays due (P2)
+            self._release((msg_id, domain))
+
+    def _committed(self, op: Callable[[WriteTxn], object], msg_id: bytes, domain: str,
+                   result: JobResult, res: object, now: float) -> None:
+        if (isinstance(res, StorageError) and not isinstance(res, StoragePanic)
+                and not self._stopping):
+            # The attempt happened (maybe a remote 250) but its outcome did not commit
+            # (QueueFull, a transient storage error). Releasing the entry would send the
+            # message again at once, and again for as long as the queue stays full: a
+            # duplicate each time and no progress. Keep it in flight and commit the same
+            # outcome again shortly (ops are re-runnable); the headroom kept by
+            # queue.high_water makes this rare.
+            log.error("outcome_commit_failed", id=id_text(msg_id), domain=domain,
+                      error=repr(res), retry_in=_COMMIT_RETRY)
+            self.loop.call_later(_COMMIT_RETRY, self._submit_outcome, op, msg_id, domain,
+                                 result, now)
+            return
         self._release((msg_id, domain))
         self._wake.set()  # capacity freed
         if isinstance(res, BaseException):

@@ -99,9 +99,10 @@ class QueueStore(StoreViews):
                  shards: int = 1, reserve: int | None = None) -> None:
         """Open (creating if needed) the queue at `path`.
 
-        `reserve` bytes of the map (default: 1% of map_size, at least 128 KiB) are kept
-        free of new messages so deletes and updates can still commit when the queue is
-        full; otherwise a full map could never drain (copy-on-write deletes need pages).
+        `reserve` bytes of the map (default: 1% of map_size, at least 128 KiB; a worker
+        passes `queue.high_water`'s headroom) are kept free of new messages so outcomes,
+        deletes and bounce reports can still commit when the queue is full; otherwise a
+        full map could never drain (copy-on-write deletes need pages).
 
         Raises:
             ValueError: bad durability or shard count.
@@ -179,11 +180,15 @@ class QueueStore(StoreViews):
             used += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
         return used
 
-    def _account_put(self, txn: lmdb.Transaction[bytes], body_len: int, n_keys: int) -> None:
+    def _account_put(self, txn: lmdb.Transaction[bytes], body_len: int, n_keys: int, *,
+                     headroom: bool = False) -> None:
         # Four mdb_stat calls cost ~10 us and four GIL hand-offs, so keep a pessimistic
         # running count (every record and key may take a page of its own, deletes are
         # not subtracted) and pay for the exact count only when it nears the reserve.
+        # `headroom`: a report queued with an outcome may use the reserve (P4).
         self._used_est += 2 + n_keys + body_len // self._psize
+        if headroom:
+            return
         limit = self._map_pages - self._reserve_pages
         if self._used_est > limit:
             self._used_est = self._pages_used(txn)

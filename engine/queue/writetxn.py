@@ -26,7 +26,8 @@ class StoreTables(Protocol):
     _due: lmdb._Database
     _ctl: lmdb._Database
 
-    def _account_put(self, txn: lmdb.Transaction[bytes], body_len: int, n_keys: int) -> None: ...
+    def _account_put(self, txn: lmdb.Transaction[bytes], body_len: int, n_keys: int, *,
+                     headroom: bool = False) -> None: ...
 
 
 class WriteTxn:
@@ -58,13 +59,18 @@ class WriteTxn:
         op that must agree with the operator's latest word (a suspension) reads it here."""
         return self.txn.get(name, db=self._store._ctl)
 
-    def put_message(self, record: MessageRecord, body: bytes) -> None:
+    def put_message(self, record: MessageRecord, body: bytes, *, report: bool = False) -> None:
         """Store a new message: record, body and its due entries.
+
+        `report`: a DSN queued with an outcome. It may use the headroom kept free of new
+        mail (`queue.high_water`), so a bounce commits even when the queue is refusing
+        mail (P4); only the end of the map itself (MDB_MAP_FULL) stops it.
 
         Raises:
             ValueError: bad id length, or a domain too long for the due index.
             KeyError: a message with this id is already queued.
-            QueueFull: storing it would eat into the space reserved for deletes.
+            QueueFull: storing it would pass the high-water mark (not a `report`), or
+                the map is full.
         """
         s, txn = self._store, self.txn
         if len(record.id) != ID_LEN:
@@ -76,7 +82,7 @@ class WriteTxn:
         arrival = due_value(record)
         for k in keys:
             txn.put(k, arrival, db=s._due)
-        s._account_put(txn, len(body), len(keys))
+        s._account_put(txn, len(body), len(keys), headroom=report)
 
     def delete_message(self, msg_id: bytes, stored: MessageRecord | None = None) -> bool:
         """Remove record, body and due entries; False if the message was not queued.
