@@ -8,7 +8,10 @@ the connection (after saying so), since its end cannot be found.
 
 Access is the socket file's mode: 0600 (the owner only), or 0660 with
 `control.group`. The socket is created under a umask so it never exists with a wider
-mode, not even between bind() and chmod() (P10).
+mode, not even between bind() and chmod() (P10). The kernel's word on each peer
+(SO_PEERCRED) is checked as well, so a mode widened by hand, or a socket reached some
+other way, still lets in only root, this server's own user and, with `control.group`,
+that group's members: anyone else gets one error line and the connection ends.
 """
 
 from __future__ import annotations
@@ -30,6 +33,26 @@ from engine.observe import log
 
 Handler = Callable[[protocol.AnyRequest, str], Awaitable[Reply]]
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid (socket(7) SO_PEERCRED)
+
+
+class Access:
+    """Who may use the control socket: root, our own user, and members of `gid`."""
+
+    def __init__(self, gid: int | None) -> None:
+        self.uids = {0, os.geteuid()}
+        self.gid = gid
+
+    def allows(self, uid: int, gid: int) -> bool:
+        if uid in self.uids:
+            return True
+        if self.gid is None:
+            return False
+        if gid == self.gid:
+            return True
+        try:  # supplementary groups: looked up on connect only, never per request
+            return self.gid in os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)
+        except (KeyError, OSError):
+            return False
 
 
 class ControlSocketError(Exception):
@@ -77,8 +100,9 @@ async def start_control_server(path: str, group: str, handle: Handler) -> asynci
     mode = 0o660 if gid is not None else 0o600
     old = os.umask(0o777 & ~mode)
     try:
+        access = Access(gid)
         server = await asyncio.start_unix_server(
-            lambda r, w: _serve(r, w, handle), path=str(where), limit=protocol.MAX_LINE)
+            lambda r, w: _serve(r, w, handle, access), path=str(where), limit=protocol.MAX_LINE)
     except OSError as err:
         raise ControlSocketError(f"control.socket: cannot create {where}: {err.strerror}") from None
     finally:
@@ -89,14 +113,23 @@ async def start_control_server(path: str, group: str, handle: Handler) -> asynci
     return server
 
 
+def peer_credentials(writer: asyncio.StreamWriter) -> tuple[int, int, int] | None:
+    """(pid, uid, gid) of the other end, from the kernel (SO_PEERCRED); None if unknown."""
+    sock = writer.get_extra_info("socket")
+    try:
+        pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    except (OSError, AttributeError, struct.error):
+        return None
+    return pid, uid, gid
+
+
 def peer_name(writer: asyncio.StreamWriter) -> str:
     """Who is on the other end, from the kernel (SO_PEERCRED): "user (pid N)". Saved
     with suspensions and logged with every change, so "who suspended this" has an answer."""
-    sock = writer.get_extra_info("socket")
-    try:
-        pid, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    except (OSError, AttributeError, struct.error):
+    creds = peer_credentials(writer)
+    if creds is None:
         return "unknown"
+    pid, uid, _ = creds
     try:
         user = pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -105,7 +138,14 @@ def peer_name(writer: asyncio.StreamWriter) -> str:
 
 
 async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 handle: Handler) -> None:
+                 handle: Handler, access: Access) -> None:
+    creds = peer_credentials(writer)
+    if creds is None or not access.allows(creds[1], creds[2]):
+        who = "unknown peer" if creds is None else f"uid {creds[1]} (pid {creds[0]})"
+        log.warning("control_refused", peer=who)
+        writer.write(_error(f"{who} may not use the control socket"))
+        writer.close()
+        return
     peer = peer_name(writer)
     try:
         while True:
