@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from typing import Any
 
+from engine.lab.sink.protocol import start_sink
+from tests.integration import relay_helpers
 from tests.integration.harness import wait_until
 from tests.integration.relay_helpers import (
     SENDER,
@@ -20,6 +23,7 @@ from tests.integration.relay_helpers import (
     tag_of,
 )
 from tests.integration.smtp_client import RawSmtp
+from tests.integration.test_relay_process import domains_by_shard, relay_config
 
 ZONE = {
     "dest.test": {"MX": [(10, "mx.dest.test")]},
@@ -43,11 +47,14 @@ def offer(port: int, tag: str, rcpts: list[str], pad_lines: int = 0) -> tuple[in
     return reply
 
 
-def fill(port: int, rcpts: list[str], pad_lines: int = 0) -> list[str]:
-    """Offer messages until the queue refuses one with 452 4.3.1; the accepted tags."""
+def fill(port: int, rcpts: list[str], pad_lines: int = 0,
+         domains: list[str] | None = None) -> list[str]:
+    """Offer messages until the queue refuses one with 452 4.3.1; the accepted tags.
+    With `domains`, message n goes to m<n>@ the n-th of them (round robin) instead."""
     accepted: list[str] = []
     for n in range(5000):
-        code, text = offer(port, f"m{n}", rcpts, pad_lines)
+        to = [f"m{n}@{domains[n % len(domains)]}"] if domains else rcpts
+        code, text = offer(port, f"m{n}", to, pad_lines)
         if code != 250:
             assert code == 452 and text.startswith("4.3.1"), (code, text)
             assert len(accepted) >= 5, accepted
@@ -110,3 +117,39 @@ def test_bounce_report_commits_while_queue_refuses_mail(lab: Lab):
         check_dsn(d, to=SENDER, recipients=["bad@dest.test"], status="5.1.1")
     got = Counter(tag_of(m.data) for m in sink.messages)
     assert set(got) == set(accepted) and all(n == 1 for n in got.values()), got
+
+
+def test_full_queue_drains_with_two_workers(serve: Any, peers: Any, dns_zone: Any):
+    # `volley serve` with two workers sharing the queue: each delivers its own shard,
+    # both receive mail, and both must keep draining once the queue refuses mail.
+    shards = domains_by_shard(1)
+    doms = [shards[0][0], shards[1][0]]
+    down = threading.Event()
+    down.set()
+    refused = relay_helpers.Counter()
+
+    def script(verb: str, arg: str) -> str | None:
+        if verb == "RCPT" and down.is_set():
+            refused.bump(rcpt_of(arg))
+            return "451 4.3.2 not now"
+        return None
+
+    sink = peers.call(start_sink("127.0.0.2", 0, script=script))
+    peers.sinks.append(sink)
+    zone: dict[str, Any] = {"mx.sink.test": {"A": ["127.0.0.2"]}}
+    for d in doms:
+        zone[d] = {"MX": [(10, "mx.sink.test")]}
+    dns = dns_zone(zone)
+    server = serve({**relay_config(dns.port, sink.port, retry="2s"),
+                    "queue": {"max_size": "1MiB"}})
+    accepted = fill(server.port, [], domains=doms)
+    wait_until(lambda: all(refused.get(f"{t}@{doms[int(t[1:]) % 2]}") for t in accepted),
+               30, "a first, refused attempt of every accepted message")
+    down.clear()
+    wait_until(lambda: {tag_of(m.data) for m in sink.messages} >= set(accepted), 60,
+               "every accepted message delivered")
+    got = Counter(tag_of(m.data) for m in sink.messages)
+    assert all(n == 1 for n in got.values()), {t: n for t, n in got.items() if n > 1}
+    code, text = offer(server.port, "after", [f"after@{doms[0]}"])
+    assert code == 250, (code, text)
+    wait_until(lambda: any(tag_of(m.data) == "after" for m in sink.messages), 20, "late message")
