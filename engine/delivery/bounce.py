@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from engine.delivery import outcome
+from engine.delivery.onereport import failures_to_report
 from engine.delivery.outcome import Applied
 from engine.delivery.reports import queue_dsns
 from engine.queue.records import MessageRecord, Recipient
@@ -24,18 +25,22 @@ ReportIds = tuple[bytes, bytes, bytes]  # ids for the failure, relayed and delay
 def write_outcome(w: WriteTxn, stored: MessageRecord, applied: Applied, body: bytes, *,
                   report_ids: ReportIds, reporting_mta: str, now: float, retry_until: float,
                   remote_mta: str = "", remote_dsn: bool = False,
-                  delayed: list[tuple[Recipient, Reply, str]] | None = None) -> None:
+                  delayed: list[tuple[Recipient, Reply, str]] | None = None,
+                  hold: bool = True) -> None:
     """Store `applied` (from outcome.apply / expire_pending over `stored`): the message
     is deleted when nothing is pending any more, else updated. Then queue the reports it
     owes (failure, relayed for NOTIFY=SUCCESS, and the `delayed` entries), each with the
     null sender (RFC 3461 §6.2) and `reporting_mta` as Reporting-MTA; `retry_until`
-    becomes Will-Retry-Until in a delay report."""
+    becomes Will-Retry-Until in a delay report. Failures go out in one report per
+    message and delivery pass (onereport.py): this may hold them in the record instead,
+    or add those held earlier (`hold=False`: report them now)."""
+    failures = failures_to_report(applied, remote_mta, now, hold=hold)  # before the record is written
     if applied.done:
         w.delete_message(stored.id, stored=stored)
     else:
         w.update_message(applied.record, stored=stored)
     queue_dsns(w, applied, body, report_ids, reporting_mta, now, remote_mta, remote_dsn,
-               delayed or [], retry_until)
+               delayed or [], retry_until, failures)
 
 
 def bounce_recipients(w: WriteTxn, stored: MessageRecord, indices: Sequence[int],
@@ -52,5 +57,6 @@ def bounce_recipients(w: WriteTxn, stored: MessageRecord, indices: Sequence[int]
     applied = outcome.apply(stored, dict.fromkeys(indices, reason), now, schedule=(60.0,),
                             max_age=float("inf"))
     write_outcome(w, stored, applied, body, report_ids=report_ids,
-                  reporting_mta=reporting_mta, now=now, retry_until=stored.received_at)
+                  reporting_mta=reporting_mta, now=now, retry_until=stored.received_at,
+                  hold=False)
     return applied

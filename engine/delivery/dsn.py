@@ -257,13 +257,15 @@ def build_dsn(
     remote_mta: str | None = None,
     message_id: str,
     retry_until: float | None = None,
+    remote_mtas: list[str] | None = None,
 ) -> bytes | None:
     """The DSN message for `recipients` [(recipient, reply, action)], or None.
 
     None when the sender is null (RFC 3461 §6.2: never report on a report) or when
     `dsn_wanted` leaves no recipient. `original` is the queued message (headers are
     the part up to the first CRLF CRLF). `remote_mta` becomes Remote-MTA for every
-    recipient; `retry_until` becomes Will-Retry-Until on "delayed" recipients
+    recipient, unless `remote_mtas` (parallel to `recipients`, "" for none) names one per
+    recipient (one report covering several destinations); `retry_until` becomes Will-Retry-Until on "delayed" recipients
     (RFC 3464 §2.3.8). `message_id` is the new Message-ID (with or without <>).
 
     Raises:
@@ -271,9 +273,11 @@ def build_dsn(
     """
     if record.sender == "":
         return None
-    wanted = [(r, rep, a) for r, rep, a in recipients if dsn_wanted(r, a)]
-    if not wanted:
+    mtas = remote_mtas if remote_mtas is not None else [remote_mta or ""] * len(recipients)
+    keep = [n for n, (r, _, a) in enumerate(recipients) if dsn_wanted(r, a)]
+    if not keep:
         return None
+    wanted = [recipients[n] for n in keep]
     utf8 = record.smtputf8 or any(
         _NON_ASCII.search(s)
         for s in [record.sender] + [r.address + (r.orcpt or "") for r, _, _ in wanted]
@@ -285,7 +289,8 @@ def build_dsn(
     returnable = full and _line_clean(original)
 
     notification = _notification(wanted, kind, mta, utf8, headers_only=full and not returnable)
-    status = _delivery_status(record, wanted, mta, utf8, now, remote_mta, retry_until)
+    status = _delivery_status(record, wanted, mta, utf8, now, [mtas[n] for n in keep],
+                              retry_until)
     ctype3, desc3, returned = _returned(original, returnable, utf8, kind)
     boundary = _boundary(message_id, record.id, (notification, status, returned))
 
@@ -311,7 +316,7 @@ def _notification(wanted: list[Entry], kind: str, mta: str, utf8: bool, *,
 
 
 def _delivery_status(record: MessageRecord, wanted: list[Entry], mta: str, utf8: bool,
-                     now: float, remote_mta: str | None, retry_until: float | None) -> bytes:
+                     now: float, remote_mtas: list[str], retry_until: float | None) -> bytes:
     """Part 2, for machines: the per-message fields (RFC 3464 §2.2), then one block of
     per-recipient fields (§2.3) for each recipient."""
     ds: list[str] = _field("Reporting-MTA", f"dns; {mta}")
@@ -319,9 +324,9 @@ def _delivery_status(record: MessageRecord, wanted: list[Entry], mta: str, utf8:
     if record.envid:
         ds += _field("Original-Envelope-Id", _decoded(record.envid, utf8))  # §2.2.1
     ds += _field("Arrival-Date", _date(record.received_at))  # §2.2.5
-    for r, rep, a in wanted:
+    for (r, rep, a), remote_mta in zip(wanted, remote_mtas):
         ds.append("")
-        ds += _recipient_fields(r, rep, a, utf8, now, remote_mta, retry_until)
+        ds += _recipient_fields(r, rep, a, utf8, now, remote_mta or None, retry_until)
     return ("\r\n".join(ds) + "\r\n").encode("utf-8")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from engine.delivery import dsn as dsn_mod
 from engine.delivery import outcome as outcome_mod
+from engine.delivery.onereport import Failure
 from engine.queue.ids import id_text
 from engine.queue.records import MessageRecord, Recipient
 from engine.queue.writetxn import WriteTxn
@@ -34,25 +35,28 @@ def due_delay_reports(applied: outcome_mod.Applied, now: float,
 def queue_dsns(w: WriteTxn, applied: outcome_mod.Applied, body: bytes,
                 dsn_ids: tuple[bytes, bytes, bytes], reporting: str, now: float,
                 remote_mta: str, remote_dsn: bool,
-                delayed: list[tuple[Recipient, Reply, str]], retry_until: float) -> None:
-    """Queue the failure DSN, the relayed DSN for NOTIFY=SUCCESS, and the delay DSN for
-    NOTIFY=DELAY (RFC 3461 §4.1), each as its own message. `remote_mta` is the next hop
-    that answered ("" for none); `remote_dsn` says it took over NOTIFY=SUCCESS."""
+                delayed: list[tuple[Recipient, Reply, str]], retry_until: float,
+                failures: list[Failure]) -> None:
+    """Queue the failure DSN for `failures` (from onereport.failures_to_report: this
+    outcome's and earlier held ones, each with its own Remote-MTA), the relayed DSN for
+    NOTIFY=SUCCESS, and the delay DSN for NOTIFY=DELAY (RFC 3461 §4.1), each as its own
+    message. `remote_mta` is the next hop that answered ("" for none); `remote_dsn`
+    says it took over NOTIFY=SUCCESS."""
     record = applied.record
     remote = remote_mta or None
-    kinds: list[list[tuple[Recipient, Reply, str]]] = [[], [], delayed]
-    if applied.bounced:
-        kinds[0] = applied.dsn_entries("failed")
+    kinds: list[list[tuple[Recipient, Reply, str]]] = [
+        [(r, rep, a) for r, rep, a, _ in failures], [], delayed]
+    per_rcpt: list[list[str] | None] = [[m for _, _, _, m in failures], None, None]
     action = dsn_mod.success_action(remote_dsn)
     if action and applied.delivered:
         kinds[1] = [(record.recipients[i], applied.replies[i], action)
                     for i in sorted(applied.delivered)]
-    for entries, raw_id in zip(kinds, dsn_ids):
+    for entries, mtas, raw_id in zip(kinds, per_rcpt, dsn_ids):
         if not entries:
             continue
         message = dsn_mod.build_dsn(record, body, entries, reporting_mta=reporting, now=now,
                                     remote_mta=remote, message_id=f"{id_text(raw_id)}@{reporting}",
-                                    retry_until=retry_until)
+                                    retry_until=retry_until, remote_mtas=mtas)
         if message is None:
             continue
         # RFC 3461 §6.2 / RFC 5321 §6.1: reports go out with the null reverse-path, so

@@ -50,6 +50,17 @@ class Recipient(msgspec.Struct, array_like=True, tag_field="v", tag=RECORD_VERSI
     delay_warned: bool = False
 
 
+class HeldFailure(msgspec.Struct, array_like=True):
+    """A recipient's final failure kept for the message's one failure report (see
+    engine/delivery/onereport.py): the reply it bounced with and the host that gave it."""
+
+    index: int  # into MessageRecord.recipients
+    code: int
+    enhanced: str
+    text: tuple[str, ...]
+    remote_mta: str = ""
+
+
 class MessageRecord(msgspec.Struct, array_like=True, tag_field="v", tag=RECORD_VERSION):
     """Envelope and session facts of one queued message (the body is stored apart)."""
 
@@ -66,6 +77,9 @@ class MessageRecord(msgspec.Struct, array_like=True, tag_field="v", tag=RECORD_V
     client_ip: str = ""
     helo: str = ""
     auth_user: str | None = None
+    # Failures waiting to go out together in one report (appended last: older records
+    # decode with the default).
+    held_failures: list[HeldFailure] = []
 
 
 _encoder = msgspec.msgpack.Encoder()
