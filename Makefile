@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench soak clean install bench-peers
+.PHONY: run test lint bench soak fuzz clean install bench-peers system-deps
 
 # The stamp depends on pyproject.toml, so a changed dependency list reinstalls and an
 # unchanged one costs nothing.
@@ -19,8 +19,27 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/volley serve
 
-test: lint
+test: lint system-deps
 	$(BIN)/python -m pytest -q tests
+
+# What the fault tests need from the system: strace (the syscall-order proof of
+# durability) and openssl (s_client against STARTTLS). Debian's packages, installed when
+# missing and we are root (CI is); otherwise those tests say what is missing and skip.
+system-deps:
+	@for tool in strace openssl; do \
+	  command -v $$tool >/dev/null 2>&1 && continue; \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$tool >/dev/null; \
+	  else echo "system-deps: $$tool is missing (tests that need it will skip)"; fi; \
+	done
+
+# A long fuzzing round of the parsers (make test runs a short one with the same tests).
+fuzz: $(STAMP)
+	VOLLEY_FUZZ_EXAMPLES=20000 $(BIN)/python -m pytest -q tests/fuzz -p no:randomly
+
+# Ten minutes of mixed load with injected faults, then a reconciliation table.
+soak: $(STAMP)
+	$(BIN)/python tools/soak.py
 
 # Style and types: ruff over every Python tree, mypy (strict) over the engine.
 lint: $(STAMP)
