@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from engine.delivery import outcome
-from engine.delivery.onereport import failures_to_report
+from engine.delivery.onereport import failures_to_report, suspended_in
 from engine.delivery.outcome import Applied
 from engine.delivery.reports import queue_dsns
 from engine.queue.records import MessageRecord, Recipient
@@ -34,7 +34,8 @@ def write_outcome(w: WriteTxn, stored: MessageRecord, applied: Applied, body: by
     becomes Will-Retry-Until in a delay report. Failures go out in one report per
     message and delivery pass (onereport.py): this may hold them in the record instead,
     or add those held earlier (`hold=False`: report them now)."""
-    failures = failures_to_report(applied, remote_mta, now, hold=hold)  # before the record is written
+    failures = failures_to_report(applied, remote_mta, now, hold=hold,
+                                  suspended=suspended_in(w, now))  # before the record is written
     if applied.done:
         w.delete_message(stored.id, stored=stored)
     else:

@@ -18,33 +18,54 @@ with every held failure and its own; so does the outcome that deletes the record
 failure after a later retry belongs to a later pass and may be a second report.
 
 Bounded: a due recipient is attempted or, past `delivery.max_age`, expired, and either
-outcome ends the pass. A domain suspended by an operator hold re-dates its recipients
-(holds.park_op) without an outcome, so failures held for such a message wait until its
-next outcome. An operator's `volley ctl bounce` reports at once (with any held
-failures): it ends no delivery pass. `volley ctl delete` of the whole message drops them with it (like
-`postsuper -d`, no report).
+outcome ends the pass. A recipient at a domain suspended by an operator hold is not in
+the pass (it is parked, re-dated without an outcome); if the suspension starts after
+failures were held for it, they wait for the message's next outcome (at the latest its
+expiry). An operator's `volley ctl bounce` reports at once (with any held failures):
+it ends no delivery pass. `volley ctl delete` of the whole message drops them with it
+(like `postsuper -d`, no report).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from engine.delivery.holds import HOLDS_KEY, Holds, decode_holds
 from engine.delivery.outcome import Applied
-from engine.queue.records import PENDING, HeldFailure, MessageRecord, Recipient
+from engine.queue.records import PENDING, HeldFailure, MessageRecord, Recipient, domain_of
+from engine.queue.writetxn import WriteTxn
 from engine.smtp.replies import Reply
 
 # (recipient, reply, action, remote MTA) for dsn.build_dsn with per-recipient Remote-MTA.
 Failure = tuple[Recipient, Reply, str, str]
 
 
-def _others_due(record: MessageRecord, changed: set[int], now: float) -> bool:
-    """Another PENDING recipient (not changed by this outcome) is due: in this pass."""
+def _others_due(record: MessageRecord, changed: set[int], now: float,
+                suspended: Callable[[str], bool]) -> bool:
+    """Another PENDING recipient (not changed by this outcome) is due, and its domain
+    not suspended (it would be parked, not attempted): in this pass."""
     received = record.received_at
     return any(r.state == PENDING and i not in changed
-               and max(received, r.next_attempt) <= now
+               and max(received, r.next_attempt) <= now and not suspended(domain_of(r.address))
                for i, r in enumerate(record.recipients))
 
 
-def failures_to_report(applied: Applied, remote_mta: str, now: float, *,
-                       hold: bool = True) -> list[Failure]:
+def suspended_in(w: WriteTxn, now: float) -> Callable[[str], bool]:
+    """domain → suspended at `now` by the holds table stored in `w` (read on first use:
+    most outcomes never ask)."""
+    table: list[Holds] = []
+
+    def suspended(domain: str) -> bool:
+        if not table:
+            raw = w.get_control(HOLDS_KEY)
+            table.append(decode_holds(raw) if raw else Holds())
+        return table[0].suspended(domain, now) is not None
+
+    return suspended
+
+
+def failures_to_report(applied: Applied, remote_mta: str, now: float, *, hold: bool = True,
+                       suspended: Callable[[str], bool] = lambda domain: False) -> list[Failure]:
     """The failures to report now for the outcome `applied` (about to be written):
     `applied.bounced` plus those held earlier, or [] while the pass goes on (they are
     then held in `applied.record`). Clears the held list when it reports them.
@@ -56,7 +77,7 @@ def failures_to_report(applied: Applied, remote_mta: str, now: float, *,
         held.append(HeldFailure(i, rep.code, rep.enhanced, rep.lines, remote_mta))
     if not held:
         return []
-    if hold and not applied.done and _others_due(record, set(applied.replies), now):
+    if hold and not applied.done and _others_due(record, set(applied.replies), now, suspended):
         record.held_failures = held
         return []
     record.held_failures = []

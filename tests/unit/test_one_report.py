@@ -63,6 +63,11 @@ def test_not_yet_due_recipient_does_not_hold() -> None:
     assert len(failures_to_report(applied, "mx.x.test", NOW)) == 1
 
 
+def test_recipient_at_a_suspended_domain_does_not_hold() -> None:
+    applied = apply(record("a@x.test", "b@y.test"), {0: REFUSED})
+    assert len(failures_to_report(applied, "mx.x.test", NOW, suspended=lambda d: d == "y.test")) == 1
+
+
 def test_operator_bounce_reports_at_once() -> None:
     applied = apply(record("a@x.test", "b@y.test"), {0: REFUSED})
     assert len(failures_to_report(applied, "", NOW, hold=False)) == 1
