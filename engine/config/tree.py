@@ -156,6 +156,12 @@ class LimitsConfig(Frozen, frozen=True):
     # we give the whole DATA/BDAT phase the same budget.
     data_timeout: Duration = Duration(600)
     max_auth_failures: int = 3
+    # Across sessions, per client address and worker (engine/inbound/auth_failures.py):
+    # this many failed AUTHs within the window and that address gets 421 on AUTH until
+    # the window ends; 0 turns it off. Each failed AUTH is answered after the delay.
+    max_auth_failures_per_ip: int = 10
+    auth_failure_window: Duration = Duration(600)
+    auth_failure_delay: Duration = Duration(1)
     max_unknown_commands: int = 20
     # NOOP/RSET/VRFY/HELP per session (Postfix smtpd_junk_command_limit); then 421.
     max_junk_commands: int = 100

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from engine.config import Config
 from engine.inbound import users
+from engine.inbound.auth_failures import AuthFailures
 from engine.inbound.policy import Policy
 from engine.inbound.tls import make_server_tls_context
 from engine.observe import log
@@ -69,6 +70,7 @@ class WorkerContext:
         # scrypt is ~50 ms of CPU: a small pool keeps it off the loop (house rule 4).
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="volley-auth")
         self._sweeper: asyncio.TimerHandle | None = None
+        self.auth_failures = AuthFailures(0, 0.0)  # limits set by apply_config
         self.apply_config(cfg)
 
     def apply_config(self, cfg: Config) -> None:
@@ -79,6 +81,11 @@ class WorkerContext:
         self.command_timeout = float(cfg.limits.command_timeout)
         self.data_timeout = float(cfg.limits.data_timeout)
         self.policy = Policy(cfg)
+        limits = cfg.limits
+        # A reload keeps what was counted and changes only the limits.
+        self.auth_failures.limit = limits.max_auth_failures_per_ip
+        self.auth_failures.window = float(limits.auth_failure_window)
+        self.auth_failure_delay = float(limits.auth_failure_delay)
         self.users = users.UserDb.load(cfg.auth.users_file)
         self.ssl_context = make_server_tls_context(cfg)
         # Each worker takes its share of the global caps (see README, "Limits").

@@ -40,6 +40,7 @@ from engine.smtp.replies import (
     R220_READY_TLS,
     R250_RCPT_OK,
     R250_SENDER_OK,
+    R421_AUTH_BLOCKED,
     R421_SHUTTING_DOWN,
     R421_TOO_MANY_CONNECTIONS,
     R451_LOCAL_ERROR,
@@ -332,6 +333,14 @@ class SmtpServerProtocol(InboundConnection):
         if reply is not None:
             out.append(self.session.send(reply))
             return True
+        if self.ctx.auth_failures.blocked(self.client_ip, self.ctx.loop.time()):
+            # This address guessed too often lately: no password is even looked at.
+            log.warning("auth_blocked", client=self.client_ip)
+            out.append(self.session.send(R421_AUTH_BLOCKED))
+            self._write(out)
+            out.clear()
+            self.close()
+            return False
         self.auth_state = AuthExchange(command.mechanism)
         return self._auth_step(command.initial, out)
 
@@ -357,7 +366,13 @@ class SmtpServerProtocol(InboundConnection):
             self.session.authenticated(user)
         else:
             self.auth_failures += 1
+            ctx = self.ctx
+            ctx.auth_failures.failed(self.client_ip, ctx.loop.time())
+            if ctx.auth_failure_delay > 0:  # a guesser waits for every wrong answer
+                await asyncio.sleep(ctx.auth_failure_delay)
         reply = decisions.auth_result(ok, self.auth_failures, self.ctx.cfg.limits.max_auth_failures)
+        if self.transport is None:
+            return  # the client left while it waited
         if reply.code == 421:
             self.busy = False
             self._write([self.session.send(reply)])

@@ -69,6 +69,7 @@ R421_TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again
 R421_SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, closing connection")
 R421_TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
 R421_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures, closing connection")
+R421_AUTH_BLOCKED = Reply(421, "4.7.0", "Too many authentication failures from your address, try later")
 R451_LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 R452_QUEUE_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 R452_TOO_MANY_RCPTS = Reply(452, "4.5.3", "Too many recipients")

@@ -53,8 +53,10 @@ class ConnectionClosedError(AssertionError):
 
 
 class RawClient:
-    def __init__(self, port: int, *, timeout: float = TIMEOUT, banner: bool = True) -> None:
-        self.sock: socket.socket = socket.create_connection((HOST, port), timeout=timeout)
+    def __init__(self, port: int, *, timeout: float = TIMEOUT, banner: bool = True,
+                 source: str | None = None) -> None:
+        self.sock: socket.socket = socket.create_connection(
+            (HOST, port), timeout=timeout, source_address=(source, 0) if source else None)
         self.timeout = timeout
         self.buf = b""
         self.banner: Reply | None = self.reply(enhanced=False) if banner else None
