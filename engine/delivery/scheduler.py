@@ -19,7 +19,9 @@ Outcomes are applied inside the commit: the op re-reads the record in the write
 transaction, so two workers delivering different domains of one message never
 overwrite each other's recipient states. Delivered, bounced and expired recipients
 are marked in the same group commit that follows the remote's final reply (P3);
-bounces queue their DSN in that same transaction, with the null sender.
+bounces queue their DSN in that same transaction, with the null sender, or hold it in
+the record while another domain of the message is in flight, so the sender gets one
+report per message and pass (engine/delivery/onereport.py).
 
 Holds (engine/delivery/holds.py): an entry of a suspended domain is not dispatched but
 parked, all of one scan's in one op, and stays in `inflight` until that op commits. A

@@ -6,7 +6,11 @@ engine/delivery/onereport.py for what a pass is)."""
 from __future__ import annotations
 
 import threading
+import tomllib
+from pathlib import Path
 from typing import Any
+
+import orjson
 
 from engine.lab.sink.protocol import start_sink
 from tests.integration.harness import wait_until
@@ -116,8 +120,16 @@ def test_two_workers_two_shards_one_report(serve, peers, dns_zone):
             return sorted(refused) == sorted(rcpts)
 
     wait_until(refused_both, 30, "both destinations refused their recipient")
-    wait_until(lambda: len(home.messages) >= 1, 30, "a report at the sender's domain")
-    # Stopped after the first report arrived: nothing may be left queued (a second
-    # report, or the message itself), and no second report may have been delivered.
+    log_path = Path(tomllib.loads(server.config_path.read_text())["log"]["delivery"])
+
+    def outcomes() -> list[tuple[str, str]]:
+        lines = log_path.read_bytes().splitlines() if log_path.exists() else []
+        return [(e["recipient"], e["outcome"]) for e in map(orjson.loads, lines)]
+
+    # Both bounces logged and a report's delivery committed: stopped then, nothing may
+    # be left queued (a second report, or the message itself), and no second report
+    # may have been delivered.
+    wait_until(lambda: sorted(o for o in outcomes() if o[1] == "bounced") == [(r, "bounced") for r in rcpts]
+               and (SENDER, "delivered") in outcomes(), 30, "bounces logged and a report delivered")
     assert queued_after_stop(server) == 0
     check_one_report(dsns(home), rcpts)
