@@ -81,8 +81,15 @@ def test_kill_9_supervisor_workers_exit_and_restart_recovers(serve, peers, dns_z
 
     os.kill(first.proc.pid, signal.SIGKILL)
     first.proc.wait(10)
-    wait_until(lambda: not any(pid_alive(p) for p in first.worker_pids), 30,
-               "the orphaned workers exit by themselves")
+    try:
+        wait_until(lambda: not any(pid_alive(p) for p in first.worker_pids), 30,
+                   "the orphaned workers exit by themselves")
+    except TimeoutError:
+        os.killpg(first.proc.pid, signal.SIGKILL)  # their group: leave nothing running
+        raise
+    for slot in range(len(first.worker_pids)):  # they learnt it from the control socket's EOF
+        first.wait_for(lambda e, s=slot: e.get("event") == "supervisor_lost" and e.get("slot") == s,
+                       10)
     path = queue_path(first)
     # LMDB resets the reader table when the first process opens an environment nobody
     # has open; a witness keeps it open so a dead reader's slot survives, as it would
