@@ -16,6 +16,7 @@ from engine.smtp.replies import (
     R501_SYNTAX,
     R502_NOT_IMPLEMENTED,
     R553_BAD_ADDRESS,
+    R553_NON_ASCII_ADDRESS,
     R555_UNKNOWN_PARAM,
     Reply,
 )
@@ -255,6 +256,12 @@ def _helo_domain(rest: str, verb: str) -> str:
     return domain
 
 
+def _eight_bit_refusal(address: str) -> Reply:
+    """UTF-8 in a MAIL/RCPT line outside an SMTPUTF8 transaction: a non-ASCII mailbox
+    is RFC 6531's 553 5.6.7; 8-bit bytes anywhere else in the line stay a 500."""
+    return R500_BAD_BYTES if address.isascii() else R553_NON_ASCII_ADDRESS
+
+
 def parse_command(raw: bytes, *, utf8_rcpt: bool = False) -> Command:
     """Parse one command line (without its CRLF).
 
@@ -278,11 +285,11 @@ def parse_command(raw: bytes, *, utf8_rcpt: bool = False) -> Command:
     if verb == "MAIL":
         mail = _mail(rest)
         if not ascii_line and not mail.smtputf8:
-            raise SmtpSyntaxError(R500_BAD_BYTES)
+            raise SmtpSyntaxError(_eight_bit_refusal(mail.address))
         return mail
     if verb == "RCPT":
         if not ascii_line and not utf8_rcpt:
-            raise SmtpSyntaxError(R500_BAD_BYTES)
+            raise SmtpSyntaxError(_eight_bit_refusal(_rcpt(rest, True).address))
         return _rcpt(rest, utf8_rcpt)
     if verb == "DATA":
         if rest.strip():

@@ -77,6 +77,8 @@ R454_TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
 R500_UNKNOWN_COMMAND = Reply(500, "5.5.1", "Command unrecognized")
 R500_LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
 R500_BAD_BYTES = Reply(500, "5.5.2", "Command contains NUL, bare CR or LF, or 8-bit bytes")
+# RFC 6531 §3.7.4.1 with RFC 5248's X.6.7: a UTF-8 mailbox outside an SMTPUTF8 transaction.
+R553_NON_ASCII_ADDRESS = Reply(553, "5.6.7", "Non-ASCII address needs MAIL FROM with SMTPUTF8")
 R501_SYNTAX = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
 R501_AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
 R501_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode base64 response")

@@ -231,8 +231,11 @@ INVALID: list[tuple[bytes, int, str]] = [
     (b"MAIL FROM:<a\xff@example.com> SMTPUTF8", 500, "5.5.2"),  # not UTF-8
     (b"EHLO caf\xc3\xa9.example", 500, "5.5.2"),
     (b"NOOP caf\xc3\xa9", 500, "5.5.2"),
-    ("MAIL FROM:<δοκιμή@example.com>".encode(), 500, "5.5.2"),  # UTF-8 without SMTPUTF8
-    ("RCPT TO:<δοκιμή@example.com>".encode(), 500, "5.5.2"),  # only when the MAIL had SMTPUTF8
+    # RFC 6531 §3.7.4.1: a UTF-8 mailbox without SMTPUTF8 is 553 5.6.7, 8-bit elsewhere not.
+    ("MAIL FROM:<δοκιμή@example.com>".encode(), 553, "5.6.7"),
+    ("RCPT TO:<δοκιμή@example.com>".encode(), 553, "5.6.7"),  # only when the MAIL had SMTPUTF8
+    ("MAIL FROM:<a@example.com> ENVID=é".encode(), 501, "5.5.4"),  # not xtext
+    ("RCPT TO:<a@example.com> NOTIFY=é".encode(), 501, "5.5.4"),
     ("maıl FROM:<a@example.com> SMTPUTF8".encode(), 500, "5.5.2"),  # "ı".upper() == "I"
     # DATA / BDAT
     (b"DATA now", 501, "5.5.4"),
@@ -283,7 +286,7 @@ def test_utf8_rcpt_only_when_the_mail_had_smtputf8() -> None:
     line = "RCPT TO:<δοκιμή@παράδειγμα.δοκιμή> NOTIFY=NEVER".encode()
     with pytest.raises(SmtpSyntaxError) as info:
         parse_command(line, utf8_rcpt=False)
-    assert info.value.reply.code == 500
+    assert (info.value.reply.code, info.value.reply.enhanced) == (553, "5.6.7")  # RFC 6531 §3.7.4.1
     assert parse_command(line, utf8_rcpt=True) == Rcpt("δοκιμή@παράδειγμα.δοκιμή", notify=("NEVER",))
     # An ASCII line is fine either way.
     assert parse_command(b"RCPT TO:<b@example.com>", utf8_rcpt=True) == Rcpt("b@example.com")

@@ -258,7 +258,7 @@ def test_utf8_rcpt_only_after_smtputf8_mail() -> None:
     session = session_in(State.READY)
     rcpt = "RCPT TO:<δοκιμή@παράδειγμα.δοκιμή>\r\n".encode()
     drive(session, MAIL)
-    assert codes(drive(session, rcpt)) == [500]
+    assert codes(drive(session, rcpt)) == [553]  # RFC 6531 §3.7.4.1: 553 5.6.7
     drive(session, b"RSET\r\n")
     drive(session, b"MAIL FROM:<s@example.com> SMTPUTF8\r\n")
     result = drive(session, rcpt)
