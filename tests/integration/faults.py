@@ -20,6 +20,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from tests.integration.harness import wait_until
 
 TRACED = "fsync,fdatasync,msync,write,writev,pwrite64,sendto,sendmsg"
@@ -137,8 +139,6 @@ class SyscallTrace:
     missing or ptrace is refused."""
 
     def __init__(self, pid: int, out: Path, max_string: int = 8192) -> None:
-        import pytest
-
         exe = shutil.which("strace")
         if exe is None:
             pytest.skip("strace is not installed: the syscall-order proof needs it")
@@ -149,6 +149,8 @@ class SyscallTrace:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True)
         self._attached = threading.Event()
+        self._threads = len(os.listdir(f"/proc/{pid}/task"))  # later ones are followed (-f)
+        self._seen = 0
         self._err: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -170,7 +172,10 @@ class SyscallTrace:
         for line in self.proc.stderr:
             self._err.append(line)
             if "attached" in line:
-                self._attached.set()
+                # "Process N attached with K threads" covers them all at once.
+                self._seen += 1
+                if "attached with" in line or self._seen >= self._threads:
+                    self._attached.set()
 
     def stop(self) -> Trace:
         if self.proc.poll() is None:
