@@ -33,9 +33,14 @@ system-deps:
 	  else echo "system-deps: $$tool is missing (tests that need it will skip)"; fi; \
 	done
 
-# A long fuzzing round of the parsers (make test runs a short one with the same tests).
+# A long fuzzing round of the parsers (make test runs a short one with the same tests),
+# then coverage-guided runs of each parser with atheris (libFuzzer), seeded by the corpus.
 fuzz: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[fuzz]'
 	VOLLEY_FUZZ_EXAMPLES=20000 $(BIN)/python -m pytest -q tests/fuzz -p no:randomly
+	for target in commands replies server; do \
+	  $(BIN)/python tools/fuzz_atheris.py $$target 300000 || exit 1; \
+	done
 
 # Ten minutes of mixed load with injected faults, then a reconciliation table.
 soak: $(STAMP)
