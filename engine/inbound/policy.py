@@ -67,6 +67,11 @@ class Policy:
         if rcpt.address == "postmaster":
             # The parser's spelling of RFC 5321's bare <Postmaster>, any case: ours to
             # take from anyone when it has somewhere to go, never queued domain-less.
+            # postmaster@DOMAIN has a domain and is an ordinary recipient: §4.5.1 asks
+            # for it at the domains we provide mail service for, which for a relay are
+            # relay.local_domains (open to anyone, relayed to that domain's MX, where
+            # its postmaster mailbox lives); our own hostname is a mail domain only if
+            # listed there, as Volley delivers nothing locally.
             return None if self.postmaster else R550_NO_POSTMASTER
         if trusted:
             return None

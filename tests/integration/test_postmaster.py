@@ -9,6 +9,12 @@ import pytest
 
 from engine import config as config_mod
 from engine.queue.ids import id_bytes
+from tests.integration.relay_helpers import (
+    Lab,
+    body,
+    lab,  # noqa: F401  (fixture)
+    tag_of,
+)
 from tests.integration.smtp_raw import RawClient, queue_id
 
 PM = "hostmaster@volley.test"
@@ -89,3 +95,17 @@ def test_server_postmaster_round_trips_through_config_check_form():
     cfg = config_mod.from_dict({"server": {"postmaster": PM}})
     assert cfg.server.postmaster == PM
     assert config_mod.from_dict(config_mod.to_builtins(cfg)) == cfg
+
+
+def test_postmaster_mail_is_relayed_to_the_configured_address(lab: Lab):
+    # The mapped recipient is an ordinary one from then on: looked up in DNS and
+    # delivered to its MX, which sees RCPT TO the configured address, never <postmaster>.
+    sink = lab.sink("127.0.0.2")
+    lab.zone({"pm.test": {"MX": [(10, "mx.pm.test")]}, "mx.pm.test": {"A": ["127.0.0.2"]}})
+    lab.start({"server": {"postmaster": "hostmaster@pm.test"}})
+    lab.send(["postmaster"], body("to-postmaster"))
+    lab.wait_sink(sink, 1)
+    lab.wait_queue_empty()
+    (msg,) = sink.messages
+    assert msg.rcpt_tos == ["hostmaster@pm.test"]
+    assert tag_of(msg.data) == "to-postmaster"
