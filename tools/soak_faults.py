@@ -73,7 +73,8 @@ class Faults:
     async def run(self) -> None:
         queue = self.plan()
         while True:
-            await asyncio.sleep(self.rng.uniform(0.5, 1.5) * self.interval)
+            # The first round comes sooner, so a short run still sees every kind.
+            await asyncio.sleep(self.rng.uniform(0.5, 1.0 if queue else 1.5) * self.interval)
             kind = queue.pop(0) if queue else self.rng.choice(KINDS)
             try:
                 detail = await getattr(self, kind)()
@@ -108,17 +109,33 @@ class Faults:
         raise RuntimeError(f"sink {sink.spec.host} did not come back")
 
     async def queue_fill(self) -> str | None:
+        """Suspend every destination until the queue stops growing under the blast's
+        steady load for a second (new mail is being refused: the server's rejected
+        counter cannot tell, nothing increments it) or `fill_seconds` pass; then resume."""
         from engine.control.protocol import Suspend
 
         self.suspended = True
+        start = time.monotonic()
+        full_at = None
         try:
-            for domain in self.domains:
+            for domain in self.domains:  # the duration makes it end even if we die
                 await asyncio.to_thread(control, self.sock, Suspend(
-                    domain=domain, duration=self.fill_seconds, reason="soak: queue fill"))
-            await asyncio.sleep(self.fill_seconds)
+                    domain=domain, duration=self.fill_seconds + 10, reason="soak: queue fill"))
+            top, top_at = -1, start
+            while time.monotonic() - start < self.fill_seconds:
+                await asyncio.sleep(0.25)  # polling the queue's exact count, with a deadline
+                queued = int((await status(self.sock))["queue"]["messages"])
+                if queued > top:
+                    top, top_at = queued, time.monotonic()
+                elif time.monotonic() - top_at >= 1.0:
+                    full_at = top_at - start
+                    break
         finally:
             await self.resume_all()
-        return f"delivery suspended {self.fill_seconds:g}s"
+        held = time.monotonic() - start
+        if full_at is None:
+            return f"delivery suspended {held:.1f}s; the queue did not fill"
+        return f"delivery suspended {held:.1f}s; full at {top} messages after {full_at:.1f}s"
 
     async def resume_all(self) -> None:
         from engine.control.protocol import Resume

@@ -95,7 +95,8 @@ def reconcile(blast: dict[str, Any], sinks: SinkCounts, queued: int, received: f
         "unreadable": len(sinks.unreadable), "delivery_log": dlog,
         "faults": faults, "sink_faults": sink_faults, "rss": rss, "rss_ok": rss_ok,
     }
-    result["ok"] = (lost == 0 and duplicates <= kill_bound and rss_ok and not sinks.unreadable)
+    result["ok"] = (lost == 0 and drained and duplicates <= kill_bound and rss_ok
+                    and not sinks.unreadable)
     return result
 
 
@@ -131,7 +132,7 @@ def render(r: dict[str, Any]) -> str:
         lines.append(f"    slot {w['slot']} pid {w['pid']}: {_kib(w['base_kib'])} -> {_kib(w['end_kib'])}"
                      f"  {drift}")
     verdict = "PASS" if r["ok"] else "FAIL"
-    why = [what for bad, what in ((r["lost"], "messages lost"),
+    why = [what for bad, what in ((r["lost"], "messages lost"), (not r["drained"], "queue not drained"),
                                   (r["duplicates"] > r["duplicates_allowed"], "too many duplicates"),
                                   (not r["rss_ok"], f"RSS drift over {RSS_LIMIT:.0%}"),
                                   (r["unreadable"], "stored messages without an id")) if bad]
