@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import soak_report
-from soak_faults import Faults, RssWatch, status
+from soak_faults import KINDS, Faults, RssWatch, status
 from soak_lab import Blast, DemoError, ServerProcess, Sink, SinkSpec
 
 PROG = "soak"
@@ -60,9 +60,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=10, help="blast sessions (default 10)")
     p.add_argument("--queue-size", default="1MiB", help="queue.max_size (default 1MiB)")
     p.add_argument("--drain", type=float, default=120.0, help="seconds to wait for the queue to empty")
+    p.add_argument("--faults", default=",".join(KINDS),
+                   help=f"fault kinds on the schedule, comma-separated (default {','.join(KINDS)})")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--keep", metavar="DIR", help="work in DIR (new or empty) and keep it")
     args = p.parse_args(argv)
+    args.faults = tuple(k for k in args.faults.split(",") if k)
+    if any(k not in KINDS for k in args.faults):
+        p.error(f"--faults: kinds are {', '.join(KINDS)}")
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1 << 31)
     return args
@@ -164,7 +169,7 @@ async def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         stack.push_async_callback(server.stop)
         faults = Faults(sock=server.sock, sinks=sinks, domains=[s.domain for s in SINKS], rng=rng,
                         interval=max(3.0, args.duration / 25), fill_seconds=min(15.0, args.duration / 5),
-                        outage=min(3.0, args.duration / 10))
+                        outage=min(3.0, args.duration / 10), kinds=args.faults)
         rss = RssWatch(after=min(60.0, args.duration / 4))
         blast = Blast(work, blast_argv(args, server.port, write_message(work)))
         stack.push_async_callback(blast.stop)

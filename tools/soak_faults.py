@@ -57,6 +57,7 @@ class Faults:
     interval: float  # mean seconds between faults
     fill_seconds: float  # how long a queue_fill keeps delivery suspended
     outage: float  # how long a restarted sink stays down
+    kinds: tuple[str, ...] = KINDS  # which kinds the schedule draws from
     events: list[tuple[float, str, str]] = field(default_factory=list)  # (t, kind, detail)
     counts: Counter[str] = field(default_factory=Counter)
     kill_bound: int = 0  # sum over kills of the victim's outbound sessions (at least 1)
@@ -66,7 +67,7 @@ class Faults:
     def plan(self) -> list[str]:
         """Every kind once in a shuffled order first (a short run still sees each), then
         random kinds."""
-        first = list(KINDS)
+        first = list(self.kinds)
         self.rng.shuffle(first)
         return first
 
@@ -75,7 +76,7 @@ class Faults:
         while True:
             # The first round comes sooner, so a short run still sees every kind.
             await asyncio.sleep(self.rng.uniform(0.5, 1.0 if queue else 1.5) * self.interval)
-            kind = queue.pop(0) if queue else self.rng.choice(KINDS)
+            kind = queue.pop(0) if queue else self.rng.choice(self.kinds)
             try:
                 detail = await getattr(self, kind)()
             except Exception as err:  # noqa: BLE001 (a fault that could not be injected is noted, not fatal)
