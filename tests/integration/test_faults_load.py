@@ -230,7 +230,8 @@ def test_kill_9_workers_under_load_loses_no_acknowledged_mail(serve: Any, peers:
     assert "mid-data" not in copies
     assert len(acked) >= 50, len(acked)  # the load was real
     # The stopped-then-killed workers never committed what the sink accepted: resent.
-    assert all(copies[t] == 2 for t in window_tags), (window_tags, copies)
+    # (>= 2: the stopped delivery may itself have been a resend after an earlier kill.)
+    assert all(copies[t] >= 2 for t in window_tags), (window_tags, copies)
     dups = {t: n for t, n in copies.items() if n > 1}
     # Each duplicate straddles a kill of the worker owning its domain: the first copy was
     # accepted before that worker died, the second after the kill began.
