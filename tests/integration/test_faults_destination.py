@@ -1,0 +1,281 @@
+"""Destination faults (issue 11): a remote server that misbehaves at the byte level.
+
+Each test runs a tiny raw asyncio server on 127.0.0.1 that plays one fault, drives a
+real DeliverySession against it, and checks three things: the affected recipients get a
+4xx (a deferral: never a 250 for a delivery that did not happen, never a bounce for a
+remote fault), the client survives (the next message, to a healthy sink on the same
+loop, is delivered), and the peer's own count shows what it really accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+import trustme
+
+from engine.delivery import connect
+from engine.delivery.connect import client_tls_context
+from engine.delivery.dialogue import SetupError
+from engine.delivery.job import JobResult
+from engine.delivery.session import DeliverySession
+from engine.smtp.client_replies import MAX_REPLY_LINE, MAX_REPLY_LINES
+from tests.integration.test_session import (
+    codes,
+    fast_timeouts,
+    make_job,
+    open_session,
+    run_bounded,
+    server_tls,
+    settings_for,
+    sink_at,
+)
+
+Reader = asyncio.StreamReader
+Writer = asyncio.StreamWriter
+Play = Callable[[Reader, Writer], Awaitable[None]]
+EHLO_PIPELINING = b"250-peer.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+
+
+class Peer:
+    """A raw SMTP peer on loopback: `play` owns each connection. No peer here ever sends
+    a 250 after a complete body, so any 2xx outcome the client reports is a lie."""
+
+    def __init__(self, play: Play) -> None:
+        self.play = play
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> Peer:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader: Reader, writer: Writer) -> None:
+        try:
+            await self.play(reader, writer)
+        except (OSError, asyncio.IncompleteReadError):  # ssl.SSLError is an OSError
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+async def greet(reader: Reader, writer: Writer, ehlo: bytes = EHLO_PIPELINING) -> None:
+    writer.write(b"220 peer.test ESMTP\r\n")
+    await reader.readuntil(b"\r\n")  # EHLO
+    writer.write(ehlo)
+    await writer.drain()
+
+
+async def read_until_quiet(reader: Reader, marker: bytes) -> bytes:
+    """Everything up to and including `marker` (e.g. the DATA line)."""
+    return await reader.readuntil(marker)
+
+
+async def peer_session(peer: Peer, **kw: object) -> DeliverySession:
+    return await connect.open_session("peer.test", "127.0.0.1", peer.port,
+                                      settings_for(peer, **kw), fast_timeouts(1.0), None)  # type: ignore[arg-type]
+
+
+async def healthy_delivery_still_works() -> None:
+    """The worker survives: a fresh session to a healthy sink delivers a message."""
+    sink = await sink_at()
+    session = await open_session(sink)
+    result = await session.run(make_job(["ok@d.test"], tag="after"))
+    assert codes(result) == [250]
+    await sink.wait_for(1, 5.0)
+    assert sink.accepted == 1  # the sink's own count: exactly the one message
+    await session.quit()
+
+
+def assert_deferred(result: JobResult, n: int) -> None:
+    assert len(result.replies) == n
+    for reply in result.replies.values():
+        assert reply.code // 100 == 4, reply  # a deferral, never 2xx or 5xx
+
+
+def run_fault(play: Play, rcpts: int = 1, *, check: Callable[[JobResult], None] | None = None) -> Peer:
+    """One transaction against a peer playing `play`; every recipient must defer."""
+    holder: list[Peer] = []
+
+    async def main() -> None:
+        peer = await Peer(play).start()
+        holder.append(peer)
+        try:
+            session = await peer_session(peer)
+            job = make_job([f"r{i}@d.test" for i in range(rcpts)])
+            result = await session.run(job)
+            assert_deferred(result, rcpts)
+            if check is not None:
+                check(result)
+            await session.wait_closed()  # a faulty connection is never reused
+            await healthy_delivery_still_works()
+        finally:
+            await peer.close()
+
+    run_bounded(main)
+    return holder[0]
+
+
+# --- the faults ------------------------------------------------------------------------
+def test_connection_reset_mid_data() -> None:
+    async def play(reader: Reader, writer: Writer) -> None:
+        await greet(reader, writer)
+        await reader.readuntil(b"DATA\r\n")
+        writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        await writer.drain()
+        await reader.readexactly(10)  # part of the body, then a reset (RST)
+        writer.transport.abort()
+
+    run_fault(play, check=lambda r: _assert_enhanced(r, "4.4.2"))  # connection lost
+
+
+def test_reply_never_comes_after_mail() -> None:
+    async def play(reader: Reader, writer: Writer) -> None:
+        await greet(reader, writer, b"250 peer.test\r\n")  # no PIPELINING: MAIL alone
+        await reader.readuntil(b"\r\n")
+        await reader.read()  # silent until the client gives up
+
+    run_fault(play, check=lambda r: _assert_text(r, "timeout"))
+
+
+def _assert_text(result: JobResult, word: str) -> None:
+    assert all(word in " ".join(r.lines).lower() for r in result.replies.values()), result.replies
+
+
+def _assert_enhanced(result: JobResult, enhanced: str) -> None:
+    assert all(r.enhanced == enhanced for r in result.replies.values()), result.replies
+
+
+def test_greeting_never_comes() -> None:
+    async def play(reader: Reader, writer: Writer) -> None:
+        await reader.read()
+
+    async def main() -> None:
+        peer = await Peer(play).start()
+        try:
+            with pytest.raises(SetupError) as info:
+                await peer_session(peer)
+            assert info.value.reply.code // 100 == 4 and "greeting" in str(info.value)
+            await healthy_delivery_still_works()
+        finally:
+            await peer.close()
+
+    run_bounded(main)
+
+
+def test_multiline_reply_that_never_ends_is_cut_at_a_bound() -> None:
+    sent: list[int] = []
+
+    async def play(reader: Reader, writer: Writer) -> None:
+        await greet(reader, writer)
+        await reader.readuntil(b"\r\n")
+        line = b"250-more\r\n"
+        # 250- lines for ever (until the client hangs up): the client must stop reading.
+        while not writer.is_closing() and not reader.at_eof():
+            writer.write(line * 1000)
+            sent.append(1000)
+            await writer.drain()
+            if sum(sent) > 10 * MAX_REPLY_LINES * 1000:  # far beyond any bound
+                break
+
+    run_fault(play, check=lambda r: _assert_text(r, "too many lines"))
+    assert sum(sent) < 10 * MAX_REPLY_LINES * 1000  # the client hung up, not the peer
+
+
+def test_one_megabyte_reply_line() -> None:
+    async def play(reader: Reader, writer: Writer) -> None:
+        await greet(reader, writer)
+        await reader.readuntil(b"\r\n")
+        writer.write(b"250 " + b"x" * (1 << 20) + b"\r\n")
+        await writer.drain()
+        await reader.read()
+
+    assert MAX_REPLY_LINE < 1 << 20
+    run_fault(play, check=lambda r: _assert_text(r, "too long"))
+
+
+@pytest.mark.parametrize("reply", [
+    b"999 what\r\n", b"abc def\r\n", b"2500 ok\r\n", b"250-first\r\n251 second\r\n", b"\r\n",
+])
+def test_invalid_reply_codes(reply: bytes) -> None:
+    async def play(reader: Reader, writer: Writer) -> None:
+        await greet(reader, writer, b"250 peer.test\r\n")
+        await reader.readuntil(b"\r\n")  # MAIL
+        writer.write(reply)
+        await writer.drain()
+        await reader.read()
+
+    run_fault(play, check=lambda r: _assert_enhanced(r, "4.5.0"))
+
+
+def test_250_to_data_is_not_a_delivery() -> None:
+    """A 2xx where 354 is due: the body was never sent, so nothing was delivered."""
+
+    async def play(reader: Reader, writer: Writer) -> None:
+        await greet(reader, writer)
+        await reader.readuntil(b"DATA\r\n")
+        writer.write(b"250 ok\r\n250 ok\r\n250 ok\r\n250 2.0.0 queued\r\n")  # MAIL, 2 RCPT, DATA
+        await writer.drain()
+        # A client that took the 250 as a 354 would send the body: say 250 to it as well.
+        await reader.readuntil(b"\r\n.\r\n")
+        writer.write(b"250 2.0.0 ok\r\n")
+        await writer.drain()
+        await reader.read()
+
+    run_fault(play, rcpts=2, check=lambda r: _assert_enhanced(r, "4.5.0"))
+
+
+def test_fewer_replies_than_pipelined_commands() -> None:
+    """MAIL and one of three RCPTs answered, then the server closes: nobody is delivered,
+    and the recipient whose RCPT got 250 defers too (its DATA never completed)."""
+
+    async def play(reader: Reader, writer: Writer) -> None:
+        await greet(reader, writer)
+        await reader.readuntil(b"DATA\r\n")
+        writer.write(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n")
+        await writer.drain()
+
+    run_fault(play, rcpts=3, check=lambda r: _assert_enhanced(r, "4.4.2"))
+
+
+def test_bytes_injected_after_starttls_220_are_never_used(ca: trustme.CA) -> None:
+    """RFC 3207 §5 / CVE-2011-0411 on the client side: anything after the 220 to STARTTLS
+    arrived in plaintext, so a client that kept it would read the attacker's EHLO reply
+    after the handshake. The peer here really does TLS after its 220 and would answer
+    EHLO over it; the client must refuse the connection before the handshake (4.7.5),
+    never reaching the TLS EHLO."""
+    over_tls: list[bytes] = []
+
+    async def play(reader: Reader, writer: Writer) -> None:
+        await greet(reader, writer, b"250-peer.test\r\n250 STARTTLS\r\n")
+        await reader.readuntil(b"STARTTLS\r\n")
+        writer.write(b"220 2.0.0 Ready to start TLS\r\n250-injected\r\n250 AUTH PLAIN\r\n")
+        await writer.drain()
+        await writer.start_tls(server_tls(ca))
+        over_tls.append(await reader.readuntil(b"\r\n"))  # EHLO over TLS
+        writer.write(EHLO_PIPELINING)
+        await writer.drain()
+        await reader.read()
+
+    async def main() -> None:
+        peer = await Peer(play).start()
+        try:
+            with pytest.raises(SetupError) as info:
+                await connect.open_session(
+                    "peer.test", "127.0.0.1", peer.port, settings_for(peer, tls="required"),  # type: ignore[arg-type]
+                    fast_timeouts(1.0), client_tls_context(False))
+            assert (info.value.reply.code, info.value.reply.enhanced) == (454, "4.7.5"), info.value.reply
+            assert "after its 220" in str(info.value)
+            assert over_tls == []
+            await healthy_delivery_still_works()
+        finally:
+            await peer.close()
+
+    run_bounded(main)
