@@ -81,6 +81,13 @@ class InboundConnection(asyncio.Protocol):
     # --- ending ----------------------------------------------------------------------
     def timed_out(self) -> None:
         """Called by the worker's sweeper once `deadline` has passed."""
+        if self.closing:
+            # Closed a sweep ago and still here: close() waits for the write buffer
+            # to flush, which a client that never reads never lets happen. Drop it,
+            # or it holds its slot, its per-IP count and its buffer for ever (P8).
+            if self.transport is not None:
+                self.transport.abort()
+            return
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(R421_TIMEOUT.to_bytes())
         log.info("session_timeout", client=self.client_ip, state=self.session.state.value)

@@ -6,6 +6,7 @@ relay rules apply to it as to any stranger."""
 from __future__ import annotations
 
 import base64
+import select
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from engine.inbound.users import set_user
 from engine.queue.ids import id_bytes
-from tests.integration.harness import InboundServer
+from tests.integration.harness import InboundServer, wait_until
 from tests.integration.smtp_raw import RawClient
 
 
@@ -104,3 +105,32 @@ def test_nul_and_crlf_inside_auth_payloads_do_not_authenticate(stranger: Inbound
         # Not authenticated, and nothing from inside the payload ran: still a stranger.
         assert c.cmd("MAIL FROM:<a@b.test>").code == 250
         assert c.cmd("RCPT TO:<x@evil.test>").code == 554
+
+
+def test_a_client_that_never_reads_is_dropped_at_the_deadline_and_frees_its_slot(
+        inbound: Callable[..., InboundServer]) -> None:
+    """P8: a client that pipelines commands and never reads a reply is ended at the
+    command deadline even though its replies can never be flushed (a plain close would
+    wait for the flush forever and hold the session, its per-IP slot and its buffer);
+    the worker goes on serving others."""
+    server = inbound({"limits": {"command_timeout": "1s", "max_junk_commands": 10**9,
+                                 "max_connections_per_ip": 1}})
+    ctx = server.runtime.ctx
+    with RawClient(server.port) as c:
+        c.ehlo()
+        c.sock.setblocking(False)
+        # Push until the server stops reading (its write buffer is full and paused).
+        chunk = b"NOOP\r\n" * 10923
+        while True:
+            try:
+                c.sock.send(chunk)
+            except BlockingIOError:
+                _, writable, _ = select.select([], [c.sock], [], 1.0)
+                if not writable:
+                    break
+        assert server.call(lambda: max(p.transport.get_write_buffer_size() for p in ctx.sessions)) > 0
+        # The socket stays open and unread; the server must still let go of it.
+        wait_until(lambda: server.call(lambda: len(ctx.sessions)) == 0, timeout=20,
+                   what="the non-reading session to be dropped")
+        with RawClient(server.port) as other:  # the per-IP slot (limit 1) is free again
+            assert other.cmd("NOOP").code == 250
