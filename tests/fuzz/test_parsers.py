@@ -151,3 +151,25 @@ def test_dsn_parameters_parse_or_are_refused_with_a_reply(
         head: bytes, params: list[tuple[bytes, bytes | None]]) -> None:
     raw = head + b"".join(b" " + k + (b"=" + v if v is not None else b"") for k, v in params)
     _parse(raw, utf8_rcpt=False)
+
+
+local_like = st.lists(st.sampled_from(['"', "@", "\\", "%", "!", ":", ",", " ", "a", ".", "<", ">", "é"]),
+                      max_size=12).map("".join)
+
+
+@FUZZ
+@given(local_like, st.sampled_from(["here.example", "[127.0.0.1]", "[IPv6:::1]", "x.y-z.example"]),
+       st.sampled_from(["", "@evil.example:", "@evil.example,@other.example:"]), st.booleans())
+def test_the_domain_after_the_last_at_is_the_one_written_after_the_mailbox(
+        local: str, domain: str, route: str, utf8: bool) -> None:
+    """P7: whatever the local part holds (quoted @, routes, %, !), an accepted
+    address routes to the domain written after it, never to one hidden in it."""
+    raw = f"RCPT TO:<{route}{local}@{domain}>".encode()
+    try:
+        command = parse_command(raw, utf8_rcpt=utf8)
+    except SmtpSyntaxError as err:
+        _well_formed(err.reply)
+        return
+    assert isinstance(command, Rcpt)
+    assert command.address.rpartition("@")[2] == domain, (raw, command.address)
+    assert "evil" not in command.address  # a source route is dropped (RFC 5321 §3.3)
