@@ -167,12 +167,36 @@ def order_mx(records: Iterable[MxRecord], rng: random.Random) -> list[list[MxRec
     return ordered
 
 
+def _usable_address(address: str) -> bool:
+    """False for an address no mail exchanger can have: IPv4 0/8 ("this network"; a
+    connect to 0.0.0.0 reaches this very host on Linux), multicast 224/4, reserved 240/4
+    and broadcast; IPv6 "::" and multicast ff00::/8. Such an RR is a zone's mistake
+    (or a parked domain's "0.0.0.0"), and connecting to it would at best fail and at
+    worst loop back to ourselves past the loop check.
+
+    Private (RFC 1918, ULA) and loopback addresses stay usable on purpose: internal
+    relays, split-horizon DNS and a lab MX on loopback are legitimate, and mail to an
+    address of this relay is caught by the loop check (an MX naming this host, or one of
+    its listeners' addresses, bounces 5.4.6), as Postfix does. An operator who wants
+    them refused lists them in a transport rule.
+
+    Addresses arrive in dnspython's canonical text, so a string test suffices (this
+    runs for every route built).
+    """
+    if ":" in address:
+        return address != "::" and address[:2].lower() != "ff"
+    first = address.partition(".")[0]
+    return first.isdigit() and 0 < int(first) < 224
+
+
 def _shuffled_addresses(addresses: Sequence[str], rng: random.Random) -> tuple[str, ...]:
-    """Shuffle within each family, IPv4 before IPv6 as the resolver gave them.
+    """Shuffle within each family, IPv4 before IPv6 as the resolver gave them; addresses
+    no host can have (`_usable_address`) are left out.
 
     A cached RRset would otherwise freeze one order, and every connection would go to
     the first address of a round-robin host.
     """
+    addresses = [a for a in addresses if _usable_address(a)]
     v4 = [a for a in addresses if ":" not in a]
     v6 = [a for a in addresses if ":" in a]
     rng.shuffle(v4)
@@ -267,8 +291,10 @@ def _hosts_with_addresses(
                 transient = True  # might have addresses; skip it this time only
             elif answer.status is Status.OK and answer.records:
                 addrs = _shuffled_addresses(answer.records, rng)
-                hosts.append(RouteHost(record.host, record.preference, addrs))
-            # NXDOMAIN/NODATA: an MX naming a host without addresses; skip it.
+                if addrs:
+                    hosts.append(RouteHost(record.host, record.preference, addrs))
+            # NXDOMAIN/NODATA (or only unusable addresses): an MX naming a host without
+            # addresses; skip it.
     return hosts, transient
 
 
@@ -284,7 +310,10 @@ def _implicit_route(
         return RouteError(no_address_reply(domain))
     if local and _is_local(domain, answer, local):
         return RouteError(loop_reply(domain))
-    host = RouteHost(domain, 0, _shuffled_addresses(answer.records, rng))
+    addrs = _shuffled_addresses(answer.records, rng)
+    if not addrs:  # only addresses no host can have: defer, as for an MX without any
+        return RouteError(no_usable_mx_reply(domain))
+    host = RouteHost(domain, 0, addrs)
     return Route(domain, (host,), domain, implicit=True, address_key=address_key((host,)))
 
 
