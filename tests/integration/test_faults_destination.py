@@ -10,6 +10,7 @@ loop, is delivered), and the peer's own count shows what it really accepted.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -20,7 +21,10 @@ from engine.delivery.connect import client_tls_context
 from engine.delivery.dialogue import SetupError
 from engine.delivery.job import JobResult
 from engine.delivery.session import DeliverySession
+from engine.lab.sink.state import Faults
+from engine.queue.records import PENDING
 from engine.smtp.client_replies import MAX_REPLY_LINE, MAX_REPLY_LINES
+from tests.integration.relay_helpers import Lab, body, lab  # noqa: F401  (fixture)
 from tests.integration.test_session import (
     codes,
     fast_timeouts,
@@ -279,3 +283,45 @@ def test_bytes_injected_after_starttls_220_are_never_used(ca: trustme.CA) -> Non
             await peer.close()
 
     run_bounded(main)
+
+
+# --- the whole relay ---------------------------------------------------------------------
+RELAY_ZONE = {
+    "dest.test": {"MX": [(10, "mx.dest.test")]},
+    "mx.dest.test": {"A": ["127.0.0.2"]},
+    "good.test": {"MX": [(10, "mx.good.test")]},
+    "mx.good.test": {"A": ["127.0.0.3"]},
+}
+
+
+@pytest.mark.parametrize("fault", ["250 to DATA", "invalid code", "dropped at end of data"])
+def test_relay_defers_a_faulty_destination_and_delivers_the_next(lab: Lab, fault: str) -> None:
+    """Through the whole relay: the faulty destination's recipients are logged deferred
+    and stay queued with a next attempt, the sink there counts no message, and a message
+    to a healthy destination sent after it is delivered by the same worker."""
+
+    def script(verb: str, arg: str) -> str | None:
+        if fault == "250 to DATA" and verb == "DATA":
+            return "250 2.0.0 queued"  # 354 was due: nothing can have been delivered
+        if fault == "invalid code" and verb == "RCPT":
+            return "2500 ok"
+        return None
+
+    drop = Faults(disconnect_rate=1.0) if fault == "dropped at end of data" else None
+    bad = lab.sink("127.0.0.2", script=script, faults=drop)
+    good = lab.sink("127.0.0.3")
+    lab.zone(RELAY_ZONE)
+    lab.start()
+    started = time.time()
+    qid = lab.send(["r0@dest.test", "r1@dest.test", "r2@dest.test"], body("faulty"))
+    lines = lab.wait_log(lambda e: e["id"] == qid, 3)
+    assert {e["outcome"] for e in lines} == {"deferred"}, lines
+    assert all(e["code"] // 100 == 4 for e in lines), lines
+    record = lab.records()[qid]
+    assert all(r.state == PENDING and r.attempts >= 1 and r.next_attempt > started
+               for r in record.recipients), record
+    ok = lab.send(["x@good.test"], body("healthy"))
+    lab.wait_log(lambda e: e["id"] == ok and e["outcome"] == "delivered")
+    lab.wait_sink(good, 1)
+    assert bad.accepted == 0 and len(bad.messages) == 0
+    assert bad.disconnected >= (1 if drop else 0)
