@@ -224,8 +224,13 @@ def test_kill_9_workers_under_load_loses_no_acknowledged_mail(serve: Any, peers:
             progress()
 
     acked = set(load.acked) | {"after-250"}
-    wait_until(lambda: {tag_of(m.data) for m in sink.messages} >= acked, WAIT,
-               "every acknowledged message delivered")
+    try:
+        wait_until(lambda: {tag_of(m.data) for m in sink.messages} >= acked, WAIT,
+                   "every acknowledged message delivered")
+    except TimeoutError:
+        missing = sorted(acked - {tag_of(m.data) for m in sink.messages})
+        raise AssertionError(f"{len(missing)} acknowledged, never delivered: {missing[:20]}; "
+                             f"kills {kills}, live {[(p.mode, p.rcpts) for p in sink.live]}") from None
     copies = Tally(tag_of(m.data) for m in sink.messages)
     assert "mid-data" not in copies
     assert len(acked) >= 50, len(acked)  # the load was real
