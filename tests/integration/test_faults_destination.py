@@ -20,16 +20,19 @@ from engine.delivery import connect
 from engine.delivery.connect import client_tls_context
 from engine.delivery.dialogue import SetupError
 from engine.delivery.job import JobResult
+from engine.delivery.pool import SitePool
 from engine.delivery.session import DeliverySession
 from engine.lab.sink.state import Faults
 from engine.queue.records import PENDING
 from engine.smtp.client_replies import MAX_REPLY_LINE, MAX_REPLY_LINES
 from tests.integration.relay_helpers import Lab, body, lab  # noqa: F401  (fixture)
 from tests.integration.test_session import (
+    Results,
     codes,
     fast_timeouts,
     make_job,
     open_session,
+    route,
     run_bounded,
     server_tls,
     settings_for,
@@ -43,16 +46,18 @@ EHLO_PIPELINING = b"250-peer.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
 
 
 class Peer:
-    """A raw SMTP peer on loopback: `play` owns each connection. No peer here ever sends
-    a 250 after a complete body, so any 2xx outcome the client reports is a lie."""
+    """A raw SMTP peer on loopback (127.0.0.0/8 only): `play` owns each connection. No
+    peer here takes a message by the protocol's rules, so any 2xx outcome the client
+    reports would count a delivery that did not happen."""
 
-    def __init__(self, play: Play) -> None:
+    def __init__(self, play: Play, host: str = "127.0.0.1") -> None:
         self.play = play
+        self.host = host
         self.server: asyncio.Server | None = None
         self.port = 0
 
     async def start(self) -> Peer:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._handle, self.host, 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
@@ -325,3 +330,48 @@ def test_relay_defers_a_faulty_destination_and_delivers_the_next(lab: Lab, fault
     lab.wait_sink(good, 1)
     assert bad.accepted == 0 and len(bad.messages) == 0
     assert bad.disconnected >= (1 if drop else 0)
+
+
+def test_a_reply_trickling_in_does_not_extend_the_deadline() -> None:
+    """A server that sends a byte now and then (an endless 250- line, slowly) is still cut
+    off at the phase's deadline: reads never push the deadline back."""
+    sent = []
+
+    async def play(reader: Reader, writer: Writer) -> None:
+        await greet(reader, writer, b"250 peer.test\r\n")
+        await reader.readuntil(b"\r\n")  # MAIL
+        writer.write(b"250-")
+        while not writer.is_closing():
+            writer.write(b"x")
+            sent.append(1)
+            await writer.drain()
+            await asyncio.sleep(0.02)  # the fault itself: a slow trickle, not a synchronisation
+
+    run_fault(play, check=lambda r: _assert_text(r, "timeout"))
+    assert len(sent) < MAX_REPLY_LINE  # cut by the deadline, not by the line bound
+
+
+def test_pool_moves_past_a_host_that_never_greets() -> None:
+    """RFC 5321 §5.1 through the pool: the most preferred MX accepts TCP and then says
+    nothing; after the greeting timeout the job goes to the next MX and is delivered."""
+    async def play(reader: Reader, writer: Writer) -> None:
+        await reader.read()
+
+    async def main() -> None:
+        mute = await Peer(play, "127.0.0.2").start()
+        try:
+            sink = await sink_at("127.0.0.3", mute.port)
+            r = route(("mx1.dest.test", ("127.0.0.2",)), ("mx2.dest.test", ("127.0.0.3",)))
+            pool = SitePool(r.site_key, settings_for(sink), fast_timeouts(0.5),
+                            lambda: client_tls_context(False), asyncio.get_running_loop())
+            results = Results()
+            pool.submit(make_job(["a@dest.test"], tag="j", results=results, job_route=r))
+            await results.wait(1, timeout=8.0)
+            result = results.by_tag["j"]
+            assert codes(result) == [250] and result.mx_host == "mx2.dest.test"
+            assert sink.accepted == 1
+            await pool.close()
+        finally:
+            await mute.close()
+
+    run_bounded(main)
