@@ -20,7 +20,9 @@ Policy decisions, each a `SetupError` whose `reply` is the 4xx the jobs would ge
   (or any non-235) defers with 454 4.7.0 quoting the server: a credentials problem is
   ours to fix, never a reason to bounce.
 - Bytes buffered after the 220 to STARTTLS were injected in plaintext (CVE-2011-0411
-  style "STARTTLS command injection"): refuse the connection (4.7.5).
+  style "STARTTLS command injection"): refuse the connection (4.7.5). Bytes buffered
+  after the dialogue's last reply answer nothing and would be matched to MAIL: refuse
+  the connection too (4.5.0 "protocol"); later unsolicited bytes close an idle session.
 """
 
 from __future__ import annotations
@@ -218,6 +220,11 @@ async def setup(session: SetupConnection, settings: PoolSettings, timeouts: Time
             "tls_required", f"{session.where} does not offer STARTTLS, required by policy"), "tls_required")
     if settings.auth_user:
         await _auth(session, settings, timeouts, caps)
+    if session.buffered:
+        # Nothing was asked that these bytes could answer: left in the parser they would
+        # be taken as the reply to MAIL (RFC 2920 §3.1 matches replies by order alone).
+        raise SetupError(Reply(451, "4.5.0",
+                               f"{session.where} sent data nobody asked for after its EHLO reply"), "protocol")
     session.caps = caps
 
 

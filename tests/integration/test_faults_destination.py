@@ -375,3 +375,23 @@ def test_pool_moves_past_a_host_that_never_greets() -> None:
             await mute.close()
 
     run_bounded(main)
+
+
+def test_reply_nobody_asked_for_after_ehlo_is_never_matched_to_mail() -> None:
+    """A second 250 after the EHLO reply answers nothing; kept, it would be taken as the
+    reply to MAIL and shift every later reply by one. The connection is refused."""
+    async def play(reader: Reader, writer: Writer) -> None:
+        await greet(reader, writer, b"250 peer.test\r\n250 2.1.0 stale\r\n")
+        await reader.read()
+
+    async def main() -> None:
+        peer = await Peer(play).start()
+        try:
+            with pytest.raises(SetupError) as info:
+                await peer_session(peer)
+            assert (info.value.reply.code, info.value.reply.enhanced) == (451, "4.5.0")
+            await healthy_delivery_still_works()
+        finally:
+            await peer.close()
+
+    run_bounded(main)
