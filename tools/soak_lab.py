@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.lab.demo.processes import DemoError, ServerProcess, _log_file
+from engine.lab.demo.processes import DemoError, ServerProcess, log_file, reap
 
 __all__ = ["Blast", "DemoError", "ServerProcess", "Sink", "SinkSpec"]
 
@@ -56,7 +56,7 @@ class Sink:
                 "--defer-rate", str(s.defer_rate), "--reject-rate", str(s.reject_rate),
                 "--disconnect-rate", str(s.disconnect_rate)]
         self.starts += 1
-        with _log_file(self.log) as err:
+        with log_file(self.log) as err:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "engine.lab.sink", *args,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=err)
@@ -86,7 +86,7 @@ class Sink:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        await _reap(proc, 10.0)
+        await reap(proc, 10.0, terminate=True)
         reader = getattr(self, "_reader", None)
         if reader is not None:
             with contextlib.suppress(asyncio.CancelledError):
@@ -109,7 +109,7 @@ class Blast:
         self.started = 0.0
 
     async def start(self) -> None:
-        with _log_file(self.work / "blast.log") as err:
+        with log_file(self.work / "blast.log") as err:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "engine.lab.blast", *self.argv, "--json",
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=err)
@@ -130,19 +130,7 @@ class Blast:
     async def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc is not None:
-            await _reap(proc, 10.0)
-
-
-async def _reap(proc: asyncio.subprocess.Process, grace: float) -> None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-    try:
-        await asyncio.wait_for(proc.wait(), grace)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
+            await reap(proc, 10.0, terminate=True)
 
 
 def rss_kib(pid: int) -> int | None:

@@ -47,7 +47,7 @@ class SinkProcess:
         for _ in range(5):
             port = free_port(hosts[0])
             listen = [arg for h in hosts for arg in ("--listen", f"{h}:{port}")]
-            with _log_file(work / "sink.log") as err:
+            with log_file(work / "sink.log") as err:
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "engine.lab.sink", "--json", "--no-starttls", "--interval",
                     "0.25", "--targets-from-stdin", "--latency", f"{latency * 1000:g}ms", *listen,
@@ -113,7 +113,7 @@ class SinkProcess:
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.terminate()
-        await _reap(self.proc, 10.0)
+        await reap(self.proc, 10.0)
         self._reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._reader
@@ -131,7 +131,7 @@ class ServerProcess:
     @classmethod
     async def start(cls, work: Path, config: Path) -> ServerProcess:
         log = work / "volley.log"
-        with _log_file(log) as err:
+        with log_file(log) as err:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "engine", "serve", "-c", str(config), cwd=work,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=err)
@@ -175,10 +175,15 @@ class ServerProcess:
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGTERM)
-        await _reap(self.proc, 30.0)
+        await reap(self.proc, 30.0)
 
 
-async def _reap(proc: asyncio.subprocess.Process, grace: float) -> None:
+async def reap(proc: asyncio.subprocess.Process, grace: float, *, terminate: bool = False) -> None:
+    """Wait up to `grace` seconds for `proc` to exit (after SIGTERM if `terminate`), then
+    kill it; returns once it is gone. Also used by the soak (tools/soak_lab.py)."""
+    if terminate and proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
     try:
         await asyncio.wait_for(proc.wait(), grace)
     except TimeoutError:
@@ -187,6 +192,6 @@ async def _reap(proc: asyncio.subprocess.Process, grace: float) -> None:
         await proc.wait()
 
 
-def _log_file(path: Path) -> IO[bytes]:
+def log_file(path: Path) -> IO[bytes]:
     """A child's stderr, appended to `path` (opening a local file does not block for long)."""
     return open(path, "ab")  # noqa: SIM115 (the caller's with-block closes it)
