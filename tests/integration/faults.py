@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.harness import wait_until
+from tests.integration.relay_helpers import body
+from tests.integration.smtp_client import RawSmtp
 
 TRACED = "fsync,fdatasync,msync,write,writev,pwrite64,sendto,sendmsg"
 _LINE = re.compile(r"^(\d+)\s+\d+\.\d+\s+(.*)$")
@@ -217,3 +219,15 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
+
+
+def open_mid_data(port: int, sender: str, rcpt: str, tag: str = "mid-data") -> RawSmtp:
+    """A client inside DATA on 127.0.0.1:`port`, part of its body sent and no end in
+    sight: kill the worker now and the message is one the client never had a 250 for."""
+    client = RawSmtp("127.0.0.1", port, timeout=10)
+    assert client.cmd("EHLO client.test")[0] == 250
+    assert client.cmd(f"MAIL FROM:<{sender}>")[0] == 250
+    assert client.cmd(f"RCPT TO:<{rcpt}>")[0] == 250
+    assert client.cmd("DATA")[0] == 354
+    client.send(body(tag)[:40])
+    return client

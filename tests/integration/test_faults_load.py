@@ -32,6 +32,7 @@ from collections import Counter as Tally
 from typing import Any
 
 from engine.lab.sink.protocol import NO_REPLY, start_sink
+from tests.integration.faults import open_mid_data
 from tests.integration.harness import wait_until
 from tests.integration.relay_helpers import SENDER, body, rcpt_of, send, tag_of
 from tests.integration.smtp_client import ConnectionDropped, RawSmtp, queue_id
@@ -181,12 +182,7 @@ def test_kill_9_workers_under_load_loses_no_acknowledged_mail(serve: Any, peers:
     with Load(server.port, doms) as load:
         progress()
         # 1. mid-DATA and right after a 250, with the load running.
-        mid = RawSmtp("127.0.0.1", server.port, timeout=10)
-        assert mid.cmd("EHLO client.test")[0] == 250
-        assert mid.cmd(f"MAIL FROM:<{SENDER}>")[0] == 250
-        assert mid.cmd(f"RCPT TO:<r@{doms[0]}>")[0] == 250
-        assert mid.cmd("DATA")[0] == 354
-        mid.send(body("mid-data")[:40])
+        mid = open_mid_data(server.port, SENDER, f"r@{doms[0]}")
         send(server.port, [f"r@{doms[1]}"], body("after-250"))
         for slot in (0, 1):
             kill(slot)

@@ -23,10 +23,10 @@ from collections import Counter as Tally
 from typing import Any
 
 from engine.lab.sink.protocol import NO_REPLY, start_sink
-from tests.integration.faults import lmdb_readers, pid_alive
+from tests.integration.faults import lmdb_readers, open_mid_data, pid_alive
 from tests.integration.harness import ServeProcess, merge, wait_until
 from tests.integration.relay_helpers import body, send, send_many, tag_of
-from tests.integration.smtp_client import ConnectionDropped, RawSmtp
+from tests.integration.smtp_client import ConnectionDropped
 from tests.integration.test_relay_process import kill_worker, queued_after_stop, relay_config
 
 DOMAIN = "d0.test"
@@ -143,12 +143,7 @@ def test_kill_9_worker_at_each_phase_loses_no_acknowledged_mail(serve, peers, dn
     kills = 0
 
     # 1. mid-DATA: the client never gets a 250, so the message is not ours to keep.
-    client = RawSmtp("127.0.0.1", server.port, timeout=10)
-    assert client.cmd("EHLO client.test")[0] == 250
-    assert client.cmd(f"MAIL FROM:<a@{DOMAIN}>")[0] == 250
-    assert client.cmd(f"RCPT TO:<r@{DOMAIN}>")[0] == 250
-    assert client.cmd("DATA")[0] == 354
-    client.send(body("mid-data")[:40])
+    client = open_mid_data(server.port, f"a@{DOMAIN}", f"r@{DOMAIN}")
     current["pid"] = kill_worker(server, 0, current["pid"])
     kills += 1
     assert client.at_eof()
