@@ -103,6 +103,25 @@ async def healthy_delivery_still_works() -> None:
     await session.quit()
 
 
+def run_setup_refused(play: Play) -> SetupError:
+    """Open a session to a peer playing `play`: the setup must fail with SetupError (its
+    reply for the caller to check), and a healthy delivery must still work after it."""
+    holder: list[SetupError] = []
+
+    async def main() -> None:
+        peer = await Peer(play).start()
+        try:
+            with pytest.raises(SetupError) as info:
+                await peer_session(peer)
+            holder.append(info.value)
+            await healthy_delivery_still_works()
+        finally:
+            await peer.close()
+
+    run_bounded(main)
+    return holder[0]
+
+
 def assert_deferred(result: JobResult, n: int) -> None:
     assert len(result.replies) == n
     for reply in result.replies.values():
@@ -166,17 +185,8 @@ def test_greeting_never_comes() -> None:
     async def play(reader: Reader, writer: Writer) -> None:
         await reader.read()
 
-    async def main() -> None:
-        peer = await Peer(play).start()
-        try:
-            with pytest.raises(SetupError) as info:
-                await peer_session(peer)
-            assert info.value.reply.code // 100 == 4 and "greeting" in str(info.value)
-            await healthy_delivery_still_works()
-        finally:
-            await peer.close()
-
-    run_bounded(main)
+    err = run_setup_refused(play)
+    assert err.reply.code // 100 == 4 and "greeting" in str(err)
 
 
 def test_multiline_reply_that_never_ends_is_cut_at_a_bound() -> None:
@@ -384,14 +394,5 @@ def test_reply_nobody_asked_for_after_ehlo_is_never_matched_to_mail() -> None:
         await greet(reader, writer, b"250 peer.test\r\n250 2.1.0 stale\r\n")
         await reader.read()
 
-    async def main() -> None:
-        peer = await Peer(play).start()
-        try:
-            with pytest.raises(SetupError) as info:
-                await peer_session(peer)
-            assert (info.value.reply.code, info.value.reply.enhanced) == (451, "4.5.0")
-            await healthy_delivery_still_works()
-        finally:
-            await peer.close()
-
-    run_bounded(main)
+    err = run_setup_refused(play)
+    assert (err.reply.code, err.reply.enhanced) == (451, "4.5.0")
