@@ -71,6 +71,8 @@ def failures_to_report(applied: Applied, remote_mta: str, now: float, *, hold: b
     then held in `applied.record`). Clears the held list when it reports them.
     `hold=False` (an operator's bounce: not a delivery pass) reports at once."""
     record = applied.record
+    if not applied.bounced and not record.held_failures:
+        return []  # the common outcome (delivered or deferred, nothing held): no work
     held = list(record.held_failures)
     for i in sorted(applied.bounced):
         rep = applied.replies[i]
