@@ -15,6 +15,13 @@ from engine.config.loader import (
     load,
     to_builtins,
 )
+from engine.config.newsletter import (
+    CampaignsConfig,
+    DkimConfig,
+    FeedbackConfig,
+    HttpConfig,
+    SuppressionConfig,
+)
 from engine.config.tree import (
     AuthConfig,
     Config,
@@ -49,10 +56,12 @@ from engine.config.units import (
 )
 
 __all__ = [
-    "DEFAULT_SCHEDULE", "AuthConfig", "Config", "ConfigError", "ControlConfig", "DeliveryConfig",
-    "DnsConfig", "Duration", "Frozen", "LimitsConfig", "ListenerConfig", "LogConfig", "MetricsConfig",
-    "QueueConfig", "RelayConfig", "RetrySchedule", "RouteConfig", "ServerConfig", "Size", "TimeoutsConfig",
-    "TlsConfig", "TlsPolicy", "decode_json", "dump_toml", "encode_json", "format_duration", "format_size",
-    "from_dict", "load", "parse_duration", "parse_nameserver", "parse_schedule", "parse_size",
+    "AuthConfig", "CampaignsConfig", "Config", "ConfigError", "ControlConfig",
+    "DEFAULT_SCHEDULE", "DeliveryConfig", "DkimConfig", "DnsConfig", "Duration",
+    "FeedbackConfig", "Frozen", "HttpConfig", "LimitsConfig", "ListenerConfig", "LogConfig",
+    "MetricsConfig", "QueueConfig", "RelayConfig", "RetrySchedule", "RouteConfig",
+    "ServerConfig", "Size", "SuppressionConfig", "TimeoutsConfig", "TlsConfig", "TlsPolicy",
+    "decode_json", "dump_toml", "encode_json", "format_duration", "format_size", "from_dict",
+    "load", "parse_duration", "parse_nameserver", "parse_schedule", "parse_size",
     "split_host_port", "to_builtins",
 ]

@@ -14,6 +14,13 @@ from typing import Literal
 
 import msgspec
 
+from engine.config.newsletter import (
+    CampaignsConfig,
+    DkimConfig,
+    FeedbackConfig,
+    HttpConfig,
+    SuppressionConfig,
+)
 from engine.config.units import (
     DEFAULT_SCHEDULE,
     Duration,
@@ -318,8 +325,15 @@ class Config(Frozen, frozen=True):
     dns: DnsConfig = msgspec.field(default_factory=DnsConfig)
     delivery: DeliveryConfig = msgspec.field(default_factory=DeliveryConfig)
     routes: list[RouteConfig] = msgspec.field(default_factory=list)
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    dkim: list[DkimConfig] = msgspec.field(default_factory=list)
+    suppression: SuppressionConfig = msgspec.field(default_factory=SuppressionConfig)
+    feedback: FeedbackConfig = msgspec.field(default_factory=FeedbackConfig)
+    campaigns: CampaignsConfig = msgspec.field(default_factory=CampaignsConfig)
 
     def __post_init__(self) -> None:
+        if self.http.tls and not (self.tls.cert_file and self.tls.key_file):
+            raise ValueError("tls.cert_file: http.tls is on but no certificate is set")
         if not self.listeners:
             raise ValueError("listeners: at least one listener is required")
         needs_tls = [i for i, lst in enumerate(self.listeners) if lst.tls != "none"]

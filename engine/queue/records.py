@@ -80,6 +80,11 @@ class MessageRecord(msgspec.Struct, array_like=True, tag_field="v", tag=RECORD_V
     # Failures waiting to go out together in one report (appended last: older records
     # decode with the default).
     held_failures: list[HeldFailure] = []
+    # Newsletter accounting (appended last, as above): the campaign and tenant the
+    # message counts toward ("" = none), and its priority 0-9 (9 first).
+    campaign: str = ""
+    tenant: str = ""
+    priority: int = 5
 
 
 _encoder = msgspec.msgpack.Encoder()

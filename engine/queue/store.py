@@ -8,6 +8,8 @@ Layout (named DBs in one environment):
   due   owner u16 BE | due u64 BE (ms since epoch) | id | domain utf-8 → arrival u32 BE
         one entry per (message, recipient domain with PENDING recipients)
   ctl   control state that must survive a restart (suspensions, throttles): name → bytes
+  supp  the suppression list (engine/queue/suppression.py says the key layout)
+  camp  campaign counters per tenant and campaign (engine/queue/campaigns.py)
 
 Due keys are a pure function of the stored record and the shard count (see
 `records.pending_domains`), so deleting or updating a message recomputes its old keys
@@ -124,6 +126,8 @@ class QueueStore(StoreViews):
             self._body = self._env.open_db(b"body")
             self._due = self._env.open_db(b"due")
             self._ctl = self._env.open_db(b"ctl")
+            self._supp = self._env.open_db(b"supp")
+            self._camp = self._env.open_db(b"camp")
             self._psize: int = self._env.stat()["psize"]
             self._env.reader_check()  # finding 7: clear slots of dead readers at start
         except lmdb.Error as err:
@@ -175,7 +179,7 @@ class QueueStore(StoreViews):
         # Free pages pinned by live readers are not counted, so this is an estimate;
         # the hard MAP_FULL still maps to QueueFull if it is wrong.
         used = 4  # two meta pages, main DB root, slack
-        for db in (self._meta, self._msg, self._body, self._due):
+        for db in (self._meta, self._msg, self._body, self._due, self._supp, self._camp):
             st = txn.stat(db)
             used += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
         return used

@@ -25,6 +25,8 @@ class StoreTables(Protocol):
     _body: lmdb._Database
     _due: lmdb._Database
     _ctl: lmdb._Database
+    _supp: lmdb._Database
+    _camp: lmdb._Database
 
     def _account_put(self, txn: lmdb.Transaction[bytes], body_len: int, n_keys: int, *,
                      headroom: bool = False) -> None: ...

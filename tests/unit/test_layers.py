@@ -26,10 +26,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("engine.supervisor",),
     ("engine.worker",),
     ("engine.control",),
-    ("engine.inbound", "engine.delivery"),
+    ("engine.inbound", "engine.delivery", "engine.http"),
     ("engine.queue",),
     ("engine.dns",),
-    ("engine.errors", "engine.cmdline"),
+    ("engine.errors", "engine.cmdline", "engine.mail"),
     ("engine.smtp", "engine.config", "engine.observe", "engine.version", "engine"),
 )
 RANK = {unit: len(LAYERS) - i for i, units in enumerate(LAYERS) for unit in units}
