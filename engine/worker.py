@@ -28,6 +28,7 @@ from engine.delivery.holds import HOLDS_KEY, Holds, decode_holds
 from engine.delivery.runtime import Delivery
 from engine.inbound.context import WorkerContext
 from engine.inbound.listener import start_listeners
+from engine.mail.dkim import DkimSigner
 from engine.observe import log
 from engine.observe.metrics import WorkerMetrics
 from engine.queue.commit import Committer
@@ -72,6 +73,7 @@ class WorkerRuntime:
                                   batch_interval=float(cfg.queue.batch_interval))
         committer.start()
         ctx = WorkerContext(cfg, loop, committer, ids, workers=workers)
+        ctx.store = store  # read side for the suppression list at RCPT
         servers = await start_listeners(ctx, cfg, sockets)
         ctx.start_sweeper()
         delivery = None
@@ -86,12 +88,15 @@ class WorkerRuntime:
         runtime = cls(store, committer, ctx, servers, delivery, sockets)
         if delivery is not None:
             delivery.scheduler.metrics = runtime.metrics  # latency and queue-time histograms
+            delivery.scheduler.signer = DkimSigner.from_config(cfg.dkim) if cfg.dkim else None
         return runtime
 
     def apply_config(self, cfg: config_mod.Config) -> None:
         self.ctx.apply_config(cfg)
         if self.delivery is not None:
             self.delivery.apply_config(cfg)
+            # The supervisor loaded every key before it sent the reload (startup check).
+            self.delivery.scheduler.signer = DkimSigner.from_config(cfg.dkim) if cfg.dkim else None
 
     async def stop(self) -> None:
         await self.drain()

@@ -51,6 +51,7 @@ from engine.dns.cache import DnsCache
 from engine.dns.mx import Route, RouteError
 from engine.dns.resolver import Resolver
 from engine.errors import StorageError, StoragePanic, VolleyError
+from engine.mail.dkim import DkimSigner
 from engine.observe import log
 from engine.observe.delivery_log import DeliveryLog
 from engine.observe.metrics import WorkerMetrics
@@ -105,6 +106,7 @@ class Scheduler:
         self._last_full = 0.0
         self.holds = Holds()
         self.metrics: WorkerMetrics | None = None  # when the worker wants histograms
+        self.signer: DkimSigner | None = None  # [[dkim]] keys, when any are configured
 
     def apply_config(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -278,7 +280,12 @@ class Scheduler:
             self._commit_outcome(msg_id, domain, body,
                                  JobResult(replies={i: route.reply for i in indices}))
             return
-        job = Job(record, body, indices, domain, route,
+        signed = body
+        if record.sign and self.signer:
+            # Signed per attempt, as it leaves (RFC 6376 §3.5 t= is the signing time);
+            # the stored body and any DSN quoting it stay as they were received.
+            signed = self.signer.sign(body) + body
+        job = Job(record, signed, indices, domain, route,
                   lambda result: self._commit_outcome(msg_id, domain, body, result),
                   created=self.loop.time())
         self.stats.dispatched += 1

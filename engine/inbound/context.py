@@ -18,6 +18,7 @@ from engine.inbound.tls import make_server_tls_context
 from engine.observe import log
 from engine.queue.committer import QueueCommitter
 from engine.queue.ids import IdAllocator
+from engine.queue.store import QueueStore
 
 
 class InboundSession(Protocol):
@@ -67,6 +68,7 @@ class WorkerContext:
         self.stats = InboundStats()
         self.draining = False
         self.on_new_mail: Callable[[], None] | None = None  # wakes the delivery scheduler
+        self.store: QueueStore | None = None  # reads (the suppression list); writes go to `committer`
         # scrypt is ~50 ms of CPU: a small pool keeps it off the loop (house rule 4).
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="volley-auth")
         self._sweeper: asyncio.TimerHandle | None = None

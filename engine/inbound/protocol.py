@@ -252,6 +252,9 @@ class SmtpServerProtocol(InboundConnection):
             record = decisions.queue_record(
                 raw_id, session, len(body), self.client_ip, ctx.policy.postmaster
             )
+            # Only mail we vouch for is signed with our keys: from a client we relay
+            # for (relay.networks) or one that authenticated.
+            record.sign = self.may_relay or session.auth_user is not None
             ctx.committer.submit(
                 lambda txn: txn.put_message(record, body),
                 lambda result: self._committed(result, msg_id, len(body)),

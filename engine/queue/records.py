@@ -85,6 +85,9 @@ class MessageRecord(msgspec.Struct, array_like=True, tag_field="v", tag=RECORD_V
     campaign: str = ""
     tenant: str = ""
     priority: int = 5
+    # DKIM-sign at delivery (engine/mail/dkim.py): the message came from an
+    # authenticated or relay-network client, or over the HTTP API.
+    sign: bool = False
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -80,8 +80,8 @@ def test_held_failures_survive_encoding_and_old_records_decode() -> None:
     rec.held_failures = [HeldFailure(0, 550, "5.1.1", ("line 1", "line 2"), "mx.x.test")]
     assert decode_record(encode_record(rec)) == rec
     rec.held_failures = []
-    # A record written before held_failures (and the campaign fields after it) were
+    # A record written before held_failures (and the newsletter fields after it) were
     # appended: the same array without its last four elements.
     fields = msgspec.msgpack.decode(encode_record(rec))
-    old = msgspec.msgpack.encode(fields[:-4])
+    old = msgspec.msgpack.encode(fields[:-5])
     assert decode_record(old) == rec
