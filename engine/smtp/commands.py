@@ -112,7 +112,7 @@ def _split_verb(line: str) -> tuple[str, str]:
     return (verb.upper() if verb.isascii() else verb), rest
 
 
-def _path(text: str, *, utf8: bool, allow_null: bool) -> tuple[str, str]:
+def _path(text: str, *, utf8: bool, allow_null: bool, max_local: int = _MAX_LOCAL) -> tuple[str, str]:
     """Match a Path at the start of `text`; return (address, remaining text)."""
     if allow_null and text.startswith(grammar.NULL_PATH):
         return "", text[2:]
@@ -127,9 +127,9 @@ def _path(text: str, *, utf8: bool, allow_null: bool) -> tuple[str, str]:
     end = m.end()
     # Octet limits; the ASCII pattern matches only ASCII, where len() is the octet count.
     if utf8:
-        too_long = len(local.encode()) > _MAX_LOCAL or len(domain.encode()) > _MAX_DOMAIN
+        too_long = len(local.encode()) > max_local or len(domain.encode()) > _MAX_DOMAIN
     else:
-        too_long = len(local) > _MAX_LOCAL or len(domain) > _MAX_DOMAIN
+        too_long = len(local) > max_local or len(domain) > _MAX_DOMAIN
     if too_long or end > _MAX_PATH:
         raise SmtpSyntaxError(R553_BAD_ADDRESS, "Address too long")
     return f"{local}@{domain}", text[end:]
@@ -217,7 +217,11 @@ def _rcpt(rest: str, utf8: bool) -> Rcpt:
         # means this host's postmaster (the relay policy treats it as local).
         address, tail = "postmaster", arg[12:]
     else:
-        address, tail = _path(arg, utf8=utf8, allow_null=False)
+        # RFC 5321 §4.5.3.1: 64 octets is the local part a server must at least take,
+        # and "implementation techniques that impose no limits ... should be used". A
+        # recipient's local part is held to the path limit only, so a VERP return path
+        # (local+TOKEN@domain, engine/mail/verp.py) longer than 64 comes back to us.
+        address, tail = _path(arg, utf8=utf8, allow_null=False, max_local=_MAX_PATH)
     if not tail:
         return Rcpt(address)  # no parameters: the common case
     if not tail.startswith(" "):

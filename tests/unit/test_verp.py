@@ -77,3 +77,18 @@ def test_message_id() -> None:
     assert verp.token_of_message_id(mid.upper()) == token
     assert verp.token_of_message_id("<CAF1234.5678@mail.gmail.com>") is None
     assert verp.token_of_message_id("no-at-sign") is None
+
+
+def test_our_smtp_parser_takes_a_long_verp_recipient() -> None:
+    # RFC 5321 §4.5.3.1: a recipient's local part is held to the path limit only.
+    from engine.smtp.commands import Rcpt, SmtpSyntaxError, parse_command
+
+    address = verp.verp_address(FBL, verp.encode_token("a.rather.long.name@example.org", "c" * 40))
+    assert len(address.partition("@")[0]) > 64
+    assert parse_command(f"RCPT TO:<{address}>".encode()) == Rcpt(address)
+    try:
+        parse_command(f"RCPT TO:<{'l' * 250}@example.com>".encode())
+    except SmtpSyntaxError as err:
+        assert err.reply.code == 553
+    else:
+        raise AssertionError("a path over 256 octets was accepted")
