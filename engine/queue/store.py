@@ -32,9 +32,11 @@ from typing import TypeVar, cast
 import lmdb
 
 from engine.errors import QueueFull, StorageError, StoragePanic
+from engine.queue.campaigns import CampaignViews
 from engine.queue.layout import due_keys, due_value, stable_shard
 from engine.queue.records import decode_record
 from engine.queue.store_views import StoreViews
+from engine.queue.suppression import SuppressionViews
 from engine.queue.writetxn import WriteTxn
 
 # WriteTxn and stable_shard are re-exported: callers name the store and what it hands out.
@@ -89,7 +91,7 @@ def _open_environment(path: str, map_size: int, *, flush: bool) -> lmdb.Environm
         raise map_error(err) from err
 
 
-class QueueStore(StoreViews):
+class QueueStore(StoreViews, SuppressionViews, CampaignViews):
     """The LMDB environment holding the queue. Open it in the process that uses it:
     never before fork() (finding 9).
 
