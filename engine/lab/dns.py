@@ -9,6 +9,7 @@
         "slow.test": {"delay": 2, "MX": [(10, "mx1.example.test")]},
         "cname.test": {"CNAME": "example.test"},
         "big.test": {"TC": True, "MX": [...]},   # UDP answers truncated: TCP retry
+        "s1._domainkey.example.test": {"TXT": ["v=DKIM1; k=rsa; p=..."]},  # >255 bytes: split
     }, soa_minimum=120)
     resolver = Resolver([server.address], timeout=1)
     ...
@@ -72,7 +73,19 @@ def _rdata_texts(rdtype: str, value: list[Any]) -> list[str]:
         return [f"{pref} {_abs(host).to_text()}" for pref, host in value]
     if rdtype in ("CNAME", "NS", "PTR"):
         return [_abs(v).to_text() for v in value]
+    if rdtype == "TXT":
+        return [_txt_text(str(v)) for v in value]
     return [str(v) for v in value]
+
+
+def _txt_text(text: str) -> str:
+    """One TXT record in zone-file form: a character-string holds at most 255 bytes
+    (RFC 1035 §3.3), so a longer text (a DKIM RSA key, RFC 6376 §3.6.2.2) is split in
+    quoted pieces that the reader concatenates."""
+    data = text.encode()
+    pieces = [data[i:i + 255] for i in range(0, len(data), 255)] or [b""]
+    return " ".join('"' + "".join(f"\\{b:03d}" if b in (34, 92) or not 32 <= b < 127 else chr(b)
+                                  for b in piece) + '"' for piece in pieces)
 
 
 class DnsServer:

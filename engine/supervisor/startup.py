@@ -1,9 +1,10 @@
 """What must hold before `volley serve` binds or forks anything (also run by `volley
 config check` and on SIGHUP).
 
-Today: the TLS certificate and key load exactly as every worker will load them. A
-file that does not load stops the server with one line naming the key and the file,
-instead of every worker crashing in a loop behind a supervisor that stays up.
+Today: the TLS certificate and key, and every `[[dkim]]` signing key, load exactly as
+every worker will load them. A file that does not load stops the server with one line
+naming the key and the file, instead of every worker crashing in a loop behind a
+supervisor that stays up.
 """
 
 from __future__ import annotations
@@ -13,12 +14,28 @@ import ssl
 from engine import config as config_mod
 from engine.config import Config
 from engine.inbound.tls import make_server_tls_context
+from engine.mail.dkim import DkimKeyError, DkimSigner
 
 
 def check_startup(cfg: Config) -> None:
     """What must hold before anything binds or forks; raises ConfigError("key: problem").
 
-    Today: the TLS certificate and key load (see the module docstring)."""
+    Today: the TLS certificate and key and the DKIM keys load (see the module docstring)."""
+    _check_tls(cfg)
+    _check_dkim(cfg)
+
+
+def _check_dkim(cfg: Config) -> None:
+    """Every [[dkim]] key loads as the workers' DkimSigner will load it: a readable,
+    unencrypted PEM private key of the entry's algorithm, RSA of 1024 bits or more
+    (RFC 8301 §3.2)."""
+    try:
+        DkimSigner.from_config(cfg.dkim)
+    except DkimKeyError as err:
+        raise config_mod.ConfigError(str(err)) from None
+
+
+def _check_tls(cfg: Config) -> None:
     cert, key = cfg.tls.cert_file, cfg.tls.key_file
     if not (cert and key):
         return  # no TLS offered (the config refuses a TLS listener without both)
