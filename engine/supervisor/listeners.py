@@ -8,6 +8,11 @@ without an error and the kernel would split mail between two unrelated queues: t
 supervisor therefore holds, for its lifetime, an exclusive claim per address
 (`ListenClaim`, an abstract Unix socket named after it: unique per network namespace
 like the address itself, gone when the process dies).
+
+The HTTP injection API (`http.listen`) is bound the same way, with its own claim, and
+its sockets come LAST in what `bind_listeners` returns: a worker is handed the SMTP
+sockets in `[[listeners]]` order, then the HTTP one (engine/worker.py splits them by
+that count), and the supervisor passes them all down without telling them apart.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ class ListenClaim:
     def __init__(self) -> None:
         self._held: list[socket.socket] = []
 
-    def take(self, index: int, address: str) -> None:
+    def take(self, key: str, address: str) -> None:
+        """Claim `address`; `key` names the setting in errors ("listeners[0].address")."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(f"\0volley-listen/{address}")
@@ -40,10 +46,10 @@ class ListenClaim:
             sock.close()
             if err.errno == errno.EADDRINUSE:
                 raise config_mod.ConfigError(
-                    f"listeners[{index}].address: {address} is already served by another "
+                    f"{key}: {address} is already served by another "
                     "Volley server") from None
             raise config_mod.ConfigError(
-                f"listeners[{index}].address: cannot claim {address}: {err.strerror}") from None
+                f"{key}: cannot claim {address}: {err.strerror}") from None
         self._held.append(sock)
 
     def release(self) -> None:
@@ -67,15 +73,21 @@ def bind_listeners(
     """One socket per (listener, worker slot); returns them and the bound addresses.
 
     Each address is claimed (`claim`) before any socket of ours listens on it: a
-    second server fails here without ever taking a connection from the first.
+    second server fails here without ever taking a connection from the first. With
+    `http.listen` set, its sockets come last and its address reads "http://HOST:PORT"
+    (or https), so a log line or `ctl status` tells it from the SMTP ones.
     """
     per_listener: list[list[socket.socket]] = []
     bound: list[str] = []
+    wanted = [(f"listeners[{i}].address", listener.address, "")
+              for i, listener in enumerate(cfg.listeners)]
+    if cfg.http.listen:
+        wanted.append(("http.listen", cfg.http.listen, "https://" if cfg.http.tls else "http://"))
     try:
-        for index, listener in enumerate(cfg.listeners):
-            per_listener.append(_bind_one(index, listener.address, workers, claim))
+        for key, address, scheme in wanted:
+            per_listener.append(_bind_one(key, address, workers, claim))
             port = per_listener[-1][0].getsockname()[1]
-            bound.append(_address_text(split_host_port(listener.address)[0], port))
+            bound.append(scheme + _address_text(split_host_port(address)[0], port))
     except BaseException:
         for socks in per_listener:
             for s in socks:
@@ -84,17 +96,17 @@ def bind_listeners(
     return per_listener, bound
 
 
-def _bind_one(index: int, address: str, workers: int, claim: ListenClaim) -> list[socket.socket]:
+def _bind_one(key: str, address: str, workers: int, claim: ListenClaim) -> list[socket.socket]:
     host, port = split_host_port(address)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     if port:
-        claim.take(index, _address_text(host, port))
+        claim.take(key, _address_text(host, port))
         # The claim covers this exact address; a holder of an overlapping one
         # (0.0.0.0 or :: on this port, another server's or anyone's) shows up as a
         # bind without SO_REUSEPORT failing. Port 0 gets a port nobody holds.
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
-            _bind(probe, address, host, port)
+            _bind(probe, key, address, host, port)
     socks: list[socket.socket] = []
     try:
         for n in range(workers):
@@ -102,11 +114,11 @@ def _bind_one(index: int, address: str, workers: int, claim: ListenClaim) -> lis
             socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            _bind(sock, address, host, port)
+            _bind(sock, key, address, host, port)
             if n == 0 and not port:
                 # Bound, not yet listening: takes no connection. The port is known now.
                 port = sock.getsockname()[1]
-                claim.take(index, _address_text(host, port))
+                claim.take(key, _address_text(host, port))
             sock.listen(1024)
     except BaseException:
         for s in socks:
@@ -115,8 +127,9 @@ def _bind_one(index: int, address: str, workers: int, claim: ListenClaim) -> lis
     return socks
 
 
-def _bind(sock: socket.socket, address: str, host: str, port: int) -> None:
+def _bind(sock: socket.socket, key: str, address: str, host: str, port: int) -> None:
     try:
         sock.bind((host, port))
     except OSError as err:
-        raise config_mod.ConfigError(f"listeners: cannot bind {address}: {err.strerror}") from None
+        where = "listeners" if key.startswith("listeners") else key
+        raise config_mod.ConfigError(f"{where}: cannot bind {address}: {err.strerror}") from None
