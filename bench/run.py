@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py                        # every row (~15 min on 2 cores)
     .venv/bin/python bench/run.py --quick                # 1 run, fewer messages, no latency/scale rows
     .venv/bin/python bench/run.py --only receive-1k,relay-1k --systems volley-fsync,postfix,aiosmtpd
+    .venv/bin/python bench/run.py --only newsletter      # HTTP campaign vs SMTP, DKIM on/off (bench/newsletter.py)
 
 Peers come from `make bench-peers` (Postfix, with its smtp-source and smtp-sink, and
 aiosmtpd); a missing peer's rows are skipped with a note. Every system is driven by
@@ -29,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import newsletter  # noqa: E402
 from e2e import REPO, probe_ms  # noqa: E402  (bench/ is not a package)
 from peers import load, postfix, report, sinks, systems  # noqa: E402
 from peers.procs import sample  # noqa: E402
 from relay import write_zone  # noqa: E402
-from relay_peers import LIFETIME, Peer  # noqa: E402
+from relay_peers import LIFETIME, Peer, descendants_cpu, worker_split  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "latest.json"
 SIZES = {"1k": 1024, "10k": 10240, "100k": 102400}
@@ -44,7 +46,7 @@ LATENCY = "20ms"  # what the latency rows' sink adds
 @dataclass(frozen=True)
 class Row:
     id: str
-    kind: str  # "receive" or "relay"
+    kind: str  # "receive", "relay" or "newsletter" (bench/newsletter.py)
     size: int
     label: str
     latency_sink: bool = False
@@ -66,7 +68,8 @@ PIPELINING = System("volley-pipelining", "volley fsync, blast pipelined", "volle
 POSTFIX = System("postfix", "postfix (fsync queue)", "postfix")
 AIOSMTPD = System("aiosmtpd", "aiosmtpd+uvloop+lmdb (sync)", "aiosmtpd")
 SCALE = System("volley-scale", "volley fsync, blast pipelined", "volley", own_load=True)
-GROUPS = ("receive", "relay", "latency", "scale")
+NEWSLETTER = [System(m.id, m.label, "volley") for m in newsletter.MODES]
+GROUPS = ("receive", "relay", "latency", "scale", "newsletter")
 
 
 def plan(args: argparse.Namespace) -> list[tuple[Row, list[System]]]:
@@ -83,7 +86,9 @@ def plan(args: argparse.Namespace) -> list[tuple[Row, list[System]]]:
     prefill = f"{args.prefill / 1e6:g}M" if args.prefill >= 1e6 else f"{args.prefill:,}"
     out += [(Row("scale-base", "relay", 1024, "relay 1KB, 50 dom", domains=50), [SCALE]),
             (Row("scale-queued", "relay", 1024, f"  + {prefill} queued", domains=50, prefill=args.prefill), [SCALE]),
-            (Row("scale-domains", "relay", 1024, "  10k domains", domains=10_000), [SCALE])]
+            (Row("scale-domains", "relay", 1024, "  10k domains", domains=10_000), [SCALE]),
+            (Row("newsletter", "newsletter", 1024, "newsletter 1KB, 50 dom", domains=newsletter.DOMAINS),
+             NEWSLETTER)]
     only = {t.strip() for t in args.only.split(",") if t.strip()}
     chosen = {t.strip() for t in args.systems.split(",") if t.strip()}
     result = []
@@ -152,6 +157,8 @@ class Bench:
     # --- one cell ---------------------------------------------------------------------
     def server(self, row: Row, system: System, sink: Any) -> Any:
         a = self.args
+        if row.kind == "newsletter":
+            return newsletter.server(self, system, sink)
         if system.kind == "volley":
             relay = (self.dns_for_volley(a.zone_domains), sink.port) if row.kind == "relay" else None
             ready = a.ready_timeout + (120 if row.prefill else 0)  # a big queue takes longer to open
@@ -163,6 +170,8 @@ class Bench:
 
     def generate(self, row: Row, system: System, address: str, n: int, rate: float = 0.0) -> load.LoadResult:
         cap = 120 + n / 20  # seconds: anything slower than 20 msgs/s is broken
+        if row.kind == "newsletter":
+            return newsletter.generate(self, system, address, n)
         if system.own_load:
             return load.blast(address, n, self.args.sessions, row.size, row.domains, True, cap, rate)
         if self.source:
@@ -170,6 +179,8 @@ class Bench:
         return load.blast(address, n, self.args.sessions, row.size, 1, False, cap)
 
     def messages(self, row: Row) -> int:
+        if row.kind == "newsletter":
+            return self.args.newsletter_messages
         if self.args.messages:
             return self.args.messages
         if row.id.startswith("scale-"):
@@ -180,7 +191,7 @@ class Bench:
         a = self.args
         n = self.messages(row)
         runs = 1 if row.latency_sink else a.runs
-        sink = self.sink(row.latency_sink) if row.kind == "relay" else None
+        sink = self.sink(row.latency_sink) if row.kind in ("relay", "newsletter") else None
         server = self.server(row, system, sink)
         results: list[dict[str, Any]] = []
         error = ""
@@ -243,6 +254,7 @@ class Bench:
             target = sink.settle()[0] + n
             sink.expect(target)
             sink0 = sample(sink.proc.pid).cpu_s
+        per0 = descendants_cpu(server.root_pid) if row.kind == "newsletter" else {}
         before = sample(server.root_pid)
         res = self.generate(row, system, address, n)
         if res.error:
@@ -262,6 +274,8 @@ class Bench:
             r["delivery_samples"] = len(delays)
         after = sample(server.root_pid, pss=True)
         cpu = after.cpu_s - before.cpu_s
+        if per0:  # one request lands on one worker: how the work spread
+            r["worker_cpu_split_pct"] = worker_split(per0, descendants_cpu(server.root_pid), a.workers)
         r.update({"server_cpu_s": cpu, "cpu_s_per_1k": 1000 * cpu / n, "rss_mib": after.rss_kib / 1024,
                   "pss_mib": after.pss_kib / 1024, "anon_mib": after.anon_kib / 1024,
                   "file_mib": after.file_kib / 1024, "shmem_mib": after.shmem_kib / 1024,
@@ -274,9 +288,11 @@ class Bench:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="", help=f"comma list of row ids or groups ({', '.join(GROUPS)});"
-                   " ids: receive-1k/10k/100k, relay-1k/..., latency-1k/..., scale-base/queued/domains")
+                   " ids: receive-1k/10k/100k, relay-1k/..., latency-1k/..., scale-base/queued/domains,"
+                   " newsletter")
     p.add_argument("--systems", default="", help="comma list: volley-fsync, volley-batch, volley-memory,"
-                   " volley-pipelining, volley-scale, postfix, aiosmtpd, or volley (all of Volley)")
+                   " volley-pipelining, volley-scale, postfix, aiosmtpd, or volley (all of Volley);"
+                   f" newsletter cells: {', '.join(m.id for m in newsletter.MODES)}")
     p.add_argument("--runs", type=int, default=0, help="measured runs per cell (default 3, --quick 1;"
                    " latency rows always 1)")
     p.add_argument("--messages", type=int, default=0, help="per run (default 4,000 at 1 KB, 2,500 at"
@@ -291,6 +307,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sink-latency", action=argparse.BooleanOptionalAction, default=True,
                    help=f"run the latency rows (relay through `volley sink --latency {LATENCY}`)")
     p.add_argument("--scale-messages", type=int, default=10_000, help="per run in the scale rows")
+    p.add_argument("--newsletter-messages", type=int, default=0,
+                   help=f"recipients of the campaign request = SMTP messages per run in the newsletter row"
+                   f" (default {newsletter.MESSAGES:,}, --quick a fifth)")
     p.add_argument("--prefill", type=int, default=1_000_000, help="messages queued before scale-queued")
     p.add_argument("--prefill-domains", type=int, default=10_000)
     p.add_argument("--dns-warm-rate", type=float, default=150.0,
@@ -303,6 +322,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.runs = a.runs or (1 if a.quick else 3)
     a.warmup = a.warmup or (100 if a.quick else 500)
+    a.newsletter_messages = a.newsletter_messages or newsletter.MESSAGES // (5 if a.quick else 1)
     return a
 
 
@@ -313,6 +333,10 @@ def skip_reasons(args: argparse.Namespace) -> dict[str, str]:
         out["postfix"] = why
     if importlib.util.find_spec("aiosmtpd") is None:
         out["aiosmtpd"] = "aiosmtpd is not installed in this venv (make bench-peers)"
+    if not (REPO / "engine" / "http" / "__init__.py").exists():
+        for mode in newsletter.MODES:
+            if mode.http:
+                out[mode.id] = "engine/http (the injection API) is not in this checkout"
     if not args.sink_latency:
         out["latency"] = "--no-sink-latency"
     elif not sinks.volley_sink_supports("--latency", "--targets-from-stdin", "--json", "--no-starttls"):
@@ -332,7 +356,7 @@ def run_all(bench: Bench, todo: list[tuple[Row, list[System]]],
     try:
         for row, members in todo:
             for system in members:
-                why = skipped.get(system.kind) or skipped.get(row.id.split("-")[0])
+                why = skipped.get(system.kind) or skipped.get(row.id.split("-")[0]) or skipped.get(system.id)
                 if why:
                     failures.append({"row": row.id, "system": system.id, "skipped": why})
                     continue
@@ -354,11 +378,13 @@ def finish(args: argparse.Namespace, facts: dict[str, Any], meta: dict[str, Any]
            failures: list[dict[str, Any]], interrupted: bool) -> int:
     """The table, the targets and latest.json; the exit status."""
     report.add_ratios(cells)
+    newsletter.add_ratios(cells)
     print()
     report.print_table(cells, meta)
+    newsletter.print_table(cells, meta.get("newsletter") or {})
     for why in sorted({f.get("skipped", "") for f in failures} - {""}):
         print(f"skipped: {why}")
-    goals = report.targets(cells)
+    goals = report.targets(cells) + (newsletter.targets(cells) if "newsletter" in meta else [])
     report.print_targets(goals)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({
@@ -393,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         meta = bench.labels()
         bench.close()
+    if any(row.kind == "newsletter" for row, _ in todo) and not interrupted:
+        meta["newsletter"] = newsletter.facts()  # signing speed, timed with the servers gone
     facts.update(elapsed_s=round(time.monotonic() - started), loadavg_end=os.getloadavg())
     return finish(args, facts, meta, cells, failures, interrupted)
 
