@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, padding, rsa
 
 from engine.config import DkimConfig
 from engine.mail.dkim_canon import canon_body, canon_header
@@ -104,8 +104,8 @@ def load_key(index: int, entry: DkimConfig) -> DkimKey:
     elif isinstance(key, ed25519.Ed25519PrivateKey):
         kind = "an Ed25519 key"
     else:
-        raise fail(f"is a {type(key).__name__.removeprefix('_')} key; DKIM signs with RSA "
-                   "(rsa-sha256) or Ed25519 (ed25519-sha256, RFC 8463)")
+        raise fail(f"is {_kind(key)}; DKIM signs with RSA (rsa-sha256) or Ed25519 "
+                   "(ed25519-sha256, RFC 8463)")
     wanted = "an RSA key" if entry.algorithm == "rsa-sha256" else "an Ed25519 key"
     if kind != wanted:
         raise fail(f"is {kind} but algorithm is {entry.algorithm}")
@@ -114,6 +114,16 @@ def load_key(index: int, entry: DkimConfig) -> DkimKey:
         seen.setdefault(name.lower(), name)
     return DkimKey(entry.domain.lower(), entry.selector, entry.algorithm, entry.header_canon,
                    entry.body_canon, tuple(seen.values()), entry.over_sign, key)
+
+
+def _kind(key: object) -> str:
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return "an EC (ECDSA) key"
+    if isinstance(key, dsa.DSAPrivateKey):
+        return "a DSA key"
+    if isinstance(key, ed448.Ed448PrivateKey):
+        return "an Ed448 key"
+    return f"a {type(key).__name__} key"
 
 
 class DkimSigner:
