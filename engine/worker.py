@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+from typing import TYPE_CHECKING
 
 import msgspec
 import uvloop
@@ -28,6 +29,7 @@ from engine.delivery.holds import HOLDS_KEY, Holds, decode_holds
 from engine.delivery.runtime import Delivery
 from engine.inbound.context import WorkerContext
 from engine.inbound.listener import start_listeners
+from engine.inbound.tls import make_server_tls_context
 from engine.mail.dkim import DkimSigner
 from engine.observe import log
 from engine.observe.metrics import WorkerMetrics
@@ -36,6 +38,9 @@ from engine.queue.committer import QueueCommitter
 from engine.queue.ids import IdAllocator
 from engine.queue.inline_commit import InlineCommitter
 from engine.queue.store import QueueStore
+
+if TYPE_CHECKING:
+    from engine.http.server import HttpApi
 
 # Exit status of a worker whose storage environment became unusable (MDB_PANIC,
 # finding 8); the supervisor restarts it like any other exit, with the same backoff.
@@ -57,10 +62,12 @@ class WorkerRuntime:
         self.servers = servers
         self.delivery = delivery
         self.metrics = WorkerMetrics()
+        self.http: HttpApi | None = None  # the injection API, when given a socket for it
 
     @classmethod
     async def start(cls, cfg: config_mod.Config, sockets: list[socket.socket], *,
-                    workers: int = 1, slot: int = 0) -> WorkerRuntime:
+                    workers: int = 1, slot: int = 0,
+                    http_socket: socket.socket | None = None) -> WorkerRuntime:
         loop = asyncio.get_running_loop()
         store = QueueStore(cfg.queue.path, map_size=int(cfg.queue.max_size),
                            durability=cfg.queue.durability, shards=workers,
@@ -89,6 +96,13 @@ class WorkerRuntime:
         if delivery is not None:
             delivery.scheduler.metrics = runtime.metrics  # latency and queue-time histograms
             delivery.scheduler.signer = DkimSigner.from_config(cfg.dkim) if cfg.dkim else None
+        if http_socket is not None:
+            # Imported here: a worker without [http] never loads aiohttp or jinja2.
+            from engine.http.inject import Backend
+            from engine.http.server import HttpApi
+            tls = make_server_tls_context(cfg) if cfg.http.tls else None
+            runtime.http = await HttpApi.start(
+                cfg, http_socket, Backend(store, committer, ids, ctx.on_new_mail), ssl_context=tls)
         return runtime
 
     def apply_config(self, cfg: config_mod.Config) -> None:
@@ -97,9 +111,13 @@ class WorkerRuntime:
             self.delivery.apply_config(cfg)
             # The supervisor loaded every key before it sent the reload (startup check).
             self.delivery.scheduler.signer = DkimSigner.from_config(cfg.dkim) if cfg.dkim else None
+        if self.http is not None:
+            self.http.apply_config(cfg)
 
     async def stop(self) -> None:
         await self.drain()
+        if self.http is not None:
+            await self.http.stop()  # requests in flight still commit: before the committer
         if self.delivery is not None:
             await self.delivery.stop(float(self.ctx.cfg.server.shutdown_timeout))
         await self.committer.stop()
@@ -118,6 +136,8 @@ class WorkerRuntime:
             sock.close()
         for proto in list(ctx.sessions):
             proto.shutdown_if_idle()
+        if self.http is not None:
+            self.http.stop_accepting()
 
     async def drain(self) -> None:
         """Stop accepting, end idle sessions, give busy ones the shutdown bound."""
@@ -172,9 +192,12 @@ class Worker:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
+        # The SMTP sockets in [[listeners]] order, then http.listen's (supervisor/listeners.py).
+        socks = [socket.socket(fileno=fd) for fd in self.listen_fds]
+        n = len(cfg.listeners)
         runtime = await WorkerRuntime.start(
-            cfg, [socket.socket(fileno=fd) for fd in self.listen_fds], workers=start.workers,
-            slot=self.slot,
+            cfg, socks[:n], workers=start.workers, slot=self.slot,
+            http_socket=socks[n] if len(socks) > n and cfg.http.listen else None,
         )
         ctx = runtime.ctx
         housekeeping = loop.create_task(self._housekeeping(runtime.store, runtime.committer))
