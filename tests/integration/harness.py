@@ -70,7 +70,16 @@ class InboundServer:
             self.sockets.append(sock)
         self.ports = [s.getsockname()[1] for s in self.sockets]
         self.port = self.ports[0]
-        self.runtime: WorkerRuntime = self.call(WorkerRuntime.start(self.cfg, self.sockets))
+        # The injection API's socket, as the supervisor would hand it down ([http] listen).
+        self.http_socket: socket.socket | None = None
+        if self.cfg.http.listen:
+            host, port = config_mod.split_host_port(self.cfg.http.listen)
+            self.http_socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            self.http_socket.bind((host, port))
+            self.http_socket.listen(128)
+            self.http_port = self.http_socket.getsockname()[1]
+        self.runtime: WorkerRuntime = self.call(
+            WorkerRuntime.start(self.cfg, self.sockets, http_socket=self.http_socket))
 
     def call(self, coro_or_fn: Any, timeout: float = 30.0) -> Any:
         """Run a coroutine or a plain function on the server's loop thread."""
@@ -96,7 +105,7 @@ class InboundServer:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
             self.loop.close()
-            for s in self.sockets:
+            for s in [*self.sockets, *([self.http_socket] if self.http_socket else [])]:
                 s.close()
         assert not self.errors, f"unhandled loop errors: {self.errors}"
 
