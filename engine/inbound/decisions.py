@@ -10,13 +10,14 @@ tested on their own.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from email.utils import formatdate
 
 from engine.config import ListenerConfig
 from engine.errors import Transient
 from engine.inbound.sasl import MECHANISMS
 from engine.queue.records import MessageRecord, Recipient
-from engine.smtp.commands import Ehlo, Helo
+from engine.smtp.commands import Ehlo, Helo, Rcpt
 from engine.smtp.replies import (
     R235_AUTH_OK,
     R421_AUTH_FAILURES,
@@ -138,10 +139,12 @@ def hop_count(content: bytes) -> int:
 
 
 def queue_record(
-    raw_id: bytes, session: ServerSession, size: int, client_ip: str, postmaster: str = ""
+    raw_id: bytes, session: ServerSession, size: int, client_ip: str, postmaster: str = "",
+    rcpts: Sequence[Rcpt] | None = None,
 ) -> MessageRecord:
     """The queue's record of the transaction in `session.envelope`; `size` counts the
-    body as stored (our Received: header included).
+    body as stored (our Received: header included). `rcpts`: the recipients to queue
+    when not all of the envelope's are (the feedback address is read, not queued).
 
     `postmaster` is server.postmaster: a bare RCPT TO:<postmaster> is queued for that
     address. No recipient is ever queued without a domain (delivery would look up
@@ -155,7 +158,7 @@ def queue_record(
     mail = envelope.mail
     assert mail is not None
     recipients = []
-    for r in envelope.rcpts:
+    for r in envelope.rcpts if rcpts is None else rcpts:
         address = postmaster if r.address == "postmaster" else r.address
         if "@" not in address:
             raise Transient(f"recipient without a domain: {r.address!r}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 
 from engine.config import Config
+from engine.mail import verp
 from engine.smtp.commands import Mail, Rcpt
 from engine.smtp.replies import (
     R452_TOO_MANY_RCPTS,
@@ -40,6 +41,12 @@ class Policy:
         self.max_recipients = cfg.limits.max_recipients
         # Where a bare RCPT TO:<postmaster> is queued ("" = refused): queue_record maps it.
         self.postmaster = cfg.server.postmaster
+        # Complaints and late bounces come here; read by Volley, never relayed.
+        self.feedback_address = cfg.feedback.address
+
+    def is_feedback(self, address: str) -> bool:
+        """The feedback address or its VERP form local+TOKEN@domain, in any case."""
+        return verp.is_feedback_address(self.feedback_address, address)
 
     def in_relay_networks(self, ip: str) -> bool:
         try:
@@ -74,6 +81,10 @@ class Policy:
             # listed there, as Volley delivers nothing locally.
             return None if self.postmaster else R550_NO_POSTMASTER
         if trusted:
+            return None
+        if self.feedback_address and self.is_feedback(rcpt.address):
+            # Reports come from receivers anywhere on the internet (RFC 5965 §4,
+            # RFC 3464 §2): the feedback address takes them from any client.
             return None
         # P7: the destination is the text after the last "@" and nothing else: no %,
         # ! or source-route interpretation can change it.

@@ -21,11 +21,11 @@ import ssl
 from typing import TYPE_CHECKING
 
 from engine.errors import VolleyError
-from engine.inbound import decisions, tls
+from engine.inbound import decisions, enqueue, tls
 from engine.inbound.connection import InboundConnection
+from engine.inbound.feedback_intake import rcpt_refusal
 from engine.inbound.sasl import AuthExchange
 from engine.observe import log
-from engine.queue.ids import id_text
 from engine.smtp.commands import Auth, Command, Ehlo, Helo, Mail, Rcpt, StartTls
 from engine.smtp.events import (
     AuthResponse,
@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from engine.config import ListenerConfig
     from engine.inbound.context import WorkerContext
 
+R250_REPORT_READ = Reply(250, "2.0.0", "OK report read")
 # Pause reading when this much unprocessed input piles up behind a pending decision.
 _MAX_BUFFERED = 1 << 20
 _CLOSED = State.CLOSED
@@ -195,11 +196,12 @@ class SmtpServerProtocol(InboundConnection):
         session, policy = self.session, self.ctx.policy
         kind = type(command)
         if kind is Rcpt:
+            address = command.address  # type: ignore[attr-defined]
             reply = policy.check_rcpt(
                 self.may_relay or session.auth_user is not None,
                 command,  # type: ignore[arg-type]
                 len(session.envelope.rcpts),
-            )
+            ) or (None if policy.is_feedback(address) else rcpt_refusal(self.ctx.store, address))
             out.append(session.send(reply or R250_RCPT_OK))
         elif kind is Mail:
             reply = policy.check_mail(
@@ -241,28 +243,17 @@ class SmtpServerProtocol(InboundConnection):
         if content and not content.endswith(b"\r\n"):
             # BDAT content need not end in CRLF, but the relayed copy must (P5).
             content += b"\r\n"
-        session = self.session
         try:
-            raw_id = ctx.ids.next()
-            msg_id = id_text(raw_id)
-            header = self._received.render(
-                session, self.client_ip, ctx.hostname, self.tls_version, msg_id
+            sub = enqueue.prepare(
+                ctx, self.session, content, client_ip=self.client_ip, received=self._received,
+                tls_version=self.tls_version,
+                trusted=self.may_relay or self.session.auth_user is not None,
             )
-            body = header + content
-            record = decisions.queue_record(
-                raw_id, session, len(body), self.client_ip, ctx.policy.postmaster
-            )
-            # Only mail we vouch for is signed with our keys: from a client we relay
-            # for (relay.networks) or one that authenticated.
-            record.sign = self.may_relay or session.auth_user is not None
-            ctx.committer.submit(
-                lambda txn: txn.put_message(record, body),
-                lambda result: self._committed(result, msg_id, len(body)),
-            )
+            ctx.committer.submit(sub.op, lambda result: self._committed(result, sub))
         except VolleyError as err:
             self._decided(getattr(err, "reply", R451_LOCAL_ERROR))
 
-    def _committed(self, result: object, msg_id: str, size: int) -> None:
+    def _committed(self, result: object, sub: enqueue.Submission) -> None:
         """The commit of `_enqueue` completed (on the loop thread): answer the client."""
         if isinstance(result, BaseException):
             reply = getattr(result, "reply", R451_LOCAL_ERROR)
@@ -270,12 +261,17 @@ class SmtpServerProtocol(InboundConnection):
             self._decided(reply)
             return
         ctx = self.ctx
+        if sub.report is not None:
+            sub.report.log(self.client_ip)
+        if not sub.msg_id:  # a report only: read, nothing queued
+            self._decided(R250_REPORT_READ)
+            return
         stats = ctx.stats
         stats.received += 1
-        stats.received_bytes += size
+        stats.received_bytes += len(sub.body)
         if ctx.on_new_mail is not None:
             ctx.on_new_mail()
-        self._decided(Reply(250, "2.0.0", f"OK queued as {msg_id}"))
+        self._decided(Reply(250, "2.0.0", f"OK queued as {sub.msg_id}"))
 
     def _decided(self, reply: Reply) -> None:
         """A slow decision came back: send it and carry on with what is buffered."""
