@@ -1,5 +1,6 @@
-"""DKIM canonicalization (RFC 6376 §3.4), on bytes, with regex passes instead of a
-per-line Python loop: a 1 MB body is a few C-speed scans.
+"""DKIM canonicalization (RFC 6376 §3.4), on bytes, with whole-buffer passes
+(bytes.translate, bytes.replace, a regex for headers) instead of a per-line Python
+loop: a 1 MB body is a few C-speed scans.
 
 Header fields are `engine.mail.headers.Field`s (the raw field without its final CRLF);
 the result of a header canonicalization ends with CRLF, as it is hashed (§3.7).
@@ -13,9 +14,10 @@ import re
 # end of the value nor around the colon.
 _FOLD = re.compile(rb"\r\n(?=[ \t])")
 _WSP_RUN = re.compile(rb"[ \t]+")
-# §3.4.4 relaxed body: only the runs that change (a tab, or two or more WSP) are
-# replaced, so a body of ordinary single spaces costs one scan and no copy.
-_WSP_TO_SP = re.compile(rb"\t[ \t]*| [ \t]+")
+# §3.4.4 relaxed body: tabs become spaces in one translate, then runs of spaces halve
+# with each bytes.replace pass (log2 of the longest run): C-speed passes that measured
+# about twice as fast as one regex substitution on indented HTML or double-spaced text.
+_TAB_TO_SP = bytes.maketrans(b"\t", b" ")
 
 
 def relaxed_header(name: str, raw: bytes) -> bytes:
@@ -59,10 +61,14 @@ def simple_body(body: bytes) -> bytes:
 def relaxed_body(body: bytes) -> bytes:
     """§3.4.4: WSP runs become one SP, no WSP at line ends, no trailing empty lines;
     an empty body stays empty."""
-    if b"\t" in body or b"  " in body:
-        body = _WSP_TO_SP.sub(b" ", body)
-    if b" \r\n" in body:
-        body = body.replace(b" \r\n", b"\r\n")  # after the pass above, at most one SP
+    if b"\t" in body:
+        body = body.translate(_TAB_TO_SP)
+    while True:
+        halved = body.replace(b"  ", b" ")
+        if len(halved) == len(body):
+            break
+        body = halved
+    body = body.replace(b" \r\n", b"\r\n")  # after the passes above, at most one SP
     # A last line without CRLF keeps a trailing SP, as dkimpy and OpenDKIM do; Volley's
     # stored messages always end with CRLF (the one before the final dot).
     stripped = _strip_trailing_empty_lines(body)
