@@ -139,6 +139,14 @@ def add_ctl(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="how long the server waits for the queue (default 300)")
     add("shutdown", "stop the server")
     add("metrics", "Prometheus text exposition")
+    from engine.control.cli_lists import add_suppress
+
+    add_suppress(add("suppress", "the suppression list: add, remove, list, import, export"),
+                 _common, _Parser)
+    p = add("campaigns", "campaign counters, the most recently active first")
+    p.add_argument("--tenant", help="only this tenant's campaigns")
+    p.add_argument("--campaign", metavar="ID", help='one campaign (of --tenant, default "")')
+    p.add_argument("--limit", type=positive_int, help="campaigns (default 100)")
 
 
 # --- running ---------------------------------------------------------------------------
@@ -198,24 +206,36 @@ def run(args: argparse.Namespace) -> int:
     from engine.config import ConfigError
     from engine.control import client
 
-    req = build_request(args)
+    req = None if args.ctl_cmd == "suppress" else build_request(args)
     try:
         path = client.socket_path(args.config, args.socket)
     except ConfigError as err:
         raise CliError(str(err), EXIT_USAGE) from None
-    try:
-        reply = client.request(path, req, _timeout(args))
-    except client.ControlUnavailable as err:
-        raise CliError(f"{err}; is volley serve running?", EXIT_FAILURE) from None
-    except client.ControlError as err:
-        raise CliError(str(err), EXIT_FAILURE) from None
+
+    def send(req: protocol.Request) -> dict[str, Any]:
+        try:
+            return client.request(path, req, _timeout(args))
+        except client.ControlUnavailable as err:
+            raise CliError(f"{err}; is volley serve running?", EXIT_FAILURE) from None
+        except client.ControlError as err:
+            raise CliError(str(err), EXIT_FAILURE) from None
+
+    if req is None:
+        from engine.control.cli_lists import run_suppress
+
+        return run_suppress(args, send, lambda cmd, reply: _show(args, cmd, reply))
+    reply = send(req)
+    _show(args, args.ctl_cmd, reply)
+    return EXIT_OK if reply["ok"] else EXIT_FAILURE
+
+
+def _show(args: argparse.Namespace, cmd: str, reply: dict[str, Any]) -> None:
     if args.json:
         _print_json(reply)
     elif not reply["ok"]:
         raise CliError(str(reply.get("error") or "refused (no error text)"), EXIT_FAILURE)
     else:
-        _print_human(args.ctl_cmd, reply)
-    return EXIT_OK if reply["ok"] else EXIT_FAILURE
+        _print_human(cmd, reply)
 
 
 def _print_json(reply: dict[str, Any]) -> None:

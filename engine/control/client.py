@@ -16,10 +16,10 @@ from typing import Any
 
 import orjson
 
-from engine.control.protocol import MAX_LINE, Request, encode_request
+from engine.control.protocol import Request, encode_request
 
 DEFAULT_SOCKET = "var/volley.sock"
-MAX_REPLY = MAX_LINE * 64  # a `list` of 10,000 rows is a few MiB; more is a broken server
+MAX_REPLY = 16 * 1024 * 1024  # a `list` of 10,000 rows is a few MiB; more is a broken server
 _CHUNK = 256 * 1024
 
 

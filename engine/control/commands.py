@@ -22,6 +22,7 @@ import msgspec
 
 from engine.control import bulk, protocol, queue_view, replies, wire
 from engine.control.fleet import Fleet
+from engine.control.lists import Lists
 from engine.control.message_view import domain_key
 from engine.control.supervisor_api import SupervisorHandle
 from engine.delivery.holds import (
@@ -43,7 +44,8 @@ _T = TypeVar("_T")
 _P = ParamSpec("_P")
 # Who sent the request being handled; each connection is its own task, so its own context.
 _peer: contextvars.ContextVar[str] = contextvars.ContextVar("peer", default="unknown")
-_READS = (protocol.Status, protocol.Queue, protocol.List, protocol.Show, protocol.Metrics)
+_READS = (protocol.Status, protocol.Queue, protocol.List, protocol.Show, protocol.Metrics,
+          protocol.SuppressList, protocol.Campaigns)
 WORKER_ANSWER = 5.0  # seconds to wait for a worker's answer (mx)
 # What metrics scrapes show before the first walk of the queue.
 _NO_COUNTS = replies.QueueCounts(messages=0, units=0, bytes=0, ready=0, deferred=0, suspended=0)
@@ -58,6 +60,7 @@ class ControlPlane:
         self.ids = IdAllocator(store.next_boot())  # for DSNs of operator bounces
         self.started = time.time()
         self._totals: tuple[float, replies.QueueCounts] | None = None
+        self.lists = Lists(store, self._thread)  # suppression list and campaign counters
 
     async def handle(self, req: protocol.AnyRequest, peer: str = "unknown") -> replies.Reply:
         if not isinstance(req, _READS):
@@ -95,6 +98,9 @@ class ControlPlane:
                 return await self.drain(req)
             case protocol.Shutdown():
                 return await self.shutdown(req)
+            case (protocol.SuppressAdd() | protocol.SuppressRemove() | protocol.SuppressList()
+                  | protocol.Campaigns()):
+                return await self.lists.handle(req, peer)
             case _:
                 assert_never(req)
 
@@ -218,7 +224,7 @@ class ControlPlane:
 
     async def metrics(self, req: protocol.Metrics) -> replies.Metrics:
         await self._walked_totals()
-        return replies.Metrics(text=self.metrics_text())
+        return replies.Metrics(text=await self.metrics_text())
 
     async def refresh(self) -> None:
         """Sample the rates and, when there is an HTTP endpoint to scrape, keep the
@@ -228,9 +234,11 @@ class ControlPlane:
             await self._walked_totals()
         self.fleet.sample()
 
-    def metrics_text(self) -> str:
+    async def metrics_text(self) -> str:
         """Prometheus text from what is known now (queue totals from the last walk, at
-        most 5 s old): an HTTP scrape never waits for a walk of the queue."""
+        most 5 s old): an HTTP scrape never waits for a walk of the queue. Campaign and
+        suppression figures are read from the store now, in a thread."""
+        stored = await self._thread(self.lists.gauges, self.sup.cfg.campaigns.metrics_top)
         totals = self._totals[1] if self._totals else _NO_COUNTS
         now = time.time()
         fleet = self.fleet
@@ -245,6 +253,7 @@ class ControlPlane:
             gauge("volley_worker_restarts_total", sum(s.restarts for s in slots)),
             gauge("volley_domains_suspended", len(self.suspended(now))),
             gauge("volley_uptime_seconds", round(now - self.started, 1)),
+            *stored,
         ]
         return render(fleet.metrics(), gauges)
 

@@ -11,13 +11,16 @@ has not sent its whole head within `idle_timeout` seconds is dropped without a r
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
 
 from engine.observe import log
 
 MAX_HEAD = 8 * 1024  # request line + header fields; a scrape sends a few hundred bytes
 MAX_CLIENTS = 64  # concurrent connections; more are closed at once (scrapes are rare)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# What a scrape is answered with: text, or a coroutine giving it (a read in a thread).
+Render = Callable[[], str] | Callable[[], Awaitable[str]]
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             500: "Internal Server Error"}
 
@@ -39,9 +42,10 @@ class HttpStats:
         self.errors = 0
 
 
-async def start_metrics_http(host: str, port: int, render: Callable[[], str], *,
+async def start_metrics_http(host: str, port: int, render: Render, *,
                              idle_timeout: float = 10.0, stats: HttpStats | None = None) -> asyncio.Server:
-    """Listen on host:port and answer scrapes with `render()` (called on the loop).
+    """Listen on host:port and answer scrapes with `render()` (called on the loop, and
+    awaited when it returns an awaitable).
 
     The caller owns the returned server (`close()` it on shutdown); port 0 picks a free
     port, readable from `server.sockets[0].getsockname()`. `stats`, if given, is updated.
@@ -82,7 +86,7 @@ async def start_metrics_http(host: str, port: int, render: Callable[[], str], *,
 
 
 async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 render: Callable[[], str], idle_timeout: float) -> int | None:
+                 render: Render, idle_timeout: float) -> int | None:
     """Answer one request; the status sent, or None when the client left first."""
     try:
         async with asyncio.timeout(idle_timeout):
@@ -101,7 +105,10 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         return 405
     else:
         try:
-            status, body = 200, render().encode()
+            text = render()
+            if inspect.isawaitable(text):
+                text = await text
+            status, body = 200, text.encode()
         except Exception as err:  # a bug in render must not take the supervisor down
             log.error("metrics_render_error", error=repr(err))
             status, body = 500, b"internal error\n"

@@ -18,8 +18,11 @@ from typing import Literal
 
 import msgspec
 
-MAX_LINE = 64 * 1024  # a request longer than this is refused, not buffered forever
+# A request longer than this is refused, not buffered forever. It holds one chunk of a
+# suppression import: MAX_VALUES values of up to ~380 bytes, JSON-quoted.
+MAX_LINE = 4 * 1024 * 1024
 MAX_LIMIT = 10_000  # rows in one `list`/`queue` reply
+MAX_VALUES = 10_000  # suppression entries in one `suppress_add` (one write transaction)
 
 MessageState = Literal["queued", "deferred", "suspended"]
 
@@ -110,10 +113,40 @@ class Metrics(Request, tag="metrics"):
     pass
 
 
+class SuppressAdd(Request, tag="suppress_add"):
+    """Add addresses ("has an @") and domains to the suppression list, in one write
+    transaction. A bad value is reported by its index and skipped, not fatal."""
+
+    values: list[str]
+    reason: str = "manual"  # engine/queue/suppression.py REASONS
+    tenant: str = ""  # "" = every tenant
+    source: str = ""  # what the entries came from ("" = who asked), e.g. a file name
+
+
+class SuppressRemove(Request, tag="suppress_remove"):
+    value: str
+    tenant: str = ""
+
+
+class SuppressList(Request, tag="suppress_list"):
+    tenant: str | None = None  # None = every tenant's entries and the shared ones
+    limit: int = 100
+    after: str = ""  # resume after this value (the `next` of the previous page)
+    after_tenant: str = ""  # with tenant None: the tenant of `after` (`next_tenant`)
+
+
+class Campaigns(Request, tag="campaigns"):
+    tenant: str | None = None
+    campaign: str | None = None
+    limit: int = 100  # the most recently active first
+
+
 AnyRequest = (Status | Queue | List | Show | Flush | Suspend | Resume | Bounce | Delete
-              | Throttle | Mx | Reload | Drain | Shutdown | Metrics)
+              | Throttle | Mx | Reload | Drain | Shutdown | Metrics | SuppressAdd
+              | SuppressRemove | SuppressList | Campaigns)
 COMMANDS = ("status", "queue", "list", "show", "flush", "suspend", "resume", "bounce",
-            "delete", "throttle", "mx", "reload", "drain", "shutdown", "metrics")
+            "delete", "throttle", "mx", "reload", "drain", "shutdown", "metrics",
+            "suppress_add", "suppress_remove", "suppress_list", "campaigns")
 
 _decoder = msgspec.json.Decoder(AnyRequest)
 
@@ -145,7 +178,7 @@ def decode_request(line: bytes) -> AnyRequest:
 
 
 def _check(req: AnyRequest) -> None:
-    if isinstance(req, (Queue, List)) and not 1 <= req.limit <= MAX_LIMIT:
+    if isinstance(req, (Queue, List, SuppressList, Campaigns)) and not 1 <= req.limit <= MAX_LIMIT:
         raise RequestError(f"limit: must be 1..{MAX_LIMIT}")
     if isinstance(req, (Suspend, Resume, Throttle)) and not req.domain.strip():
         raise RequestError("domain: required")
@@ -158,6 +191,8 @@ def _check(req: AnyRequest) -> None:
             raise RequestError("rate: must be positive (messages per second)")
         if not req.clear and req.max_connections is None and req.rate is None:
             raise RequestError("throttle: give max_connections and/or rate, or clear")
+    if isinstance(req, SuppressAdd) and len(req.values) > MAX_VALUES:
+        raise RequestError(f"values: at most {MAX_VALUES} in one request (send chunks)")
     if isinstance(req, Flush) and req.domain and req.id:
         raise RequestError("flush: give a domain or an id, not both")
     if isinstance(req, (Bounce, Delete)):

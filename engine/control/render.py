@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from engine.control import render_lists
 from engine.control.formats import (
     DASH,
     Column,
@@ -277,6 +278,10 @@ _RENDERERS: dict[str, Callable[[Row, float], str]] = {
     "status": render_status, "queue": render_queue, "list": render_list,
     "show": render_show, "mx": render_mx,
     "metrics": lambda reply, now: str(reply.get("text") or ""),
+    "suppress_add": render_lists.render_suppress_add,
+    "suppress_remove": render_lists.render_suppress_remove,
+    "suppress_list": render_lists.render_suppress_list,
+    "campaigns": render_lists.render_campaigns,
 }
 
 

@@ -19,6 +19,8 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from engine.control.wire import Backoff, MxEntry
+from engine.queue.campaigns import CampaignCounts
+from engine.queue.suppression import Suppression
 
 
 class Reply(msgspec.Struct, kw_only=True):
@@ -247,6 +249,36 @@ class Drain(Reply, kw_only=True):
     drained: bool
     remaining: int  # messages still queued
     seconds: float
+
+
+class BadValue(msgspec.Struct, kw_only=True):
+    index: int  # into the request's `values`
+    value: str
+    error: str
+
+
+class SuppressAdd(Reply, kw_only=True):
+    added: int  # new entries
+    present: int  # already on the list (for that tenant), kept as they were
+    bad: list[BadValue]  # skipped: not an address or a domain
+
+
+class SuppressRemove(Reply, kw_only=True):
+    removed: bool  # False: the value was not on the list (for that tenant)
+
+
+class SuppressList(Reply, kw_only=True):
+    # Rows are engine/queue/suppression.py Suppression objects: value, kind, reason,
+    # source, created, tenant.
+    entries: list[Suppression]
+    next: str  # pass as `after` for the next page; "" at the end
+    next_tenant: str  # pass as `after_tenant` with it
+    total: int  # entries on the whole list, every tenant counted
+
+
+class Campaigns(Reply, kw_only=True):
+    # Rows are engine/queue/campaigns.py CampaignCounts, the most recently active first.
+    campaigns: list[CampaignCounts]
 
 
 _encoder = msgspec.json.Encoder()

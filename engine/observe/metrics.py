@@ -72,6 +72,12 @@ GAUGES: dict[str, tuple[Literal["gauge", "counter"], str]] = {
     "volley_domains_suspended": ("gauge", "Recipient domains whose delivery is suspended."),
     "volley_uptime_seconds": ("gauge", "Seconds since the supervisor started."),
     "volley_worker_restarts_total": ("counter", "Workers restarted after they exited."),
+    # Read from the queue store at scrape time (engine/control/lists.py).
+    "volley_campaign_messages_total": (
+        "counter", "Recipients of a campaign by outcome (injected, delivered, deferred, bounced, "
+        "suppressed, complained); the campaigns past campaigns.metrics_top summed as "
+        'campaign="other".'),
+    "volley_suppression_entries": ("gauge", "Entries on the suppression list, every tenant."),
 }
 
 _COUNTER_ATTRS = tuple(attr for attr, _, _ in COUNTERS)

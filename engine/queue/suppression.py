@@ -88,6 +88,11 @@ def normalize(value: str) -> tuple[str, str]:
         raise ValueError(f"{value!r}: empty domain")
     if "@" in domain or any(c.isspace() for c in domain) or domain.startswith("."):
         raise ValueError(f"{value!r}: not a domain after the @")
+    local = v[:at]
+    if at > 0 and any(c.isspace() for c in local) and not (
+            len(local) > 1 and local[0] == local[-1] == '"'):
+        # RFC 5321 §4.1.2: a space is only possible inside a quoted local part.
+        raise ValueError(f"{value!r}: a space in the local part (unquoted)")
     if len(v.encode("utf-8", "surrogatepass")) > MAX_KEY - MAX_TENANT - 4:
         raise ValueError(f"{value!r}: longer than {MAX_KEY - MAX_TENANT - 4} bytes")
     return kind, v
@@ -132,14 +137,19 @@ def _lookup(txn: lmdb.Transaction[bytes], db: lmdb._Database, address: str,
 # ---- writes (inside a group-commit op) ----------------------------------------------
 
 
-def add(w: WriteTxn, entries: Iterable[Suppression]) -> int:
+def add(w: WriteTxn, entries: Iterable[Suppression], *, headroom: bool = True) -> int:
     """Add entries (normalized here); returns how many were new. An entry already on
     the list keeps its first reason, source and time: the earliest cause is the one an
     operator asks about.
 
+    `headroom`: the entries may use the space kept free of new mail (`queue.high_water`),
+    as an automatic suppression riding on a delivery outcome must (P4). An operator's
+    import passes False, so a full queue refuses it (QueueFull) instead.
+
     Raises:
         ValueError: an entry is not a valid address or domain, or has a bad kind,
             reason or tenant (nothing of this op is written: it is rolled back whole).
+        QueueFull: not `headroom` and the queue is past its high-water mark.
     """
     txn, db = w.txn, w._store._supp
     new = 0
@@ -156,9 +166,7 @@ def add(w: WriteTxn, entries: Iterable[Suppression]) -> int:
             new += 1
     if new:
         # About 40 entries share a 4 KiB leaf; the high-water estimate stays pessimistic.
-        # headroom: an automatic suppression rides on a delivery outcome, which must
-        # always commit (P4).
-        w._store._account_put(txn, 0, new // 32, headroom=True)
+        w._store._account_put(txn, 0, new // 32, headroom=headroom)
     return new
 
 

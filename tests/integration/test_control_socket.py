@@ -20,6 +20,7 @@ import pytest
 import tomli_w
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.control.protocol import MAX_LINE
 from tests.integration.control_helpers import ask, ctl, ctl_json, read_line
 from tests.integration.harness import REPO, base_config, wait_until
 from tests.integration.relay_helpers import body, send, send_many
@@ -66,7 +67,7 @@ def test_bad_requests_get_error_replies_and_the_connection_lives(serve):
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(30)
         s.connect(path)
-        s.sendall(b'{"cmd": "status", "x": "' + b"a" * 70_000 + b'"}\n')
+        s.sendall(b'{"cmd": "status", "x": "' + b"a" * (MAX_LINE + 10) + b'"}\n')
         assert b"longer than" in read_line(s)
     assert ask(path, {"cmd": "status"})["ok"] is True
 

@@ -120,7 +120,7 @@ def test_remove(store: QueueStore) -> None:
 @pytest.mark.parametrize(("value", "problem"), [
     ("", "empty value"), ("@x.example", "empty local part"), ("a@", "empty domain"),
     ("a@b c", "not a domain"), ("a\x01@x", "control character"), ("a@.x", "not a domain"),
-    ("x" * 400 + "@y", "longer than"),
+    ("x" * 400 + "@y", "longer than"), ("a b@x.example", "space in the local part"),
 ])
 def test_bad_values_are_refused_by_name(store: QueueStore, value: str, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
