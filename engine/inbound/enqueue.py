@@ -10,19 +10,30 @@ commit: the client's 250 means all of it is durable, its 451 that none of it is.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from engine.errors import VolleyError
 from engine.inbound import decisions
 from engine.inbound.campaign_tags import take_tags
 from engine.inbound.feedback_intake import Report, read_report
+from engine.observe import log
 from engine.queue import campaigns
 from engine.queue.ids import id_text
 from engine.queue.records import MessageRecord
 from engine.queue.writetxn import WriteTxn
+from engine.smtp.commands import Rcpt
+from engine.smtp.replies import R451_LOCAL_ERROR, Reply
 from engine.smtp.server import ServerSession
 
 if TYPE_CHECKING:
     from engine.inbound.context import WorkerContext
+    from engine.inbound.policy import Policy
+
+# A report up to this size is parsed on the loop (about 0.2 ms for a usual few-KB
+# report); a larger one (up to feedback.MAX_PARSE read, some 30 ms) in the worker's
+# executor, so a stream of big reports from the internet cannot stall every session.
+INLINE_REPORT = 64 * 1024
 
 
 class Submission:
@@ -48,7 +59,13 @@ class Submission:
             self.report.apply(w, self.now)
 
 
-def prepare(
+def _feedback(policy: Policy, rcpts: Sequence[Rcpt]) -> list[str]:
+    if not policy.feedback_address:
+        return []
+    return [r.address for r in rcpts if policy.is_feedback(r.address)]
+
+
+def start(
     ctx: WorkerContext,
     session: ServerSession,
     content: bytes,
@@ -57,23 +74,66 @@ def prepare(
     received: decisions.ReceivedHeader,
     tls_version: str,
     trusted: bool,
-) -> Submission:
-    """The op for the transaction in `session.envelope` with body `content`.
+    submit: Callable[[Submission], None],
+    fail: Callable[[Reply], None],
+) -> None:
+    """Make the op for the transaction in `session.envelope` with body `content` and
+    hand it to `submit`, or a refusal to `fail`; either may run later (a large report
+    is parsed off the loop; the session is paused meanwhile, its envelope unchanged).
 
     `trusted`: the client is in relay.networks or authenticated (its mail is signed and
     its X-Volley-* tags count).
+    """
+    feedback = _feedback(ctx.policy, session.envelope.rcpts)
+
+    def finish(report: Report | None) -> None:
+        try:
+            submit(_prepare(ctx, session, content, report, client_ip=client_ip,
+                            received=received, tls_version=tls_version, trusted=trusted))
+        except VolleyError as err:
+            fail(getattr(err, "reply", R451_LOCAL_ERROR))
+
+    if not feedback:
+        finish(None)
+    elif len(content) <= INLINE_REPORT:
+        finish(read_report(content, feedback, ctx.cfg))
+    else:
+        future = ctx.loop.run_in_executor(ctx.executor, read_report, content, feedback, ctx.cfg)
+
+        def parsed(f: object) -> None:
+            try:
+                report = future.result()
+            except Exception as err:  # pragma: no cover - read_report does not raise
+                log.error("feedback_read_failed", client=client_ip, error=repr(err))
+                fail(R451_LOCAL_ERROR)
+                return
+            finish(report)
+
+        future.add_done_callback(parsed)
+
+
+def _prepare(
+    ctx: WorkerContext,
+    session: ServerSession,
+    content: bytes,
+    report: Report | None,
+    *,
+    client_ip: str,
+    received: decisions.ReceivedHeader,
+    tls_version: str,
+    trusted: bool,
+) -> Submission:
+    """The op: the report's effects, and the message for the other recipients.
 
     Raises:
         VolleyError: the record cannot be made (see `decisions.queue_record`).
     """
     sub = Submission()
-    policy = ctx.policy
+    sub.report = report
     rcpts = session.envelope.rcpts
-    if policy.feedback_address:
-        feedback = [r.address for r in rcpts if policy.is_feedback(r.address)]
-        if feedback:
-            sub.report = read_report(content, feedback, ctx.cfg, sub.now)
-            rcpts = [r for r in rcpts if not policy.is_feedback(r.address)]
+    policy = ctx.policy
+    if report is not None:
+        rcpts = [r for r in rcpts if not policy.is_feedback(r.address)]
     if not rcpts:
         return sub
     campaign = tenant = ""

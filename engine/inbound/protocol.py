@@ -20,7 +20,6 @@ import math
 import ssl
 from typing import TYPE_CHECKING
 
-from engine.errors import VolleyError
 from engine.inbound import decisions, enqueue, tls
 from engine.inbound.connection import InboundConnection
 from engine.inbound.feedback_intake import rcpt_refusal
@@ -243,15 +242,14 @@ class SmtpServerProtocol(InboundConnection):
         if content and not content.endswith(b"\r\n"):
             # BDAT content need not end in CRLF, but the relayed copy must (P5).
             content += b"\r\n"
-        try:
-            sub = enqueue.prepare(
-                ctx, self.session, content, client_ip=self.client_ip, received=self._received,
-                tls_version=self.tls_version,
-                trusted=self.may_relay or self.session.auth_user is not None,
-            )
-            ctx.committer.submit(sub.op, lambda result: self._committed(result, sub))
-        except VolleyError as err:
-            self._decided(getattr(err, "reply", R451_LOCAL_ERROR))
+        enqueue.start(
+            ctx, self.session, content, client_ip=self.client_ip, received=self._received,
+            tls_version=self.tls_version, trusted=self.may_relay or self.session.auth_user is not None,
+            submit=self._submit, fail=self._decided,
+        )
+
+    def _submit(self, sub: enqueue.Submission) -> None:
+        self.ctx.committer.submit(sub.op, lambda result: self._committed(result, sub))
 
     def _committed(self, result: object, sub: enqueue.Submission) -> None:
         """The commit of `_enqueue` completed (on the loop thread): answer the client."""

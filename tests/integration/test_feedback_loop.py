@@ -175,3 +175,15 @@ def test_an_untrusted_clients_tags_mean_nothing(inbound: Any) -> None:
     assert (record.campaign, record.tenant) == ("", "")
     assert f"X-Volley-Campaign: {CAMPAIGN}".encode() in body
     assert counts(server) is None
+
+
+def test_a_large_report_is_read_too(inbound: Any) -> None:
+    # Over enqueue.INLINE_REPORT: parsed in the worker's executor, then committed.
+    server = inbound(merge(FEEDBACK, UNTRUSTED))
+    big = sent_to(BOB)
+    big.set_content(("newsletter text " * 5 + "\n") * 20_000)
+    data = dsn(FBL, big, [(BOB, "failed", "5.1.1", UNKNOWN.format(BOB))], headers_only=False)
+    assert len(data) > 1_000_000
+    assert report(server.port, FBL, data) == (250, "2.0.0 OK report read")
+    assert suppressed(server, BOB).reason == "bounce"
+    assert counts(server).bounced == 1
