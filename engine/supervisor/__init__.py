@@ -300,6 +300,12 @@ class Supervisor:
         if any(getattr(cfg, f) != getattr(self.cfg, f) for f in fixed):
             log.warning("reload_partial", reason="listeners, queue, control and metrics change only on restart")
             cfg = msgspec.structs.replace(cfg, **{f: getattr(self.cfg, f) for f in fixed})
+        # The HTTP API's socket is bound like a listener: its address and TLS stay; the
+        # rest of [http] (tokens, limits) reloads.
+        if (cfg.http.listen, cfg.http.tls) != (self.cfg.http.listen, self.cfg.http.tls):
+            log.warning("reload_partial", reason="http.listen and http.tls change only on restart")
+            cfg = msgspec.structs.replace(cfg, http=msgspec.structs.replace(
+                cfg.http, listen=self.cfg.http.listen, tls=self.cfg.http.tls))
         self.cfg = cfg
         log.configure(cfg.log.level)
         for slot in self.slots:

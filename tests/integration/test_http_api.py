@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -301,3 +302,12 @@ def test_volley_serve_answers_http(serve: Any, tmp_path: Path) -> None:
         assert answer.status == 200 and answer.body["success_count"] == 5, answer
         assert call(port, "GET", f"/api/v1/campaigns/c{n}").body["injected"] == 5
     assert inject(port, newsletter(1), token="x" * 20).status == 401
+    # SIGHUP re-reads the tokens file in every worker; the address stays as bound.
+    new_token = "rotated-token-0123456789ab"
+    (tmp_path / "http" / "tokens").write_text(f"ops:{new_token}\n")
+    proc.signal(signal.SIGHUP)
+    for _ in range(2):
+        proc.wait_for(lambda e: e.get("event") == "worker_reloaded")
+    assert inject(port, newsletter(1), token=TOKEN).status == 401
+    assert inject(port, newsletter(1), token=new_token).status == 200
+
