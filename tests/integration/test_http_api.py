@@ -183,15 +183,18 @@ def test_bad_and_suppressed_recipients_reported_one_by_one(api: Start) -> None:
     body["recipients"][1]["email"] = "no at sign"
     body["recipients"].append({"email": "anyone@blocked.test"})
     body["recipients"].append({"email": "r4@[300.1.1.1]"})
+    body["recipients"].append({"email": "r5@example.test", "name": "Eve\r\nBcc: x@evil.test"})
     answer = inject(server.http_port, body)
     assert answer.status == 200, answer
     assert answer.body["success_count"] == 2
-    assert answer.body["fail_count"] == 4
+    assert answer.body["fail_count"] == 5
+    assert len(answer.body["errors"]) == 5  # the distinct reasons
     failed = {f["email"]: f["error"] for f in answer.body["failed_recipients"]}
     assert failed["r2@example.test"] == "suppressed (bounce)"
     assert failed["anyone@blocked.test"] == "suppressed (complaint)"
     assert "not a valid address" in failed["no at sign"]
     assert "address literal" in failed["r4@[300.1.1.1]"]
+    assert "line break" in failed["r5@example.test"]  # a render error fails its recipient only
     assert sorted(records_by_rcpt(server)) == ["r0@example.test", "r3@example.test"]
     counts = call(server.http_port, "GET", "/api/v1/campaigns/spring-2026").body
     assert (counts["injected"], counts["suppressed"]) == (2, 2)
