@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from engine.delivery import outcome
+from engine.delivery.ledger import Ledger, book
 from engine.delivery.onereport import failures_to_report, suspended_in
 from engine.delivery.outcome import Applied
 from engine.delivery.reports import queue_dsns
@@ -26,14 +27,16 @@ def write_outcome(w: WriteTxn, stored: MessageRecord, applied: Applied, body: by
                   report_ids: ReportIds, reporting_mta: str, now: float, retry_until: float,
                   remote_mta: str = "", remote_dsn: bool = False,
                   delayed: list[tuple[Recipient, Reply, str]] | None = None,
-                  hold: bool = True) -> None:
+                  hold: bool = True, ledger: Ledger | None = None) -> None:
     """Store `applied` (from outcome.apply / expire_pending over `stored`): the message
     is deleted when nothing is pending any more, else updated. Then queue the reports it
     owes (failure, relayed for NOTIFY=SUCCESS, and the `delayed` entries), each with the
     null sender (RFC 3461 §6.2) and `reporting_mta` as Reporting-MTA; `retry_until`
     becomes Will-Retry-Until in a delay report. Failures go out in one report per
     message and delivery pass (onereport.py): this may hold them in the record instead,
-    or add those held earlier (`hold=False`: report them now)."""
+    or add those held earlier (`hold=False`: report them now). The campaign counters and
+    the suppression list are booked in the same transaction (ledger.py; `ledger` None:
+    counters only)."""
     failures = failures_to_report(applied, remote_mta, now, hold=hold,
                                   suspended=suspended_in(w, now))  # before the record is written
     if applied.done:
@@ -42,6 +45,7 @@ def write_outcome(w: WriteTxn, stored: MessageRecord, applied: Applied, body: by
         w.update_message(applied.record, stored=stored)
     queue_dsns(w, applied, body, report_ids, reporting_mta, now, remote_mta, remote_dsn,
                delayed or [], retry_until, failures)
+    book(w, stored, applied, ledger or Ledger(), now)
 
 
 def bounce_recipients(w: WriteTxn, stored: MessageRecord, indices: Sequence[int],

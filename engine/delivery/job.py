@@ -59,6 +59,8 @@ class JobResult(msgspec.Struct, frozen=True):
     # False: the job was handed back unsent (the pool is shutting down); it stays due
     # in the queue unchanged, with no attempt counted.
     attempted: bool = True
+    # The replies are our own refusals of recipients on the suppression list.
+    suppressed: bool = False
 
 
 class Job:

@@ -43,6 +43,8 @@ from engine.delivery import outcome as outcome_mod
 from engine.delivery.bounce import write_outcome
 from engine.delivery.holds import Holds, Parked, park_op
 from engine.delivery.job import Job, JobResult, PoolSettings
+from engine.delivery.ledger import Ledger
+from engine.delivery.outcome_lines import log_outcome, observe_outcome
 from engine.delivery.planner import RoutePlanner
 from engine.delivery.pool_manager import PoolManager
 from engine.delivery.reports import due_delay_reports
@@ -59,6 +61,7 @@ from engine.queue.committer import QueueCommitter
 from engine.queue.ids import IdAllocator, id_text
 from engine.queue.records import EXPIRED, PENDING, MessageRecord, domain_of
 from engine.queue.store import QueueStore, WriteTxn
+from engine.smtp.replies import Reply
 
 # Resume scans this far before the newest due time dispatched: a message stamped at
 # t may commit a little later than one stamped after it.
@@ -107,11 +110,15 @@ class Scheduler:
         self.holds = Holds()
         self.metrics: WorkerMetrics | None = None  # when the worker wants histograms
         self.signer: DkimSigner | None = None  # [[dkim]] keys, when any are configured
+        self._suppress_codes = (frozenset(cfg.suppression.codes) if cfg.suppression.auto_bounce
+                                else frozenset[str]())
 
     def apply_config(self, cfg: Config) -> None:
         self.cfg = cfg
         self.schedule = cfg.delivery.retry.seconds
         self.planner.configure(cfg)
+        self._suppress_codes = (frozenset(cfg.suppression.codes) if cfg.suppression.auto_bounce
+                                else frozenset[str]())
 
     def forget_routes(self) -> None:
         """Drop the route memo: the next entry of each domain asks the DNS cache again."""
@@ -276,6 +283,8 @@ class Scheduler:
         if self._stopping:
             self._release((msg_id, domain))
             return
+        if self._refuse_suppressed(msg_id, domain, body, record, indices):
+            return
         if isinstance(route, RouteError):
             self._commit_outcome(msg_id, domain, body,
                                  JobResult(replies={i: route.reply for i in indices}))
@@ -290,6 +299,25 @@ class Scheduler:
                   created=self.loop.time())
         self.stats.dispatched += 1
         self.pools.submit(job, settings)
+
+    def _refuse_suppressed(self, msg_id: bytes, domain: str, body: bytes, record: MessageRecord,
+                           indices: list[int]) -> bool:
+        """Check the suppression list again just before sending: an address added since
+        the message was accepted is not mailed. Its recipients bounce with 550 5.7.1
+        (RFC 3463 X.7.1 "delivery not authorized"); the others of this unit go out on
+        the next scan."""
+        hits = self.store.suppressed_many([record.recipients[i].address for i in indices],
+                                          record.tenant)
+        if not hits:
+            return False
+        refused: dict[int, Reply] = {}
+        for i in indices:
+            entry = hits.get(record.recipients[i].address)
+            if entry is not None:
+                refused[i] = Reply(550, "5.7.1", f"recipient is suppressed ({entry.reason})")
+        self._last_full = 0.0  # the rest stays due at its old time: find it on the next scan
+        self._commit_outcome(msg_id, domain, body, JobResult(replies=refused, suppressed=True))
+        return True
 
     # --- outcomes ----------------------------------------------------------------------
     def _commit_outcome(self, msg_id: bytes, domain: str, body: bytes, result: JobResult,
@@ -307,6 +335,7 @@ class Scheduler:
         reporting = cfg.server.hostname
         rng = self.rng
         mono_now = self.loop.time()
+        ledger = Ledger(self._suppress_codes, suppressed=result.suppressed)
 
         def op(w: WriteTxn) -> tuple[MessageRecord, outcome_mod.Applied] | None:
             current = w.get(msg_id)
@@ -325,7 +354,8 @@ class Scheduler:
             delayed = due_delay_reports(applied, now, delay_warning)
             write_outcome(w, current, applied, body, report_ids=dsn_ids, reporting_mta=reporting,
                           now=now, retry_until=current.received_at + max_age,
-                          remote_mta=result.mx_host, remote_dsn=result.remote_dsn, delayed=delayed)
+                          remote_mta=result.mx_host, remote_dsn=result.remote_dsn, delayed=delayed,
+                          ledger=ledger)
             return current, applied
 
         self._submit_outcome(op, msg_id, domain, result, now)
@@ -368,40 +398,10 @@ class Scheduler:
         if applied.bounced:
             recipients = applied.record.recipients
             st.expired += sum(1 for i in applied.bounced if recipients[i].state == EXPIRED)
+        mono = self.loop.time()
         if self.metrics is not None:
-            self._observe(self.metrics, before, applied, result, now)
-        self._log(before, applied, domain, result, now)
-
-    def _observe(self, m: WorkerMetrics, before: MessageRecord, applied: outcome_mod.Applied,
-                 result: JobResult, now: float) -> None:
-        """Histograms: one latency per SMTP transaction, one queue time per recipient
-        delivered."""
-        if result.attempt_started and result.mx_host:
-            m.delivery_latency.observe(max(0.0, self.loop.time() - result.attempt_started))
-        for _ in applied.delivered:
-            m.queue_time.observe(max(0.0, now - before.received_at))
-
-    def _log(self, before: MessageRecord, applied: outcome_mod.Applied, domain: str,
-             result: JobResult, now: float) -> None:
-        latency = (round(self.loop.time() - result.attempt_started, 4)
-                   if result.attempt_started else None)
-        verdicts = {i: "delivered" for i in applied.delivered}
-        verdicts.update({i: "deferred" for i in applied.deferred})
-        for i in applied.bounced:
-            verdicts[i] = "expired" if applied.record.recipients[i].state == EXPIRED else "bounced"
-        for i, verdict in sorted(verdicts.items()):
-            reply = applied.replies.get(i)
-            rcpt = applied.record.recipients[i]
-            self.dlog.write({
-                "time": round(now, 3), "id": id_text(before.id), "sender": before.sender,
-                "recipient": rcpt.address, "domain": domain, "mx": result.mx_host,
-                "ip": result.ip, "tls": result.tls or "none",
-                "code": reply.code if reply else None,
-                "enhanced": reply.enhanced if reply else "",
-                "reply": "\n".join(reply.lines) if reply else "",
-                "outcome": verdict, "attempt": rcpt.attempts,
-                "queue_time": round(now - before.received_at, 3), "latency": latency,
-            })
+            observe_outcome(self.metrics, before, applied, result, now, mono)
+        log_outcome(self.dlog, before, applied, domain, result, now, mono)
 
 
 def _not_before(record: MessageRecord, indices: list[int], now: float, result: JobResult,

@@ -1,0 +1,58 @@
+"""What an outcome means beyond the message itself: the campaign's counters and the
+suppression list. Runs inside the outcome's write transaction (bounce.write_outcome),
+so the counters, the list and the recipient states commit together or not at all.
+
+Counted per recipient: delivered, deferred (each deferral), bounced by class
+(engine/mail/bounce_class.py; expiry is "expired"), and suppressed when the bounce was
+our own refusal of a suppressed recipient. A permanent failure whose enhanced code is
+one of `suppression.codes` puts the address on the list (reason "bounce"), for the
+message's tenant, so the next campaign does not mail it again.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import msgspec
+
+from engine.delivery.outcome import Applied
+from engine.mail.bounce_class import bounce_class
+from engine.queue import campaigns, suppression
+from engine.queue.records import MessageRecord
+from engine.queue.writetxn import WriteTxn
+
+
+class Ledger(msgspec.Struct, frozen=True):
+    """How to book one outcome. `suppress_codes` empty: no automatic suppression."""
+
+    suppress_codes: frozenset[str] = frozenset()
+    # The bounces of this outcome are refusals of suppressed recipients: count them as
+    # "suppressed", never add them to the list again.
+    suppressed: bool = False
+
+
+def book(w: WriteTxn, stored: MessageRecord, applied: Applied, ledger: Ledger, now: float) -> None:
+    """Count `applied` toward the message's campaign and suppress hard-bounced
+    mailboxes."""
+    record = applied.record
+    classes: Counter[str] = Counter()
+    entries: list[suppression.Suppression] = []
+    for i in applied.bounced:
+        reply = applied.replies.get(i)
+        code, enhanced = (reply.code, reply.enhanced) if reply is not None else (554, "5.4.7")
+        if ledger.suppressed:
+            continue
+        classes[bounce_class(code, enhanced)] += 1
+        if enhanced in ledger.suppress_codes:
+            text = " ".join(reply.lines) if reply is not None else ""
+            entries.append(suppression.Suppression(
+                value=record.recipients[i].address.lower(), kind="address", reason="bounce",
+                source=f"{code} {enhanced} {text}".strip()[:200], created=now,
+                tenant=stored.tenant))
+    if entries:
+        suppression.add(w, entries)
+    if stored.campaign or stored.tenant:
+        campaigns.bump(w, stored.tenant, stored.campaign, now=now,
+                       delivered=len(applied.delivered), deferred=len(applied.deferred),
+                       bounced=dict(classes) or None,
+                       suppressed=len(applied.bounced) if ledger.suppressed else 0)
