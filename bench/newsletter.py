@@ -346,7 +346,7 @@ def print_table(cells: list[dict[str, Any]], extra: dict[str, Any]) -> None:
     print(f"\nnewsletter: {n:,} recipients over {DOMAINS} domains, volley fsync, 2 workers, to the sink;"
           f" SMTP by engine.lab.blast (pipelined, --sessions, 1,024 B), the campaign as one request"
           f" ({size if size else '?'} B per recipient rendered)")
-    head = (f"{'cell':<28} {'accepted/s':>22} {'delivered/s e2e':>22} {'server us/msg':>13}"
+    head = (f"{'cell':<28} {'accepted/s':>24} {'delivered/s e2e':>24} {'server us/msg':>13}"
             f" {'worker split %':>14} {'ratio':>16}  note")
     print(head)
     print("-" * len(head))
@@ -358,7 +358,7 @@ def print_table(cells: list[dict[str, Any]], extra: dict[str, Any]) -> None:
         r = c.get("ratios", {})
         ratio = (f"{r['smtp']:.2f} x SMTP" if "smtp" in r else f"{r['unsigned']:.2f} x unsig" if "unsigned" in r
                  else "")
-        print(f"{mode.label:<28} {_rate(c, 'intake_msgs_per_s'):>22} {_rate(c, 'msgs_per_s'):>22}"
+        print(f"{mode.label:<28} {_rate(c, 'intake_msgs_per_s'):>24} {_rate(c, 'msgs_per_s'):>24}"
               f" {'n/a' if cpu is None else f'{1000 * cpu:.0f}':>13} {_split(c):>14} {ratio:>16}"
               f"  {'' if c['complete'] else 'INCOMPLETE'}")
     sign = extra.get("dkim_sign_1k") or {}
