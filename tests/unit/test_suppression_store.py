@@ -207,3 +207,22 @@ def test_closed_store_reads_raise_storage_errors(tmp_path: Path) -> None:
     s.close()
     with pytest.raises(StorageError):
         add(s, entry("a@x.example"))
+
+
+def test_an_import_stops_at_the_high_water_mark_but_automatic_entries_still_fit(
+        tmp_path: Path) -> None:
+    from engine.errors import QueueFull
+
+    s = QueueStore(str(tmp_path / "q"), map_size=4 << 20, durability="batch",
+                   reserve=1 << 20)
+    try:
+        added = 0
+        with pytest.raises(QueueFull, match="reserved"):
+            for chunk in range(1000):
+                batch = [entry(f"u{chunk}.{i}@x.example", reason="import") for i in range(1000)]
+                added += s.write_one(lambda w, b=batch: suppression.add(w, b, headroom=False))
+        assert 10_000 < added == s.suppression_count()  # the refused chunk left nothing
+        # a bounce's automatic entry rides on an outcome and uses the reserve (P4)
+        assert s.write_one(lambda w: suppression.add(w, [entry("late@x.example", reason="bounce")])) == 1
+    finally:
+        s.close()
