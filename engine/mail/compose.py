@@ -202,7 +202,8 @@ class _PartsContent(CompiledContent):
         if not self._attachments:
             self._entity(out, parts, top=True)
         else:
-            out.append(f'Content-Type: multipart/mixed; boundary="{self._mixed}"{CRLF}{CRLF}--{self._mixed}{CRLF}')
+            mixed = self._mixed
+            out.append(f'Content-Type: multipart/mixed;{CRLF} boundary="{mixed}"{CRLF}{CRLF}--{mixed}{CRLF}')
             self._entity(out, parts, top=False)
             out.append(self._attachments)
             out.append(f"{CRLF}--{self._mixed}--{CRLF}")
@@ -220,7 +221,7 @@ class _PartsContent(CompiledContent):
                 out.append("=" + CRLF if cte == "quoted-printable" else CRLF)
             return
         alt = self._alt
-        out.append(f'Content-Type: multipart/alternative; boundary="{alt}"{CRLF}{CRLF}')
+        out.append(f'Content-Type: multipart/alternative;{CRLF} boundary="{alt}"{CRLF}{CRLF}')
         for body, (cte, text) in zip(self._bodies, parts):
             out += ["--", alt, CRLF, body.content_type, "Content-Transfer-Encoding: ", cte, CRLF, CRLF, text, CRLF]
         out.append(f"--{alt}--{CRLF}" if top else f"--{alt}--")

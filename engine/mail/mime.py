@@ -1,9 +1,10 @@
 """The pieces of an RFC 5322 / MIME message that composition builds by hand.
 
 The `email` package's generator costs far more than rendering a template, so the
-message is assembled from strings here; the package is used only where encoding is
-fiddly and the value is unusual (RFC 2047 for non-ASCII or over-long header values,
-address lists someone typed into a custom header). Every function returns text with
+message is assembled from strings here. RFC 2047 encoded words are written here too
+(email.header.Header loses characters such as form feeds); the package is used only
+for address lists with non-ASCII names typed
+into a custom header (To, Cc), which need its address parser. Every function returns text with
 CRLF line ends (RFC 5322 §2.1) and no line over 998 octets (§2.1.1); a value that
 cannot be made so raises ValueError with the problem, for the caller to name the field.
 """
@@ -16,8 +17,6 @@ import re
 import time
 import urllib.parse
 from email import policy
-from email.header import Header
-from email.utils import formataddr
 from typing import Final
 
 CRLF: Final = "\r\n"
@@ -30,6 +29,8 @@ _FTEXT_NAME: Final = re.compile(r"[!-9;-~]+")
 _MEDIA_TYPE: Final = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+/[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 # A filename that fits in a quoted-string as is (RFC 2045 §5.1): printable ASCII but " and \.
 _PLAIN_FILENAME: Final = re.compile(r"[ !#-\[\]-~]+")
+# Atoms separated by single spaces: a display name written as is (RFC 5322 §3.2.5).
+_PHRASE: Final = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?: [A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 _ADDRESS_BAD: Final = re.compile(r"[\s<>(),;:\"\\\x00-\x1f\x7f]")
 
 _DAYS: Final = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
@@ -66,14 +67,37 @@ def check_value(value: str) -> None:
 
 
 def unstructured(name: str, value: str) -> str:
-    """`Name: value` CRLF for an unstructured field (Subject, X-*). Plain ASCII that fits
-    is written as is; anything else becomes RFC 2047 encoded words, folded at 76."""
+    """`Name: value` CRLF for an unstructured field (Subject, X-*). Printable ASCII that
+    fits is written as is; anything else becomes RFC 2047 encoded words, one per line."""
     check_value(value)
     if (value.isascii() and value.isprintable() and "=?" not in value and value == value.strip()
             and len(name) + 2 + len(value) <= MAX_LINE):
         return f"{name}: {value}{CRLF}" if value else f"{name}:{CRLF}"
-    encoded = Header(value, "utf-8", header_name=name).encode(linesep=CRLF)
-    return f"{name}: {encoded}{CRLF}"
+    return f"{name}: {encoded_words(value)}{CRLF}"
+
+
+def encoded_words(value: str) -> str:
+    """`value` as RFC 2047 "B" encoded words of at most 72 characters (§2 allows 75),
+    folded one per line. Every character, whitespace and controls included, survives:
+    the whitespace between adjacent encoded words is not part of the text (§6.2).
+    (email.header.Header drops form feeds and other characters str.splitlines breaks at.)"""
+    words: list[str] = []
+    chunk: list[str] = []
+    size = 0
+    for ch in value:
+        n = len(ch.encode("utf-8"))
+        if size + n > 45:  # 45 octets are 60 base64 characters
+            words.append(_b_word("".join(chunk)))
+            chunk, size = [], 0
+        chunk.append(ch)
+        size += n
+    if chunk or not words:
+        words.append(_b_word("".join(chunk)))
+    return (CRLF + " ").join(words)
+
+
+def _b_word(text: str) -> str:
+    return "=?utf-8?b?" + base64.b64encode(text.encode("utf-8")).decode("ascii") + "?="
 
 
 def address_list(name: str, value: str) -> str:
@@ -107,10 +131,21 @@ def check_address(address: str) -> None:
 
 
 def mailbox(name: str, display: str, address: str) -> str:
-    """`Name: "Display" <address>` CRLF; a non-ASCII display name RFC 2047 encoded.
-    An internationalised address stays UTF-8 (RFC 6532; it needs SMTPUTF8 anyway)."""
-    line = f"{name}: {formataddr((display, address), charset='utf-8')}"
-    if len(line) > MAX_LINE:
+    """`Name: "Display" <address>` CRLF. A display name that is not printable ASCII
+    becomes encoded words (RFC 2047 §5(3)). An internationalised address stays UTF-8
+    (RFC 6532; it needs SMTPUTF8 anyway)."""
+    if not display:
+        line = f"{name}: {address}"
+    elif _PHRASE.fullmatch(display) and "=?" not in display:
+        line = f"{name}: {display} <{address}>"
+    elif display.isascii() and display.isprintable() and "=?" not in display:
+        quoted = display.replace("\\", "\\\\").replace('"', '\\"')
+        line = f'{name}: "{quoted}" <{address}>'
+    else:
+        line = f"{name}: {encoded_words(display)} <{address}>"
+    if len(line) > MAX_LINE and display:  # a very long name: encoded words fold it
+        line = f"{name}: {encoded_words(display)} <{address}>"
+    if len(line) > MAX_LINE and any(len(x.encode()) > MAX_LINE for x in line.split(CRLF)):
         raise ValueError(f"longer than {MAX_LINE} octets")
     return line + CRLF
 
@@ -151,14 +186,14 @@ def attachment_part(filename: str, content_type: str, data: bytes) -> str:
 def _filename_params(param: str, filename: str) -> str:
     """`filename="a.pdf"`, or RFC 2231 `filename*=utf-8''...` for other names, split into
     numbered continuations (§3) so no line is long; each starts a folded line."""
-    if _PLAIN_FILENAME.fullmatch(filename) and len(filename) <= 60:
+    if _PLAIN_FILENAME.fullmatch(filename) and len(filename) <= 50:
         return f'{CRLF} {param}="{filename}"'
     quoted = urllib.parse.quote(filename, safe="", encoding="utf-8")
-    if len(quoted) <= 60:
+    if len(quoted) <= 50:
         return f"{CRLF} {param}*=utf-8''{quoted}"
     pieces, i = [], 0
     while i < len(quoted):
-        end = min(i + 60, len(quoted))
+        end = min(i + 50, len(quoted))
         # never split a %XX escape
         while end < len(quoted) and "%" in quoted[end - 2:end]:
             end -= 1
