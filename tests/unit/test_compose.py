@@ -10,6 +10,7 @@ from email.header import decode_header, make_header
 from email.message import EmailMessage
 from email.policy import default
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -333,3 +334,14 @@ def test_any_unicode_round_trips_within_the_line_limit(subject: str, text: str, 
 
     assert text_of(plain) == normal(text)
     assert text_of(rich) == normal(html)
+
+
+def test_the_content_decodes_from_json_with_from_and_unknown_keys_refused() -> None:
+    spec = msgspec.json.decode(b'{"from": "a@example.com", "text_body": "x", "headers": {"X-A": "1"},'
+                               b' "attachments": [{"filename": "f", "data": ""}]}', type=ContentSpec)
+    assert spec.from_ == "a@example.com" and spec.attachments[0].content_type == "application/octet-stream"
+    assert msgspec.json.encode(spec).startswith(b'{"raw":null,"from":"a@example.com"')
+    with pytest.raises(msgspec.ValidationError, match=r"unknown field `txt_body`"):
+        msgspec.json.decode(b'{"from": "a@example.com", "txt_body": "x"}', type=ContentSpec)
+    with pytest.raises(msgspec.ValidationError, match=r"\$\.attachments\[0\]"):
+        msgspec.json.decode(b'{"attachments": [{"filename": "f"}]}', type=ContentSpec)
