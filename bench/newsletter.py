@@ -135,6 +135,13 @@ def wait_http(address: str, token: str, timeout: float) -> None:
         time.sleep(0.1)
 
 
+def unavailable() -> dict[str, str]:
+    """Cells that cannot run in this checkout, with why (run.py skips them with a note)."""
+    if (REPO / "engine" / "http" / "__init__.py").exists():
+        return {}
+    return {m.id: "engine/http (the injection API) is not in this checkout" for m in MODES if m.http}
+
+
 def server(bench: Any, system: Any, sink: Any) -> NewsletterVolley:
     a = bench.args
     relay = (bench.dns_for_volley(a.zone_domains), sink.port)

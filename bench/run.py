@@ -333,10 +333,7 @@ def skip_reasons(args: argparse.Namespace) -> dict[str, str]:
         out["postfix"] = why
     if importlib.util.find_spec("aiosmtpd") is None:
         out["aiosmtpd"] = "aiosmtpd is not installed in this venv (make bench-peers)"
-    if not (REPO / "engine" / "http" / "__init__.py").exists():
-        for mode in newsletter.MODES:
-            if mode.http:
-                out[mode.id] = "engine/http (the injection API) is not in this checkout"
+    out.update(newsletter.unavailable())
     if not args.sink_latency:
         out["latency"] = "--no-sink-latency"
     elif not sinks.volley_sink_supports("--latency", "--targets-from-stdin", "--json", "--no-starttls"):
