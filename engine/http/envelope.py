@@ -54,12 +54,17 @@ class ReceivedHeader:
 
 def injected_record(raw_id: bytes, sender: str, recipient: str, size: int, *, now: float,
                     body_8bit: bool, client_ip: str, token_name: str, campaign: str,
-                    tenant: str, priority: int) -> MessageRecord:
-    """One message, one recipient, DKIM-signed as it leaves (`sign=True`)."""
+                    tenant: str, priority: int, verp: bool = False) -> MessageRecord:
+    """One message, one recipient, DKIM-signed as it leaves (`sign=True`).
+
+    `verp`: the return path is Volley's own feedback address. Then the recipient asks
+    for no DSN (RFC 3461 NOTIFY=NEVER): Volley books a bounce itself (suppression list,
+    campaign counters, engine/delivery/ledger.py), and a DSN to that address would only
+    come back to its own feedback intake and be counted twice."""
     return MessageRecord(
         id=raw_id,
         sender=sender,
-        recipients=[Recipient(recipient)],
+        recipients=[Recipient(recipient, notify=("NEVER",) if verp else None)],
         received_at=now,
         size=size,
         body_type="8BITMIME" if body_8bit else None,

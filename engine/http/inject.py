@@ -177,7 +177,7 @@ async def _render_all(req: InjectRequest, cfg: Config, compiled: CompiledContent
         batch.items.append((injected_record(
             raw_id, sender, r.email, len(body), now=now, body_8bit=compiled.body_8bit,
             client_ip=client.ip, token_name=client.token_name, campaign=req.campaign_id,
-            tenant=req.tenant, priority=req.priority), body))
+            tenant=req.tenant, priority=req.priority, verp=use_verp), body))
 
 
 async def _commit(req: InjectRequest, committer: QueueCommitter, batch: _Batch) -> None:

@@ -294,6 +294,27 @@ def test_delivered_personalised_with_one_click_unsubscribe(lab: Any, tmp_path: P
     lab.wait_queue_empty()
 
 
+def test_a_verp_hard_bounce_is_booked_once_and_sends_no_dsn(lab: Any, tmp_path: Path) -> None:
+    """Mail whose return path is Volley's own feedback address asks for no DSN
+    (NOTIFY=NEVER): Volley books the bounce itself, so a report to its own feedback
+    intake would count it twice."""
+    lab.sink("127.0.0.2", script=lambda v, a: (
+        "550 5.1.1 no such user" if v == "RCPT" and "r1@" in a else None))
+    home = lab.home_sink()
+    lab.zone({"example.test": {"MX": [(10, "mx.example.test")]},
+              "mx.example.test": {"A": ["127.0.0.2"]}})
+    server = lab.start(merge(http_overrides(tmp_path / "http"),
+                             {"feedback": {"address": "fbl@home.test"}}))
+    answer = inject(server.http_port, newsletter(3, envelope_sender="fbl@home.test"))
+    assert answer.status == 200 and answer.body["success_count"] == 3, answer
+    lab.wait_queue_empty()  # a DSN would be queued in the bounce's own transaction
+    assert home.messages == []
+    counts = call(server.http_port, "GET", "/api/v1/campaigns/spring-2026").body
+    assert (counts["delivered"], counts["bounced"]) == (2, 1)
+    entry = server.call(lambda: server.store.suppressed("r1@example.test"))
+    assert entry is not None and entry.reason == "bounce"
+
+
 def test_volley_serve_answers_http(serve: Any, tmp_path: Path) -> None:
     """A real `volley serve` (two workers, each serving the API on its own
     SO_REUSEPORT socket) binds http.listen and answers on it."""
