@@ -5,8 +5,9 @@ so the counters, the list and the recipient states commit together or not at all
 Counted per recipient: delivered, deferred (each deferral), bounced by class
 (engine/mail/bounce_class.py; expiry is "expired"), and suppressed when the bounce was
 our own refusal of a suppressed recipient. A permanent failure whose enhanced code is
-one of `suppression.codes` puts the address on the list (reason "bounce"), for the
-message's tenant, so the next campaign does not mail it again.
+one of `suppression.codes` puts the address on the shared list (reason "bounce"): a
+mailbox that does not exist is gone for every tenant, while a complaint is about one
+tenant's mail and is listed for that tenant alone (engine/inbound/feedback_intake.py).
 """
 
 from __future__ import annotations
@@ -47,8 +48,7 @@ def book(w: WriteTxn, stored: MessageRecord, applied: Applied, ledger: Ledger, n
             text = " ".join(reply.lines) if reply is not None else ""
             entries.append(suppression.Suppression(
                 value=record.recipients[i].address.lower(), kind="address", reason="bounce",
-                source=f"{code} {enhanced} {text}".strip()[:200], created=now,
-                tenant=stored.tenant))
+                source=f"{code} {enhanced} {text}".strip()[:200], created=now))
     if entries:
         suppression.add(w, entries)
     if stored.campaign or stored.tenant:
