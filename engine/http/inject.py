@@ -174,8 +174,10 @@ async def _render_all(req: InjectRequest, cfg: Config, compiled: CompiledContent
                 r.email, f"message of {len(body)} bytes is over limits.max_message_size"))
             continue
         sender = verp.verp_address(feedback, token) if use_verp else req.envelope_sender
+        # Raw content may be 8-bit only through a substitution: look at this copy.
+        eight_bit = compiled.body_8bit and not content.isascii()
         batch.items.append((injected_record(
-            raw_id, sender, r.email, len(body), now=now, body_8bit=compiled.body_8bit,
+            raw_id, sender, r.email, len(body), now=now, body_8bit=eight_bit,
             client_ip=client.ip, token_name=client.token_name, campaign=req.campaign_id,
             tenant=req.tenant, priority=req.priority, verp=use_verp), body))
 
