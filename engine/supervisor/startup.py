@@ -13,6 +13,7 @@ import ssl
 
 from engine import config as config_mod
 from engine.config import Config
+from engine.http.tokens import check_http
 from engine.inbound.tls import make_server_tls_context
 from engine.mail.dkim import DkimKeyError, DkimSigner
 
@@ -20,9 +21,11 @@ from engine.mail.dkim import DkimKeyError, DkimSigner
 def check_startup(cfg: Config) -> None:
     """What must hold before anything binds or forks; raises ConfigError("key: problem").
 
-    Today: the TLS certificate and key and the DKIM keys load (see the module docstring)."""
+    Today: the TLS certificate and key, the DKIM keys and the HTTP API's bearer tokens
+    load (see the module docstring)."""
     _check_tls(cfg)
     _check_dkim(cfg)
+    check_http(cfg)
 
 
 def _check_dkim(cfg: Config) -> None:

@@ -7,17 +7,20 @@ from __future__ import annotations
 import email
 import email.policy
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+import tomli_w
 
 from engine.mail import verp
 from engine.queue import suppression
 from engine.queue.records import MessageRecord
-from tests.integration.harness import InboundServer, merge
+from tests.integration.harness import REPO, InboundServer, base_config, merge
 from tests.integration.http_helpers import (
     BARE_TOKEN,
     TOKEN,
@@ -335,3 +338,14 @@ def test_volley_serve_answers_http(serve: Any, tmp_path: Path) -> None:
     assert inject(port, newsletter(1), token=TOKEN).status == 401
     assert inject(port, newsletter(1), token=new_token).status == 200
 
+
+
+def test_unreadable_tokens_file_stops_config_check(tmp_path: Path) -> None:
+    overrides = http_overrides(tmp_path / "http")
+    overrides["http"]["tokens_file"] = str(tmp_path / "missing-tokens")
+    path = tmp_path / "volley.toml"
+    path.write_text(tomli_w.dumps(merge(base_config(tmp_path), overrides)))
+    r = subprocess.run([sys.executable, "-m", "engine", "config", "check", "-c", str(path)],
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 2, r.stderr
+    assert f"http.tokens_file: cannot read {tmp_path / 'missing-tokens'}" in r.stderr, r.stderr
