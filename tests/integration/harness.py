@@ -81,6 +81,20 @@ class InboundServer:
         self.runtime: WorkerRuntime = self.call(
             WorkerRuntime.start(self.cfg, self.sockets, http_socket=self.http_socket))
 
+    def commit(self, op: Any) -> Any:
+        """Run a write op through the worker's own committer (its one writer) and wait
+        for the commit; re-raise what the op raised."""
+
+        async def run() -> Any:
+            fut = asyncio.get_running_loop().create_future()
+            self.runtime.committer.submit(op, fut.set_result)
+            res = await fut
+            if isinstance(res, BaseException):
+                raise res
+            return res
+
+        return self.call(run())
+
     def call(self, coro_or_fn: Any, timeout: float = 30.0) -> Any:
         """Run a coroutine or a plain function on the server's loop thread."""
         if asyncio.iscoroutine(coro_or_fn):

@@ -8,7 +8,6 @@ API and tagged SMTP mail arrive), so only the scheduler's side is under test her
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -33,20 +32,6 @@ ZONE = {
 }
 
 
-def commit(server: InboundServer, op: Any) -> Any:
-    """Run one op through the worker's own committer and wait for its commit."""
-
-    async def run() -> Any:
-        fut = asyncio.get_running_loop().create_future()
-        server.runtime.committer.submit(op, fut.set_result)
-        res = await fut
-        if isinstance(res, BaseException):
-            raise res
-        return res
-
-    return server.call(run())
-
-
 def queue_campaign_mail(server: InboundServer, rcpts: list[str], *, campaign: str,
                         tenant: str = "", tag: str = "campaign") -> str:
     """Queue one message to `rcpts` counted toward `campaign`; returns its queue id text."""
@@ -58,7 +43,7 @@ def queue_campaign_mail(server: InboundServer, rcpts: list[str], *, campaign: st
                              size=len(data), campaign=campaign, tenant=tenant)
 
     record: MessageRecord = server.call(make())
-    commit(server, lambda w: w.put_message(record, data))
+    server.commit(lambda w: w.put_message(record, data))
     server.call(lambda: server.runtime.delivery.scheduler.wake())
     return id_text(record.id)
 
@@ -66,7 +51,7 @@ def queue_campaign_mail(server: InboundServer, rcpts: list[str], *, campaign: st
 def suppress(server: InboundServer, address: str, tenant: str = "", reason: str = "manual") -> None:
     entry = suppression.Suppression(value=address, kind="address", reason=reason, source="test",
                                     created=time.time(), tenant=tenant)
-    commit(server, lambda w: suppression.add(w, [entry]))
+    server.commit(lambda w: suppression.add(w, [entry]))
 
 
 def counts(server: InboundServer, campaign: str, tenant: str = "") -> Any:

@@ -6,7 +6,6 @@ hand, the way it does it: table saved in the store first, then sent to the worke
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -37,19 +36,6 @@ def hold(server: InboundServer, holds: Holds) -> None:
     server.call(lambda: server.runtime.delivery.set_holds(holds))
 
 
-def commit(server: InboundServer, op: Any) -> Any:
-    """Run a write op through the worker's committer (its one writer thread)."""
-    async def run() -> Any:
-        fut = asyncio.get_running_loop().create_future()
-        server.runtime.committer.submit(op, fut.set_result)
-        res = await fut
-        if isinstance(res, BaseException):
-            raise res
-        return res
-
-    return server.call(run())
-
-
 def release(server: InboundServer, domain: str) -> int:
     """The supervisor's flush: the domain's pending recipients are due now."""
     ids = server.call(lambda: list(server.store.iter_ids()))
@@ -68,7 +54,7 @@ def release(server: InboundServer, domain: str) -> int:
                 n += 1
         return n
 
-    return int(commit(server, op))
+    return int(server.commit(op))
 
 
 def pending_times(lab: Lab, domain: str) -> list[float]:
