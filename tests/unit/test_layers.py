@@ -22,7 +22,7 @@ ENGINE = Path(__file__).resolve().parents[2] / "engine"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("engine.__main__",),
     ("engine.cli",),
-    ("engine.lab",),
+    ("engine.lab", "engine.doctor"),
     ("engine.supervisor",),
     ("engine.worker",),
     ("engine.control",),
