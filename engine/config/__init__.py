@@ -22,6 +22,7 @@ from engine.config.newsletter import (
     HttpConfig,
     SuppressionConfig,
 )
+from engine.config.shaping import ShapingConfig, parse_rate
 from engine.config.tree import (
     AuthConfig,
     Config,
@@ -60,8 +61,8 @@ __all__ = [
     "DEFAULT_SCHEDULE", "DeliveryConfig", "DkimConfig", "DnsConfig", "Duration",
     "FeedbackConfig", "Frozen", "HttpConfig", "LimitsConfig", "ListenerConfig", "LogConfig",
     "MetricsConfig", "QueueConfig", "RelayConfig", "RetrySchedule", "RouteConfig",
-    "ServerConfig", "Size", "SuppressionConfig", "TimeoutsConfig", "TlsConfig", "TlsPolicy",
+    "ServerConfig", "ShapingConfig", "Size", "SuppressionConfig", "TimeoutsConfig", "TlsConfig", "TlsPolicy",
     "decode_json", "dump_toml", "encode_json", "format_duration", "format_size", "from_dict",
-    "load", "parse_duration", "parse_nameserver", "parse_schedule", "parse_size",
+    "load", "parse_duration", "parse_nameserver", "parse_rate", "parse_schedule", "parse_size",
     "split_host_port", "to_builtins",
 ]

@@ -21,6 +21,7 @@ from engine.config.newsletter import (
     HttpConfig,
     SuppressionConfig,
 )
+from engine.config.shaping import ShapingConfig, check_shaping
 from engine.config.units import (
     DEFAULT_SCHEDULE,
     Duration,
@@ -330,8 +331,10 @@ class Config(Frozen, frozen=True):
     suppression: SuppressionConfig = msgspec.field(default_factory=SuppressionConfig)
     feedback: FeedbackConfig = msgspec.field(default_factory=FeedbackConfig)
     campaigns: CampaignsConfig = msgspec.field(default_factory=CampaignsConfig)
+    shaping: list[ShapingConfig] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
+        check_shaping(self.shaping)
         if self.http.tls and not (self.tls.cert_file and self.tls.key_file):
             raise ValueError("tls.cert_file: http.tls is on but no certificate is set")
         if not self.listeners:
