@@ -6,6 +6,7 @@ into a `Config` (errors as one `path: problem` line) and writes it back. Import 
 names from here: `from engine.config import Config, load`.
 """
 
+from engine.config.bounces import BouncesConfig
 from engine.config.loader import (
     ConfigError,
     decode_json,
@@ -57,7 +58,7 @@ from engine.config.units import (
 )
 
 __all__ = [
-    "AuthConfig", "CampaignsConfig", "Config", "ConfigError", "ControlConfig",
+    "AuthConfig", "BouncesConfig", "CampaignsConfig", "Config", "ConfigError", "ControlConfig",
     "DEFAULT_SCHEDULE", "DeliveryConfig", "DkimConfig", "DnsConfig", "Duration",
     "FeedbackConfig", "Frozen", "HttpConfig", "LimitsConfig", "ListenerConfig", "LogConfig",
     "MetricsConfig", "QueueConfig", "RelayConfig", "RetrySchedule", "RouteConfig",

@@ -14,6 +14,7 @@ from typing import Literal
 
 import msgspec
 
+from engine.config.bounces import BouncesConfig
 from engine.config.newsletter import (
     CampaignsConfig,
     DkimConfig,
@@ -332,6 +333,7 @@ class Config(Frozen, frozen=True):
     feedback: FeedbackConfig = msgspec.field(default_factory=FeedbackConfig)
     campaigns: CampaignsConfig = msgspec.field(default_factory=CampaignsConfig)
     shaping: list[ShapingConfig] = msgspec.field(default_factory=list)
+    bounces: BouncesConfig = msgspec.field(default_factory=BouncesConfig)
 
     def __post_init__(self) -> None:
         check_shaping(self.shaping)
