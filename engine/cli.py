@@ -216,6 +216,15 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_parser(sub)
 
 
+# --- doctor ----------------------------------------------------------------------------
+
+
+def _add_doctor(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from engine.doctor.cli import add_parser  # light: the checks are imported when it runs
+
+    add_parser(sub)
+
+
 # --- the parser ----------------------------------------------------------------------
 
 # Order here is the order in `volley --help`.
@@ -228,6 +237,7 @@ _SUBCOMMANDS = (
     _add_blast,
     _add_sink,
     _add_demo,
+    _add_doctor,
 )
 
 
