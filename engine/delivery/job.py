@@ -40,6 +40,18 @@ class PoolSettings(msgspec.Struct, frozen=True):
     rate: float = 0.0  # messages per second handed to sessions; 0 = unlimited
     # A throttled domain's pool serves that domain alone; "" = every domain of the site.
     only_domain: str = ""
+    # RCPTs per transaction; a job with more is sent as several (pool_queue.split_job).
+    # 0 = no limit of ours (the receiver's 452 still splits, RFC 5321 §4.5.3.1.10).
+    max_recipients: int = 0
+    # The [[shaping]] entry's name (shaping.py) and its server-wide limits, held across
+    # every pool and worker serving that provider (shared_limits.py); "" / 0 = none.
+    provider: str = ""
+    provider_connections: int = 0
+    provider_rate: float = 0.0  # messages per second
+    provider_connect_rate: float = 0.0  # new connections per second
+    # "enforce" | "testing": the domain's MTA-STS policy mode (RFC 8461), set by the
+    # planner, read by connect.py; "" = none.
+    mta_sts: str = ""
 
 
 class JobResult(msgspec.Struct, frozen=True):

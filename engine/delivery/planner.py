@@ -1,5 +1,7 @@
 """Where each domain's mail goes and with which pool settings: [[routes]] matching, the
-MX route (or a smarthost's), loop removal and an operator's throttle, memoised briefly.
+MX route (or a smarthost's), loop removal, the [[shaping]] entry that applies
+(shaping.py: by domain, or by the most-preferred MX hosts once the route is known) and
+an operator's throttle, in that order, memoised briefly.
 
 Bulk mail sends thousands of messages to one domain a second. The DNS cache already
 answers from memory, but building the route (shuffle, loop check, settings, a
@@ -16,6 +18,7 @@ from engine.config import Config, RouteConfig
 from engine.delivery.holds import Throttle
 from engine.delivery.job import PoolSettings
 from engine.delivery.routing import drop_self, match_route, pool_settings, smarthost_route, throttled
+from engine.delivery.shaping import match, most_preferred, shaped
 from engine.dns.cache import DnsCache
 from engine.dns.mx import Route, RouteError
 from engine.dns.resolver import Resolver
@@ -67,7 +70,7 @@ class RoutePlanner:
             return None
         if isinstance(route, Route):
             route = drop_self(route, settings.port, self.local)
-        return self._remember(domain, route, settings)
+        return self._remember(domain, route, self._finish(domain, route, settings))
 
     async def resolve(self, domain: str) -> Plan:
         route_cfg, settings = self._settings(domain)
@@ -78,20 +81,29 @@ class RoutePlanner:
             route = await self.dns.route(domain)
             if isinstance(route, Route):
                 route = drop_self(route, settings.port, self.local)
-        return self._remember(domain, route, settings)
+        return self._remember(domain, route, self._finish(domain, route, settings))
 
     def _settings(self, domain: str) -> tuple[RouteConfig | None, PoolSettings]:
-        """The domain's [[routes]] entry and pool settings (an operator's throttle
-        applied). Settings per entry are built once per config: building them per
-        message read a route's password file each time."""
+        """The domain's [[routes]] entry and its pool settings. Settings per entry are
+        built once per config: building them per message read a route's password file
+        each time."""
         route_cfg = match_route(self.cfg.routes, domain)
         settings = self._base.get(id(route_cfg))
         if settings is None:
             settings = self._base[id(route_cfg)] = self._intern(pool_settings(self.cfg, route_cfg))
+        return route_cfg, settings
+
+    def _finish(self, domain: str, route: Route | RouteError, settings: PoolSettings) -> PoolSettings:
+        """`settings` with the domain's [[shaping]] entry, then an operator's throttle."""
+        if self.cfg.shaping:
+            hosts = most_preferred(route.hosts) if isinstance(route, Route) else None
+            rule, _why = match(self.cfg.shaping, domain, hosts)
+            if rule is not None:
+                settings = self._intern(shaped(settings, rule))
         throttle = self.throttles.get(domain)
         if throttle is not None:
             settings = self._intern(throttled(settings, throttle))
-        return route_cfg, settings
+        return settings
 
     def _intern(self, settings: PoolSettings) -> PoolSettings:
         return self._interned.setdefault(settings, settings)

@@ -29,10 +29,17 @@ woken or new ones opened. With no token ready the session goes idle and the buck
 timer re-dispatches when the next is due. With rate 0 (the default) the hot path pays
 an attribute test per job.
 
-Worker-wide cap (budget.py): with a `ConnectionBudget`, each connection attempt first
-takes a slot, and the slot returns when the attempt fails or the connection is closed
-(`_slots` holds the sessions that own one). With none free the pool waits in the
-budget's line, which calls `on_slot_free` when a slot frees.
+Worker-wide cap (budget.py): each connection attempt first takes a connection token
+(`_take_connection`): a budget slot, and for a pool serving a [[shaping]] provider its
+count in the server-wide table (provider_gate.py, shared_limits.py). The token returns
+when the attempt fails or the connection is closed (`_slots` holds the sessions that
+own one). With no room the pool waits in the budget's or the gate's line and is
+called back (`on_slot_free`, `on_gate_open`). The provider's message rate (GCRA, shared
+by every worker) is consulted like the token bucket: before waking idle sessions and
+where a job is handed to a session.
+
+Queue order: by message priority (9 first), then arrival (pool_queue.py). A job with
+more recipients than `max_recipients` is queued as several transactions.
 
 Every submitted job gets exactly one `job.done(result)`.
 """
@@ -40,8 +47,6 @@ Every submitted job gets exactly one `job.done(result)`.
 from __future__ import annotations
 
 import asyncio
-import ssl
-from collections import deque
 from collections.abc import Callable
 
 import msgspec
@@ -50,17 +55,15 @@ from engine.config import TimeoutsConfig
 from engine.delivery.backoff import Backoff
 from engine.delivery.budget import ConnectionBudget
 from engine.delivery.changes import Changes
-from engine.delivery.connect import connect_route
-from engine.delivery.dialogue import SetupError
 from engine.delivery.job import Job, JobResult, PoolSettings, safe_done, unsent
-from engine.delivery.outcome import transient_failure
+from engine.delivery.pool_connect import PoolConnecting, TlsContextFactory
+from engine.delivery.pool_queue import JobQueue, split_job
+from engine.delivery.provider_gate import ProviderGate, ProviderGates
 from engine.delivery.rate import ONE, TokenBucket
 from engine.delivery.session import DeliverySession
-from engine.dns.mx import Route
 from engine.observe import log
 from engine.smtp.replies import Reply
 
-TlsContextFactory = Callable[[], ssl.SSLContext | None]
 _RECENT = 64  # distinct domains remembered per pool (shown with a backoff; flush by domain)
 
 
@@ -74,21 +77,25 @@ class PoolStats(msgspec.Struct):
     bytes_sent: int = 0  # message content of those transactions
 
 
-class SitePool:
+class SitePool(PoolConnecting):
     """Sessions to one destination site. Loop thread only; `submit` never blocks or raises."""
 
     def __init__(self, site_key: str, settings: PoolSettings, timeouts: TimeoutsConfig,
                  tls_context_factory: TlsContextFactory,
                  loop: asyncio.AbstractEventLoop | None = None,
-                 budget: ConnectionBudget | None = None) -> None:
+                 budget: ConnectionBudget | None = None,
+                 gates: ProviderGates | None = None) -> None:
         self.site_key = site_key
         self.budget = budget
-        self._slots: set[DeliverySession] = set()  # sessions holding a budget slot
+        # The provider's server-wide limits (provider_gate.py); None without [[shaping]].
+        self.gate: ProviderGate | None = gates.gate_for(settings) if gates else None
+        # Sessions holding a connection token (a budget slot and the provider's count).
+        self._slots: set[DeliverySession] = set()
         self.settings = settings
         self.timeouts = timeouts
         self.loop = loop or asyncio.get_running_loop()
         self._tls_factory = tls_context_factory
-        self._queue: deque[Job] = deque()
+        self._queue = JobQueue()  # by priority, then arrival
         self._sessions: set[DeliverySession] = set()  # open, not retiring
         self._retiring: set[DeliverySession] = set()
         self._idle: list[DeliverySession] = []  # LIFO stack
@@ -120,7 +127,8 @@ class SitePool:
             elif self.loop.time() < self._backoff.until:
                 safe_done(job, self._flat(job, self._backoff.reply, failed=True))
             else:
-                self._queue.append(job)
+                for part in split_job(job, self.settings.max_recipients):
+                    self._queue.push(part)
                 self._dispatch()
         except Exception as err:  # pragma: no cover - defensive: never raise to the scheduler
             log.error("pool_submit_error", site=self.site_key, error=repr(err))
@@ -164,6 +172,8 @@ class SitePool:
         self._limit = max(1, min(self._limit, settings.max_connections))
         if settings.rate != old.rate:
             self._bucket.reset()
+        if self.gate is not None:
+            self.gate.configure(settings)
         while len(self._sessions) > settings.max_connections and self._idle:
             self._retire(self._idle.pop(0))  # the coldest first (bottom of the LIFO stack)
         self._dispatch()
@@ -172,9 +182,8 @@ class SitePool:
     def withdraw(self, domain: str) -> int:
         """Hand back every queued job for `domain` unsent (it stays due in the queue,
         no attempt counted): its hold changed. Returns how many."""
-        mine = [job for job in self._queue if job.domain == domain]
+        mine = self._queue.remove_domain(domain)
         if mine:
-            self._queue = deque(job for job in self._queue if job.domain != domain)
             for job in mine:
                 safe_done(job, unsent(job))
             self._changed.set()
@@ -202,10 +211,16 @@ class SitePool:
         self._closing = True
         if self.budget is not None:
             self.budget.forget(self)
+        if self.gate is not None:
+            self.gate.forget(self)
         self._bucket.cancel()
 
     def on_slot_free(self) -> None:
         """The budget freed a slot while this pool waited in its line (BudgetUser)."""
+        self._dispatch()
+
+    def on_gate_open(self) -> None:
+        """The provider may have room for a message or connection (GateUser)."""
         self._dispatch()
 
     def retire_coldest_idle(self) -> bool:
@@ -245,11 +260,14 @@ class SitePool:
         if not self._queue or self._closing or self._worn_out(session):
             return None
         rate = self.settings.rate
+        if rate and self._bucket.ready(rate) < ONE:
+            return None  # the session idles; the bucket's timer wakes it
+        gate = self.gate
+        if gate is not None and gate.rate and not gate.take_message(self):
+            return None  # the session idles; the gate calls on_gate_open
         if rate:
-            if self._bucket.ready(rate) < ONE:
-                return None  # the session idles; the bucket's timer wakes it
             self._bucket.take()
-        return self._queue.popleft()
+        return self._queue.pop()
 
     def job_finished(self, session: DeliverySession, job: Job, result: JobResult) -> None:
         if session.saw_421:  # the result says so already (back_off)
@@ -280,6 +298,8 @@ class SitePool:
             self._idle.append(session)
             if self.budget is not None:
                 self.budget.note_idle(self)
+            if self.gate is not None:
+                self.gate.note_idle(self)
         self._changed.set()
 
     def session_closed(self, session: DeliverySession) -> None:
@@ -295,7 +315,7 @@ class SitePool:
         self._dispatch()
         if session in self._slots:
             self._slots.discard(session)
-            self._give_slot()
+            self._give_connection()
 
     # --- internals -----------------------------------------------------------------------
     def _worn_out(self, session: DeliverySession) -> bool:
@@ -316,9 +336,13 @@ class SitePool:
         if self._closing:
             return
         rate = self.settings.rate
+        gate = self.gate
         while self._queue and self._idle:
             if rate and self._bucket.ready(rate) < ONE:
                 return  # nothing may go yet; the bucket's timer calls again
+            if gate is not None and gate.rate and (wait := gate.message_wait()):
+                gate.wait(self, wait)
+                return  # the provider's rate: the gate calls on_gate_open
             session = self._idle.pop()  # LIFO: the warmest connection
             if not (session.quitting or session.closed):
                 session.kick()
@@ -329,71 +353,31 @@ class SitePool:
         want = min(room, len(self._queue) - self._connecting)
         if rate:  # and one token each, or it would only wait idle
             want = min(want, int(self._bucket.ready(rate) + 1e-9) - self._connecting)
-        budget = self.budget
+        if want > 0 and gate is not None and gate.rate and (wait := gate.message_wait()):
+            gate.wait(self, wait)  # a new session would only wait idle
+            return
         for _ in range(max(0, want)):
-            if budget is not None and not budget.take(self):
-                break  # the budget calls on_slot_free when a slot frees
+            if not self._take_connection():
+                break  # the budget or the gate calls back when there is room
             self._connecting += 1
-            task = self.loop.create_task(self._open(self._queue[0].route))
+            task = self.loop.create_task(self._open(self._queue.peek().route))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _open(self, route: Route) -> None:
-        try:
-            context = self._tls_factory() if self.settings.tls != "none" else None
-            session = await connect_route(route, self.settings, self.timeouts, context, self._plain_only)
-        except SetupError as err:
-            self._connecting -= 1
-            log.info("connect_failed", site=self.site_key, reply=str(err))
-            self._connect_failed(err.reply)
-            self._give_slot()
-            return
-        except Exception as err:  # our own trouble (a bad CA file...): defer, never hang
-            self._connecting -= 1
-            log.error("connect_error", site=self.site_key, error=repr(err))
-            self._connect_failed(transient_failure("local", f"cannot connect: {err!r}"))
-            self._give_slot()
-            return
-        except BaseException:  # cancelled by close()
-            self._connecting -= 1
-            self._give_slot()
-            raise
-        self._connecting -= 1
-        if session.closed:  # lost before we owned it: session_closed will not come
-            self._give_slot()
-            self._dispatch()
-            return
-        if self.budget is not None:
-            self._slots.add(session)
-        self._opened += 1
-        self._backoff.restart(float(self.settings.backoff))
+    def _take_connection(self) -> bool:
+        """A connection token: a budget slot and the provider's server-wide count, both
+        or neither. False: this pool waits in the line of whichever had no room."""
+        budget = self.budget
+        if budget is not None and not budget.take(self):
+            return False
+        if self.gate is not None and not self.gate.try_connect(self):
+            if budget is not None:
+                budget.give()
+            return False
+        return True
+
+    def _adopt(self, session: DeliverySession) -> None:
         session.owner = self
-        self._sessions.add(session)
-        self._changed.set()
-        if self._closing:
-            self._retire(session)
-            return
-        session.kick()
-        self._dispatch()
-
-    def _give_slot(self) -> None:
-        if self.budget is not None:
-            self.budget.give()
-
-    def _connect_failed(self, reply: Reply) -> None:
-        self._quiet_since = self.loop.time()
-        if self._sessions:
-            # Other connections work: a concurrency signal, not a dead destination.
-            self._limit = max(1, min(self._limit, len(self._sessions)))
-        elif not self._connecting:
-            self._enter_backoff(reply)
-            self._fail_queue(reply, failed=True)
-        self._changed.set()
-
-    def _enter_backoff(self, reply: Reply) -> None:
-        if self._backoff.enter(reply, self.loop.time(), float(self.settings.backoff_max)):
-            self._limit = min(2, self.settings.max_connections)  # slow start again after
-            log.info("destination_backoff", site=self.site_key, until=self._backoff.until)
 
     def _flat(self, job: Job, reply: Reply, *, failed: bool) -> JobResult:
         return JobResult({i: reply for i in job.indices}, destination_failed=failed,
@@ -402,10 +386,10 @@ class SitePool:
 
     def _fail_queue(self, reply: Reply, *, failed: bool) -> None:
         while self._queue:
-            job = self._queue.popleft()
+            job = self._queue.pop()
             safe_done(job, self._flat(job, reply, failed=failed))
 
     def _hand_back_queue(self) -> None:
         while self._queue:
-            job = self._queue.popleft()
+            job = self._queue.pop()
             safe_done(job, unsent(job))

@@ -13,15 +13,20 @@ from engine.delivery.changes import Changes
 from engine.delivery.connect import client_tls_context
 from engine.delivery.job import Job, PoolSettings, safe_done, unsent
 from engine.delivery.pool import PoolStats, SitePool
+from engine.delivery.provider_gate import ProviderGates
+from engine.delivery.shared_limits import LimitTable
 from engine.dns.mx import Route
 
-PoolKey = tuple[str, int, str, str, str]
+PoolKey = tuple[str, int, str, str, str, str]
 
 
 class PoolManager:
     """Every SitePool of a worker, keyed by (site, port, tls policy, auth user,
-    throttled domain), so domains sharing an MX set share connections (ARCHITECTURE
-    rule 10) unless an operator throttled one of them (`PoolSettings.only_domain`).
+    throttled domain, [[shaping]] provider), so domains sharing an MX set share
+    connections (ARCHITECTURE rule 10) unless an operator throttled one of them
+    (`PoolSettings.only_domain`) or they belong to different providers. Pools of one
+    provider share its server-wide limits through `gates` (provider_gate.py), over a
+    table shared with the other workers (`limits`; a private one when not given).
     The site is the MX host names (`Route.site_key`) when the certificate is verified
     (the session's name must be the one checked), else their addresses
     (`Route.address_key`): one receiving machine, one pool, however many names point
@@ -38,10 +43,13 @@ class PoolManager:
 
     def __init__(self, timeouts: TimeoutsConfig | None = None,
                  loop: asyncio.AbstractEventLoop | None = None,
-                 budget: ConnectionBudget | None = None, sweep_interval: float = 1.0) -> None:
+                 budget: ConnectionBudget | None = None, sweep_interval: float = 1.0,
+                 limits: LimitTable | None = None, column: int = 0) -> None:
         self.timeouts = timeouts or TimeoutsConfig()
         self.budget = budget
         self.loop = loop or asyncio.get_running_loop()
+        self.limits = limits or LimitTable.private()
+        self.gates = ProviderGates(self.limits, column, self.loop)
         self.pools: dict[PoolKey, SitePool] = {}
         self._contexts: dict[tuple[bool, str], ssl.SSLContext] = {}
         self._closing = False
@@ -63,7 +71,8 @@ class PoolManager:
 
     def pool_for(self, route: Route, settings: PoolSettings) -> SitePool:
         site = route.site_key if settings.tls_verify or not route.address_key else route.address_key
-        key = (site, settings.port, settings.tls, settings.auth_user, settings.only_domain)
+        key = (site, settings.port, settings.tls, settings.auth_user, settings.only_domain,
+               settings.provider)
         pool = self.pools.get(key)
         if pool is None:
             pool = self._new_pool(key, settings)
@@ -94,7 +103,7 @@ class PoolManager:
             return self.tls_context(pool.settings)
 
         pool = self.pools[key] = SitePool(key[0], settings, self.timeouts, tls_context,
-                                          self.loop, self.budget)
+                                          self.loop, self.budget, self.gates)
         if self._sweep is None and not self._closing:
             self._sweep = self.loop.call_later(self._sweep_interval, self._on_sweep)
         self._changed.set()
@@ -150,4 +159,5 @@ class PoolManager:
     @property
     def stats(self) -> dict[str, PoolStats]:
         return {f"{k[0]}:{k[1]}/{k[2]}" + (f"/{k[3]}" if k[3] else "")
-                + (f"[{k[4]}]" if k[4] else ""): p.stats for k, p in self.pools.items()}
+                + (f"[{k[4]}]" if k[4] else "") + (f"<{k[5]}>" if k[5] else ""): p.stats
+                for k, p in self.pools.items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ from engine.delivery.holds import Holds
 from engine.delivery.pool import PoolStats, SitePool
 from engine.delivery.pool_manager import PoolManager
 from engine.delivery.scheduler import Scheduler
+from engine.delivery.shared_limits import LimitTable
 from engine.dns.cache import DnsCache
 from engine.dns.mx import Route, norm_domain
 from engine.dns.resolver import Resolver
@@ -54,7 +56,10 @@ class Delivery:
         )
         self.workers = max(1, workers)
         self.budget = ConnectionBudget(self._budget_share(cfg))
-        self.pools = PoolManager(cfg.delivery.timeouts, loop, self.budget, sweep_interval=_IDLE_SWEEP)
+        # [[shaping]] limits held across workers (shared_limits.py); our column is our slot.
+        self.limits = LimitTable.open(limits_path(cfg), owner, self.workers)
+        self.pools = PoolManager(cfg.delivery.timeouts, loop, self.budget, sweep_interval=_IDLE_SWEEP,
+                                 limits=self.limits, column=owner)
         self.dlog = DeliveryLog(cfg.log.delivery, loop)
         self.scheduler = Scheduler(cfg, store=store, committer=committer, ids=ids,
                                    dns=self.dns, resolver=self.resolver, pools=self.pools, owner=owner,
@@ -78,6 +83,7 @@ class Delivery:
         await self.pools.close(grace / 2)
         await self.scheduler.stop(1.0)
         await self.dlog.close()
+        self.limits.close()
 
     # --- control -------------------------------------------------------------------------
     def set_holds(self, holds: Holds) -> None:
@@ -159,10 +165,15 @@ def _pool_row(pool: SitePool, st: PoolStats, mono: float, wall: float) -> dict[s
     return {
         "site": pool.site_key, "domain": s.only_domain, "open": st.connections_open,
         "queued": st.jobs_queued, "limit": st.concurrency_limit,
-        "max_connections": s.max_connections, "rate": s.rate,
+        "max_connections": s.max_connections, "rate": s.rate, "provider": s.provider,
         "backoff_until": round(wall + st.backoff_until - mono, 3) if backing_off else None,
         "backoff_reply": reply_text(pool.backoff_reply) if backing_off else "",
     }
+
+
+def limits_path(cfg: Config) -> str:
+    """The server-wide limits table, beside the queue it serves."""
+    return os.path.join(cfg.queue.path, "shaping.shm")
 
 
 def reply_text(reply: Reply) -> str:

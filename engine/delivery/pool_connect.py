@@ -1,0 +1,125 @@
+"""How a site pool opens connections (pool.py has the theory of operation): the
+connection token each attempt takes first (a slot of the worker's budget, budget.py,
+and the provider's server-wide count, provider_gate.py), the attempt itself, and what
+a failed attempt means (a concurrency signal, or a dead destination: backoff).
+
+`PoolConnecting` is the part of `SitePool` that does this; the attributes it declares
+are the pool's own, set up by `SitePool.__init__`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+
+from engine.config import TimeoutsConfig
+from engine.delivery.backoff import Backoff
+from engine.delivery.budget import ConnectionBudget
+from engine.delivery.changes import Changes
+from engine.delivery.connect import connect_route
+from engine.delivery.dialogue import SetupError
+from engine.delivery.job import PoolSettings
+from engine.delivery.outcome import transient_failure
+from engine.delivery.pool_queue import JobQueue
+from engine.delivery.provider_gate import ProviderGate
+from engine.delivery.session import DeliverySession
+from engine.dns.mx import Route
+from engine.observe import log
+from engine.smtp.replies import Reply
+
+TlsContextFactory = Callable[[], ssl.SSLContext | None]
+
+
+class PoolConnecting:
+    site_key: str
+    settings: PoolSettings
+    timeouts: TimeoutsConfig
+    loop: asyncio.AbstractEventLoop
+    budget: ConnectionBudget | None
+    gate: ProviderGate | None
+    _tls_factory: TlsContextFactory
+    _slots: set[DeliverySession]
+    _sessions: set[DeliverySession]
+    _queue: JobQueue
+    _connecting: int
+    _opened: int
+    _limit: int
+    _closing: bool
+    _quiet_since: float
+    _backoff: Backoff
+    _plain_only: set[str]
+    _changed: Changes
+
+    def _dispatch(self) -> None:
+        raise NotImplementedError
+
+    def _retire(self, session: DeliverySession) -> None:
+        raise NotImplementedError
+
+    def _fail_queue(self, reply: Reply, *, failed: bool) -> None:
+        raise NotImplementedError
+
+    def _adopt(self, session: DeliverySession) -> None:
+        """Become the owner of a session just set up."""
+        raise NotImplementedError
+
+    async def _open(self, route: Route) -> None:
+        try:
+            context = self._tls_factory() if self.settings.tls != "none" else None
+            session = await connect_route(route, self.settings, self.timeouts, context, self._plain_only)
+        except SetupError as err:
+            self._connecting -= 1
+            log.info("connect_failed", site=self.site_key, reply=str(err))
+            self._connect_failed(err.reply)
+            self._give_connection()
+            return
+        except Exception as err:  # our own trouble (a bad CA file...): defer, never hang
+            self._connecting -= 1
+            log.error("connect_error", site=self.site_key, error=repr(err))
+            self._connect_failed(transient_failure("local", f"cannot connect: {err!r}"))
+            self._give_connection()
+            return
+        except BaseException:  # cancelled by close()
+            self._connecting -= 1
+            self._give_connection()
+            raise
+        self._connecting -= 1
+        if session.closed:  # lost before we owned it: session_closed will not come
+            self._give_connection()
+            self._dispatch()
+            return
+        self._slots.add(session)
+        self._opened += 1
+        self._backoff.restart(float(self.settings.backoff))
+        self._adopt(session)
+        self._sessions.add(session)
+        self._changed.set()
+        if self._closing:
+            self._retire(session)
+            return
+        session.kick()
+        self._dispatch()
+
+    def _give_connection(self) -> None:
+        """A token of `_take_connection` back: the attempt failed or the connection
+        is gone."""
+        if self.budget is not None:
+            self.budget.give()
+        if self.gate is not None:
+            self.gate.release()
+
+    def _connect_failed(self, reply: Reply) -> None:
+        self._quiet_since = self.loop.time()
+        if self._sessions:
+            # Other connections work: a concurrency signal, not a dead destination.
+            self._limit = max(1, min(self._limit, len(self._sessions)))
+        elif not self._connecting:
+            self._enter_backoff(reply)
+            self._fail_queue(reply, failed=True)
+        self._changed.set()
+
+    def _enter_backoff(self, reply: Reply) -> None:
+        if self._backoff.enter(reply, self.loop.time(), float(self.settings.backoff_max)):
+            self._limit = min(2, self.settings.max_connections)  # slow start again after
+            log.info("destination_backoff", site=self.site_key, until=self._backoff.until)

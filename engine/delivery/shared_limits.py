@@ -1,0 +1,312 @@
+"""Server-wide limits per provider: a small table in shared memory that every worker
+maps, so a provider capped at 4 connections sees 4 from all workers together and a
+rate holds for the whole server.
+
+Why shared memory: a recipient domain is owned by one worker (a hash), so the domains
+of one provider (every domain whose MX is Google's) are spread over all workers. The
+supervisor could broker tokens over the pipes, but a message would then wait for a
+round trip through another process; a lock held for a few microseconds costs less.
+
+Layout of the file (`<queue.path>/shaping.shm`, created by the first worker to open it):
+a 64-byte header (magic, slot count, column count), then `SLOTS` fixed slots, each
+
+    key    u64   hash of the provider's name (0 = free); open addressing, linear probing
+    total  i32   connections open (or opening) from all workers
+    tat    f64   GCRA theoretical arrival time of the next message (CLOCK_MONOTONIC)
+    ctat   f64   the same for new connections (connect_rate)
+    wanted f64   until when some worker waits for a connection (the cap is reached):
+                 the others QUIT idle sessions to the provider instead of keeping them
+    cols   i32 × COLUMNS  connections per worker slot (the worker's column)
+
+Every change of a slot holds an fcntl byte-range lock on that slot's bytes (lockf,
+a few µs; the kernel drops it if the holder dies). CLOCK_MONOTONIC is one clock for
+every process of the machine (loop.time() is time.monotonic()), so the TATs compare.
+
+A worker killed with connections open leaves them counted in its column: the worker
+that replaces it (same slot number) zeroes its column at start (`reset_column`), and
+any worker zeroes the columns of slot numbers beyond the worker count (a restart with
+fewer workers). Slots are never freed: a few hundred providers fit, and a table that
+is full (many renamed entries over many reloads) answers "no limit" for the overflow,
+logged once; removing the file while stopped empties it.
+
+GCRA (the generic cell rate algorithm, ITU-T I.371): with emission interval T = 1/rate
+and tolerance tau = (burst - 1) * T, an event at `now` is allowed when
+now >= TAT - tau; then TAT = max(TAT, now) + T. The burst is `burst_of(rate)`:
+one, or a tenth of a second's worth above 10/s, never more than one second's worth,
+so "600/min" lets 10 go at once at most, never a minute's worth.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+from engine.observe import log
+
+MAGIC = b"VOLSHAP2"
+SLOTS = 512
+COLUMNS = 128  # worker slot numbers 0..127 have a column; others are not counted
+_HEADER = struct.Struct("<8sII")
+HEADER_SIZE = 64
+_HEAD = struct.Struct("<QiIddd")  # key, total, (pad), tat, ctat, wanted
+_COLS = struct.Struct(f"<{COLUMNS}i")
+SLOT_SIZE = _HEAD.size + _COLS.size  # 40 + 512
+FILE_SIZE = HEADER_SIZE + SLOTS * SLOT_SIZE
+_I32 = struct.Struct("<i")
+_F64 = struct.Struct("<d")
+_TOTAL, _TAT, _CTAT, _WANTED, _COL0 = 8, 16, 24, 32, 40
+FULL = math.inf  # the answer of `acquire_connection` when the cap is reached
+
+
+def provider_key(name: str) -> int:
+    """The slot key of a provider's name: a non-zero 64-bit hash."""
+    key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+    return key or 1
+
+
+def burst_of(rate: float) -> float:
+    """Events that may go at once: 1, or a tenth of a second's worth above 10/s."""
+    return max(1.0, rate / 10)
+
+
+def gcra(tat: float, now: float, rate: float) -> tuple[float, float]:
+    """(wait, new_tat): wait 0 = allowed now (and the TAT to store), else the seconds
+    until it would be (and the TAT unchanged). A TAT beyond what the algorithm can
+    reach (a reboot reset the clock, the rate was raised) is clamped."""
+    interval = 1.0 / rate
+    tau = (burst_of(rate) - 1.0) * interval
+    tat = min(tat, now + tau + interval)
+    if now < tat - tau - 1e-9:
+        return tat - tau - now, tat
+    return 0.0, max(tat, now) + interval
+
+
+@dataclass(frozen=True, slots=True)
+class SlotView:
+    """What a slot holds, read without its lock (for the tools)."""
+
+    total: int
+    columns: dict[int, int]  # worker slot → connections, non-zero ones only
+    tat: float
+    ctat: float
+
+
+class LimitTable:
+    """The mapped table of one process. Loop thread only (one lock holder at a time
+    per process is what POSIX record locks assume: they are per process)."""
+
+    def __init__(self, fd: int, mm: mmap.mmap, *, writable: bool) -> None:
+        self._fd = fd
+        self._mm = mm
+        self.writable = writable
+        self._slots: dict[int, int] = {}  # key → slot index
+        self._warned = False
+
+    @classmethod
+    def open(cls, path: str, column: int, columns_in_use: int) -> LimitTable:
+        """Open (creating) the file at `path` for a worker owning `column`: zero its
+        column and the columns of slot numbers >= `columns_in_use`.
+
+        Raises OSError when the file cannot be created or mapped.
+        """
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX, HEADER_SIZE, 0)
+            try:
+                if os.fstat(fd).st_size < FILE_SIZE or os.pread(fd, 8, 0) != MAGIC:
+                    os.ftruncate(fd, 0)
+                    os.ftruncate(fd, FILE_SIZE)
+                    os.pwrite(fd, _HEADER.pack(MAGIC, SLOTS, COLUMNS), 0)
+            finally:
+                fcntl.lockf(fd, fcntl.LOCK_UN, HEADER_SIZE, 0)
+            mm = mmap.mmap(fd, FILE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        table = cls(fd, mm, writable=True)
+        table.reset_columns([column, *range(max(0, columns_in_use), COLUMNS)])
+        return table
+
+    @classmethod
+    def open_readonly(cls, path: str) -> LimitTable | None:
+        """The table for reading (the supervisor's `ctl shaping`); None if absent."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            if os.fstat(fd).st_size < FILE_SIZE or os.pread(fd, 8, 0) != MAGIC:
+                os.close(fd)
+                return None
+            mm = mmap.mmap(fd, FILE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, mm, writable=False)
+
+    @classmethod
+    def private(cls) -> LimitTable:
+        """A table of this process alone (no file): for pools built without a queue."""
+        mm = mmap.mmap(-1, FILE_SIZE)
+        return cls(-1, mm, writable=True)
+
+    @property
+    def closed(self) -> bool:
+        return self._mm.closed
+
+    def close(self) -> None:
+        """Unmap (a pool still ending afterwards finds no limit; nothing to release:
+        the worker's column is zeroed by its successor)."""
+        if not self._mm.closed:
+            self._mm.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    # --- locking -----------------------------------------------------------------------
+    def _lock(self, slot: int) -> None:
+        if self._fd >= 0:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX, SLOT_SIZE, HEADER_SIZE + slot * SLOT_SIZE)
+
+    def _unlock(self, slot: int) -> None:
+        if self._fd >= 0:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, SLOT_SIZE, HEADER_SIZE + slot * SLOT_SIZE)
+
+    # --- slots -------------------------------------------------------------------------
+    def slot_of(self, name: str, *, create: bool = True) -> int | None:
+        """The slot of provider `name` (claimed when new and `create`); None when
+        the table is full or (read-only / not `create`) the name has none."""
+        key = provider_key(name)
+        slot = self._slots.get(key)
+        if slot is not None:
+            return slot
+        mm = self._mm
+        start = key % SLOTS
+        for probe in range(SLOTS):
+            i = (start + probe) % SLOTS
+            off = HEADER_SIZE + i * SLOT_SIZE
+            found = int.from_bytes(mm[off:off + 8], "little")
+            if found == key:
+                self._slots[key] = i
+                return i
+            if found == 0:
+                if not (create and self.writable):
+                    return None
+                self._lock(i)
+                try:
+                    found = int.from_bytes(mm[off:off + 8], "little")
+                    if found == 0:
+                        mm[off:off + 8] = key.to_bytes(8, "little")
+                        found = key
+                finally:
+                    self._unlock(i)
+                if found == key:
+                    self._slots[key] = i
+                    return i
+        if not self._warned:
+            self._warned = True
+            log.warning("shaping_table_full", provider=name, slots=SLOTS)
+        return None
+
+    def reset_columns(self, columns: list[int]) -> None:
+        """Zero the connection counts of `columns` in every slot (their processes are
+        gone), taking them off each slot's total."""
+        cols = [c for c in columns if 0 <= c < COLUMNS]
+        mm = self._mm
+        for i in range(SLOTS):
+            off = HEADER_SIZE + i * SLOT_SIZE
+            if mm[off:off + 8] == b"\0" * 8:
+                continue
+            self._lock(i)
+            try:
+                total = _I32.unpack_from(mm, off + _TOTAL)[0]
+                for c in cols:
+                    at = off + _COL0 + 4 * c
+                    held = _I32.unpack_from(mm, at)[0]
+                    if held:
+                        total -= held
+                        _I32.pack_into(mm, at, 0)
+                _I32.pack_into(mm, off + _TOTAL, max(0, total))
+            finally:
+                self._unlock(i)
+
+    def acquire_connection(self, slot: int, column: int, cap: int, rate: float,
+                           now: float) -> float:
+        """One connection for `column`: 0.0 when granted (counted), FULL when `cap`
+        connections are open server-wide, else the seconds until `rate` allows one."""
+        mm = self._mm
+        off = HEADER_SIZE + slot * SLOT_SIZE
+        self._lock(slot)
+        try:
+            total = _I32.unpack_from(mm, off + _TOTAL)[0]
+            if cap and total >= cap:
+                return FULL
+            if rate:
+                wait, tat = gcra(_F64.unpack_from(mm, off + _CTAT)[0], now, rate)
+                if wait:
+                    return wait
+                _F64.pack_into(mm, off + _CTAT, tat)
+            _I32.pack_into(mm, off + _TOTAL, total + 1)
+            if 0 <= column < COLUMNS:
+                at = off + _COL0 + 4 * column
+                _I32.pack_into(mm, at, _I32.unpack_from(mm, at)[0] + 1)
+            return 0.0
+        finally:
+            self._unlock(slot)
+
+    def release_connection(self, slot: int, column: int) -> None:
+        mm = self._mm
+        off = HEADER_SIZE + slot * SLOT_SIZE
+        self._lock(slot)
+        try:
+            if 0 <= column < COLUMNS:
+                at = off + _COL0 + 4 * column
+                held = _I32.unpack_from(mm, at)[0]
+                if held <= 0:
+                    return  # zeroed by a reset meanwhile: nothing of ours to release
+                _I32.pack_into(mm, at, held - 1)
+            total = _I32.unpack_from(mm, off + _TOTAL)[0]
+            _I32.pack_into(mm, off + _TOTAL, max(0, total - 1))
+        finally:
+            self._unlock(slot)
+
+    def take_message(self, slot: int, rate: float, now: float) -> float:
+        """One message under `rate`: 0.0 when it may go now (counted), else the
+        seconds until one may."""
+        mm = self._mm
+        at = HEADER_SIZE + slot * SLOT_SIZE + _TAT
+        self._lock(slot)
+        try:
+            wait, tat = gcra(_F64.unpack_from(mm, at)[0], now, rate)
+            if not wait:
+                _F64.pack_into(mm, at, tat)
+            return wait
+        finally:
+            self._unlock(slot)
+
+    def message_wait(self, slot: int, rate: float, now: float) -> float:
+        """Seconds until a message may go (0 = now), read without the lock: a hint
+        for whether to wake a session; `take_message` decides."""
+        tat = _F64.unpack_from(self._mm, HEADER_SIZE + slot * SLOT_SIZE + _TAT)[0]
+        return gcra(tat, now, rate)[0]
+
+    def want(self, slot: int, until: float) -> None:
+        """Say that a connection is awaited until `until` (no lock: one 8-byte store,
+        and a lost race only delays an idle session's QUIT by a recheck)."""
+        _F64.pack_into(self._mm, HEADER_SIZE + slot * SLOT_SIZE + _WANTED, until)
+
+    def wanted(self, slot: int, now: float) -> bool:
+        """Whether some worker waits for a connection to the provider now."""
+        return bool(_F64.unpack_from(self._mm, HEADER_SIZE + slot * SLOT_SIZE + _WANTED)[0] > now)
+
+    def view(self, slot: int) -> SlotView:
+        mm = self._mm
+        off = HEADER_SIZE + slot * SLOT_SIZE
+        _key, total, _pad, tat, ctat, _wanted = _HEAD.unpack_from(mm, off)
+        cols = _COLS.unpack_from(mm, off + _COL0)
+        return SlotView(total, {i: n for i, n in enumerate(cols) if n}, tat, ctat)
