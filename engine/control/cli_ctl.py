@@ -130,6 +130,8 @@ def add_ctl(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--max-connections", type=positive_int, metavar="N")
     p.add_argument("--rate", type=rate, metavar="R", help='"10/s", "600/m", "36000/h"')
     p.add_argument("--clear", action="store_true", help="remove the domain's throttle")
+    add("shaping", "the [[shaping]] entry that applies to a domain, why, and its live figures"
+        ).add_argument("domain", metavar="DOMAIN")
     p = add("mx", "show the MX cache, or flush it")
     p.add_argument("domain", nargs="?", default=None, metavar="DOMAIN")
     p.add_argument("--flush", action="store_true")

@@ -97,6 +97,12 @@ class Mx(Request, tag="mx"):
     flush: bool = False
 
 
+class Shaping(Request, tag="shaping"):
+    """Which [[shaping]] entry applies to a domain, why, and its live figures."""
+
+    domain: str
+
+
 class Reload(Request, tag="reload"):
     pass
 
@@ -143,10 +149,10 @@ class Campaigns(Request, tag="campaigns"):
 
 AnyRequest = (Status | Queue | List | Show | Flush | Suspend | Resume | Bounce | Delete
               | Throttle | Mx | Reload | Drain | Shutdown | Metrics | SuppressAdd
-              | SuppressRemove | SuppressList | Campaigns)
+              | SuppressRemove | SuppressList | Campaigns | Shaping)
 COMMANDS = ("status", "queue", "list", "show", "flush", "suspend", "resume", "bounce",
             "delete", "throttle", "mx", "reload", "drain", "shutdown", "metrics",
-            "suppress_add", "suppress_remove", "suppress_list", "campaigns")
+            "suppress_add", "suppress_remove", "suppress_list", "campaigns", "shaping")
 
 _decoder = msgspec.json.Decoder(AnyRequest)
 

@@ -274,9 +274,45 @@ def render_mx(reply: Row, now: float) -> str:
     ])
 
 
+def render_shaping(reply: Row, now: float) -> str:
+    """`ctl shaping DOMAIN`: the entry and why, the effective settings (marked where the
+    entry sets them), then the provider's live figures."""
+    rule = reply.get("rule")
+    hosts = reply.get("mx_hosts") or []
+    lines = [f"domain:    {reply.get('domain') or DASH}",
+             f"rule:      {rule or '(none)'}",
+             f"why:       {reply.get('why') or DASH}"]
+    if hosts:
+        lines.append(f"mx hosts:  {names(hosts, 4)} ({reply.get('mx_source') or DASH})")
+    given = set(reply.get("set_by_rule") or [])
+    settings = reply.get("settings") or {}
+    if isinstance(settings, dict) and settings:
+        lines.append("settings:")
+        for key, value in settings.items():
+            by = "max_connections" if key == "max_connections_server_wide" else key
+            mark = "  (shaping)" if by in given else ""
+            shown = "no limit" if value is None else value
+            lines.append(f"  {key:<30} {shown}{mark}")
+    live = reply.get("live")
+    if isinstance(live, dict):
+        workers = live.get("by_worker") or {}
+        split = ", ".join(f"worker {k}: {v}" for k, v in sorted(workers.items())) if isinstance(
+            workers, dict) else ""
+        lines.append(f"live:      {number(live.get('connections'))} connections server-wide"
+                     + (f" ({split})" if split else ""))
+        wait = live.get("next_message_in")
+        if settings.get("rate") if isinstance(settings, dict) else None:
+            lines.append("           rate: " + (f"at the limit, next message in {wait:.3f}s"
+                                                 if isinstance(wait, (int, float)) and wait > 0
+                                                 else "room now"))
+    elif rule:
+        lines.append("live:      no figures yet (nothing sent to this provider since the start)")
+    return "\n".join(lines) + "\n"
+
+
 _RENDERERS: dict[str, Callable[[Row, float], str]] = {
     "status": render_status, "queue": render_queue, "list": render_list,
-    "show": render_show, "mx": render_mx,
+    "show": render_show, "mx": render_mx, "shaping": render_shaping,
     "metrics": lambda reply, now: str(reply.get("text") or ""),
     "suppress_add": render_lists.render_suppress_add,
     "suppress_remove": render_lists.render_suppress_remove,

@@ -214,6 +214,26 @@ class MxEntries(Reply, kw_only=True):
     entries: list[MxEntry]
 
 
+class ShapingLive(msgspec.Struct, kw_only=True):
+    """The provider's figures in the server-wide table (engine/delivery/shared_limits.py)."""
+
+    connections: int  # open or opening, all workers together
+    by_worker: dict[str, int]  # worker slot → its connections (non-zero ones)
+    next_message_in: float  # seconds until the rate lets the next message go; 0 = now
+    next_connection_in: float  # likewise for connect_rate
+
+
+class Shaping(Reply, kw_only=True):
+    domain: str
+    rule: str  # the [[shaping]] entry's name; "" = none applies
+    why: str  # how it matched (or "no rule: delivery defaults")
+    mx_hosts: list[str]  # the most-preferred MX hosts the match looked at
+    mx_source: str  # "cache" (the owner worker's), "dns" (asked now), "smarthost", "none"
+    settings: dict[str, object]  # the effective limits, as a config file would write them
+    set_by_rule: list[str]  # the keys of `settings` the entry gives (the rest: defaults)
+    live: ShapingLive | None  # None: no figures yet (nothing sent since the start)
+
+
 class Metrics(Reply, kw_only=True):
     text: str  # Prometheus text exposition
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import time
 from typing import Any
 
@@ -19,7 +18,7 @@ from engine.delivery.holds import Holds
 from engine.delivery.pool import PoolStats, SitePool
 from engine.delivery.pool_manager import PoolManager
 from engine.delivery.scheduler import Scheduler
-from engine.delivery.shared_limits import LimitTable
+from engine.delivery.shared_limits import LimitTable, table_path
 from engine.dns.cache import DnsCache
 from engine.dns.mx import Route, norm_domain
 from engine.dns.resolver import Resolver
@@ -57,7 +56,7 @@ class Delivery:
         self.workers = max(1, workers)
         self.budget = ConnectionBudget(self._budget_share(cfg))
         # [[shaping]] limits held across workers (shared_limits.py); our column is our slot.
-        self.limits = LimitTable.open(limits_path(cfg), owner, self.workers)
+        self.limits = LimitTable.open(table_path(cfg.queue.path), owner, self.workers)
         self.pools = PoolManager(cfg.delivery.timeouts, loop, self.budget, sweep_interval=_IDLE_SWEEP,
                                  limits=self.limits, column=owner)
         self.dlog = DeliveryLog(cfg.log.delivery, loop)
@@ -169,11 +168,6 @@ def _pool_row(pool: SitePool, st: PoolStats, mono: float, wall: float) -> dict[s
         "backoff_until": round(wall + st.backoff_until - mono, 3) if backing_off else None,
         "backoff_reply": reply_text(pool.backoff_reply) if backing_off else "",
     }
-
-
-def limits_path(cfg: Config) -> str:
-    """The server-wide limits table, beside the queue it serves."""
-    return os.path.join(cfg.queue.path, "shaping.shm")
 
 
 def reply_text(reply: Reply) -> str:

@@ -63,6 +63,11 @@ _TOTAL, _TAT, _CTAT, _WANTED, _COL0 = 8, 16, 24, 32, 40
 FULL = math.inf  # the answer of `acquire_connection` when the cap is reached
 
 
+def table_path(queue_path: str) -> str:
+    """Where the table of the queue at `queue_path` lives (beside its LMDB files)."""
+    return os.path.join(queue_path, "shaping.shm")
+
+
 def provider_key(name: str) -> int:
     """The slot key of a provider's name: a non-zero 64-bit hash."""
     key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
