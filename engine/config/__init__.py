@@ -16,6 +16,7 @@ from engine.config.loader import (
     load,
     to_builtins,
 )
+from engine.config.mta_sts import MtaStsConfig
 from engine.config.newsletter import (
     CampaignsConfig,
     DkimConfig,
@@ -61,7 +62,7 @@ __all__ = [
     "AuthConfig", "BouncesConfig", "CampaignsConfig", "Config", "ConfigError", "ControlConfig",
     "DEFAULT_SCHEDULE", "DeliveryConfig", "DkimConfig", "DnsConfig", "Duration",
     "FeedbackConfig", "Frozen", "HttpConfig", "LimitsConfig", "ListenerConfig", "LogConfig",
-    "MetricsConfig", "QueueConfig", "RelayConfig", "RetrySchedule", "RouteConfig",
+    "MetricsConfig", "MtaStsConfig", "QueueConfig", "RelayConfig", "RetrySchedule", "RouteConfig",
     "ServerConfig", "ShapingConfig", "Size", "SuppressionConfig", "TimeoutsConfig", "TlsConfig", "TlsPolicy",
     "decode_json", "dump_toml", "encode_json", "format_duration", "format_size", "from_dict",
     "load", "parse_duration", "parse_nameserver", "parse_rate", "parse_schedule", "parse_size",

@@ -15,6 +15,7 @@ from typing import Literal
 import msgspec
 
 from engine.config.bounces import BouncesConfig
+from engine.config.mta_sts import MtaStsConfig
 from engine.config.newsletter import (
     CampaignsConfig,
     DkimConfig,
@@ -334,6 +335,7 @@ class Config(Frozen, frozen=True):
     campaigns: CampaignsConfig = msgspec.field(default_factory=CampaignsConfig)
     shaping: list[ShapingConfig] = msgspec.field(default_factory=list)
     bounces: BouncesConfig = msgspec.field(default_factory=BouncesConfig)
+    mta_sts: MtaStsConfig = msgspec.field(default_factory=MtaStsConfig)
 
     def __post_init__(self) -> None:
         check_shaping(self.shaping)

@@ -8,6 +8,12 @@ gives) is described in dialogue.py. Here: a failed *handshake* under tls="opport
 leaves the connection unusable, so `connect_route` reconnects once to the same address
 without TLS and remembers the address (Postfix does the same for its "may" level:
 opportunistic TLS must never make mail less deliverable than plaintext would).
+
+MTA-STS (RFC 8461; sts_policies.py sets `settings.mta_sts`): an enforced policy comes
+as tls="required" with tls_verify, so none of those fallbacks happens and a failure
+defers. Under a testing policy each address is first tried with a verifying context;
+a certificate failure is logged ("mta_sts_testing") and the address reconnects with the
+ordinary context at once (and skips the check for TESTING_RECHECK seconds).
 """
 
 from __future__ import annotations
@@ -15,17 +21,24 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
+import time
 
 from engine.config import TimeoutsConfig
 from engine.delivery.dialogue import SetupConnection, SetupError, setup
 from engine.delivery.job import PoolSettings
-from engine.delivery.outcome import transient_failure
+from engine.delivery.outcome import reply_summary, transient_failure
 from engine.delivery.session import DeliverySession
 from engine.dns.mx import Route, RouteHost
+from engine.observe import log
 
 # Bound on addresses tried per connection attempt (house rule 8). Postfix's
 # smtp_mx_address_limit is 5; a little more, since a smarthost route may list several.
 MAX_ADDRESSES = 10
+# A testing MTA-STS policy's certificate failure at an address is checked again after
+# this long; meanwhile that address gets the ordinary opportunistic handshake.
+TESTING_RECHECK = 3600.0
+_unverified: dict[tuple[str, str], float] = {}  # (MX host, address) -> monotonic time
+_verifying: dict[str, ssl.SSLContext] = {}  # CA file -> verifying client context
 
 
 def client_tls_context(verify: bool, ca_file: str = "") -> ssl.SSLContext:
@@ -121,22 +134,69 @@ async def connect_route(route: Route, settings: PoolSettings, timeouts: Timeouts
             if tried >= MAX_ADDRESSES:
                 break
             tried += 1
-            plain = ip in plain_only and settings.tls == "opportunistic"
             try:
-                return await open_session(
-                    host.name, ip, settings.port, settings, timeouts,
-                    None if plain else use_context)
-            except SetupError as err:
-                last = err
-                if err.kind != "tls_failed" or settings.tls != "opportunistic" or plain:
-                    continue
-            # Opportunistic TLS failed mid-handshake: once more, in plaintext.
-            plain_only.add(ip)
-            try:
-                return await open_session(
-                    host.name, ip, settings.port, settings, timeouts, None)
+                return await _connect_address(host.name, ip, settings, timeouts, use_context, plain_only)
             except SetupError as err:
                 last = err
     if last is None:
         last = SetupError(transient_failure("route", f"no address to connect to for {route.domain}"), "connect")
     raise last
+
+
+async def _connect_address(mx_host: str, ip: str, settings: PoolSettings, timeouts: TimeoutsConfig,
+                           context: ssl.SSLContext | None, plain_only: set[str]) -> DeliverySession:
+    """One address, with the retries opportunistic TLS and a testing MTA-STS policy make.
+
+    Raises SetupError.
+    """
+    opportunistic = settings.tls == "opportunistic"
+    if ip in plain_only and opportunistic:
+        return await open_session(mx_host, ip, settings.port, settings, timeouts, None)
+    if context is not None and settings.mta_sts == "testing" and _should_verify(mx_host, ip):
+        # RFC 8461 §5: a testing policy delivers as usual; first see whether the
+        # certificate would pass an enforced policy, and note it when it would not.
+        try:
+            return await open_session(mx_host, ip, settings.port, settings, timeouts,
+                                      verifying_context(settings.tls_ca_file))
+        except SetupError as err:
+            if err.kind != "tls_failed":
+                raise
+            if len(_unverified) >= 10_000:
+                _unverified.clear()  # a bound; at worst some addresses are checked again
+            _unverified[(mx_host, ip)] = time.monotonic() + TESTING_RECHECK
+            log.warning("mta_sts_testing", domain=settings.only_domain, mx=mx_host, ip=ip,
+                        problem=reply_summary(err.reply))
+    try:
+        return await open_session(mx_host, ip, settings.port, settings, timeouts, context)
+    except SetupError as err:
+        if err.kind != "tls_failed" or not opportunistic or context is None:
+            raise
+    # Opportunistic TLS failed mid-handshake: once more, in plaintext.
+    plain_only.add(ip)
+    if settings.mta_sts == "testing":
+        log.warning("mta_sts_testing", domain=settings.only_domain, mx=mx_host, ip=ip,
+                    problem="TLS handshake failed; delivered in plaintext")
+    return await open_session(mx_host, ip, settings.port, settings, timeouts, None)
+
+
+def _should_verify(mx_host: str, ip: str) -> bool:
+    """False while a testing-mode certificate failure at this address is recent (so
+    each connection does not pay a failed handshake, nor log it again)."""
+    until = _unverified.get((mx_host, ip))
+    if until is None:
+        return True
+    if until > time.monotonic():
+        return False
+    del _unverified[(mx_host, ip)]
+    return True
+
+
+def verifying_context(ca_file: str) -> ssl.SSLContext:
+    """A cached `client_tls_context(True, ca_file)`.
+
+    Raises OSError / ssl.SSLError if `ca_file` cannot be loaded.
+    """
+    ctx = _verifying.get(ca_file)
+    if ctx is None:
+        ctx = _verifying[ca_file] = client_tls_context(True, ca_file)
+    return ctx

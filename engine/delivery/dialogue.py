@@ -15,6 +15,10 @@ Policy decisions, each a `SetupError` whose `reply` is the 4xx the jobs would ge
   → 454 4.7.4; refused or failed handshake → 454 4.7.5. tls="opportunistic": a refused
   STARTTLS continues in plaintext on the same connection; a failed *handshake* leaves
   the connection unusable: `connect.connect_route` reconnects once in plaintext.
+- MTA-STS (RFC 8461, `settings.mta_sts`, set by sts_policies.py): "enforce" comes with
+  tls="required" and a verifying context, and the failure texts begin "MTA-STS
+  policy:" (a certificate failure names the MX host, `SetupError.cert_failed`);
+  "testing" logs what an enforced policy would have refused and carries on.
 - AUTH (RFC 4954) only when `settings.auth_user` is set, and only under TLS: credentials
   are never sent in plaintext (454 4.7.4 instead). PLAIN preferred, else LOGIN. A 535
   (or any non-235) defers with 454 4.7.0 quoting the server: a credentials problem is
@@ -34,6 +38,7 @@ from typing import cast
 from engine.config import TimeoutsConfig
 from engine.delivery.job import PoolSettings
 from engine.delivery.outcome import reply_summary, transient_failure
+from engine.observe import log
 from engine.smtp.client import (
     STARTTLS,
     Capabilities,
@@ -52,12 +57,14 @@ from engine.smtp.replies import Reply
 
 class SetupError(Exception):
     """Opening a session failed. `reply` is a 4xx for the jobs; `kind` is one of
-    "connect", "greeting", "ehlo", "tls_failed", "tls_required", "auth", "protocol"."""
+    "connect", "greeting", "ehlo", "tls_failed", "tls_required", "auth", "protocol".
+    `cert_failed`: a "tls_failed" whose cause is the certificate (chain or name)."""
 
-    def __init__(self, reply: Reply, kind: str) -> None:
+    def __init__(self, reply: Reply, kind: str, cert_failed: bool = False) -> None:
         super().__init__(reply_summary(reply))
         self.reply = reply
         self.kind = kind
+        self.cert_failed = cert_failed
 
 
 class SetupConnection(asyncio.Protocol):
@@ -165,6 +172,32 @@ def _said(session: SetupConnection, reply: Reply) -> str:
     return f"{session.where} said: {reply_summary(reply)}"
 
 
+def _tls_error(session: SetupConnection, settings: PoolSettings, kind: str, text: str,
+               cert_failed: bool = False) -> SetupError:
+    """A TLS failure; under an enforced MTA-STS policy the text says so (RFC 8461 §5)."""
+    if settings.mta_sts == "enforce":
+        text = f"MTA-STS policy: {text}"
+    return SetupError(transient_failure(kind, text), kind, cert_failed)
+
+
+def _handshake_error(session: SetupConnection, settings: PoolSettings, err: BaseException) -> SetupError:
+    if isinstance(err, ssl.SSLCertVerificationError):
+        # RFC 8461 §4.2: the chain must reach a trusted root and name the MX host.
+        why = err.verify_message or str(err)
+        return _tls_error(session, settings, "tls_failed",
+                          f"certificate verification failed for {session.mx_host} "
+                          f"[{session.ip}]:{session.port}: {why}", cert_failed=True)
+    return _tls_error(session, settings, "tls_failed", f"TLS handshake with {session.where} failed: {err}")
+
+
+def _testing_note(session: SetupConnection, settings: PoolSettings, problem: str) -> None:
+    """A testing-mode MTA-STS policy (RFC 8461 §5): delivery goes on, the would-be
+    failure is logged."""
+    if settings.mta_sts == "testing":
+        log.warning("mta_sts_testing", domain=settings.only_domain, mx=session.mx_host,
+                    ip=session.ip, problem=problem)
+
+
 async def _ehlo(session: SetupConnection, settings: PoolSettings, timeouts: TimeoutsConfig) -> Capabilities:
     session.write_raw(greeting_bytes(settings.helo_name))
     reply = await session.read_reply(float(timeouts.ehlo), "the EHLO reply")
@@ -203,21 +236,25 @@ async def setup(session: SetupConnection, settings: PoolSettings, timeouts: Time
         reply = await session.read_reply(float(timeouts.starttls), "the STARTTLS reply")
         if starttls_ready(reply):
             if session.buffered:
-                raise SetupError(transient_failure(
-                    "tls_failed", f"{session.where} sent data after its 220 to STARTTLS"), "tls_failed")
+                raise _tls_error(session, settings, "tls_failed",
+                                 f"{session.where} sent data after its 220 to STARTTLS")
             try:
                 await session.start_tls(tls_context, float(timeouts.starttls))
             except (ssl.SSLError, OSError, ConnectionError, TimeoutError) as err:
-                raise SetupError(transient_failure(
-                    "tls_failed", f"TLS handshake with {session.where} failed: {err}"), "tls_failed") from None
+                raise _handshake_error(session, settings, err) from None
             # RFC 3207 §4.2: forget what was learnt in plaintext; ask again.
             caps = await _ehlo(session, settings, timeouts)
         elif required:
-            raise SetupError(transient_failure(
-                "tls_failed", f"STARTTLS refused: {_said(session, reply)}"), "tls_failed")
+            raise _tls_error(session, settings, "tls_failed", f"STARTTLS refused: {_said(session, reply)}")
+        else:
+            _testing_note(session, settings, f"STARTTLS refused: {reply_summary(reply)}")
     elif required:
-        raise SetupError(transient_failure(
-            "tls_required", f"{session.where} does not offer STARTTLS, required by policy"), "tls_required")
+        raise _tls_error(session, settings, "tls_required",
+                         f"{session.where} does not offer STARTTLS, required by policy")
+    elif not caps.starttls:
+        _testing_note(session, settings, "no STARTTLS offered")
+    elif settings.tls == "none":
+        _testing_note(session, settings, "STARTTLS not used (tls = none for this destination)")
     if settings.auth_user:
         await _auth(session, settings, timeouts, caps)
     if session.buffered:

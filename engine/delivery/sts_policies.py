@@ -31,8 +31,7 @@ from collections import OrderedDict
 
 import msgspec
 
-from engine.config import Config
-from engine.config.mta_sts import MtaStsConfig
+from engine.config import Config, MtaStsConfig
 from engine.delivery.job import PoolSettings
 from engine.delivery.mta_sts import Policy, disallowed_hosts, record_id, restrict_route
 from engine.delivery.sts_fetch import FetchError, fetch_policy
@@ -42,12 +41,6 @@ from engine.dns.txt import txt
 from engine.observe import log
 
 Plan = tuple[Route | RouteError, PoolSettings]
-
-
-def sts_config(cfg: Config) -> MtaStsConfig:
-    """`cfg.mta_sts` (a Config built before the section existed has the defaults)."""
-    found = getattr(cfg, "mta_sts", None)
-    return found if isinstance(found, MtaStsConfig) else MtaStsConfig()
 
 
 class _Entry:
@@ -73,7 +66,7 @@ class StsPolicies:
         self.configure(cfg)
 
     def configure(self, cfg: Config) -> None:
-        self.cfg = sts_config(cfg)
+        self.cfg: MtaStsConfig = cfg.mta_sts
         self.dns = cfg.dns
         if not self.cfg.enabled:
             self._entries.clear()
