@@ -136,3 +136,37 @@ def test_pools_of_one_provider_share_its_connection_cap_and_rate() -> None:
         await sink.close()
 
     run_bounded(main, deadline=30)
+
+
+def test_connect_rate_spaces_new_connections() -> None:
+    """connect_rate 5/s (burst 1): the k-th connection no sooner than k/5 s after the
+    start; max_messages_per_connection 1 makes every message need a new one."""
+    n, per_second = 5, 5.0
+
+    async def main() -> None:
+        opened: list[float] = []
+
+        def script(verb: str, arg: str) -> None:
+            if verb == "BANNER":
+                opened.append(time.monotonic())
+            return None
+
+        sink = await sink_at("127.0.0.2", script=script)
+        dest = route(("mx.dest.test", ("127.0.0.2",)))
+        manager = PoolManager(fast_timeouts(), asyncio.get_running_loop())
+        settings = settings_for(sink, max_connections=4, max_messages_per_connection=1,
+                                provider="slow", provider_connect_rate=per_second)
+        results = Results()
+        started = time.monotonic()  # the first grant comes after this
+        for i in range(n):
+            manager.submit(make_job([f"r{i}@dest.test"], tag=str(i), results=results,
+                                    job_route=dest), settings)
+        await results.wait(n, timeout=20)
+        assert all(codes(r) == [250] for r in results.by_tag.values())
+        assert len(opened) == n
+        # Granted k intervals after the first grant; connected (banner) after the grant.
+        for k, at in enumerate(sorted(opened)):
+            assert at - started >= k / per_second - 1e-3, (k, at - started)
+        await manager.close()
+
+    run_bounded(main, deadline=30)
