@@ -30,6 +30,7 @@ from engine.delivery.runtime import Delivery
 from engine.inbound.context import WorkerContext
 from engine.inbound.listener import start_listeners
 from engine.inbound.tls import make_server_tls_context
+from engine.mail import bounce_class
 from engine.mail.dkim import DkimSigner
 from engine.observe import log
 from engine.observe.metrics import WorkerMetrics
@@ -69,6 +70,7 @@ class WorkerRuntime:
                     workers: int = 1, slot: int = 0,
                     http_socket: socket.socket | None = None) -> WorkerRuntime:
         loop = asyncio.get_running_loop()
+        bounce_class.configure(cfg)  # the rules the ledger, delivery log and metrics use
         store = QueueStore(cfg.queue.path, map_size=int(cfg.queue.max_size),
                            durability=cfg.queue.durability, shards=workers,
                            reserve=cfg.queue.headroom())
@@ -106,6 +108,7 @@ class WorkerRuntime:
         return runtime
 
     def apply_config(self, cfg: config_mod.Config) -> None:
+        bounce_class.configure(cfg)  # bounces.rules_file is read again
         self.ctx.apply_config(cfg)
         if self.delivery is not None:
             self.delivery.apply_config(cfg)

@@ -1,10 +1,13 @@
 """What one committed outcome shows the operator: its delivery-log lines (one per
-recipient) and the latency and queue-time histograms. Called by the scheduler after
-the outcome's commit, so nothing is logged that the queue does not also say."""
+recipient), the latency and queue-time histograms and the by-class counters. Called by
+the scheduler after the outcome's commit, so nothing is logged that the queue does not
+also say. Every line carries `class`: "" for a delivery, else the reply's bounce class
+(ledger.recipient_class: the bounce rules, or "expired" / "suppressed")."""
 
 from __future__ import annotations
 
 from engine.delivery.job import JobResult
+from engine.delivery.ledger import recipient_class
 from engine.delivery.outcome import Applied
 from engine.observe.delivery_log import DeliveryLog
 from engine.observe.metrics import WorkerMetrics
@@ -15,11 +18,15 @@ from engine.queue.records import EXPIRED, MessageRecord
 def observe_outcome(m: WorkerMetrics, before: MessageRecord, applied: Applied,
                     result: JobResult, now: float, mono_now: float) -> None:
     """Histograms: one latency per SMTP transaction, one queue time per recipient
-    delivered."""
+    delivered; each recipient deferred or bounced counted by class."""
     if result.attempt_started and result.mx_host:
         m.delivery_latency.observe(max(0.0, mono_now - result.attempt_started))
     for _ in applied.delivered:
         m.queue_time.observe(max(0.0, now - before.received_at))
+    for i in applied.deferred:
+        m.count_class("deferred", recipient_class(applied, i, suppressed=False))
+    for i in applied.bounced:
+        m.count_class("bounced", recipient_class(applied, i, suppressed=result.suppressed))
 
 
 def log_outcome(dlog: DeliveryLog, before: MessageRecord, applied: Applied, domain: str,
@@ -45,7 +52,10 @@ def log_outcome(dlog: DeliveryLog, before: MessageRecord, applied: Applied, doma
             "code": reply.code if reply else None,
             "enhanced": reply.enhanced if reply else "",
             "reply": "\n".join(reply.lines) if reply else "",
-            "outcome": verdict, "attempt": rcpt.attempts,
+            "outcome": verdict,
+            "class": "" if verdict == "delivered" else recipient_class(
+                applied, i, suppressed=result.suppressed),
+            "attempt": rcpt.attempts,
             "queue_time": round(now - before.received_at, 3), "latency": latency,
             **tags,
         })

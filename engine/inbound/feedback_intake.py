@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from engine.config import Config
 from engine.mail import verp
-from engine.mail.bounce_class import bounce_class
+from engine.mail.bounce_class import policy_for
 from engine.mail.feedback import FeedbackEvent, parse_feedback
 from engine.observe import log
 from engine.queue import campaigns, suppression
@@ -102,8 +102,10 @@ def read_report(content: bytes, rcpts: Iterable[str], cfg: Config,
             report.bumps.append((e.tenant, e.campaign, 1, {}))
         elif e.kind == "bounce":
             code = _CODE.match(e.diagnostic)
-            cls = bounce_class(int(code.group(1)) if code else 0, e.status)
-            if rules.auto_bounce and e.status in rules.codes:
+            # The same rules as a reply on the delivery path (engine/mail/bounce_rules.py).
+            bounces = policy_for(cfg)
+            cls = bounces.classify(int(code.group(1)) if code else 0, e.status, e.diagnostic)
+            if rules.auto_bounce and (e.status in rules.codes or bounces.suppresses(cls)):
                 # A mailbox that does not exist does not exist for anyone: shared list.
                 _add(report, e.recipient, "bounce", e.diagnostic or e.status, "", now)
             report.bumps.append((e.tenant, e.campaign, 0, {cls: 1}))

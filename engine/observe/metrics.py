@@ -11,14 +11,19 @@ Snapshot shape (msgspec/JSON friendly, a few hundred bytes):
 
     {"counters": {"received": 12, ...},
      "histograms": {"delivery_latency": {"bounds": [...], "counts": [...],
-                                          "sum": 1.5, "count": 12}, ...}}
+                                          "sum": 1.5, "count": 12}, ...},
+     "by_class": {"bounced": {"bad_mailbox": 2, ...}, "deferred": {...}}}
 
 Histogram `counts` are per bucket, NOT cumulative: counts[i] is the number of values
 v with bounds[i-1] < v <= bounds[i], and the last entry (len(bounds) + 1 entries in
 all) counts values above the last bound. Per-bucket counts make `observe` a single
 increment; `render` accumulates them into Prometheus' cumulative `le` buckets.
 
-Every exported name lives in COUNTERS, HISTOGRAMS and GAUGES below (the README lists
+`by_class` counts are labelled counters: one sample per bounce class (a fixed set of
+15, engine/config/bounces.py, so the label's cardinality is bounded), bumped where the
+outcome is observed.
+
+Every exported name lives in COUNTERS, BY_CLASS, HISTOGRAMS and GAUGES below (the README lists
 them from here). Text format: Prometheus exposition format 0.0.4.
 """
 
@@ -48,6 +53,18 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("dns_lookups", "volley_dns_lookups_total", "DNS answers asked of the resolver (cache misses)."),
     ("dns_cache_hits", "volley_dns_cache_hits_total", "DNS answers served from the cache."),
     ("dsns_queued", "volley_dsns_queued_total", "Delivery status notifications queued."),
+)
+
+# (attribute, exported name, help): counters labelled {class="..."} (the bounce rules'
+# class of the reply, engine/mail/bounce_rules.toml). Each family sums to the unlabelled
+# counter of the same outcome.
+BY_CLASS: tuple[tuple[str, str, str], ...] = (
+    ("bounced", "volley_bounces_total",
+     "Recipients failed permanently, by the class of the reply (bad_mailbox, reputation, "
+     "expired, suppressed, ...); sums to volley_messages_bounced_total."),
+    ("deferred", "volley_deferrals_total",
+     "Recipient deferrals by the class of the reply (transient, rate_limited, reputation, "
+     "...); sums to volley_messages_deferred_total."),
 )
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -113,7 +130,7 @@ class Histogram:
 class WorkerMetrics:
     """One worker's counters (plain ints, bumped in place) and histograms."""
 
-    __slots__ = _COUNTER_ATTRS + tuple(attr for attr, _, _, _ in HISTOGRAMS)
+    __slots__ = _COUNTER_ATTRS + tuple(attr for attr, _, _, _ in HISTOGRAMS) + ("by_class",)
 
     received: int
     received_bytes: int
@@ -130,17 +147,27 @@ class WorkerMetrics:
     dsns_queued: int
     delivery_latency: Histogram
     queue_time: Histogram
+    # BY_CLASS attribute -> {class: count}
+    by_class: dict[str, dict[str, int]]
 
     def __init__(self) -> None:
         for attr in _COUNTER_ATTRS:
             setattr(self, attr, 0)
         for attr, _, _, buckets in HISTOGRAMS:
             setattr(self, attr, Histogram(buckets))
+        self.by_class = {attr: {} for attr, _, _ in BY_CLASS}
+
+    def count_class(self, attr: str, cls: str) -> None:
+        """One recipient of outcome `attr` ("bounced", "deferred") whose reply is of
+        class `cls`."""
+        counts = self.by_class[attr]
+        counts[cls] = counts.get(cls, 0) + 1
 
     def snapshot(self) -> dict[str, Any]:
         return {
             "counters": {attr: getattr(self, attr) for attr in _COUNTER_ATTRS},
             "histograms": {attr: getattr(self, attr).snapshot() for attr, _, _, _ in HISTOGRAMS},
+            "by_class": {attr: dict(counts) for attr, counts in self.by_class.items()},
         }
 
     @staticmethod
@@ -156,9 +183,14 @@ class WorkerMetrics:
         total = WorkerMetrics().snapshot()
         counters = total["counters"]
         hists = total["histograms"]
+        by_class = total["by_class"]
         for snap in snapshots:
             for attr, value in snap.get("counters", {}).items():
                 counters[attr] = counters.get(attr, 0) + value
+            for attr, counts in snap.get("by_class", {}).items():
+                into_counts = by_class.setdefault(attr, {})
+                for cls, n in counts.items():
+                    into_counts[cls] = into_counts.get(cls, 0) + n
             for attr, h in snap.get("histograms", {}).items():
                 into = hists.get(attr)
                 if into is None:
@@ -245,7 +277,7 @@ def _render_histogram(out: list[str], name: str, help_text: str, h: dict[str, An
 def render(total: dict[str, Any], gauges: list[Gauge]) -> str:
     """The merged snapshot and the supervisor's gauges as Prometheus text (0.0.4).
 
-    Counters and histograms follow the order of the tables; gauges keep the order of
+    Counters, labelled counters and histograms follow the order of the tables; gauges keep the order of
     their first appearance, samples of one name grouped under one HELP/TYPE.
     """
     out: list[str] = []
@@ -253,6 +285,11 @@ def render(total: dict[str, Any], gauges: list[Gauge]) -> str:
     for attr, name, help_text in COUNTERS:
         _header(out, name, "counter", help_text)
         out.append(f"{name} {_number(counters.get(attr, 0))}")
+    by_class = total.get("by_class", {})
+    for attr, name, help_text in BY_CLASS:
+        _header(out, name, "counter", help_text)
+        for cls, n in sorted(by_class.get(attr, {}).items()):
+            out.append(f"{name}{_labels({'class': cls})} {_number(n)}")
     hists = total.get("histograms", {})
     for attr, name, help_text, buckets in HISTOGRAMS:
         h = hists.get(attr) or Histogram(buckets).snapshot()

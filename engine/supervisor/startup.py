@@ -1,10 +1,10 @@
 """What must hold before `volley serve` binds or forks anything (also run by `volley
 config check` and on SIGHUP).
 
-Today: the TLS certificate and key, and every `[[dkim]]` signing key, load exactly as
-every worker will load them. A file that does not load stops the server with one line
-naming the key and the file, instead of every worker crashing in a loop behind a
-supervisor that stays up.
+Today: the TLS certificate and key, every `[[dkim]]` signing key and the operator's
+bounce rules file load exactly as every worker will load them. A file that does not
+load stops the server with one line naming the key and the file, instead of every
+worker crashing in a loop behind a supervisor that stays up.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from engine import config as config_mod
 from engine.config import Config
 from engine.http.tokens import check_http
 from engine.inbound.tls import make_server_tls_context
+from engine.mail.bounce_rules import BounceRulesError, load_rules
 from engine.mail.dkim import DkimKeyError, DkimSigner
 
 
@@ -22,10 +23,22 @@ def check_startup(cfg: Config) -> None:
     """What must hold before anything binds or forks; raises ConfigError("key: problem").
 
     Today: the TLS certificate and key, the DKIM keys and the HTTP API's bearer tokens
-    load (see the module docstring)."""
+    load, and so does bounces.rules_file (see the module docstring)."""
     _check_tls(cfg)
     _check_dkim(cfg)
     check_http(cfg)
+    _check_bounce_rules(cfg)
+
+
+def _check_bounce_rules(cfg: Config) -> None:
+    """bounces.rules_file loads: readable TOML whose every [[rule]] is valid, the
+    error naming the file and the rule ("bounces.rules_file: FILE: rule[2].text: ...")."""
+    if not cfg.bounces.rules_file:
+        return
+    try:
+        load_rules(cfg.bounces.rules_file)
+    except BounceRulesError as err:
+        raise config_mod.ConfigError(f"bounces.rules_file: {err}") from None
 
 
 def _check_dkim(cfg: Config) -> None:

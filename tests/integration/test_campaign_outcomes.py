@@ -124,7 +124,7 @@ def test_a_hard_bounce_suppresses_the_mailbox_and_counts_by_class(lab: Lab):
     assert got == ["grey@dest.test", "ok@dest.test"]
     c = counts(server, "news", "acme")
     assert (c.delivered, c.deferred, c.bounced) == (2, 1, 2)
-    assert c.bounced_by_class == {"mailbox": 1, "policy": 1}
+    assert c.bounced_by_class == {"bad_mailbox": 1, "policy": 1}
     # A mailbox that does not exist is gone for every tenant: the shared list.
     gone = server.call(lambda: server.store.suppressed("gone@dest.test", ""))
     assert gone is not None and gone.reason == "bounce" and "5.1.1" in gone.source

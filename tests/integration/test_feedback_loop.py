@@ -74,7 +74,7 @@ def test_reports_become_suppressions_and_counts(inbound: Any, capsys: Any, clien
     assert suppressed(server, CARL, TENANT) is None and suppressed(server, DORA, TENANT) is None
 
     c = counts(server)
-    assert (c.complained, c.bounced, c.bounced_by_class) == (1, 2, {"mailbox": 1, "policy": 1})
+    assert (c.complained, c.bounced, c.bounced_by_class) == (1, 2, {"bad_mailbox": 1, "spam_block": 1})
     assert c.injected == 0 and c.delivered == 0
     assert server.queued() == 0  # nothing was queued: reports are read, not relayed
 

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine.control.metrics_http import CONTENT_TYPE, MAX_HEAD, HttpStats, start_metrics_http
 from engine.observe.metrics import (
+    BY_CLASS,
     COUNTERS,
     GAUGES,
     HISTOGRAMS,
@@ -134,7 +135,7 @@ def test_render_parses_and_carries_the_counted_values() -> None:
     assert values == sorted(values)
     # every table name is exported exactly once
     names = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
-    assert len(names) == len(set(names)) == len(COUNTERS) + len(HISTOGRAMS)
+    assert len(names) == len(set(names)) == len(COUNTERS) + len(BY_CLASS) + len(HISTOGRAMS)
 
 
 def test_render_gauges_with_labels_needing_escapes() -> None:
