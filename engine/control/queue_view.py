@@ -8,8 +8,8 @@ short read transactions of at most WALK_CHUNK entries, because a long reader pin
 old pages and grows the file (finding 7); a walk is therefore not one snapshot, its
 counts may mix states a few milliseconds apart.
 
-The summary by domain reads only the due index (key: owner | due | id | domain, value:
-arrival second) and never decodes a record: its 1,000,000 entries are grouped by
+The summary by domain reads only the due index (key: owner | lane | due | id | domain,
+value: arrival second) and never decodes a record: its 1,000,000 entries are grouped by
 domain with map() over key slices and bytearray.extend, C code all the way, in about
 half a second on 2 cores (bench/control_scale.py). By sender it must decode every
 record (see `summary`).
@@ -30,7 +30,7 @@ import msgspec
 
 from engine.control.message_view import list_messages, record_pages, show
 from engine.control.replies import AgeRow, Queue, QueueCounts, ShapeRow, ShapeTotals
-from engine.queue.layout import DUE_HEAD, DUE_VALUE, key_domain
+from engine.queue.layout import DUE_VALUE, key_domain, key_due, key_run, next_run
 from engine.queue.records import PENDING, RECORD_VERSION
 from engine.queue.store import QueueStore
 
@@ -60,13 +60,13 @@ def _due_pages(store: QueueStore) -> Iterator[tuple[list[bytes], list[bytes]]]:
 
 
 def _owner_runs(keys: list[bytes], now_ms: int) -> Iterator[tuple[int, int, int]]:
-    """(lo, cut, hi) per owner in sorted due keys: keys[lo:hi] are one owner's, sorted
-    by due, and keys[lo:cut] are due by `now_ms` (ready)."""
+    """(lo, cut, hi) per run (owner and priority lane) in sorted due keys: keys[lo:hi]
+    are one run's, sorted by due, and keys[lo:cut] are due by `now_ms` (ready)."""
     lo, n = 0, len(keys)
     while lo < n:
-        owner = DUE_HEAD.unpack_from(keys[lo])[0]
-        hi = n if owner == 0xFFFF else bisect_left(keys, (owner + 1).to_bytes(2, "big"), lo)
-        yield lo, bisect_left(keys, DUE_HEAD.pack(owner, now_ms + 1), lo, hi), hi
+        run = key_run(keys[lo])
+        hi = bisect_left(keys, next_run(run), lo)
+        yield lo, bisect_left(keys, run + (now_ms + 1).to_bytes(8, "big"), lo, hi), hi
         lo = hi
 
 
@@ -115,7 +115,9 @@ class _DomainWalk:
         self.now_ms = int(now * 1000)
         self.ready: defaultdict[bytes, bytearray] = defaultdict(bytearray)
         self.waiting: defaultdict[bytes, bytearray] = defaultdict(bytearray)
-        self.first_deferred: dict[bytes, bytes] = {}  # domain → its earliest deferred key
+        # domain → its earliest deferred key, per priority lane (a domain's keys run by
+        # due within each lane; the earliest of all is the least of its lanes' firsts)
+        self.first_deferred: defaultdict[bytes, dict[bytes, bytes]] = defaultdict(dict)
 
     def feed(self, keys: list[bytes], vals: list[bytes]) -> None:
         doms = list(map(key_domain, keys))
@@ -124,15 +126,22 @@ class _DomainWalk:
             if cut == hi:
                 continue
             _group(self.waiting, doms[cut:hi], vals[cut:hi])
-            # Keys run by due within an owner and a domain has one owner, so the first
-            # deferred key seen of a domain is its earliest; setdefault keeps the first.
-            deque(map(self.first_deferred.setdefault, doms[cut:hi], keys[cut:hi]), maxlen=0)
+            # Keys run by due within a run and a domain has one owner, so the first
+            # deferred key seen of a domain in a lane is its earliest there; setdefault
+            # keeps the first.
+            firsts = self.first_deferred[key_run(keys[lo])[2:]]
+            deque(map(firsts.setdefault, doms[cut:hi], keys[cut:hi]), maxlen=0)
 
     def counts(self) -> dict[bytes, tuple[int, int]]:
         """domain → (units, ready units)."""
         ready, waiting = self.ready, self.waiting
         return {d: ((len(ready.get(d, b"")) + len(waiting.get(d, b""))) // 4, len(ready.get(d, b"")) // 4)
                 for d in ready.keys() | waiting.keys()}
+
+    def next_attempt(self, dom: bytes) -> float | None:
+        """The earliest due time (epoch s) of the domain's deferred units, or None."""
+        dues = [key_due(firsts[dom]) for firsts in self.first_deferred.values() if dom in firsts]
+        return min(dues) / 1000 if dues else None
 
     def arrivals(self, dom: bytes) -> bytes:
         return bytes(self.ready.get(dom, b"")) + bytes(self.waiting.get(dom, b""))
@@ -150,10 +159,8 @@ def _domain_summary(store: QueueStore, now: float, limit: int,
     for dom, (n, ready) in top:
         name = dom.decode("utf-8", "surrogatepass")
         ages, oldest = _shape(_unpack(walk.arrivals(dom)), edges)
-        first = walk.first_deferred.get(dom)
         rows.append(ShapeRow(
-            key=name, total=n, ages=ages, oldest=oldest,
-            next_attempt=DUE_HEAD.unpack_from(first)[1] / 1000 if first else None,
+            key=name, total=n, ages=ages, oldest=oldest, next_attempt=walk.next_attempt(dom),
             ready=ready, deferred=n - ready,
             state="suspended" if name in suspended else "active" if ready else "deferred",
         ))
@@ -287,7 +294,7 @@ def summary(store: QueueStore, *, by: str = "domain", limit: int = 100, now: flo
 
 def totals(store: QueueStore, now: float, suspended: Mapping[str, object]) -> QueueCounts:
     """The queue by state. Reads due keys only; without suspensions only the ready part
-    of each owner's range."""
+    of each run (owner and priority lane) of the index."""
     stats = store.stats()
     now_ms = int(now * 1000)
     held = {d.encode("utf-8", "surrogatepass") for d in suspended}
@@ -303,13 +310,10 @@ def totals(store: QueueStore, now: float, suspended: Mapping[str, object]) -> Qu
             count_held += sum(map(held.__contains__, map(key_domain, keys)))
             start = keys[-1] + b"\0"
             continue
-        owner, due = DUE_HEAD.unpack_from(keys[-1])
-        if due <= now_ms:
+        if key_due(keys[-1]) <= now_ms:
             start = keys[-1] + b"\0"
-        elif owner == 0xFFFF:
-            break
-        else:  # the rest of this owner's range is deferred: skip to the next owner
-            start = (owner + 1).to_bytes(2, "big")
+        else:  # the rest of this run (owner and lane) is deferred: skip to the next run
+            start = next_run(key_run(keys[-1]))
     total_units = units if held else stats["units"]
     return QueueCounts(messages=stats["messages"], units=total_units, bytes=stats["body_bytes"],
                        ready=ready, deferred=max(0, total_units - ready), suspended=count_held)

@@ -9,11 +9,12 @@ Worker `owner` scans its shard for entries due now and keeps each in `inflight` 
 dispatch until the outcome is committed; an entry stays in the index meanwhile, so a
 crash at any point leaves it due again (at-least-once, P2).
 
-Scans resume near the newest entry dispatched (minus a margin for messages whose
-commit raced their timestamp) instead of walking past everything in flight; a full
-scan runs every few seconds as a safety net. The loop wakes when this worker queues
-new mail, when an outcome frees capacity, and otherwise every `poll_interval` (mail
-received by another worker for our shard waits at most that long).
+Scans read the due index's priority lanes highest first, each from its own resume
+point, and units above the default priority have headroom over `delivery.max_ready`
+(engine/delivery/scan_plan.py), so a priority message overtakes a queued newsletter.
+The loop wakes when this worker queues new mail, when an outcome frees capacity, and
+otherwise every `poll_interval` (mail received by another worker for our shard waits
+at most that long).
 
 Outcomes are applied inside the commit: the op re-reads the record in the write
 transaction, so two workers delivering different domains of one message never
@@ -49,6 +50,7 @@ from engine.delivery.planner import RoutePlanner
 from engine.delivery.pool_manager import PoolManager
 from engine.delivery.reports import due_delay_reports
 from engine.delivery.retry import expired
+from engine.delivery.scan_plan import ScanPlan
 from engine.dns.cache import DnsCache
 from engine.dns.mx import Route, RouteError
 from engine.dns.resolver import Resolver
@@ -63,12 +65,7 @@ from engine.queue.records import EXPIRED, PENDING, MessageRecord, domain_of
 from engine.queue.store import QueueStore, WriteTxn
 from engine.smtp.replies import Reply
 
-# Resume scans this far before the newest due time dispatched: a message stamped at
-# t may commit a little later than one stamped after it.
-_SCAN_MARGIN_MS = 1000
 _MIN_SCAN_GAP = 0.005
-_FULL_SCAN_EVERY = 5.0
-_SCAN_BATCH = 512
 # Wait before committing an outcome again after its commit failed (see _committed).
 _COMMIT_RETRY = 0.5
 
@@ -104,9 +101,8 @@ class Scheduler:
         self._drained = asyncio.Event()  # set by _release when stopping empties inflight
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
-        self._newest_ms = 0
+        self._plan = ScanPlan()
         self.planner = RoutePlanner(cfg, dns, resolver, local, self.loop)
-        self._last_full = 0.0
         self.holds = Holds()
         self.metrics: WorkerMetrics | None = None  # when the worker wants histograms
         self.signer: DkimSigner | None = None  # [[dkim]] keys, when any are configured
@@ -138,7 +134,7 @@ class Scheduler:
         self.forget_routes()
         for domain in changed:
             self.pools.withdraw(domain)
-        self._last_full = 0.0  # handed-back entries may lie before the resume point
+        self._plan.forget()  # handed-back entries may lie before the resume points
         self.wake()
 
     # --- the loop ----------------------------------------------------------------------
@@ -151,7 +147,7 @@ class Scheduler:
     def rescan(self) -> None:
         """Scan the whole shard now: entries were re-dated to before the resume point
         (a flush moves them back to their arrival time)."""
-        self._last_full = 0.0
+        self._plan.forget()
         self._wake.set()
 
     async def stop(self, grace: float) -> None:
@@ -191,24 +187,20 @@ class Scheduler:
             await asyncio.sleep(_MIN_SCAN_GAP)
 
     def _scan(self) -> None:
-        room = self.cfg.delivery.max_ready - len(self.inflight)
-        if room <= 0:
-            return
-        now = time.time()
         mono = self.loop.time()
-        full = mono - self._last_full >= _FULL_SCAN_EVERY
-        since = 0 if full else max(0, self._newest_ms - _SCAN_MARGIN_MS)
-        if full:
-            self._last_full = mono
-        entries = self.store.due_entries(self.owner, int(now * 1000), min(room, _SCAN_BATCH),
-                                         since, exclude=self.inflight)
+        plan = self._plan.next(self.cfg.delivery.max_ready, len(self.inflight), mono)
+        if plan is None:
+            return
+        caps, since = plan
+        now = time.time()
+        entries = self.store.due_scan(self.owner, int(now * 1000), caps, since,
+                                      exclude=self.inflight)
         plan_now = self.planner.now
         held = self.holds.suspensions
         parks: list[tuple[bytes, str]] = []
-        for due_ms, msg_id, domain in entries:
+        for lane, due_ms, msg_id, domain in entries:
             self.inflight.add((msg_id, domain))
-            if due_ms > self._newest_ms:
-                self._newest_ms = due_ms
+            self._plan.saw(lane, due_ms)
             if held and domain in held and held[domain].in_force(now):
                 parks.append((msg_id, domain))
                 continue
@@ -223,8 +215,8 @@ class Scheduler:
                 self._release((msg_id, domain))
         if parks:
             self._park(parks, now)
-        if len(entries) == _SCAN_BATCH:
-            self._wake.set()  # more may be due: scan again on the next turn
+        if entries and len(entries) >= min(caps):
+            self._wake.set()  # a lane stopped at its cap, more may be due: scan again
 
     # --- holds -------------------------------------------------------------------------
     def _park(self, entries: list[tuple[bytes, str]], now: float) -> None:
@@ -315,7 +307,7 @@ class Scheduler:
             entry = hits.get(record.recipients[i].address)
             if entry is not None:
                 refused[i] = Reply(550, "5.7.1", f"recipient is suppressed ({entry.reason})")
-        self._last_full = 0.0  # the rest stays due at its old time: find it on the next scan
+        self._plan.forget()  # the rest stays due at its old time: find it on the next scan
         self._commit_outcome(msg_id, domain, body, JobResult(replies=refused, suppressed=True))
         return True
 

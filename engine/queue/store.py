@@ -5,8 +5,9 @@ Layout (named DBs in one environment):
         b"format" → u8 layout version
   msg   id (8 bytes) → encoded MessageRecord
   body  id → raw message bytes
-  due   owner u16 BE | due u64 BE (ms since epoch) | id | domain utf-8 → arrival u32 BE
-        one entry per (message, recipient domain with PENDING recipients)
+  due   owner u16 BE | lane u8 | due u64 BE (ms since epoch) | id | domain utf-8 → arrival
+        u32 BE; one entry per (message, recipient domain with PENDING recipients); the
+        lane is 9 - the message's priority (engine/queue/layout.py)
   ctl   control state that must survive a restart (suspensions, throttles): name → bytes
   supp  the suppression list (engine/queue/suppression.py says the key layout)
   camp  campaign counters per tenant and campaign (engine/queue/campaigns.py)
@@ -14,7 +15,8 @@ Layout (named DBs in one environment):
 Due keys are a pure function of the stored record and the shard count (see
 `records.pending_domains`), so deleting or updating a message recomputes its old keys
 from the old record: no reverse index is needed. If the shard count changes between
-runs, the due index is rebuilt at open.
+runs, or the layout's format is older than this engine's, the due index is rebuilt at
+open, in the same write transaction that records the new format.
 
 Errors: every lmdb error is mapped to engine.errors at this boundary, so no caller
 ever sees an lmdb exception (P4): MAP_FULL/ENOSPC → QueueFull, MDB_PANIC →
@@ -45,7 +47,7 @@ __all__ = ["DURABILITIES", "FORMAT", "QueueStore", "WriteTxn", "map_error", "sta
 _T = TypeVar("_T")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
-FORMAT = 2  # 2: due values carry the arrival time (1: empty values)
+FORMAT = 3  # 3: due keys carry a priority lane; 2: due values carry the arrival time (1: empty)
 DURABILITIES = ("fsync", "batch", "memory")
 
 # lmdb errors raised INSIDE one op's child transaction that leave the parent intact:
@@ -167,7 +169,9 @@ class QueueStore(StoreViews, SuppressionViews, CampaignViews):
         self.write_one(op)
 
     def _rebuild_due(self, txn: lmdb.Transaction[bytes]) -> None:
-        # Owners moved (shard count changed): recompute every due key from its record.
+        # Owners moved (shard count changed) or the key layout changed (format): recompute
+        # every due key from its record. One write transaction: a crash before its commit
+        # leaves the old index and the old format, and the next open rebuilds again.
         txn.drop(self._due, delete=False)
         with txn.cursor(db=self._msg) as cur:
             for _, data in cur:

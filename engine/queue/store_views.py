@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import itertools
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, TypeVar
 
-from engine.queue.layout import DUE_FIXED, DUE_HEAD
+from engine.queue.layout import DUE_FIXED, DUE_HEAD, PRIORITIES, RUN_LEN
 from engine.queue.records import MessageRecord, decode_record
 from engine.queue.writetxn import WriteTxn
 
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 _T = TypeVar("_T")
 _OWNER = struct.Struct(">H")  # a due key's first field
+_DUE_AT = struct.Struct(">Q")  # its due time, at offset RUN_LEN
 
 
 class StoreViews:
@@ -80,36 +81,69 @@ class StoreViews:
         exclude: set[tuple[bytes, str]] | frozenset[tuple[bytes, str]] = frozenset(),
     ) -> list[tuple[int, bytes, str]]:
         """Up to `limit` (due_ms, msg_id, domain) of shard `owner` due in
-        [`since_ms`, `until_ms`], earliest first. Raises StorageError on lmdb failure.
+        [`since_ms`, `until_ms`]: highest priority first, earliest first within one
+        priority (`due_scan` with one limit and one resume point for every lane).
+        Raises StorageError on lmdb failure."""
+        return [(due, mid, dom) for _, due, mid, dom in
+                self.due_scan(owner, until_ms, [limit] * PRIORITIES, [since_ms] * PRIORITIES,
+                              exclude)]
 
-        `since_ms` lets the scheduler resume near where it left off; (msg_id, domain)
-        pairs in `exclude` (already in flight) are passed over and do not count."""
+    def due_scan(
+        self, owner: int, until_ms: int, caps: Sequence[int], since: Sequence[int],
+        exclude: set[tuple[bytes, str]] | frozenset[tuple[bytes, str]] = frozenset(),
+    ) -> list[tuple[int, int, bytes, str]]:
+        """(lane, due_ms, msg_id, domain) of shard `owner` due by `until_ms`, lane by
+        lane (lane 0 = priority 9 first, see layout.lane_of), earliest first within a
+        lane. Lane L is read from its own resume point `since[L]` and adds entries while
+        fewer than `caps[L]` have been found in all (a running total, so a lane with a
+        smaller cap than the lanes before it may add nothing). (msg_id, domain) pairs in
+        `exclude` (already in flight) are passed over and do not count.
+
+        One read transaction and one cursor; an empty lane costs nothing, since a
+        positioning that lands past it skips it, so a queue whose mail all has one
+        priority costs two B-tree descents more than a single-run scan.
+        Raises StorageError on lmdb failure."""
         prefix = _OWNER.pack(owner)
-        start = DUE_HEAD.pack(owner, max(0, since_ms))
 
-        def scan(t: lmdb.Transaction[bytes]) -> list[tuple[int, bytes, str]]:
-            out: list[tuple[int, bytes, str]] = []
+        def scan(t: lmdb.Transaction[bytes]) -> list[tuple[int, int, bytes, str]]:
+            out: list[tuple[int, int, bytes, str]] = []
             with t.cursor(db=self._due) as cur:
-                if not cur.set_range(start):
-                    return out
-                for k in cur.iternext(keys=True, values=False):
-                    if len(out) >= limit or k[:2] != prefix:
-                        break
-                    _, due = DUE_HEAD.unpack_from(k)
-                    if due > until_ms:
-                        break
-                    dom = k[DUE_FIXED:].decode("utf-8", "surrogatepass")
-                    mid = k[DUE_HEAD.size:DUE_FIXED]
-                    if exclude and (mid, dom) in exclude:
+                lane = 0
+                while lane < PRIORITIES:
+                    cap = caps[lane]
+                    if len(out) >= cap:
+                        lane += 1
                         continue
-                    out.append((due, mid, dom))
+                    if not cur.set_range(DUE_HEAD.pack(owner, lane, max(0, since[lane]))):
+                        break
+                    first = cur.key()
+                    if first[:2] != prefix:
+                        break  # no later lane of this owner has anything either
+                    if first[2] != lane:  # nothing in this lane from its resume point on,
+                        lane = first[2]  # nor in any lane between: go straight there
+                        continue
+                    run = first[:RUN_LEN]
+                    for k in cur.iternext(keys=True, values=False):
+                        if k[:RUN_LEN] != run:
+                            break
+                        (due,) = _DUE_AT.unpack_from(k, RUN_LEN)
+                        if due > until_ms:
+                            break
+                        dom = k[DUE_FIXED:].decode("utf-8", "surrogatepass")
+                        mid = k[DUE_HEAD.size:DUE_FIXED]
+                        if exclude and (mid, dom) in exclude:
+                            continue
+                        out.append((lane, due, mid, dom))
+                        if len(out) >= cap:
+                            break
+                    lane += 1
             return out
 
         return self._read(scan)
 
     def scan_due(self, start: bytes, limit: int) -> tuple[list[bytes], list[bytes]]:
         """Up to `limit` entries of the due index from key `start` on (inclusive; b"" =
-        the beginning), in key order (owner, due, id, domain), as (keys, values): two
+        the beginning), in key order (owner, lane, due, id, domain), as (keys, values): two
         lists in step. Raises StorageError on lmdb failure."""
 
         def scan(t: lmdb.Transaction[bytes]) -> tuple[list[bytes], list[bytes]]:

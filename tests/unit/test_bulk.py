@@ -13,7 +13,7 @@ import pytest
 from engine.control import bulk
 from engine.control.queue_view import list_messages
 from engine.queue.ids import IdAllocator
-from engine.queue.layout import DUE_HEAD
+from engine.queue.layout import key_domain, key_due, key_id
 from engine.queue.records import BOUNCED, PENDING, MessageRecord, Recipient
 from engine.queue.store import QueueStore
 
@@ -92,7 +92,7 @@ def test_bounce_by_domain_leaves_other_domains_pending(store: QueueStore, ids: I
     body = store.get_body(dsn.id) or b""
     assert b"a@bad.test" in body and b"c@BAD.test" in body and b"b@good.test" not in body
     # the due index keeps good.test only
-    assert [k[18:] for k in store.scan_due_keys(b"", 10) if k[10:18] == mid] == [b"good.test"]
+    assert [key_domain(k) for k in store.scan_due_keys(b"", 10) if key_id(k) == mid] == [b"good.test"]
     assert bounce(store, ids, [mid], domain="bad.test") == 0  # nothing pending there any more
 
 
@@ -102,7 +102,7 @@ def test_delete_whole_messages(store: QueueStore, ids: IdAllocator) -> None:
     b = put(store, ids, "b@y.test")
     assert bulk.delete_chunk(store, [a]) == 1
     assert [r.id for r in everything(store)] == [b]
-    assert [k[10:18] for k in store.scan_due_keys(b"", 10)] == [b]
+    assert [key_id(k) for k in store.scan_due_keys(b"", 10)] == [b]
 
 
 def test_delete_by_domain(store: QueueStore, ids: IdAllocator) -> None:
@@ -121,7 +121,7 @@ def test_flush_moves_due_to_now(store: QueueStore, ids: IdAllocator) -> None:
     mid = put(store, ids, Recipient("a@x.test", attempts=2, next_attempt=NOW + 3600),
               Recipient("b@y.test", attempts=1, next_attempt=NOW + 7200))
     assert bulk.flush_chunk(store, [mid], domain="x.test") == 1
-    dues = {k[18:]: DUE_HEAD.unpack_from(k)[1] for k in store.scan_due_keys(b"", 10)}
+    dues = {key_domain(k): key_due(k) for k in store.scan_due_keys(b"", 10)}
     assert dues == {b"x.test": int((NOW - 100) * 1000), b"y.test": int((NOW + 7200) * 1000)}
     assert bulk.flush_chunk(store, [mid]) == 1
     rec = store.get(mid)

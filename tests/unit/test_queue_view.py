@@ -12,7 +12,7 @@ import pytest
 from engine.control import message_view as mv
 from engine.control import queue_view as qv
 from engine.queue.ids import IdAllocator, id_text
-from engine.queue.layout import DUE_VALUE
+from engine.queue.layout import DUE_VALUE, key_id
 from engine.queue.records import DELIVERED, PENDING, MessageRecord, Recipient
 from engine.queue.store import QueueStore
 
@@ -305,7 +305,7 @@ def test_format_1_store_gets_arrival_values_on_open(tmp_path: Path) -> None:
     try:
         values = dict(zip(*reopened.scan_due(b"", 100)))
         assert sorted(values) == sorted(keys)
-        by_id = {k[10:18]: v for k, v in values.items()}
+        by_id = {key_id(k): v for k, v in values.items()}
         assert all(by_id[r.id] == DUE_VALUE.pack(int(r.received_at)) for r in recs)
         assert reopened.get_control(b"nothing") is None
         assert summary(reopened, now=NOW, suspended={})["totals"]["units"] == 5
