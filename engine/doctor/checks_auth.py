@@ -57,7 +57,7 @@ def check_spf(ctx: Context, answers: Answers) -> list[Finding]:
 
 def _spf_for(ctx: Context, answers: Answers, ip: str, helo: str, record: str) -> Finding:
     res = check_host(answers, ip, ctx.domain, helo=helo)
-    summary = f"{res.result} ({res.reason}; {res.lookups} lookups)"
+    summary = f"{res.result} ({res.reason}; {res.lookups} DNS lookup{'' if res.lookups == 1 else 's'})"
     if res.result == "pass":
         return Finding("spf", OK, ip, f"authorised: {summary}")
     if res.result == "temperror":
