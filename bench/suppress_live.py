@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from control_live import LIVE_DOMAIN, WORKERS, LiveSink, ctl, write_config  # noqa: E402
+from control_live import LIVE_DOMAIN, LiveSink, ctl, write_config  # noqa: E402
 from control_live import blast as run_blast  # noqa: E402
 from e2e import REPO, Server, probe_ms  # noqa: E402
 from relay_peers import LIFETIME  # noqa: E402
