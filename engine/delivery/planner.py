@@ -19,6 +19,7 @@ from engine.delivery.holds import Throttle
 from engine.delivery.job import PoolSettings
 from engine.delivery.routing import drop_self, match_route, pool_settings, smarthost_route, throttled
 from engine.delivery.shaping import match, most_preferred, shaped
+from engine.delivery.sts_policies import StsPolicies
 from engine.dns.cache import DnsCache
 from engine.dns.mx import Route, RouteError
 from engine.dns.resolver import Resolver
@@ -45,9 +46,13 @@ class RoutePlanner:
         # identity check for every job but the first after a change.
         self._interned: dict[PoolSettings, PoolSettings] = {}
         self._base: dict[int, PoolSettings] = {}  # id of a [[routes]] entry (or None)
+        # MTA-STS (RFC 8461) for MX routes, applied last: a [[shaping]] tls must never
+        # loosen an enforced policy's "required".
+        self.sts = StsPolicies(cfg, resolver, loop)
 
     def configure(self, cfg: Config) -> None:
         self.cfg = cfg
+        self.sts.configure(cfg)
         self.forget()
 
     def forget(self) -> None:
@@ -70,18 +75,22 @@ class RoutePlanner:
             return None
         if isinstance(route, Route):
             route = drop_self(route, settings.port, self.local)
-        return self._remember(domain, route, self._finish(domain, route, settings))
+        planned = self.sts.plan_now(domain, route, self._finish(domain, route, settings))
+        if planned is None:
+            return None  # the domain's policy must be looked up first: resolve()
+        return self._remember(domain, planned[0], self._intern(planned[1]))
 
     async def resolve(self, domain: str) -> Plan:
         route_cfg, settings = self._settings(domain)
         route: Route | RouteError
         if route_cfg is not None and route_cfg.host:
             route = await smarthost_route(domain, route_cfg, self.resolver)
-        else:
-            route = await self.dns.route(domain)
-            if isinstance(route, Route):
-                route = drop_self(route, settings.port, self.local)
-        return self._remember(domain, route, self._finish(domain, route, settings))
+            return self._remember(domain, route, self._finish(domain, route, settings))
+        route = await self.dns.route(domain)
+        if isinstance(route, Route):
+            route = drop_self(route, settings.port, self.local)
+        route, shaped_settings = await self.sts.plan(domain, route, self._finish(domain, route, settings))
+        return self._remember(domain, route, self._intern(shaped_settings))
 
     def _settings(self, domain: str) -> tuple[RouteConfig | None, PoolSettings]:
         """The domain's [[routes]] entry and its pool settings. Settings per entry are
