@@ -132,6 +132,9 @@ def test_config_defaults_and_checks(tmp_path) -> None:
         MtaStsConfig(port=0)
     with pytest.raises(ValueError, match="ca_file: cannot load"):
         MtaStsConfig(ca_file=str(tmp_path / "missing.pem"))
-    if "mta_sts" in from_dict({}).__struct_fields__:
-        with pytest.raises(ConfigError, match="mta_sts.port: out of range"):
-            from_dict({"mta_sts": {"port": 70000}})
+    with pytest.raises(ConfigError, match="mta_sts.port: out of range"):
+        from_dict({"mta_sts": {"port": 70000}})
+    with pytest.raises(ConfigError, match="mta_sts.ca_file: cannot load"):
+        from_dict({"mta_sts": {"ca_file": str(tmp_path / "missing.pem")}})
+    with pytest.raises(ConfigError, match="mta_sts.fetch_timeout: must be positive"):
+        from_dict({"mta_sts": {"fetch_timeout": "0s"}})
