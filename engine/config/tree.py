@@ -15,6 +15,7 @@ from typing import Literal
 import msgspec
 
 from engine.config.bounces import BouncesConfig
+from engine.config.egress import EgressConfig, EgressRuleConfig, WarmupConfig, check_egress
 from engine.config.mta_sts import MtaStsConfig
 from engine.config.newsletter import (
     CampaignsConfig,
@@ -271,6 +272,9 @@ class RouteConfig(Frozen, frozen=True):
     tls_verify: bool | None = None
     max_connections: int = 0  # 0: delivery.max_connections_per_domain
     max_messages_per_connection: int = 0
+    # The [[egress]] pool its mail leaves from ("" = "default", unless the message's
+    # tenant or campaign names one: engine/delivery/egress.py).
+    egress_pool: str = ""
 
     def __post_init__(self) -> None:
         if not self.domain or (self.domain != "*" and "*" in self.domain.lstrip("*.")):
@@ -336,9 +340,14 @@ class Config(Frozen, frozen=True):
     shaping: list[ShapingConfig] = msgspec.field(default_factory=list)
     bounces: BouncesConfig = msgspec.field(default_factory=BouncesConfig)
     mta_sts: MtaStsConfig = msgspec.field(default_factory=MtaStsConfig)
+    egress: list[EgressConfig] = msgspec.field(default_factory=list)
+    egress_rules: list[EgressRuleConfig] = msgspec.field(default_factory=list)
+    warmup: list[WarmupConfig] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_shaping(self.shaping)
+        check_egress(self.egress, self.egress_rules, self.warmup,
+                     [r.egress_pool for r in self.routes], [s.label for s in self.shaping])
         if self.http.tls and not (self.tls.cert_file and self.tls.key_file):
             raise ValueError("tls.cert_file: http.tls is on but no certificate is set")
         if not self.listeners:
