@@ -2,8 +2,9 @@
 
 The recipients split in two. The feedback address (and its VERP forms) is read here:
 its report becomes suppression entries and campaign counts (feedback_intake.py). The
-others are queued as one message, with the campaign tags a trusted client set
-(campaign_tags.py) and the campaign's `injected` count. Both happen in one op, so in one
+others are queued as one message, with the campaign tags and priority a trusted client
+set (campaign_tags.py; Volley-Priority is removed from anyone's message) and the
+campaign's `injected` count. Both happen in one op, so in one
 commit: the client's 250 means all of it is durable, its 451 that none of it is.
 """
 
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from engine.errors import VolleyError
 from engine.inbound import decisions
-from engine.inbound.campaign_tags import take_tags
+from engine.inbound.campaign_tags import take_fields
 from engine.inbound.feedback_intake import Report, read_report
 from engine.observe import log
 from engine.queue import campaigns
@@ -82,7 +83,7 @@ def start(
     is parsed off the loop; the session is paused meanwhile, its envelope unchanged).
 
     `trusted`: the client is in relay.networks or authenticated (its mail is signed and
-    its X-Volley-* tags count).
+    its X-Volley-* tags and Volley-Priority count).
     """
     feedback = _feedback(ctx.policy, session.envelope.rcpts)
 
@@ -136,9 +137,8 @@ def _prepare(
         rcpts = [r for r in rcpts if not policy.is_feedback(r.address)]
     if not rcpts:
         return sub
-    campaign = tenant = ""
-    if trusted:
-        campaign, tenant, content = take_tags(content, client_ip)
+    tags = take_fields(content, client_ip, trusted=trusted)
+    content = tags.content
     raw_id = ctx.ids.next()
     sub.msg_id = id_text(raw_id)
     header = received.render(session, client_ip, ctx.hostname, tls_version, sub.msg_id)
@@ -148,6 +148,8 @@ def _prepare(
     # Only mail we vouch for is signed with our keys: from a client we relay for
     # (relay.networks) or one that authenticated.
     record.sign = trusted
-    record.campaign, record.tenant = campaign, tenant
+    record.campaign, record.tenant = tags.campaign, tags.tenant
+    if tags.priority is not None:
+        record.priority = tags.priority
     sub.record = record
     return sub
