@@ -33,6 +33,8 @@ class PoolSettings(msgspec.Struct, frozen=True):
     tls_ca_file: str = ""  # extra CA bundle (PEM) trusted when tls_verify is on
     auth_user: str = ""
     auth_password: str = ""
+    # The EHLO name and the address outbound connections bind to: [delivery]'s, or the
+    # [[egress]] entry's chosen for the job (egress.py); both are part of the pool's key.
     helo_name: str = "localhost"
     source_address: str = ""
     backoff: float = 60.0
@@ -52,6 +54,9 @@ class PoolSettings(msgspec.Struct, frozen=True):
     # "enforce" | "testing": the domain's MTA-STS policy mode (RFC 8461), set by the
     # planner, read by connect.py; "" = none.
     mta_sts: str = ""
+    # The [[routes]] entry's egress_pool ("" = none named): one input of egress.py's
+    # choice, cleared in the settings it binds to a source.
+    egress_pool: str = ""
 
 
 class JobResult(msgspec.Struct, frozen=True):

@@ -11,20 +11,23 @@ from engine.config import TimeoutsConfig
 from engine.delivery.budget import ConnectionBudget
 from engine.delivery.changes import Changes
 from engine.delivery.connect import client_tls_context
-from engine.delivery.job import Job, PoolSettings, safe_done, unsent
+from engine.delivery.egress import EgressPools
+from engine.delivery.job import Job, JobResult, PoolSettings, safe_done, unsent
 from engine.delivery.pool import PoolStats, SitePool
 from engine.delivery.provider_gate import ProviderGates
 from engine.delivery.shared_limits import LimitTable
 from engine.dns.mx import Route
 
-PoolKey = tuple[str, int, str, str, str, str]
+PoolKey = tuple[str, int, str, str, str, str, str, str]
 
 
 class PoolManager:
     """Every SitePool of a worker, keyed by (site, port, tls policy, auth user,
-    throttled domain, [[shaping]] provider), so domains sharing an MX set share
-    connections (ARCHITECTURE rule 10) unless an operator throttled one of them
-    (`PoolSettings.only_domain`) or they belong to different providers. Pools of one
+    throttled domain, [[shaping]] provider, source address, EHLO name), so domains
+    sharing an MX set share connections (ARCHITECTURE rule 10) unless an operator
+    throttled one of them (`PoolSettings.only_domain`), they belong to different
+    providers, or their jobs leave from different [[egress]] sources (`egress`,
+    egress.py, binds each job's settings to a source before the pool is chosen). Pools of one
     provider share its server-wide limits through `gates` (provider_gate.py), over a
     table shared with the other workers (`limits`; a private one when not given).
     The site is the MX host names (`Route.site_key`) when the certificate is verified
@@ -44,8 +47,10 @@ class PoolManager:
     def __init__(self, timeouts: TimeoutsConfig | None = None,
                  loop: asyncio.AbstractEventLoop | None = None,
                  budget: ConnectionBudget | None = None, sweep_interval: float = 1.0,
-                 limits: LimitTable | None = None, column: int = 0) -> None:
+                 limits: LimitTable | None = None, column: int = 0,
+                 egress: EgressPools | None = None) -> None:
         self.timeouts = timeouts or TimeoutsConfig()
+        self.egress = egress
         self.budget = budget
         self.loop = loop or asyncio.get_running_loop()
         self.limits = limits or LimitTable.private()
@@ -72,7 +77,7 @@ class PoolManager:
     def pool_for(self, route: Route, settings: PoolSettings) -> SitePool:
         site = route.site_key if settings.tls_verify or not route.address_key else route.address_key
         key = (site, settings.port, settings.tls, settings.auth_user, settings.only_domain,
-               settings.provider)
+               settings.provider, settings.source_address, settings.helo_name)
         pool = self.pools.get(key)
         if pool is None:
             pool = self._new_pool(key, settings)
@@ -85,6 +90,13 @@ class PoolManager:
         if self._closing:
             safe_done(job, unsent(job))
             return
+        egress = self.egress
+        if egress is not None and egress.active:
+            chosen = egress.choose(job, settings, self.loop.time())
+            if isinstance(chosen, JobResult):  # every source of its pool is held (warm-up)
+                safe_done(job, chosen)
+                return
+            settings = chosen
         self.pool_for(job.route, settings).submit(job)
 
     def withdraw(self, domain: str) -> int:
@@ -159,5 +171,6 @@ class PoolManager:
     @property
     def stats(self) -> dict[str, PoolStats]:
         return {f"{k[0]}:{k[1]}/{k[2]}" + (f"/{k[3]}" if k[3] else "")
-                + (f"[{k[4]}]" if k[4] else "") + (f"<{k[5]}>" if k[5] else ""): p.stats
+                + (f"[{k[4]}]" if k[4] else "") + (f"<{k[5]}>" if k[5] else "")
+                + (f"@{k[6]}" if k[6] else ""): p.stats
                 for k, p in self.pools.items()}

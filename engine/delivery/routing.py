@@ -60,6 +60,7 @@ def pool_settings(cfg: Config, route: RouteConfig | None) -> PoolSettings:
         source_address=d.source_address,
         backoff=float(d.backoff),
         backoff_max=float(d.backoff_max),
+        egress_pool=route.egress_pool if route is not None else "",
     )
 
 

@@ -14,14 +14,19 @@ from typing import Any
 
 from engine.config import Config
 from engine.delivery.budget import ConnectionBudget
+from engine.delivery.egress import EgressPools
 from engine.delivery.holds import Holds
 from engine.delivery.pool import PoolStats, SitePool
 from engine.delivery.pool_manager import PoolManager
 from engine.delivery.scheduler import Scheduler
 from engine.delivery.shared_limits import LimitTable, table_path
+from engine.delivery.warmup import Warmup
+from engine.delivery.warmup_table import WarmupTable
+from engine.delivery.warmup_table import table_path as warmup_table_path
 from engine.dns.cache import DnsCache
 from engine.dns.mx import Route, norm_domain
 from engine.dns.resolver import Resolver
+from engine.observe import log
 from engine.observe.delivery_log import DeliveryLog
 from engine.queue.committer import QueueCommitter
 from engine.queue.ids import IdAllocator
@@ -57,8 +62,12 @@ class Delivery:
         self.budget = ConnectionBudget(self._budget_share(cfg))
         # [[shaping]] limits held across workers (shared_limits.py); our column is our slot.
         self.limits = LimitTable.open(table_path(cfg.queue.path), owner, self.workers)
+        # [[egress]] sources and their warm-up counts, held across workers likewise.
+        self.warmup_table = WarmupTable.open(warmup_table_path(cfg.queue.path))
+        self.egress = EgressPools(cfg, Warmup(self.warmup_table, store.get_control,
+                                              lambda op: committer.submit(op, _ignore)))
         self.pools = PoolManager(cfg.delivery.timeouts, loop, self.budget, sweep_interval=_IDLE_SWEEP,
-                                 limits=self.limits, column=owner)
+                                 limits=self.limits, column=owner, egress=self.egress)
         self.dlog = DeliveryLog(cfg.log.delivery, loop)
         self.scheduler = Scheduler(cfg, store=store, committer=committer, ids=ids,
                                    dns=self.dns, resolver=self.resolver, pools=self.pools, owner=owner,
@@ -73,6 +82,7 @@ class Delivery:
 
     def apply_config(self, cfg: Config) -> None:
         self.budget.resize(self._budget_share(cfg))
+        self.egress.configure(cfg)
         self.scheduler.apply_config(cfg)
 
     async def stop(self, grace: float) -> None:
@@ -83,6 +93,7 @@ class Delivery:
         await self.scheduler.stop(1.0)
         await self.dlog.close()
         self.limits.close()
+        self.warmup_table.close()
 
     # --- control -------------------------------------------------------------------------
     def set_holds(self, holds: Holds) -> None:
@@ -165,9 +176,17 @@ def _pool_row(pool: SitePool, st: PoolStats, mono: float, wall: float) -> dict[s
         "site": pool.site_key, "domain": s.only_domain, "open": st.connections_open,
         "queued": st.jobs_queued, "limit": st.concurrency_limit,
         "max_connections": s.max_connections, "rate": s.rate, "provider": s.provider,
+        "source": s.source_address,
         "backoff_until": round(wall + st.backoff_until - mono, 3) if backing_off else None,
         "backoff_reply": reply_text(pool.backoff_reply) if backing_off else "",
     }
+
+
+def _ignore(result: object) -> None:
+    """The callback of the warm-up's first-send write: on a failure the day is counted
+    from this worker's memory (until its restart)."""
+    if isinstance(result, BaseException):
+        log.error("warmup_start_write_failed", error=repr(result))
 
 
 def reply_text(reply: Reply) -> str:

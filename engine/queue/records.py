@@ -88,6 +88,9 @@ class MessageRecord(msgspec.Struct, array_like=True, tag_field="v", tag=RECORD_V
     # DKIM-sign at delivery (engine/mail/dkim.py): the message came from an
     # authenticated or relay-network client, or over the HTTP API.
     sign: bool = False
+    # The [[egress]] pool the message leaves from, as the HTTP API was asked ("" = the
+    # [[egress_rules]] / [[routes]] choice; engine/delivery/egress.py). Appended last.
+    egress_pool: str = ""
 
 
 _encoder = msgspec.msgpack.Encoder()
