@@ -76,6 +76,8 @@ class SinkProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.tls = False
+        self.peer = ""
+        self.ehlo = ""
         self.mode = "command"  # "command", "data", "bdat", "tls" (upgrading), "wait", "closed"
         self.bdat_left = 0
         self.bdat_last = False
@@ -92,6 +94,8 @@ class SinkProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         sink = self.sink
         sink.connections += 1
         sink.live.add(self)
@@ -197,7 +201,8 @@ class SinkProtocol(asyncio.Protocol):
             sink.accepted += 1
             sink.last = time.monotonic()
             if sink.record:
-                sink.messages.append(SinkMessage(self.mail_from or "", self.rcpts, data, self.tls))
+                sink.messages.append(SinkMessage(self.mail_from or "", self.rcpts, data, self.tls,
+                                                 self.peer, self.ehlo))
             if sink.on_message is not None:
                 sink.on_message(self.mail_from or "", self.rcpts, data, self.tls)
             if sink.on_accepted is not None:
@@ -208,7 +213,8 @@ class SinkProtocol(asyncio.Protocol):
             elif first == "5":
                 sink.rejected += 1
             if sink.record:
-                sink.refused.append(SinkMessage(self.mail_from or "", self.rcpts, data, self.tls))
+                sink.refused.append(SinkMessage(self.mail_from or "", self.rcpts, data, self.tls,
+                                                self.peer, self.ehlo))
         self._reset()  # a new list: the one handed out above is never changed again
         if reply.startswith("421"):
             self.mode = "closed"  # the server is going away: read nothing more
@@ -257,6 +263,8 @@ class SinkProtocol(asyncio.Protocol):
             self.scan = 0
         elif verb in ("EHLO", "HELO", "RSET") and code_ok:
             self._reset()
+            if verb != "RSET":
+                self.ehlo = arg.strip()
         elif verb == "BDAT" and code_ok:
             parts = arg.split()
             self.bdat_left = int(parts[0])

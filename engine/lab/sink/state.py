@@ -76,6 +76,8 @@ class SinkMessage:
     rcpt_tos: list[str]
     data: bytes  # unstuffed, without the terminating ".\r\n"
     tls: bool = False
+    peer: str = ""  # the client's address (which source address it connected from)
+    ehlo: str = ""  # the name the client gave in its latest EHLO / HELO
 
 
 @dataclass
