@@ -54,7 +54,8 @@ class ReceivedHeader:
 
 def injected_record(raw_id: bytes, sender: str, recipient: str, size: int, *, now: float,
                     body_8bit: bool, client_ip: str, token_name: str, campaign: str,
-                    tenant: str, priority: int, verp: bool = False) -> MessageRecord:
+                    tenant: str, priority: int, verp: bool = False,
+                    egress_pool: str = "") -> MessageRecord:
     """One message, one recipient, DKIM-signed as it leaves (`sign=True`).
 
     `verp`: the return path is Volley's own feedback address. Then the recipient asks
@@ -75,4 +76,5 @@ def injected_record(raw_id: bytes, sender: str, recipient: str, size: int, *, no
         tenant=tenant,
         priority=priority,
         sign=True,
+        egress_pool=egress_pool,
     )

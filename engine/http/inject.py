@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.config import Config
+from engine.config.egress import DEFAULT_POOL
 from engine.errors import QueueFull
 from engine.http.envelope import ReceivedHeader, injected_record, mailbox_problem
 from engine.http.schema import (
@@ -95,6 +96,9 @@ def check_request(req: InjectRequest, cfg: Config) -> None:
     except ValueError as err:
         name, _, text = str(err).partition(": ")
         raise RequestError(400, text, "campaign_id" if name == "campaign" else name) from None
+    if req.egress_pool and req.egress_pool != DEFAULT_POOL and all(
+            e.pool != req.egress_pool for e in cfg.egress):
+        raise RequestError(400, f'no [[egress]] entry is in pool "{req.egress_pool}"', "egress_pool")
 
 
 async def inject(req: InjectRequest, cfg: Config, backend: Backend, client: Client,
@@ -179,7 +183,8 @@ async def _render_all(req: InjectRequest, cfg: Config, compiled: CompiledContent
         batch.items.append((injected_record(
             raw_id, sender, r.email, len(body), now=now, body_8bit=eight_bit,
             client_ip=client.ip, token_name=client.token_name, campaign=req.campaign_id,
-            tenant=req.tenant, priority=req.priority, verp=use_verp), body))
+            tenant=req.tenant, priority=req.priority, verp=use_verp,
+            egress_pool=req.egress_pool), body))
 
 
 async def _commit(req: InjectRequest, committer: QueueCommitter, batch: _Batch) -> None:

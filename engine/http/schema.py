@@ -35,6 +35,8 @@ class InjectRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tenant: str = ""
     priority: Priority = 5
     list_unsubscribe: ListUnsubscribe | None = None
+    # The [[egress]] pool the messages leave from; "" = the [[egress_rules]] / route choice.
+    egress_pool: str = ""
 
 
 class FailedRecipient(msgspec.Struct):

@@ -1,8 +1,9 @@
 """[[egress]] end to end on loopback aliases: outbound connections bind to the pool's
 source addresses (127.0.0.20, 127.0.0.21) and greet with each entry's ehlo_name, as the
 receiving sink sees them (its peer address and the EHLO it was given); one entry moves
-all mail; a tenant's mail leaves from its pool; and with a warm-up schedule of 3 an hour
-on one source, the mail beyond that leaves from the other.
+all mail; a tenant's mail leaves from its pool, HTTP mail from the pool its request
+names; and with a warm-up schedule of 3 an hour on one source, the mail beyond that
+leaves from the other.
 
 No timing assertions: each test waits for the sink's count, then looks at who sent it."""
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+from tests.integration.harness import merge
+from tests.integration.http_helpers import http_overrides, inject, newsletter
 from tests.integration.relay_helpers import (
     SENDER,
     Lab,
@@ -104,3 +107,26 @@ def test_warmup_overflows_beyond_the_hourly_allowance_to_the_warmed_source(lab: 
     assert lab.server is not None
     kept = lab.server.call(lambda: lab.server.store.get_control(b"warmup-start:127.0.0.21"))
     assert kept is not None and len(kept.decode()) == 10  # "YYYY-MM-DD"
+
+
+# --- the HTTP API's egress_pool -----------------------------------------------------------
+
+
+def test_the_http_egress_pool_field_picks_the_pool_and_an_unknown_one_is_refused(lab: Lab, tmp_path):
+    sink = lab.sink("127.0.0.3")
+    lab.zone(ZONE)
+    server = lab.start(merge(http_overrides(tmp_path / "http"), {
+        "egress": [A, {**B, "pool": "transactional"}],
+        "egress_rules": [{"campaign": "spring*", "pool": "default"}]}))
+    refused = inject(server.http_port, newsletter(1, domain="eg.test", egress_pool="nope"))
+    assert refused.status == 400 and refused.body["field"] == "egress_pool", refused
+    assert refused.body["error"] == 'no [[egress]] entry is in pool "nope"'
+    # The request's own pool beats the [[egress_rules]] match on its campaign.
+    answer = inject(server.http_port, newsletter(2, domain="eg.test", egress_pool="transactional"))
+    assert answer.status == 200 and answer.body["success_count"] == 2, answer
+    answer = inject(server.http_port, newsletter(1, domain="other.test"))
+    assert answer.status == 200, answer
+    lab.wait_sink(sink, 3)
+    assert _senders(sink.messages) == {("127.0.0.21", "mta21.volley.test"): 2,
+                                       ("127.0.0.20", "mta20.volley.test"): 1}
+    assert {m.rcpt_tos[0] for m in sink.messages if m.peer == "127.0.0.20"} == {"r0@other.test"}
