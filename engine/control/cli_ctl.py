@@ -132,6 +132,8 @@ def add_ctl(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--clear", action="store_true", help="remove the domain's throttle")
     add("shaping", "the [[shaping]] entry that applies to a domain, why, and its live figures"
         ).add_argument("domain", metavar="DOMAIN")
+    add("warmup", "each [[egress]] source's warm-up day, and this hour's allowance, use and "
+        "headroom per provider")
     p = add("mx", "show the MX cache, or flush it")
     p.add_argument("domain", nargs="?", default=None, metavar="DOMAIN")
     p.add_argument("--flush", action="store_true")

@@ -20,7 +20,7 @@ from typing import Any, ParamSpec, TypeVar, assert_never
 
 import msgspec
 
-from engine.control import bulk, protocol, queue_view, replies, shaping_view, wire
+from engine.control import bulk, protocol, queue_view, replies, shaping_view, warmup_view, wire
 from engine.control.fleet import Fleet
 from engine.control.lists import Lists
 from engine.control.message_view import domain_key
@@ -45,7 +45,7 @@ _P = ParamSpec("_P")
 # Who sent the request being handled; each connection is its own task, so its own context.
 _peer: contextvars.ContextVar[str] = contextvars.ContextVar("peer", default="unknown")
 _READS = (protocol.Status, protocol.Queue, protocol.List, protocol.Show, protocol.Metrics,
-          protocol.SuppressList, protocol.Campaigns, protocol.Shaping)
+          protocol.SuppressList, protocol.Campaigns, protocol.Shaping, protocol.Warmup)
 WORKER_ANSWER = 5.0  # seconds to wait for a worker's answer (mx)
 # What metrics scrapes show before the first walk of the queue.
 _NO_COUNTS = replies.QueueCounts(messages=0, units=0, bytes=0, ready=0, deferred=0, suspended=0)
@@ -100,6 +100,8 @@ class ControlPlane:
                 return await self.shutdown(req)
             case protocol.Shaping():
                 return await shaping_view.shaping(self.sup, req)
+            case protocol.Warmup():
+                return await warmup_view.warmup(self.sup.cfg, self.store)
             case (protocol.SuppressAdd() | protocol.SuppressRemove() | protocol.SuppressList()
                   | protocol.Campaigns()):
                 return await self.lists.handle(req, peer)

@@ -103,6 +103,11 @@ class Shaping(Request, tag="shaping"):
     domain: str
 
 
+class Warmup(Request, tag="warmup"):
+    """Each [[egress]] source's warm-up day and, per provider, this hour's allowance,
+    use and headroom (engine/control/warmup_view.py)."""
+
+
 class Reload(Request, tag="reload"):
     pass
 
@@ -149,10 +154,10 @@ class Campaigns(Request, tag="campaigns"):
 
 AnyRequest = (Status | Queue | List | Show | Flush | Suspend | Resume | Bounce | Delete
               | Throttle | Mx | Reload | Drain | Shutdown | Metrics | SuppressAdd
-              | SuppressRemove | SuppressList | Campaigns | Shaping)
+              | SuppressRemove | SuppressList | Campaigns | Shaping | Warmup)
 COMMANDS = ("status", "queue", "list", "show", "flush", "suspend", "resume", "bounce",
             "delete", "throttle", "mx", "reload", "drain", "shutdown", "metrics",
-            "suppress_add", "suppress_remove", "suppress_list", "campaigns", "shaping")
+            "suppress_add", "suppress_remove", "suppress_list", "campaigns", "shaping", "warmup")
 
 _decoder = msgspec.json.Decoder(AnyRequest)
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from engine.control import render_lists
+from engine.control import render_lists, render_warmup
 from engine.control.formats import (
     DASH,
     Column,
@@ -313,6 +313,7 @@ def render_shaping(reply: Row, now: float) -> str:
 _RENDERERS: dict[str, Callable[[Row, float], str]] = {
     "status": render_status, "queue": render_queue, "list": render_list,
     "show": render_show, "mx": render_mx, "shaping": render_shaping,
+    "warmup": render_warmup.render_warmup,
     "metrics": lambda reply, now: str(reply.get("text") or ""),
     "suppress_add": render_lists.render_suppress_add,
     "suppress_remove": render_lists.render_suppress_remove,
