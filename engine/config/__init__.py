@@ -25,6 +25,7 @@ from engine.config.newsletter import (
     HttpConfig,
     SuppressionConfig,
 )
+from engine.config.reactions import ReactionConfig
 from engine.config.shaping import ShapingConfig, parse_rate
 from engine.config.tree import (
     AuthConfig,
@@ -64,7 +65,7 @@ __all__ = [
     "DEFAULT_SCHEDULE", "DeliveryConfig", "DkimConfig", "DnsConfig", "Duration",
     "EgressConfig", "EgressRuleConfig", "WarmupConfig",
     "FeedbackConfig", "Frozen", "HttpConfig", "LimitsConfig", "ListenerConfig", "LogConfig",
-    "MetricsConfig", "MtaStsConfig", "QueueConfig", "RelayConfig", "RetrySchedule", "RouteConfig",
+    "MetricsConfig", "MtaStsConfig", "QueueConfig", "ReactionConfig", "RelayConfig", "RetrySchedule", "RouteConfig",
     "ServerConfig", "ShapingConfig", "Size", "SuppressionConfig", "TimeoutsConfig", "TlsConfig", "TlsPolicy",
     "decode_json", "dump_toml", "encode_json", "format_duration", "format_size", "from_dict",
     "load", "parse_duration", "parse_nameserver", "parse_rate", "parse_schedule", "parse_size",

@@ -106,8 +106,10 @@ def load(path: str | Path | None) -> Config:
 def _plain(value: object) -> object:
     """`value` as TOML/JSON data, with sizes, durations and the schedule as text."""
     if isinstance(value, msgspec.Struct):
-        # TOML has no null: an unset optional key is simply left out.
-        fields = ((f, getattr(value, f)) for f in value.__struct_fields__)
+        # TOML has no null: an unset optional key is simply left out. Keys by their
+        # names in the file (a field may be renamed: `class` is a Python keyword).
+        fields = ((k, getattr(value, f)) for f, k in
+                  zip(value.__struct_fields__, value.__struct_encode_fields__, strict=True))
         return {f: _plain(v) for f, v in fields if v is not None}
     if isinstance(value, list):
         return [_plain(v) for v in value]

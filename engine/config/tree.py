@@ -24,6 +24,7 @@ from engine.config.newsletter import (
     HttpConfig,
     SuppressionConfig,
 )
+from engine.config.reactions import ReactionConfig, check_reactions
 from engine.config.shaping import ShapingConfig, check_shaping
 from engine.config.units import (
     DEFAULT_SCHEDULE,
@@ -343,9 +344,11 @@ class Config(Frozen, frozen=True):
     egress: list[EgressConfig] = msgspec.field(default_factory=list)
     egress_rules: list[EgressRuleConfig] = msgspec.field(default_factory=list)
     warmup: list[WarmupConfig] = msgspec.field(default_factory=list)
+    reactions: list[ReactionConfig] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_shaping(self.shaping)
+        check_reactions(self.reactions, {s.label for s in self.shaping})
         check_egress(self.egress, self.egress_rules, self.warmup,
                      [r.egress_pool for r in self.routes], [s.label for s in self.shaping])
         if self.http.tls and not (self.tls.cert_file and self.tls.key_file):
