@@ -207,6 +207,9 @@ class Worker:
         writer.write(wire.encode(wire.Ready(slot=self.slot, pid=os.getpid())))
         log.info("worker_ready", slot=self.slot)
 
+        if runtime.delivery is not None:  # [[reactions]] in force are told to the supervisor
+            runtime.delivery.reactions.notify = lambda fired: writer.write(
+                wire.encode(wire.ReactionFired(slot=self.slot, **fired._asdict())))
         control = loop.create_task(self._control(reader, writer, runtime))
         pushing = loop.create_task(self._push_state(writer, runtime))
         await self.stop_event.wait()
@@ -266,6 +269,9 @@ class Worker:
                 delivery.flush(domain)
             case wire.MxQuery():
                 writer.write(wire.encode(_mx_answer(message, delivery)))
+            case wire.LiftReaction(provider=provider, ask=ask):
+                domains = delivery.lift(provider) if delivery is not None else []
+                writer.write(wire.encode(wire.Lifted(ask=ask, domains=domains)))
             case wire.Start():
                 raise ValueError("Start twice")
 

@@ -120,7 +120,8 @@ def add_ctl(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("domain", metavar="DOMAIN")
     p.add_argument("--duration", type=positive_duration, help='e.g. "2h" (default: until resumed)')
     p.add_argument("--reason", metavar="TEXT")
-    add("resume", "release a suspended domain").add_argument("domain", metavar="DOMAIN")
+    add("resume", "release a suspended domain, or lift a provider's [[reactions]]"
+        ).add_argument("domain", metavar="DOMAIN|PROVIDER")
     p = add("bounce", "return messages to their senders (DSN) and drop them")
     _filters(p)
     p.add_argument("--reason", metavar="TEXT", help="text for the DSN")

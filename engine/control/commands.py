@@ -24,6 +24,7 @@ from engine.control import bulk, protocol, queue_view, replies, shaping_view, wa
 from engine.control.fleet import Fleet
 from engine.control.lists import Lists
 from engine.control.message_view import domain_key
+from engine.control.reactions_view import ReactionsPlane
 from engine.control.supervisor_api import SupervisorHandle
 from engine.delivery.holds import (
     HOLDS_KEY,
@@ -61,6 +62,7 @@ class ControlPlane:
         self.started = time.time()
         self._totals: tuple[float, replies.QueueCounts] | None = None
         self.lists = Lists(store, self._thread)  # suppression list and campaign counters
+        self.reactions = ReactionsPlane(sup, store, self._thread)  # [[reactions]] in force
 
     async def handle(self, req: protocol.AnyRequest, peer: str = "unknown") -> replies.Reply:
         if not isinstance(req, _READS):
@@ -179,7 +181,7 @@ class ControlPlane:
             queue=queue, rates=fleet.rates.rates(mono),
             suspensions=[_suspension(s) for s in held.values()],
             throttles=[_throttle(t) for t in self.holds.throttles.values()],
-            backoffs=fleet.backoffs(),
+            backoffs=fleet.backoffs(), reactions=self.reactions.rows(now),
         )
 
     async def queue(self, req: protocol.Queue) -> replies.Queue:
@@ -273,6 +275,10 @@ class ControlPlane:
         return replies.Suspend(suspension=_suspension(s))
 
     async def resume(self, req: protocol.Resume) -> replies.Resume:
+        # A provider's name lifts its [[reactions]]; a domain's, its suspension; or both.
+        lifted, rows, freed = await self.reactions.resume(req.domain.strip(), self._flush_domain)
+        if lifted and domain_key(req.domain) not in self.holds.suspensions:
+            return replies.Resume(resumed=True, released=freed, lifted=rows)
         domain = _domain(req.domain)
         resumed = self.holds.suspensions.pop(domain, None) is not None
         if resumed:
@@ -281,7 +287,12 @@ class ControlPlane:
         done = await self._bulk("flush", domain=domain)
         self._wake(domain)
         log.info("resumed", domain=domain, released=done.done)
-        return replies.Resume(resumed=resumed, released=done.done)
+        return replies.Resume(resumed=resumed or lifted, released=done.done + freed, lifted=rows)
+
+    async def _flush_domain(self, domain: str) -> int:
+        done = await self._bulk("flush", domain=domain)
+        self._wake(domain)
+        return done.done
 
     async def throttle(self, req: protocol.Throttle) -> replies.Throttle:
         domain = _domain(req.domain)

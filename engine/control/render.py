@@ -78,7 +78,19 @@ def render_status(reply: Row, now: float) -> str:
         Column("UNTIL", lambda b: relative(b.get("until"), now)),
         Column("REPLY", lambda b: clip(b.get("reply"))),
     ])
+    if "reactions" in reply:  # a server before [[reactions]] has no such section
+        out += _section("reactions", reply.get("reactions"), _reaction_columns(now))
     return "".join(out)
+
+
+def _reaction_columns(now: float) -> list[Column]:
+    return [
+        Column("PROVIDER", "provider"), Column("ACTION", "action"),
+        Column("SINCE", lambda r: relative(r.get("since"), now)),
+        Column("UNTIL", lambda r: relative(r.get("until"), now)),
+        Column("RATE", lambda r: DASH if r.get("action") == "suspend" else f"x{r.get('factor', 1):.2f}", ">"),
+        Column("REPLY", lambda r: clip(r.get("reply"))),
+    ]
 
 
 def _per_second(name: str) -> Callable[[Row], str]:
@@ -212,7 +224,9 @@ def render_simple(cmd: str, reply: Row, now: float) -> str:
     if cmd == "resume":
         if not reply.get("resumed"):
             return "not suspended; nothing to resume\n"
-        return f"resumed; {plural(reply.get('released'), 'message')} released\n"
+        lifted = "".join(f"lifted {r.get('action')} of {r.get('provider')} (said: {clip(r.get('reply'))})\n"
+                         for r in reply.get("lifted") or [])
+        return f"{lifted}resumed; {plural(reply.get('released'), 'message')} released\n"
     if cmd in ("bounce", "delete"):
         return _bulk(cmd, reply)
     if cmd == "throttle":

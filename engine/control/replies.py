@@ -169,6 +169,18 @@ class MessageDetail(msgspec.Struct, kw_only=True):
 # --- per request ------------------------------------------------------------------------
 
 
+class ReactionRow(msgspec.Struct, kw_only=True):
+    """A [[reactions]] entry in force for a provider (engine/control/reactions_view.py)."""
+
+    provider: str
+    action: str  # "suspend" | "halve_rate"
+    rule: int  # index into [[reactions]]
+    since: float  # epoch seconds
+    until: float  # the end of the suspension, or of the halved rate's ramp back
+    factor: float  # the rate's multiplier now (halve_rate; 0.0 while suspended)
+    reply: str  # what the provider said
+
+
 class Status(Reply, kw_only=True):
     version: str
     pid: int
@@ -182,6 +194,7 @@ class Status(Reply, kw_only=True):
     suspensions: list[SuspensionRow]
     throttles: list[ThrottleRow]
     backoffs: list[Backoff]
+    reactions: list[ReactionRow] = []
 
 
 class Queue(Reply, kw_only=True):
@@ -243,8 +256,9 @@ class Suspend(Reply, kw_only=True):
 
 
 class Resume(Reply, kw_only=True):
-    resumed: bool  # False: the domain was not suspended
-    released: int  # parked messages made due again
+    resumed: bool  # False: neither a suspended domain nor a provider with a reaction
+    released: int  # parked (or held) messages made due again
+    lifted: list[ReactionRow] = []  # the provider's reactions that were lifted
 
 
 class Throttle(Reply, kw_only=True):

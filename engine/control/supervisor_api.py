@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from engine.config import Config
-from engine.control.wire import AnyAnswer, MxQuery, ToWorker
+from engine.control.wire import AnyAnswer, Query, ToWorker
 
 
 class WorkerHandle(Protocol):
@@ -37,7 +37,7 @@ class WorkerHandle(Protocol):
     def running(self) -> bool:
         """Started and accepting (it said Ready)."""
 
-    async def ask(self, query: MxQuery, timeout: float) -> AnyAnswer:
+    async def ask(self, query: Query, timeout: float) -> AnyAnswer:
         """The worker's answer; `Refused` when it is down or silent for `timeout` s."""
 
 

@@ -6,10 +6,12 @@ message is refused at the decoder (msgspec.ValidationError), never half-read.
 
 Supervisor → worker (tagged on "cmd"): `Start` first, then any of `Reload`, `Stop`,
 `Drain` (stop accepting, keep delivering), `SetHolds` (suspensions and throttles),
-`Flush` (end backoffs, scan now) and `MxQuery`, the one request that is answered.
+`Flush` (end backoffs, scan now) and the requests that are answered: `MxQuery`, and
+`LiftReaction` (an operator lifted a provider's [[reactions]]).
 Worker → supervisor (tagged on "event"): `Ready` once it accepts, `State` every
-second (metrics and live figures, engine/control/fleet.py) and, to an `MxQuery`, one
-of `MxFlushed`, `MxEntries` or `Refused` carrying the query's `ask` number.
+second (metrics and live figures, engine/control/fleet.py), `ReactionFired` when a
+reaction of its pools goes in force (engine/delivery/reactions.py), and to a request
+one of `MxFlushed`, `MxEntries`, `Lifted` or `Refused` carrying its `ask` number.
 """
 
 from __future__ import annotations
@@ -63,7 +65,16 @@ class MxQuery(ToWorker, tag="mx"):
     ask: int = 0
 
 
-AnyToWorker = Start | Reload | Stop | Drain | SetHolds | Flush | MxQuery
+class LiftReaction(ToWorker, tag="lift"):
+    """The operator lifted `provider`'s reactions (the supervisor cleared the shared
+    table): end its pools' backoffs; answered with the domains whose mail was held."""
+
+    provider: str
+    ask: int = 0
+
+
+AnyToWorker = Start | Reload | Stop | Drain | SetHolds | Flush | MxQuery | LiftReaction
+Query = MxQuery | LiftReaction
 
 
 # --- worker → supervisor ----------------------------------------------------------------
@@ -115,8 +126,23 @@ class State(FromWorker, tag="state"):
     live: Live
 
 
+class ReactionFired(FromWorker, tag="reaction"):
+    """A [[reactions]] entry went in force for a provider (engine.delivery.reactions.Fired;
+    times are epoch seconds)."""
+
+    slot: int
+    provider: str
+    action: str  # "suspend" | "halve_rate"
+    rule: int  # index into [[reactions]]
+    since: float
+    until: float  # the end of the suspension, or of the halved rate's ramp back
+    reply: str  # what the provider said
+    factor: float = 1.0  # halve_rate: the factor the rate fell to
+    hold_until: float = 0.0  # halve_rate: when the ramp back begins
+
+
 class Answer(FromWorker):
-    """Base of the answers to an `MxQuery`: `ask` is the query's number."""
+    """Base of the answers to a request (`Query`): `ask` is the request's number."""
 
     ask: int
 
@@ -145,14 +171,18 @@ class MxEntries(Answer, tag="mx_entries"):
     entries: list[MxEntry]
 
 
+class Lifted(Answer, tag="lifted"):
+    domains: list[str]  # whose mail was deferred by the provider's suspension
+
+
 class Refused(Answer, tag="refused"):
     """The query was not served: delivery is off, or the worker is down or silent."""
 
     error: str
 
 
-AnyAnswer = MxFlushed | MxEntries | Refused
-AnyFromWorker = Ready | State | MxFlushed | MxEntries | Refused
+AnyAnswer = MxFlushed | MxEntries | Lifted | Refused
+AnyFromWorker = Ready | State | ReactionFired | MxFlushed | MxEntries | Lifted | Refused
 
 to_worker_decoder = msgspec.json.Decoder(AnyToWorker)
 from_worker_decoder = msgspec.json.Decoder(AnyFromWorker)

@@ -41,6 +41,11 @@ where a job is handed to a session.
 Queue order: by message priority (9 first), then arrival (pool_queue.py). A job with
 more recipients than `max_recipients` is queued as several transactions.
 
+Reactions (pool_react.py, reactions.py): every finished transaction's replies pass the
+provider's [[reactions]] (`job_finished`), as do refused setups (pool_connect.py). While
+the provider is suspended (the shared table says so) the pool opens nothing, hands no
+job to a session and answers each job with a deferral until the suspension's end.
+
 Every submitted job gets exactly one `job.done(result)`.
 """
 
@@ -124,6 +129,8 @@ class SitePool(PoolConnecting):
                 domains[job.domain] = None
             if self._closing:
                 safe_done(job, unsent(job))
+            elif self.gate is not None and (until := self.gate.suspended()):
+                self._hold(job, until)
             elif self.loop.time() < self._backoff.until:
                 safe_done(job, self._flat(job, self._backoff.reply, failed=True))
             else:
@@ -259,6 +266,9 @@ class SitePool(PoolConnecting):
     def next_job(self, session: DeliverySession) -> Job | None:
         if not self._queue or self._closing or self._worn_out(session):
             return None
+        if self.gate is not None and (until := self.gate.suspended()):
+            self._hold_all(until)  # no new transaction while the provider is suspended
+            return None
         rate = self.settings.rate
         if rate and self._bucket.ready(rate) < ONE:
             return None  # the session idles; the bucket's timer wakes it
@@ -270,6 +280,7 @@ class SitePool(PoolConnecting):
         return self._queue.pop()
 
     def job_finished(self, session: DeliverySession, job: Job, result: JobResult) -> None:
+        result = self._react(job, result)
         if session.saw_421:  # the result says so already (back_off)
             safe_done(job, result)
             self._fail_queue(self._backoff.reply, failed=True)
@@ -322,7 +333,7 @@ class SitePool(PoolConnecting):
         s = self.settings
         return (session.messages >= s.max_messages_per_connection
                 or self.loop.time() - session.created_at >= s.max_connection_age
-                or len(self._sessions) > s.max_connections)
+                or len(self._sessions) > self._max_connections())
 
     def _retire(self, session: DeliverySession) -> None:
         self._sessions.discard(session)
@@ -337,6 +348,9 @@ class SitePool(PoolConnecting):
             return
         rate = self.settings.rate
         gate = self.gate
+        if gate is not None and (until := gate.suspended()):
+            self._hold_all(until)
+            return
         while self._queue and self._idle:
             if rate and self._bucket.ready(rate) < ONE:
                 return  # nothing may go yet; the bucket's timer calls again
@@ -349,7 +363,7 @@ class SitePool(PoolConnecting):
         if not self._queue or self.loop.time() < self._backoff.until:
             return
         # Each connecting session will take at least one queued job.
-        room = min(self._limit, self.settings.max_connections) - len(self._sessions) - self._connecting
+        room = min(self._limit, self._max_connections()) - len(self._sessions) - self._connecting
         want = min(room, len(self._queue) - self._connecting)
         if rate:  # and one token each, or it would only wait idle
             want = min(want, int(self._bucket.ready(rate) + 1e-9) - self._connecting)
@@ -364,32 +378,5 @@ class SitePool(PoolConnecting):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _take_connection(self) -> bool:
-        """A connection token: a budget slot and the provider's server-wide count, both
-        or neither. False: this pool waits in the line of whichever had no room."""
-        budget = self.budget
-        if budget is not None and not budget.take(self):
-            return False
-        if self.gate is not None and not self.gate.try_connect(self):
-            if budget is not None:
-                budget.give()
-            return False
-        return True
-
     def _adopt(self, session: DeliverySession) -> None:
         session.owner = self
-
-    def _flat(self, job: Job, reply: Reply, *, failed: bool) -> JobResult:
-        return JobResult({i: reply for i in job.indices}, destination_failed=failed,
-                         retry_after=self._backoff.until if failed else 0.0,
-                         attempt_started=self.loop.time())
-
-    def _fail_queue(self, reply: Reply, *, failed: bool) -> None:
-        while self._queue:
-            job = self._queue.pop()
-            safe_done(job, self._flat(job, reply, failed=failed))
-
-    def _hand_back_queue(self) -> None:
-        while self._queue:
-            job = self._queue.pop()
-            safe_done(job, unsent(job))

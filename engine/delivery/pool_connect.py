@@ -1,7 +1,8 @@
 """How a site pool opens connections (pool.py has the theory of operation): the
 connection token each attempt takes first (a slot of the worker's budget, budget.py,
 and the provider's server-wide count, provider_gate.py), the attempt itself, and what
-a failed attempt means (a concurrency signal, or a dead destination: backoff).
+a failed attempt means (a concurrency signal, or a dead destination: backoff), and
+what the queued jobs get when the pool gives up on them.
 
 `PoolConnecting` is the part of `SitePool` that does this; the attributes it declares
 are the pool's own, set up by `SitePool.__init__`.
@@ -19,9 +20,10 @@ from engine.delivery.budget import ConnectionBudget
 from engine.delivery.changes import Changes
 from engine.delivery.connect import connect_route
 from engine.delivery.dialogue import SetupError
-from engine.delivery.job import PoolSettings
+from engine.delivery.job import Job, JobResult, PoolSettings, safe_done, unsent
 from engine.delivery.outcome import transient_failure
 from engine.delivery.pool_queue import JobQueue
+from engine.delivery.pool_react import PoolReacting
 from engine.delivery.provider_gate import ProviderGate
 from engine.delivery.session import DeliverySession
 from engine.dns.mx import Route
@@ -31,7 +33,7 @@ from engine.smtp.replies import Reply
 TlsContextFactory = Callable[[], ssl.SSLContext | None]
 
 
-class PoolConnecting:
+class PoolConnecting(PoolReacting):
     site_key: str
     settings: PoolSettings
     timeouts: TimeoutsConfig
@@ -57,9 +59,6 @@ class PoolConnecting:
     def _retire(self, session: DeliverySession) -> None:
         raise NotImplementedError
 
-    def _fail_queue(self, reply: Reply, *, failed: bool) -> None:
-        raise NotImplementedError
-
     def _adopt(self, session: DeliverySession) -> None:
         """Become the owner of a session just set up."""
         raise NotImplementedError
@@ -71,6 +70,7 @@ class PoolConnecting:
         except SetupError as err:
             self._connecting -= 1
             log.info("connect_failed", site=self.site_key, reply=str(err))
+            self._react_setup(err.reply, err.kind)
             self._connect_failed(err.reply)
             self._give_connection()
             return
@@ -123,3 +123,33 @@ class PoolConnecting:
         if self._backoff.enter(reply, self.loop.time(), float(self.settings.backoff_max)):
             self._limit = min(2, self.settings.max_connections)  # slow start again after
             log.info("destination_backoff", site=self.site_key, until=self._backoff.until)
+
+    def _take_connection(self) -> bool:
+        """A connection token: a budget slot and the provider's server-wide count, both
+        or neither. False: this pool waits in the line of whichever had no room."""
+        budget = self.budget
+        if budget is not None and not budget.take(self):  # type: ignore[arg-type]  # a SitePool
+            return False
+        if self.gate is not None and not self.gate.try_connect(self):  # type: ignore[arg-type]  # a SitePool
+            if budget is not None:
+                budget.give()
+            return False
+        return True
+
+    def _flat(self, job: Job, reply: Reply, *, failed: bool) -> JobResult:
+        return JobResult({i: reply for i in job.indices}, destination_failed=failed,
+                         retry_after=self._backoff.until if failed else 0.0,
+                         attempt_started=self.loop.time())
+
+    def _fail_queue(self, reply: Reply, *, failed: bool) -> None:
+        if until := self._suspended():
+            self._hold_all(until)  # the provider's suspension outlasts any backoff
+            return
+        while self._queue:
+            job = self._queue.pop()
+            safe_done(job, self._flat(job, reply, failed=failed))
+
+    def _hand_back_queue(self) -> None:
+        while self._queue:
+            job = self._queue.pop()
+            safe_done(job, unsent(job))

@@ -15,6 +15,12 @@ starve the provider's other sites (pools) and workers. So a pool that finds the 
 reached makes an idle session of another pool of ours QUIT (`_reclaim`) and marks the
 provider wanted in the table; every worker's gate with idle sessions to the provider
 looks at that mark every `RECHECK` seconds and QUITs one of them while it is set.
+
+Per source address: a pool that binds a source address (egress) counts in the slot
+of "provider|address", so the caps hold per sending address; [[reactions]]
+(reactions.py) live in the slot of the provider's name, so a suspension or a halved
+rate holds for all its addresses. The halving factor (ramp.py) scales the rate, or
+without a rate the connection cap, each time it is used.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import asyncio
 from typing import Protocol
 
 from engine.delivery.job import PoolSettings
+from engine.delivery.ramp import factor_at
+from engine.delivery.reactions import ReactionBook, Rule
 from engine.delivery.shared_limits import FULL, LimitTable
 
 RECHECK = 0.1  # seconds between looks at a full connection cap (another worker's close)
@@ -41,12 +49,18 @@ class ProviderGate:
     """Loop thread only."""
 
     def __init__(self, name: str, table: LimitTable, column: int,
-                 loop: asyncio.AbstractEventLoop) -> None:
-        self.name = name
+                 loop: asyncio.AbstractEventLoop, key: str = "",
+                 book: ReactionBook | None = None) -> None:
+        self.name = name  # the provider
         self.table = table
         self.column = column
         self.loop = loop
-        self.slot = table.slot_of(name)  # None: the table is full, no server-wide limit
+        # The caps' slot ("provider|source" with a source address); None: the table is
+        # full, no server-wide limit. The reactions' slot is the provider's name's.
+        self.slot = table.slot_of(key or name)
+        self.rslot = self.slot if not key or key == name else table.slot_of(name)
+        self.book = book
+        self.rules: tuple[Rule, ...] = ()  # the [[reactions]] watching the provider
         self.cap = 0
         self.rate = 0.0
         self.connect_rate = 0.0
@@ -61,6 +75,30 @@ class ProviderGate:
         self.cap = settings.provider_connections
         self.rate = settings.provider_rate
         self.connect_rate = settings.provider_connect_rate
+        if self.book is not None:
+            self.rules = self.book.rules_for(self.name)
+
+    # --- reactions ---------------------------------------------------------------------
+    def suspended(self) -> float:
+        """loop.time() end of the provider's suspension, or 0.0 when none is in force."""
+        if self.rslot is None or self.table.closed:
+            return 0.0
+        until = self.table.suspended_until(self.rslot)
+        return until if until > self.loop.time() else 0.0
+
+    def factor(self) -> float:
+        """The halve_rate multiplier in force (1.0: none)."""
+        if self.rslot is None or self.table.closed:
+            return 1.0
+        return factor_at(self.table.halving(self.rslot), self.loop.time())
+
+    def _rate(self) -> float:
+        return self.rate * self.factor()
+
+    def _cap(self) -> int:
+        if not self.cap or self.rate:
+            return self.cap
+        return max(1, int(self.cap * self.factor()))
 
     def try_connect(self, user: GateUser) -> bool:
         """One connection counted server-wide (counted with no cap too: the tools show
@@ -68,7 +106,7 @@ class ProviderGate:
         rate has no room. Each True needs one `release`."""
         if self.slot is None or self.table.closed:
             return True
-        wait = self.table.acquire_connection(self.slot, self.column, self.cap,
+        wait = self.table.acquire_connection(self.slot, self.column, self._cap(),
                                              self.connect_rate, self.loop.time())
         if not wait:
             self.held += 1
@@ -92,13 +130,13 @@ class ProviderGate:
         """Seconds until the rate lets a message go (0 = now); takes nothing."""
         if self.slot is None or not self.rate or self.table.closed:
             return 0.0
-        return self.table.message_wait(self.slot, self.rate, self.loop.time())
+        return self.table.message_wait(self.slot, self._rate(), self.loop.time())
 
     def take_message(self, user: GateUser) -> bool:
         """One message under the rate; False (and `user` waits) when not yet."""
         if self.slot is None or not self.rate or self.table.closed:
             return True
-        wait = self.table.take_message(self.slot, self.rate, self.loop.time())
+        wait = self.table.take_message(self.slot, self._rate(), self.loop.time())
         if not wait:
             return True
         self._wait(user, wait)
@@ -166,16 +204,31 @@ class ProviderGates:
         self.table = table
         self.column = column
         self.loop = loop
-        self.gates: dict[str, ProviderGate] = {}
+        self.gates: dict[str, ProviderGate] = {}  # by gate key
+        self.book: ReactionBook | None = None  # [[reactions]], when the worker has them
 
     def gate_for(self, settings: PoolSettings) -> ProviderGate | None:
-        """The gate of `settings.provider` with its limits updated; None when the pool
-        serves no [[shaping]] entry."""
+        """The gate of `settings.provider` (and its source address, `gate_key`) with
+        its limits updated; None when the pool serves no [[shaping]] entry."""
         name = settings.provider
         if not name:
             return None
-        gate = self.gates.get(name)
+        key = gate_key(settings)
+        gate = self.gates.get(key)
         if gate is None:
-            gate = self.gates[name] = ProviderGate(name, self.table, self.column, self.loop)
+            gate = self.gates[key] = ProviderGate(name, self.table, self.column, self.loop,
+                                                  key, self.book)
         gate.configure(settings)
         return gate
+
+    def reconfigure(self) -> None:
+        """The [[reactions]] changed (a reload): every gate takes its rules again."""
+        for gate in self.gates.values():
+            gate.rules = self.book.rules_for(gate.name) if self.book is not None else ()
+
+
+def gate_key(settings: PoolSettings) -> str:
+    """The shared table's key of a pool's caps: the provider, per source address."""
+    if settings.source_address:
+        return f"{settings.provider}|{settings.source_address}"
+    return settings.provider

@@ -18,6 +18,7 @@ from engine.delivery.egress import EgressPools
 from engine.delivery.holds import Holds
 from engine.delivery.pool import PoolStats, SitePool
 from engine.delivery.pool_manager import PoolManager
+from engine.delivery.reactions import ReactionBook
 from engine.delivery.scheduler import Scheduler
 from engine.delivery.shared_limits import LimitTable, table_path
 from engine.delivery.warmup import Warmup
@@ -68,6 +69,10 @@ class Delivery:
                                               lambda op: committer.submit(op, _ignore)))
         self.pools = PoolManager(cfg.delivery.timeouts, loop, self.budget, sweep_interval=_IDLE_SWEEP,
                                  limits=self.limits, column=owner, egress=self.egress)
+        # [[reactions]] to what providers say, in force through the same table.
+        self.reactions = ReactionBook(self.limits, loop)
+        self.reactions.configure(cfg.reactions)
+        self.pools.gates.book = self.reactions
         self.dlog = DeliveryLog(cfg.log.delivery, loop)
         self.scheduler = Scheduler(cfg, store=store, committer=committer, ids=ids,
                                    dns=self.dns, resolver=self.resolver, pools=self.pools, owner=owner,
@@ -82,6 +87,8 @@ class Delivery:
 
     def apply_config(self, cfg: Config) -> None:
         self.budget.resize(self._budget_share(cfg))
+        self.reactions.configure(cfg.reactions)
+        self.pools.gates.reconfigure()
         self.egress.configure(cfg)
         self.scheduler.apply_config(cfg)
 
@@ -117,6 +124,15 @@ class Delivery:
         self.scheduler.forget_routes()
         self.scheduler.rescan()
         return ended
+
+    def lift(self, provider: str) -> list[str]:
+        """The operator lifted `provider`'s reactions: its pools connect again now;
+        returns the domains whose mail its suspension deferred (the caller makes it due)."""
+        for pool in self.pools.pools.values():
+            if pool.settings.provider == provider:
+                pool.end_backoff()
+        self.scheduler.rescan()
+        return self.reactions.lift(provider)
 
     def mx(self, domain: str) -> dict[str, Any]:
         """What the MX cache holds for `domain` (no query): kind "route" with the hosts

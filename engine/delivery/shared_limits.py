@@ -16,7 +16,17 @@ a 64-byte header (magic, slot count, column count), then `SLOTS` fixed slots, ea
     ctat   f64   the same for new connections (connect_rate)
     wanted f64   until when some worker waits for a connection (the cap is reached):
                  the others QUIT idle sessions to the provider instead of keeping them
+    suspended_until f64   a [[reactions]] suspension: no connection or transaction
+                 before this (CLOCK_MONOTONIC; 0 = none)
+    factor, hold_until, ramp_end, stepped_at  f64   a halve_rate reaction: the rate
+                 (or cap) is multiplied by `factor` until `hold_until`, then ramps back
+                 to 1 by `ramp_end` (ramp.py); `stepped_at` is the last halving
     cols   i32 × COLUMNS  connections per worker slot (the worker's column)
+
+A provider's caps are keyed by its name, or by "name|source address" when its pools
+bind a source address (egress pools): the caps then hold per sending address, while
+the reaction fields live in the slot of the name alone, so a reaction holds for every
+source of the provider.
 
 Every change of a slot holds an fcntl byte-range lock on that slot's bytes (lockf,
 a few µs; the kernel drops it if the holder dies). CLOCK_MONOTONIC is one clock for
@@ -46,20 +56,22 @@ import os
 import struct
 from dataclasses import dataclass
 
+from engine.delivery.ramp import Halving, halve
 from engine.observe import log
 
-MAGIC = b"VOLSHAP2"
+MAGIC = b"VOLSHAP3"
 SLOTS = 512
 COLUMNS = 128  # worker slot numbers 0..127 have a column; others are not counted
 _HEADER = struct.Struct("<8sII")
 HEADER_SIZE = 64
 _HEAD = struct.Struct("<QiIddd")  # key, total, (pad), tat, ctat, wanted
+_REACT = struct.Struct("<ddddd")  # suspended_until, factor, hold_until, ramp_end, stepped_at
 _COLS = struct.Struct(f"<{COLUMNS}i")
-SLOT_SIZE = _HEAD.size + _COLS.size  # 40 + 512
+SLOT_SIZE = _HEAD.size + _REACT.size + _COLS.size  # 40 + 40 + 512
 FILE_SIZE = HEADER_SIZE + SLOTS * SLOT_SIZE
 _I32 = struct.Struct("<i")
 _F64 = struct.Struct("<d")
-_TOTAL, _TAT, _CTAT, _WANTED, _COL0 = 8, 16, 24, 32, 40
+_TOTAL, _TAT, _CTAT, _WANTED, _REACT0, _COL0 = 8, 16, 24, 32, 40, 80
 FULL = math.inf  # the answer of `acquire_connection` when the cap is reached
 
 
@@ -119,6 +131,17 @@ class LimitTable:
 
         Raises OSError when the file cannot be created or mapped.
         """
+        table = cls.open_shared(path)
+        table.reset_columns([column, *range(max(0, columns_in_use), COLUMNS)])
+        return table
+
+    @classmethod
+    def open_shared(cls, path: str) -> LimitTable:
+        """Open (creating) the file at `path` read-write, touching no column: the
+        supervisor's handle, to restore and lift reactions.
+
+        Raises OSError when the file cannot be created or mapped.
+        """
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX, HEADER_SIZE, 0)
@@ -133,9 +156,7 @@ class LimitTable:
         except BaseException:
             os.close(fd)
             raise
-        table = cls(fd, mm, writable=True)
-        table.reset_columns([column, *range(max(0, columns_in_use), COLUMNS)])
-        return table
+        return cls(fd, mm, writable=True)
 
     @classmethod
     def open_readonly(cls, path: str) -> LimitTable | None:
@@ -315,3 +336,63 @@ class LimitTable:
         _key, total, _pad, tat, ctat, _wanted = _HEAD.unpack_from(mm, off)
         cols = _COLS.unpack_from(mm, off + _COL0)
         return SlotView(total, {i: n for i, n in enumerate(cols) if n}, tat, ctat)
+
+    # --- reactions (in the slot of the provider's name alone) --------------------------
+    def suspended_until(self, slot: int) -> float:
+        """CLOCK_MONOTONIC end of the provider's suspension (0 = none); no lock: one
+        aligned 8-byte load, and every decision that writes takes the lock."""
+        return float(_F64.unpack_from(self._mm, HEADER_SIZE + slot * SLOT_SIZE + _REACT0)[0])
+
+    def halving(self, slot: int) -> Halving:
+        """The provider's halve_rate state (ramp.py), read without the lock."""
+        _s, *h = _REACT.unpack_from(self._mm, HEADER_SIZE + slot * SLOT_SIZE + _REACT0)
+        return Halving(*h)
+
+    def suspend(self, slot: int, until: float, now: float) -> bool:
+        """Suspend the provider until `until`; False (and nothing changes) when a
+        suspension is in force already: two workers seeing the same reply fire once."""
+        at = HEADER_SIZE + slot * SLOT_SIZE + _REACT0
+        self._lock(slot)
+        try:
+            if _F64.unpack_from(self._mm, at)[0] > now:
+                return False
+            _F64.pack_into(self._mm, at, until)
+            return True
+        finally:
+            self._unlock(slot)
+
+    def halve(self, slot: int, now: float, duration: float) -> Halving | None:
+        """Halve the provider's rate factor (ramp.halve); None when too soon after the
+        last halving."""
+        off = HEADER_SIZE + slot * SLOT_SIZE + _REACT0
+        self._lock(slot)
+        try:
+            suspended, *old = _REACT.unpack_from(self._mm, off)
+            new = halve(Halving(*old), now, duration)
+            if new is not None:
+                _REACT.pack_into(self._mm, off, suspended, *new)
+            return new
+        finally:
+            self._unlock(slot)
+
+    def set_reaction(self, slot: int, *, suspended_until: float | None = None,
+                     halving: Halving | None = None) -> None:
+        """Write a reaction's state as given (restored after a restart, or lifted with
+        0 / ramp.NONE); a None part is left as it is."""
+        off = HEADER_SIZE + slot * SLOT_SIZE + _REACT0
+        self._lock(slot)
+        try:
+            old_s, *old_h = _REACT.unpack_from(self._mm, off)
+            _REACT.pack_into(self._mm, off,
+                             old_s if suspended_until is None else suspended_until,
+                             *(old_h if halving is None else halving))
+        finally:
+            self._unlock(slot)
+
+    def clear_reactions(self) -> None:
+        """Zero every slot's reaction fields (the supervisor at start, before it
+        restores the reactions it saved: CLOCK_MONOTONIC restarts with the machine)."""
+        for i in range(SLOTS):
+            off = HEADER_SIZE + i * SLOT_SIZE
+            if self._mm[off:off + 8] != b"\0" * 8:
+                self.set_reaction(i, suspended_until=0.0, halving=Halving(0.0, 0.0, 0.0, 0.0))

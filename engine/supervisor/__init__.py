@@ -139,7 +139,10 @@ class WorkerSlot:
                 case wire.State():
                     if self.sup.plane is not None:
                         self.sup.plane.fleet.update(self.slot, message)
-                case wire.MxFlushed() | wire.MxEntries() | wire.Refused():
+                case wire.ReactionFired():
+                    if self.sup.plane is not None:
+                        self.sup.plane.reactions.fired(message)
+                case wire.MxFlushed() | wire.MxEntries() | wire.Lifted() | wire.Refused():
                     fut = self._waiting.pop(message.ask, None)
                     if fut is not None and not fut.done():
                         fut.set_result(message)
@@ -149,7 +152,7 @@ class WorkerSlot:
                         self.send(wire.Drain())
                     self.sup.on_worker_ready(self)
 
-    async def ask(self, query: wire.MxQuery, timeout: float) -> wire.AnyAnswer:
+    async def ask(self, query: wire.Query, timeout: float) -> wire.AnyAnswer:
         """Send a query to the worker and wait for its answer; a worker that is down or
         silent answers `Refused` instead of raising."""
         if self.writer is None or not self.ready.is_set():
@@ -216,12 +219,15 @@ class Supervisor:
             for s in socks:
                 s.close()
         await asyncio.to_thread(Path(self.cfg.control.socket).unlink, missing_ok=True)
+        if self.plane is not None:
+            self.plane.reactions.close()
         store.close()
         log.info("stopped")
         return 0
 
     async def _start_control(self, store: QueueStore) -> None:
         self.plane = plane = ControlPlane(self, store)
+        plane.reactions.restore()  # [[reactions]] in force before the restart hold again
         try:
             self._servers.append(await start_control_server(
                 self.cfg.control.socket, self.cfg.control.group, plane.handle))
@@ -244,6 +250,7 @@ class Supervisor:
             assert self.plane is not None
             try:
                 await self.plane.expire_holds()
+                await self.plane.reactions.expire()
                 if n % 5 == 0:
                     await self.plane.refresh()
             except Exception as err:  # housekeeping must not end the supervisor
