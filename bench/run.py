@@ -4,6 +4,7 @@
     .venv/bin/python bench/run.py --quick                # 1 run, fewer messages, no latency/scale rows
     .venv/bin/python bench/run.py --only receive-1k,relay-1k --systems volley-fsync,postfix,aiosmtpd
     .venv/bin/python bench/run.py --only newsletter      # HTTP campaign vs SMTP, DKIM on/off (bench/newsletter.py)
+    .venv/bin/python bench/run.py --only shaping         # 5 shaped providers, a priority message (bench/shaping.py)
 
 Peers come from `make bench-peers` (Postfix, with its smtp-source and smtp-sink, and
 aiosmtpd); a missing peer's rows are skipped with a note. Every system is driven by
@@ -31,6 +32,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import newsletter  # noqa: E402
+import shaping  # noqa: E402
+import shaping_report  # noqa: E402
 from e2e import REPO, probe_ms  # noqa: E402  (bench/ is not a package)
 from peers import load, postfix, report, sinks, systems  # noqa: E402
 from peers.procs import sample  # noqa: E402
@@ -46,7 +49,7 @@ LATENCY = "20ms"  # what the latency rows' sink adds
 @dataclass(frozen=True)
 class Row:
     id: str
-    kind: str  # "receive", "relay" or "newsletter" (bench/newsletter.py)
+    kind: str  # "receive", "relay", "newsletter" (bench/newsletter.py) or "shaping" (bench/shaping.py)
     size: int
     label: str
     latency_sink: bool = False
@@ -69,7 +72,8 @@ POSTFIX = System("postfix", "postfix (fsync queue)", "postfix")
 AIOSMTPD = System("aiosmtpd", "aiosmtpd+uvloop+lmdb (sync)", "aiosmtpd")
 SCALE = System("volley-scale", "volley fsync, blast pipelined", "volley", own_load=True)
 NEWSLETTER = [System(m.id, m.label, "volley") for m in newsletter.MODES]
-GROUPS = ("receive", "relay", "latency", "scale", "newsletter")
+SHAPING = System("volley-shaping", "volley fsync, 5 shaped providers", "volley")
+GROUPS = ("receive", "relay", "latency", "scale", "newsletter", "shaping")
 
 
 def plan(args: argparse.Namespace) -> list[tuple[Row, list[System]]]:
@@ -88,7 +92,8 @@ def plan(args: argparse.Namespace) -> list[tuple[Row, list[System]]]:
             (Row("scale-queued", "relay", 1024, f"  + {prefill} queued", domains=50, prefill=args.prefill), [SCALE]),
             (Row("scale-domains", "relay", 1024, "  10k domains", domains=10_000), [SCALE]),
             (Row("newsletter", "newsletter", 1024, "newsletter 1KB, 50 dom", domains=newsletter.DOMAINS),
-             NEWSLETTER)]
+             NEWSLETTER),
+            (Row("shaping", "shaping", 1024, "shaping, 5 providers"), [SHAPING])]
     only = {t.strip() for t in args.only.split(",") if t.strip()}
     chosen = {t.strip() for t in args.systems.split(",") if t.strip()}
     result = []
@@ -189,6 +194,8 @@ class Bench:
 
     def cell(self, row: Row, system: System) -> dict[str, Any]:
         a = self.args
+        if row.kind == "shaping":
+            return shaping.cell(self, row, system)  # its own sinks, DNS zone and load
         n = self.messages(row)
         runs = 1 if row.latency_sink else a.runs
         sink = self.sink(row.latency_sink) if row.kind in ("relay", "newsletter") else None
@@ -289,10 +296,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="", help=f"comma list of row ids or groups ({', '.join(GROUPS)});"
                    " ids: receive-1k/10k/100k, relay-1k/..., latency-1k/..., scale-base/queued/domains,"
-                   " newsletter")
+                   " newsletter, shaping")
     p.add_argument("--systems", default="", help="comma list: volley-fsync, volley-batch, volley-memory,"
                    " volley-pipelining, volley-scale, postfix, aiosmtpd, or volley (all of Volley);"
-                   f" newsletter cells: {', '.join(m.id for m in newsletter.MODES)}")
+                   f" newsletter cells: {', '.join(m.id for m in newsletter.MODES)}; volley-shaping")
     p.add_argument("--runs", type=int, default=0, help="measured runs per cell (default 3, --quick 1;"
                    " latency rows always 1)")
     p.add_argument("--messages", type=int, default=0, help="per run (default 4,000 at 1 KB, 2,500 at"
@@ -310,6 +317,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--newsletter-messages", type=int, default=0,
                    help=f"recipients of the campaign request = SMTP messages per run in the newsletter row"
                    f" (default {newsletter.MESSAGES:,}, --quick a fifth)")
+    p.add_argument("--shaping-messages", type=int, default=0,
+                   help=f"the shaping row's newsletter (default {shaping.MESSAGES:,}, --quick a fifth)")
+    p.add_argument("--shaping-runs", type=int, default=1, help="runs of the shaping row (each ~2-3 min)")
+    p.add_argument("--shaping-warm", type=int, default=20,
+                   help="the slowest provider's deliveries before the priority message is sent")
+    p.add_argument("--shaping-patience", type=float, default=120.0,
+                   help="seconds to wait for the priority message before calling it undelivered")
     p.add_argument("--prefill", type=int, default=1_000_000, help="messages queued before scale-queued")
     p.add_argument("--prefill-domains", type=int, default=10_000)
     p.add_argument("--dns-warm-rate", type=float, default=150.0,
@@ -323,6 +337,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.runs = a.runs or (1 if a.quick else 3)
     a.warmup = a.warmup or (100 if a.quick else 500)
     a.newsletter_messages = a.newsletter_messages or newsletter.MESSAGES // (5 if a.quick else 1)
+    a.shaping_messages = a.shaping_messages or shaping.MESSAGES // (5 if a.quick else 1)
     return a
 
 
@@ -334,6 +349,7 @@ def skip_reasons(args: argparse.Namespace) -> dict[str, str]:
     if importlib.util.find_spec("aiosmtpd") is None:
         out["aiosmtpd"] = "aiosmtpd is not installed in this venv (make bench-peers)"
     out.update(newsletter.unavailable())
+    out.update(shaping.unavailable())
     if not args.sink_latency:
         out["latency"] = "--no-sink-latency"
     elif not sinks.volley_sink_supports("--latency", "--targets-from-stdin", "--json", "--no-starttls"):
@@ -377,11 +393,15 @@ def finish(args: argparse.Namespace, facts: dict[str, Any], meta: dict[str, Any]
     report.add_ratios(cells)
     newsletter.add_ratios(cells)
     print()
-    report.print_table(cells, meta)
+    others = [c for c in cells if c.get("kind") != "shaping"]
+    if others or not cells:
+        report.print_table(others, meta)
     newsletter.print_table(cells, meta.get("newsletter") or {})
+    shaping_report.print_table(cells)
     for why in sorted({f.get("skipped", "") for f in failures} - {""}):
         print(f"skipped: {why}")
-    goals = report.targets(cells) + (newsletter.targets(cells) if "newsletter" in meta else [])
+    goals = report.targets(cells) + (newsletter.targets(cells) if "newsletter" in meta else []) + \
+        shaping_report.targets(cells)
     report.print_targets(goals)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({
