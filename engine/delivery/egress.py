@@ -51,9 +51,6 @@ class _Pool:
     sources: list[Source]
     credit: list[int] = field(default_factory=list)  # smooth WRR state, one per source
 
-    def __post_init__(self) -> None:
-        self.credit = [0] * len(self.sources)
-
 
 class EgressPools:
     """One worker's pools. Loop thread only."""

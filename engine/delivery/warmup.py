@@ -142,9 +142,9 @@ class Warmup:
         limit = allowance(plan.steps, self.day(address, wall))
         if limit is None:
             return True
-        if limit == 0 or self.table.closed:
-            return limit != 0
-        if not self.table.take(address, provider, int(wall // 3600), limit):
+        if limit == 0:
+            return False  # its start is still to come
+        if not self.table.closed and not self.table.take(address, provider, int(wall // 3600), limit):
             return False
         if address not in self._starts:
             self._first_send(address, wall)

@@ -7,11 +7,15 @@ import datetime
 from collections import Counter
 from typing import Any
 
+import msgspec
+
 from engine.config import from_dict
+from engine.control.render_warmup import render_warmup
+from engine.control.warmup_view import build
 from engine.delivery.egress import EgressPools
 from engine.delivery.job import Job, JobResult, PoolSettings
 from engine.delivery.warmup import Warmup, put_start_op, start_key
-from engine.delivery.warmup_table import WarmupTable
+from engine.delivery.warmup_table import WarmupTable, table_path
 from engine.dns.mx import Route, RouteHost
 from engine.queue.records import MessageRecord, Recipient
 
@@ -196,3 +200,25 @@ def test_shared_table_counts_across_processes_by_hour(tmp_path):
     finally:
         one.close()
         two.close()
+
+
+def test_ctl_warmup_figures_from_the_config_the_kept_day_and_the_shared_table(tmp_path):
+    data = {"queue": {"path": str(tmp_path)}, "egress": E,
+            "shaping": [{"name": "gmail", "mx_suffix": ".google.com"}],
+            "warmup": [{"source": "b", "start": "2025-03-09", "schedule": ["day 1: 3/h", "day 2: 7/h"]}]}
+    cfg = from_dict({"server": {"hostname": "mta.example.com"}, **data})
+    assert [s.day for s in build(cfg, {}.get, NOON).sources] == [None, 2]  # no table yet: 0 used
+    table = WarmupTable.open(table_path(str(tmp_path)))
+    try:
+        assert table.take("127.0.0.21", "gmail", int(NOON // 3600), 7)
+    finally:
+        table.close()
+    reply = build(cfg, {}.get, NOON)
+    b = reply.sources[1]
+    assert (b.start, b.start_from, b.day, reply.hour) == ("2025-03-09", "config", 2, "2025-03-10T12:00Z")
+    assert [(p.provider, p.allowance, p.used, p.headroom) for p in b.providers] == [
+        ("gmail", 7, 1, 6), ("*", 7, 0, 7)]
+    text = render_warmup(msgspec.to_builtins(reply), NOON)
+    assert "day 2 since 2025-03-09 (config)" in text and "gmail" in text
+    empty = from_dict({"queue": {"path": str(tmp_path)}})
+    assert render_warmup(msgspec.to_builtins(build(empty, {}.get, NOON)), NOON).startswith("no [[egress]]")
