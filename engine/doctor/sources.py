@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from typing import Any
 
 from engine.config import Config
 from engine.doctor.answers import Answers
@@ -24,23 +23,16 @@ def ehlo_name(cfg: Config) -> str:
     return (cfg.delivery.helo_name or cfg.server.hostname).rstrip(".").lower()
 
 
-def _egress(cfg: Config) -> list[Any]:
-    # [[egress]] pools arrive with a later change; until then the config has none.
-    entries: list[Any] = list(getattr(cfg, "egress", None) or [])
-    return entries
-
-
 def sending_sources(cfg: Config, ips: Sequence[str],
                     answers: Answers) -> tuple[tuple[Source, ...], tuple[Finding, ...]]:
     """The sending addresses and any finding about them (raises Missing for DNS)."""
     ehlo = ehlo_name(cfg)
     if ips:
         return tuple(Source(str(ipaddress.ip_address(ip)), ehlo, "--ip") for ip in ips), ()
-    egress = [(i, e) for i, e in enumerate(_egress(cfg)) if getattr(e, "source_address", "")]
-    if egress:
+    if cfg.egress:
         return tuple(Source(str(ipaddress.ip_address(e.source_address)),
-                            (getattr(e, "ehlo_name", "") or ehlo).rstrip(".").lower(),
-                            f"egress[{i}].source_address") for i, e in egress), ()
+                            (e.ehlo_name or ehlo).rstrip(".").lower(),
+                            f"egress[{i}].source_address") for i, e in enumerate(cfg.egress)), ()
     if cfg.delivery.source_address:
         return (Source(str(ipaddress.ip_address(cfg.delivery.source_address)), ehlo,
                        "delivery.source_address"),), ()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -169,10 +168,14 @@ def test_sources_in_order_of_precedence() -> None:
     assert sending_sources(cfg, ["2001:db8::0:1"], Answers())[0] == (Source("2001:db8::1", "mail.example.com",
                                                                             "--ip"),)
     assert sending_sources(cfg, [], Answers())[0][0].origin == "delivery.source_address"
-    egress = [SimpleNamespace(source_address="192.0.2.7", ehlo_name="out7.example.com")]
-    shaped: Any = SimpleNamespace(egress=egress, delivery=cfg.delivery, server=cfg.server)
-    assert sending_sources(shaped, [], Answers())[0] == (Source("192.0.2.7", "out7.example.com",
-                                                                "egress[0].source_address"),)
+    shaped = from_dict({"server": {"hostname": "mail.example.com"},
+                        "delivery": {"source_address": "192.0.2.1"},
+                        "egress": [{"name": "out7", "source_address": "192.0.2.7",
+                                    "ehlo_name": "out7.example.com"},
+                                   {"name": "out8", "source_address": "192.0.2.8"}]})
+    assert sending_sources(shaped, [], Answers())[0] == (
+        Source("192.0.2.7", "out7.example.com", "egress[0].source_address"),
+        Source("192.0.2.8", "mail.example.com", "egress[1].source_address"))
     bare = from_dict({"server": {"hostname": "mail.example.com"}})
     with pytest.raises(Missing):
         sending_sources(bare, [], Answers())
