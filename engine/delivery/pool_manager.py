@@ -48,13 +48,13 @@ class PoolManager:
                  loop: asyncio.AbstractEventLoop | None = None,
                  budget: ConnectionBudget | None = None, sweep_interval: float = 1.0,
                  limits: LimitTable | None = None, column: int = 0,
-                 egress: EgressPools | None = None) -> None:
+                 egress: EgressPools | None = None, workers: int = 1) -> None:
         self.timeouts = timeouts or TimeoutsConfig()
         self.egress = egress
         self.budget = budget
         self.loop = loop or asyncio.get_running_loop()
         self.limits = limits or LimitTable.private()
-        self.gates = ProviderGates(self.limits, column, self.loop)
+        self.gates = ProviderGates(self.limits, column, self.loop, workers)
         self.pools: dict[PoolKey, SitePool] = {}
         self._contexts: dict[tuple[bool, str], ssl.SSLContext] = {}
         self._closing = False

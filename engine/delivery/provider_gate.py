@@ -50,7 +50,7 @@ class ProviderGate:
 
     def __init__(self, name: str, table: LimitTable, column: int,
                  loop: asyncio.AbstractEventLoop, key: str = "",
-                 book: ReactionBook | None = None) -> None:
+                 book: ReactionBook | None = None, workers: int = 1) -> None:
         self.name = name  # the provider
         self.table = table
         self.column = column
@@ -65,6 +65,7 @@ class ProviderGate:
         self.rate = 0.0
         self.connect_rate = 0.0
         self.held = 0  # connections of this worker counted in the table
+        self.workers = max(1, workers)
         self._waiting: dict[GateUser, None] = {}  # insertion-ordered set
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -168,12 +169,20 @@ class ProviderGate:
                 return True
         return False
 
+    def fair_share(self) -> int:
+        """The connections this worker keeps when another worker waits for one: the cap
+        split over the workers (rounded up)."""
+        return max(1, -(-self._cap() // self.workers))
+
     def _on_sweep(self) -> None:
-        """While we hold idle sessions: QUIT one if another worker waits."""
+        """While we hold idle sessions: QUIT one if another worker waits and we hold
+        more than our share. Without the share, a session idle only between two rate
+        slots was given up, the other worker's taken back the same way, and a provider
+        capped at 2 saw a new connection every second message (bench/shaping.py)."""
         self._sweep = None
         if self.slot is None or self.table.closed or not self._idle:
             return
-        if self.table.wanted(self.slot, self.loop.time()):
+        if self.held > self.fair_share() and self.table.wanted(self.slot, self.loop.time()):
             self._reclaim(None)
         if self._idle:
             self._sweep = self.loop.call_later(RECHECK, self._on_sweep)
@@ -200,10 +209,12 @@ class ProviderGate:
 class ProviderGates:
     """Every gate of one worker, by provider name, over one table."""
 
-    def __init__(self, table: LimitTable, column: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, table: LimitTable, column: int, loop: asyncio.AbstractEventLoop,
+                 workers: int = 1) -> None:
         self.table = table
         self.column = column
         self.loop = loop
+        self.workers = workers
         self.gates: dict[str, ProviderGate] = {}  # by gate key
         self.book: ReactionBook | None = None  # [[reactions]], when the worker has them
 
@@ -217,7 +228,7 @@ class ProviderGates:
         gate = self.gates.get(key)
         if gate is None:
             gate = self.gates[key] = ProviderGate(name, self.table, self.column, self.loop,
-                                                  key, self.book)
+                                                  key, self.book, self.workers)
         gate.configure(settings)
         return gate
 

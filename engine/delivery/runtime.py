@@ -68,7 +68,8 @@ class Delivery:
         self.egress = EgressPools(cfg, Warmup(self.warmup_table, store.get_control,
                                               lambda op: committer.submit(op, _ignore)))
         self.pools = PoolManager(cfg.delivery.timeouts, loop, self.budget, sweep_interval=_IDLE_SWEEP,
-                                 limits=self.limits, column=owner, egress=self.egress)
+                                 limits=self.limits, column=owner, egress=self.egress,
+                                 workers=self.workers)
         # [[reactions]] to what providers say, in force through the same table.
         self.reactions = ReactionBook(self.limits, loop)
         self.reactions.configure(cfg.reactions)
