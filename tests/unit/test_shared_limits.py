@@ -4,6 +4,7 @@ a killed process's connections released when its successor opens the table."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from engine.delivery.job import PoolSettings
+from engine.delivery.provider_gate import ProviderGates
 from engine.delivery.shared_limits import (
     COLUMNS,
     FULL,
@@ -224,3 +227,40 @@ def test_a_file_of_another_layout_is_rebuilt(tmp_path: Path) -> None:
     assert table.slot_of("p") is not None
     table.close()
     assert os.path.getsize(path) > 1000
+
+
+class _IdlePool:
+    """A GateUser with idle sessions: counts the QUITs asked of it."""
+
+    def __init__(self) -> None:
+        self.retired = 0
+
+    def on_gate_open(self) -> None:
+        pass
+
+    def retire_coldest_idle(self) -> bool:
+        self.retired += 1
+        return True
+
+
+def test_a_worker_keeps_its_share_when_another_waits(tmp_path: Path) -> None:
+    # Two workers, cap 2: a worker holding 2 gives one up to the one waiting, a worker
+    # holding its share of 1 keeps it (else they take sessions from each other for ever).
+    async def sweep_with(held: int) -> int:
+        loop = asyncio.get_running_loop()
+        table = LimitTable.open(str(tmp_path / f"share{held}.shm"), 0, 2)
+        gate = ProviderGates(table, 0, loop, workers=2).gate_for(
+            PoolSettings(provider="tiny", provider_connections=2))
+        assert gate is not None and gate.fair_share() == 1
+        pool = _IdlePool()
+        for _ in range(held):
+            assert gate.try_connect(pool)
+        assert gate.slot is not None
+        table.want(gate.slot, loop.time() + 10)  # the other worker waits
+        gate.note_idle(pool)
+        gate._on_sweep()
+        table.close()
+        return pool.retired
+
+    assert asyncio.run(sweep_with(2)) == 1
+    assert asyncio.run(sweep_with(1)) == 0
