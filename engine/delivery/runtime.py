@@ -191,7 +191,7 @@ def _pool_row(pool: SitePool, st: PoolStats, mono: float, wall: float) -> dict[s
     backing_off = st.backoff_until > 0
     return {
         "site": pool.site_key, "domain": s.only_domain, "open": st.connections_open,
-        "queued": st.jobs_queued, "limit": st.concurrency_limit,
+        "queued": st.jobs_queued, "limit": st.concurrency_limit, "sent": st.messages_sent,
         "max_connections": s.max_connections, "rate": s.rate, "provider": s.provider,
         "source": s.source_address,
         "backoff_until": round(wall + st.backoff_until - mono, 3) if backing_off else None,
