@@ -148,6 +148,11 @@ def add_ctl(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     add_suppress(add("suppress", "the suppression list: add, remove, list, import, export"),
                  _common, _Parser)
+    p = add("top", "a live view: rates, busiest destinations, connections, worker CPU")
+    p.add_argument("--interval", type=positive_duration, default=1.0, metavar="S",
+                   help="seconds between refreshes (default 1)")
+    p.add_argument("--count", type=positive_int, default=0, metavar="N",
+                   help="stop after N refreshes (default: until q or Ctrl-C)")
     p = add("campaigns", "campaign counters, the most recently active first")
     p.add_argument("--tenant", help="only this tenant's campaigns")
     p.add_argument("--campaign", metavar="ID", help='one campaign (of --tenant, default "")')
@@ -211,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     from engine.config import ConfigError
     from engine.control import client
 
-    req = None if args.ctl_cmd == "suppress" else build_request(args)
+    req = None if args.ctl_cmd in ("suppress", "top") else build_request(args)
     try:
         path = client.socket_path(args.config, args.socket)
     except ConfigError as err:
@@ -225,6 +230,10 @@ def run(args: argparse.Namespace) -> int:
         except client.ControlError as err:
             raise CliError(str(err), EXIT_FAILURE) from None
 
+    if args.ctl_cmd == "top":
+        from engine.control.top_screen import run_top
+
+        return run_top(send, args.interval, args.count)
     if req is None:
         from engine.control.cli_lists import run_suppress
 
