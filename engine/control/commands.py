@@ -182,6 +182,7 @@ class ControlPlane:
             suspensions=[_suspension(s) for s in held.values()],
             throttles=[_throttle(t) for t in self.holds.throttles.values()],
             backoffs=fleet.backoffs(), reactions=self.reactions.rows(now),
+            pools=[{**row, "worker": s.slot} for s in self.sup.slots for row in fleet.live(s.slot).pools],
         )
 
     async def queue(self, req: protocol.Queue) -> replies.Queue:

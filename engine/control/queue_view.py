@@ -24,14 +24,13 @@ from bisect import bisect_left, bisect_right
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
-from typing import Any
 
 import msgspec
 
 from engine.control.message_view import list_messages, record_pages, show
 from engine.control.replies import AgeRow, Queue, QueueCounts, ShapeRow, ShapeTotals
 from engine.queue.layout import DUE_VALUE, key_domain, key_due, key_run, next_run
-from engine.queue.records import PENDING, RECORD_VERSION
+from engine.queue.records import PENDING, RECORD_VERSION, domain_of
 from engine.queue.store import QueueStore
 
 __all__ = ["BUCKETS", "BUCKET_MINUTES", "list_messages", "show", "summary", "totals"]
@@ -159,17 +158,19 @@ def _domain_summary(store: QueueStore, now: float, limit: int,
     for dom, (n, ready) in top:
         name = dom.decode("utf-8", "surrogatepass")
         ages, oldest = _shape(_unpack(walk.arrivals(dom)), edges)
+        held = name in suspended  # the suspension holds all of it, due or not
         rows.append(ShapeRow(
             key=name, total=n, ages=ages, oldest=oldest, next_attempt=walk.next_attempt(dom),
-            ready=ready, deferred=n - ready,
-            state="suspended" if name in suspended else "active" if ready else "deferred",
+            ready=0 if held else ready, deferred=0 if held else n - ready, suspended=n if held else 0,
+            state="suspended" if held else "active" if ready else "deferred",
         ))
     units = sum(n for n, _ in counts.values())
-    ready_all = sum(r for _, r in counts.values())
+    held_units = _held({d: n for d, (n, _) in counts.items()}, suspended)
+    ready_all = sum(r for _, r in counts.values()) - _held({d: r for d, (_, r) in counts.items()}, suspended)
     return Queue(by="domain", buckets=BUCKETS, rows=rows, rows_total=len(counts),
-                 totals=ShapeTotals(units=units, ready=ready_all, deferred=units - ready_all,
-                                    suspended=_held({d: n for d, (n, _) in counts.items()}, suspended),
-                                    domains=len(counts)))
+                 totals=ShapeTotals(units=units, ready=ready_all,
+                                    deferred=units - ready_all - held_units,
+                                    suspended=held_units, domains=len(counts)))
 
 
 def _held(units: Mapping[bytes, int], suspended: Mapping[str, object]) -> int:
@@ -179,28 +180,37 @@ def _held(units: Mapping[bytes, int], suspended: Mapping[str, object]) -> int:
 
 def _age_summary(store: QueueStore, now: float, suspended: Mapping[str, object]) -> Queue:
     rank, now_ms = _rank_of(now), int(now * 1000)
-    counts, ready = [0] * _NB, [0] * _NB
+    counts, ready, held = [0] * _NB, [0] * _NB, [0] * _NB
+    names = {d.encode("utf-8", "surrogatepass") for d in suspended}
     per_domain: Counter[bytes] = Counter()
     for keys, vals in _due_pages(store):
         ranks = bytes(map(rank, vals))
-        per_domain.update(map(key_domain, keys))
+        doms = list(map(key_domain, keys))
+        per_domain.update(doms)
         for lo, cut, _ in _owner_runs(keys, now_ms):
             part = ranks[lo:cut]
             for r in set(part):
                 ready[r] += part.count(r)
         for r in set(ranks):
             counts[r] += ranks.count(r)
-    rows = [AgeRow(key=BUCKETS[i], total=counts[_NB - 1 - i], ready=ready[_NB - 1 - i],
-                   deferred=counts[_NB - 1 - i] - ready[_NB - 1 - i]) for i in range(_NB)]
-    units, ready_all = sum(counts), sum(ready)
+        if names:  # held units leave ready (or deferred) for suspended: a loop, rarely run
+            for i, dom in enumerate(doms):
+                if dom in names:
+                    held[ranks[i]] += 1
+                    if key_due(keys[i]) <= now_ms:
+                        ready[ranks[i]] -= 1
+    rows = [AgeRow(key=BUCKETS[i], total=counts[j], ready=ready[j],
+                   deferred=counts[j] - ready[j] - held[j], suspended=held[j])
+            for i, j in ((i, _NB - 1 - i) for i in range(_NB))]
+    units, ready_all, held_all = sum(counts), sum(ready), sum(held)
     return Queue(by="age", buckets=BUCKETS, rows=rows, rows_total=_NB,
-                 totals=ShapeTotals(units=units, ready=ready_all, deferred=units - ready_all,
-                                    suspended=_held(per_domain, suspended), domains=len(per_domain)))
+                 totals=ShapeTotals(units=units, ready=ready_all, deferred=units - ready_all - held_all,
+                                    suspended=held_all, domains=len(per_domain)))
 
 
 class _SenderRecipient(msgspec.Struct, array_like=True, tag_field="v", tag=RECORD_VERSION):
-    # Raw: the strings are skipped, not built (only state and next_attempt are used).
-    address: msgspec.Raw
+    # Raw: the strings not needed are skipped, not built.
+    address: str
     orcpt: msgspec.Raw
     notify: msgspec.Raw
     state: int
@@ -218,43 +228,74 @@ class _SenderView(msgspec.Struct, array_like=True, tag_field="v", tag=RECORD_VER
 _decode_sender = msgspec.msgpack.Decoder(_SenderView).decode
 
 
-def _sender_summary(store: QueueStore, now: float, limit: int) -> Queue:
-    agg: dict[str, list[Any]] = {}  # sender → [messages, ready, next due, [arrivals]]
-    pending_all = 0
+def _units(view: _SenderView) -> dict[str, float]:
+    """Domain → due time of the record's units, as the due index keys them
+    (engine.queue.records.pending_domains)."""
+    due: dict[str, float] = {}
+    received = view.received_at
+    for r in view.recipients:
+        if r.state == PENDING:
+            d = domain_of(r.address)
+            t = r.next_attempt if r.next_attempt > received else received
+            if t < due.get(d, math.inf):
+                due[d] = t
+    return due
+
+
+class _SenderRow:
+    """One sender's (message, domain) units so far."""
+
+    __slots__ = ("arrivals", "held", "messages", "next", "ready", "units")
+
+    def __init__(self) -> None:
+        self.units = self.ready = self.held = self.messages = 0
+        self.next = math.inf
+        self.arrivals: list[int] = []
+
+
+def _sender_summary(store: QueueStore, now: float, limit: int,
+                    suspended: Mapping[str, object]) -> Queue:
+    """Units like the domain view's (one per message and pending domain), so both views
+    add up to the same totals; a unit of a suspended domain counts as suspended."""
+    agg: dict[str, _SenderRow] = {}
+    domains: set[str] = set()
     for page in record_pages(store):
         for _, raw in page:
             view = _decode_sender(raw)
-            received = view.received_at
-            due = math.inf
-            for r in view.recipients:
-                if r.state == PENDING:
-                    pending_all += 1
-                    t = r.next_attempt if r.next_attempt > received else received
-                    if t < due:
-                        due = t
+            dues = _units(view)
+            if not dues:
+                continue
             key = view.sender.lower() or "<>"
-            row = agg.get(key)
-            if row is None:
-                row = agg[key] = [0, 0, math.inf, []]
-            row[0] += 1
-            if due <= now:
-                row[1] += 1
-            elif due < row[2]:
-                row[2] = due
-            row[3].append(min(0xFFFFFFFF, max(0, int(received))))
-    top = sorted(agg.items(), key=lambda kv: (-kv[1][0], kv[0]))[:limit]
+            row = agg.get(key) or agg.setdefault(key, _SenderRow())
+            row.messages += 1
+            arrival = min(0xFFFFFFFF, max(0, int(view.received_at)))
+            for dom, due in dues.items():
+                domains.add(dom)
+                row.units += 1
+                row.arrivals.append(arrival)
+                if dom in suspended:
+                    row.held += 1
+                elif due <= now:
+                    row.ready += 1
+                if due > now:
+                    row.next = min(row.next, due)
+    top = sorted(agg.items(), key=lambda kv: (-kv[1].units, kv[0]))[:limit]
     edges = _edges(now)
     rows = []
-    for key, (n, ready, nxt, arrivals) in top:
-        ages, oldest = _shape(sorted(arrivals), edges)
-        rows.append(ShapeRow(key=key, total=n, ages=ages, oldest=oldest,
-                             next_attempt=None if nxt == math.inf else nxt, ready=ready,
-                             deferred=n - ready, state="active" if ready else "deferred"))
-    messages = sum(v[0] for v in agg.values())
-    ready_all = sum(v[1] for v in agg.values())
+    for key, r in top:
+        ages, oldest = _shape(sorted(r.arrivals), edges)
+        rows.append(ShapeRow(
+            key=key, total=r.units, ages=ages, oldest=oldest,
+            next_attempt=None if r.next == math.inf else r.next, ready=r.ready,
+            deferred=r.units - r.ready - r.held, suspended=r.held,
+            state="suspended" if r.held == r.units else "active" if r.ready else "deferred"))
+    units = sum(r.units for r in agg.values())
+    ready_all = sum(r.ready for r in agg.values())
+    held_all = sum(r.held for r in agg.values())
     return Queue(by="sender", buckets=BUCKETS, rows=rows, rows_total=len(agg),
-                 totals=ShapeTotals(units=pending_all, messages=messages, ready=ready_all,
-                                    deferred=messages - ready_all, suspended=0, domains=None))
+                 totals=ShapeTotals(units=units, messages=sum(r.messages for r in agg.values()),
+                                    ready=ready_all, deferred=units - ready_all - held_all,
+                                    suspended=held_all, domains=len(domains)))
 
 
 def summary(store: QueueStore, *, by: str = "domain", limit: int = 100, now: float,
@@ -265,17 +306,18 @@ def summary(store: QueueStore, *, by: str = "domain", limit: int = 100, now: flo
     by "domain" (one `ShapeRow` per recipient domain, counting (message, domain) units):
     "key", "total", "ages" (counts per bucket), "oldest" (arrival, epoch s),
     "next_attempt" (earliest due after `now`, or None), "ready" (due by now),
-    "deferred", "state" ("suspended" | "active": some ready | "deferred"). Reads only
-    the due index: ~0.6 s for 1,000,000 units over 10,000 domains on 2 cores (more
-    with a large `limit`: ages and oldest are worked out for the rows shown only).
-    "totals": units, ready, deferred, suspended (units of suspended domains, also
-    counted in ready/deferred), domains.
+    "deferred", "suspended", "state" ("suspended" | "active": some ready |
+    "deferred"). Reads only the due index: ~0.6 s for 1,000,000 units over 10,000
+    domains on 2 cores (more with a large `limit`: ages and oldest are worked out for
+    the rows shown only). "totals": units, ready, deferred, suspended, domains, with
+    ready + deferred + suspended == units: a unit of a suspended domain is counted as
+    suspended only (it waits for the suspension, not for its due time).
 
     by "age": one `AgeRow` per bucket ("key": its label, "total", "ready", "deferred").
 
     by "sender": rows per envelope sender (lower case, "<>" for the null sender)
-    counting MESSAGES, with the domain rows' fields ("totals": units = pending
-    recipients, messages, ready, deferred). SLOWER: it must decode every record (a
+    counting the same (message, domain) units as by domain, with the domain rows'
+    fields; its totals equal the domain view's, plus "messages". SLOWER: it must decode every record (a
     partial decode that skips the strings it does not need): ~2.5-3 s per 1,000,000
     messages on 2 cores (bench/control_scale.py).
 
@@ -288,13 +330,14 @@ def summary(store: QueueStore, *, by: str = "domain", limit: int = 100, now: flo
     if by == "age":
         return _age_summary(store, now, suspended)
     if by == "sender":
-        return _sender_summary(store, now, limit)
+        return _sender_summary(store, now, limit, suspended)
     raise ValueError(f"summary by {by!r}: expected domain, age or sender")
 
 
 def totals(store: QueueStore, now: float, suspended: Mapping[str, object]) -> QueueCounts:
-    """The queue by state. Reads due keys only; without suspensions only the ready part
-    of each run (owner and priority lane) of the index."""
+    """The queue by state: ready + deferred + suspended == units (a unit of a suspended
+    domain is counted as suspended only). Reads due keys only; without suspensions only
+    the ready part of each run (owner and priority lane) of the index."""
     stats = store.stats()
     now_ms = int(now * 1000)
     held = {d.encode("utf-8", "surrogatepass") for d in suspended}
@@ -305,7 +348,10 @@ def totals(store: QueueStore, now: float, suspended: Mapping[str, object]) -> Qu
         if not keys:
             break
         units += len(keys)
-        ready += sum(cut - lo for lo, cut, _ in _owner_runs(keys, now_ms))
+        for lo, cut, _ in _owner_runs(keys, now_ms):
+            ready += cut - lo
+            if held:
+                ready -= sum(map(held.__contains__, map(key_domain, keys[lo:cut])))
         if held:
             count_held += sum(map(held.__contains__, map(key_domain, keys)))
             start = keys[-1] + b"\0"
@@ -316,4 +362,5 @@ def totals(store: QueueStore, now: float, suspended: Mapping[str, object]) -> Qu
             start = next_run(key_run(keys[-1]))
     total_units = units if held else stats["units"]
     return QueueCounts(messages=stats["messages"], units=total_units, bytes=stats["body_bytes"],
-                       ready=ready, deferred=max(0, total_units - ready), suspended=count_held)
+                       ready=ready, deferred=max(0, total_units - ready - count_held),
+                       suspended=count_held)

@@ -14,6 +14,7 @@ or drops a field still prints.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -74,9 +75,11 @@ class QueueCounts(msgspec.Struct, kw_only=True):
     messages: int
     units: int
     bytes: int  # of the bodies, approximate
+    # ready + deferred + suspended == units: the units of suspended domains are counted
+    # as suspended only (the suspension holds them, due or not).
     ready: int
     deferred: int
-    suspended: int  # units of suspended domains (also counted in ready or deferred)
+    suspended: int
 
 
 class ShapeRow(msgspec.Struct, kw_only=True):
@@ -87,9 +90,12 @@ class ShapeRow(msgspec.Struct, kw_only=True):
     ages: list[int]  # counts per bucket of Queue.buckets, youngest first
     oldest: int  # the earliest arrival, epoch seconds
     next_attempt: float | None  # the earliest due after now
+    # ready + deferred + suspended == total: a unit of a suspended domain is counted
+    # as suspended only, whatever its due time (the suspension holds it).
     ready: int
     deferred: int
-    state: str  # "suspended" | "active" (some ready) | "deferred"
+    state: str  # "suspended" (all held) | "active" (some ready) | "deferred"
+    suspended: int = 0
     # Only on the row of a suspended domain: its suspension.
     reason: str | UnsetType = UNSET
     until: float | None | UnsetType = UNSET
@@ -103,6 +109,7 @@ class AgeRow(msgspec.Struct, kw_only=True):
     total: int
     ready: int
     deferred: int
+    suspended: int = 0  # units of suspended domains (not in ready or deferred)
 
 
 class ShapeTotals(msgspec.Struct, kw_only=True):
@@ -110,8 +117,8 @@ class ShapeTotals(msgspec.Struct, kw_only=True):
     messages: int | UnsetType = UNSET  # by sender only: rows count messages there
     ready: int
     deferred: int
-    suspended: int
-    domains: int | None  # None by sender
+    suspended: int  # ready + deferred + suspended == units, in every view
+    domains: int | None  # recipient domains with a unit queued
 
 
 class MessageRow(msgspec.Struct, kw_only=True):
@@ -195,6 +202,7 @@ class Status(Reply, kw_only=True):
     throttles: list[ThrottleRow]
     backoffs: list[Backoff]
     reactions: list[ReactionRow] = []
+    pools: list[dict[str, Any]] = []  # each worker's live pool rows (busiest first), with "worker": slot
 
 
 class Queue(Reply, kw_only=True):

@@ -56,7 +56,7 @@ def test_summary_and_totals_across_lanes(q: Q) -> None:
     counts = msgspec.to_builtins(qv.totals(q.store, NOW, {}))
     assert (counts["units"], counts["ready"], counts["deferred"]) == (8, 4, 4)
     held = msgspec.to_builtins(qv.totals(q.store, NOW, {"p.test": object()}))
-    assert (held["ready"], held["suspended"]) == (4, 7)
+    assert (held["ready"], held["deferred"], held["suspended"]) == (0, 1, 7)  # p.test held
     ages = msgspec.to_builtins(qv.summary(q.store, by="age", now=NOW, suspended={}))
     assert ages["totals"]["ready"] == 4
 
