@@ -63,7 +63,8 @@ def test_refusals_by_code_in_summary_and_exit_1(peers: LoopThread) -> None:
     done = _blast(sink.port, "-n", "80", "-c", "1", "--domains", "4")
     assert done.returncode == 1, done.stderr
     # d1 is every 4th message: 20 refused at RCPT; of the 60 bodies every 3rd gets 451.
-    assert "sent 60  accepted 40  refused 40 (451: 20, 550: 20)  failed 0" in done.stdout
+    assert "attempted 80 = accepted 40 + refused 40 (451: 20, 550: 20) + failed 0" in done.stdout
+    assert "bodies sent 60 of 80" in done.stdout
     assert "recipients refused (550: 20)" in done.stdout
     assert re.search(r"latency ms .* p50 [\d.]+  p90 [\d.]+  p99 [\d.]+  max [\d.]+", done.stdout)
     assert len(sink.messages) == 40
@@ -76,9 +77,9 @@ def test_plain_progress_lines_when_stdout_is_not_a_terminal(peers: LoopThread) -
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     progress = [ln for ln in lines if re.fullmatch(
-        r"sent [\d,]+  accepted [\d,]+  refused 0  failed 0  [\d,]+ msgs/s  [\d.]+s", ln)]
+        r"accepted [\d,]+  refused 0  failed 0  [\d,]+ msgs/s  [\d.]+s", ln)]
     assert len(progress) >= 2 and "\r" not in done.stdout and "\x1b" not in done.stdout
-    assert lines[-3].startswith("sent 250  accepted 250  refused 0  failed 0")  # the summary
+    assert lines[-4] == "attempted 250 = accepted 250 + refused 0 + failed 0"  # the summary
     assert lines[:len(progress)] == progress  # progress first, then the summary
     assert sink.connections == 2
 
@@ -115,7 +116,7 @@ def test_first_interrupt_stops_and_prints_the_summary(peers: LoopThread) -> None
     try:
         assert proc.stdout is not None
         first = proc.stdout.readline()  # a progress line: the run is under way
-        assert first.startswith("sent "), first
+        assert first.startswith("accepted "), first
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=TIMEOUT)
     finally:
@@ -124,7 +125,8 @@ def test_first_interrupt_stops_and_prints_the_summary(peers: LoopThread) -> None
             proc.wait()
     assert proc.returncode == 1, err
     assert "stopped: interrupted" in out and "Traceback" not in err
-    summary = re.search(r"sent ([\d,]+)  accepted ([\d,]+)  refused 0  failed 0  unsent ([\d,]+)", out)
+    summary = re.search(r"attempted ([\d,]+) = accepted ([\d,]+) \+ refused 0 \+ failed 0;"
+                        r"  unsent ([\d,]+)", out)
     assert summary, out
     accepted, unsent = (int(summary.group(i).replace(",", "")) for i in (2, 3))
     assert accepted == len(sink.messages) and accepted + unsent == 100000 and accepted >= 50
@@ -189,9 +191,9 @@ def test_progress_bar_redrawn_in_place_on_a_terminal(peers: LoopThread) -> None:
             proc.kill()
             proc.wait()
     out = b"".join(chunks).decode()
-    redraws = re.findall(r"\r\[([#.]+)\] +(\d+)%  sent [\d,]+  accepted [\d,]+  refused 0", out)
+    redraws = re.findall(r"\r\[([#.]+)\] +(\d+)%  accepted [\d,]+  refused 0", out)
     assert len(redraws) >= 2 and "\x1b[K" in out
     assert len({len(bar) for bar, _ in redraws}) == 1  # one bar width throughout
     percents = [int(p) for _, p in redraws]
     assert percents == sorted(percents) and percents[0] < 100
-    assert "sent 300  accepted 300  refused 0  failed 0" in out  # then the summary
+    assert "attempted 300 = accepted 300 + refused 0 + failed 0" in out  # then the summary

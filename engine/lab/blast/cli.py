@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import io
+import os
 import shutil
 import signal
 import sys
@@ -22,11 +24,13 @@ if TYPE_CHECKING:  # engine.lab.blast (asyncio, msgspec, ssl) is imported when a
     from engine.lab.blast.run import BlastOptions, Progress, Report
 
 EXIT_NOT_ALL_ACCEPTED = EXIT_FAILURE  # some message was refused or never sent
+_MIN_BAR = 10  # the progress bar's least width: on any terminal, the numbers give way to it
 
 DESCRIPTION = """\
 An SMTP load generator (like Postfix's smtp-source): sends -n messages over -c
-concurrent sessions to HOST:PORT and prints sent, accepted, refused by reply code,
-msgs/s and latency (end of DATA -> final reply) percentiles.
+concurrent sessions to HOST:PORT (default 127.0.0.1:2525) and prints the messages
+attempted = accepted + refused (by reply code) + failed, the bodies sent, msgs/s and
+latency (end of DATA -> final reply) percentiles ("n/a" when no reply was timed).
 
 --size takes one size (1024, 10k, 1MiB; k = 1000, KiB = 1024) or a distribution:
 "1k:70,10k:25,100k:5" (weights), "1k,10k" (equal shares), "1k-100k" (uniform, in
@@ -44,7 +48,8 @@ not offered or is refused sends nothing; the summary counts it under errors
 """
 
 EPILOG = """\
-Progress: a status line redrawn 4 times a second on a terminal, a plain line every
+Progress: a status line redrawn 4 times a second on a terminal (with a bar when the
+total is known, sized to the terminal itself, whatever COLUMNS says), a plain line every
 second otherwise, none with --json. Exit status: 0 when every message was accepted
 (with --duration: every message started), 1 when any was refused, failed, or never
 sent; 2 on a usage error.
@@ -154,8 +159,9 @@ class ProgressLine:
         if len(self.window) < 2:  # (a rate over the last second, once there is one)
             t_old, a_old = 0.0, 0
         rate = (p.accepted - a_old) / (p.elapsed - t_old) if p.elapsed > t_old else 0.0
-        text = (f"sent {p.sent:,}  accepted {p.accepted:,}  refused {p.refused:,}"
-                f"  failed {p.failed:,}  {rate:,.0f} msgs/s  {p.elapsed:.1f}s")
+        # The decided counts (they add up to the messages started), as in the summary.
+        text = (f"accepted {p.accepted:,}  refused {p.refused:,}  failed {p.failed:,}"
+                f"  {rate:,.0f} msgs/s  {p.elapsed:.1f}s")
         if not self.tty:
             self.out.write(text + "\n")
             self.out.flush()
@@ -165,10 +171,10 @@ class ProgressLine:
             fraction = (p.accepted + p.refused + p.failed) / p.total
         elif self.duration:
             fraction = p.elapsed / self.duration
-        columns = shutil.get_terminal_size().columns
-        if self.bar < 0:  # chosen once (20 columns spare for the numbers to grow): no jitter
-            self.bar = max(0, min(40, columns - len(text) - 28))
-        if fraction is not None and self.bar >= 10:
+        columns = self._columns()
+        if self.bar < 0:  # chosen once (room for the numbers to grow): no jitter
+            self.bar = max(_MIN_BAR, min(40, columns - len(text) - 28))
+        if fraction is not None:
             width = self.bar
             filled = int(width * min(1.0, fraction))
             text = f"[{'#' * filled}{'.' * (width - filled)}] {100 * min(1.0, fraction):3.0f}%  {text}"
@@ -176,6 +182,16 @@ class ProgressLine:
         self.out.write("\r" + text[: columns - 1] + "\x1b[K")
         self.out.flush()
         self.drawn = True
+
+    def _columns(self) -> int:
+        """The width of the terminal the line is drawn on: asked of the terminal itself,
+        so a stale or missing COLUMNS (a resized window, a shell that does not export it)
+        neither hides the bar nor wraps the line. COLUMNS only when the output is no file
+        descriptor that knows its size."""
+        try:
+            return max(1, os.get_terminal_size(self.out.fileno()).columns)
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+            return max(1, shutil.get_terminal_size().columns)
 
     def finish(self) -> None:
         if self.drawn:  # leave the terminal clean for the summary

@@ -91,8 +91,8 @@ class Report(msgspec.Struct, kw_only=True):
     """The outcome of one run."""
 
     options: BlastOptions  # (the password in `auth` blanked)
-    attempted: int  # transactions started (MAIL sent)
-    sent: int  # message bodies written (end of DATA sent)
+    attempted: int  # transactions started (MAIL sent) = accepted + refused + failed
+    sent: int  # message bodies written (end of DATA sent): <= attempted
     accepted: int  # 2xx after the end of DATA
     refused: dict[int, int]  # messages refused, by the code that decided it
     rcpt_refused: dict[int, int]  # individual recipients refused, by code
@@ -102,11 +102,12 @@ class Report(msgspec.Struct, kw_only=True):
     connections: int  # connections established
     elapsed: float  # seconds, first connect to last connection closed
     msgs_per_s: float  # accepted / elapsed
-    latency_ms: Latency
+    latency_ms: Latency  # all 0.0 when `timed` is 0
     cpu_s: float  # CPU (user+system) this process used during the run
     # Why the run ended: "done" (every message decided), "duration" (the cap ended it),
     # "interrupted" (stop / Ctrl-C), "gave up" (sessions could not connect or got nothing done)
     stopped: str = "done"
+    timed: int = 0  # messages whose final reply to the end of data was timed (latency_ms)
 
     @property
     def ok(self) -> bool:
@@ -115,19 +116,22 @@ class Report(msgspec.Struct, kw_only=True):
         return not self.refused and not self.failed and self.stopped in ("done", "duration")
 
     def summary(self) -> str:
-        """A few human-readable lines."""
-        lat = self.latency_ms
+        """A few human-readable lines. The counts add up: every message started is decided
+        exactly once, so attempted = accepted + refused + failed; "bodies sent" counts the
+        messages whose data was written (a message refused at MAIL, RCPT or DATA sends
+        none, so it is at most `attempted`)."""
         refused = sum(self.refused.values())
         codes = ", ".join(f"{code}: {n}" for code, n in sorted(self.refused.items()))
         lines = [
-            f"sent {self.sent:,}  accepted {self.accepted:,}  refused {refused:,}"
-            + (f" ({codes})" if codes else "") + f"  failed {self.failed:,}"
-            + (f"  unsent {self.unsent:,}" if self.unsent else ""),
+            f"attempted {self.attempted:,} = accepted {self.accepted:,} + refused {refused:,}"
+            + (f" ({codes})" if codes else "") + f" + failed {self.failed:,}"
+            + (f";  unsent {self.unsent:,} (never started)" if self.unsent else ""),
+            f"bodies sent {self.sent:,} of {self.attempted:,} (a message refused before DATA"
+            " sends none)",
             f"{self.msgs_per_s:,.0f} msgs/s over {self.elapsed:.2f} s, {self.connections:,}"
             " connections" + (f"; client CPU {1e6 * self.cpu_s / self.attempted:.0f} us/msg"
                               if self.attempted else ""),
-            f"latency ms (end of data -> reply)  p50 {lat.p50:.2f}  p90 {lat.p90:.2f}"
-            f"  p99 {lat.p99:.2f}  max {lat.max:.2f}",
+            self._latency_line(),
         ]
         if self.rcpt_refused:
             by_code = ", ".join(f"{c}: {n}" for c, n in sorted(self.rcpt_refused.items()))
@@ -137,6 +141,13 @@ class Report(msgspec.Struct, kw_only=True):
         if self.stopped != "done":
             lines.append(f"stopped: {self.stopped}")
         return "\n".join(lines)
+
+    def _latency_line(self) -> str:
+        if not self.timed:  # no final reply after an end of data: there is nothing to show
+            return "latency ms (end of data -> reply)  n/a (no message got a reply to its data)"
+        lat = self.latency_ms
+        return (f"latency ms (end of data -> reply, {self.timed:,} timed)  p50 {lat.p50:.2f}"
+                f"  p90 {lat.p90:.2f}  p99 {lat.p99:.2f}  max {lat.max:.2f}")
 
 
 def _percentiles(samples: list[float]) -> Latency:
@@ -302,4 +313,5 @@ def _report(options: BlastOptions, shared: Shared, elapsed: float, cpu: float) -
         latency_ms=_percentiles(shared.latencies),
         cpu_s=cpu,
         stopped=stopped,
+        timed=len(shared.latencies),
     )
