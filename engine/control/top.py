@@ -75,7 +75,11 @@ def _int(value: Any) -> int:
 
 
 def _pool_key(pool: dict[str, Any]) -> str:
-    return str(pool.get("domain") or pool.get("site") or "?")
+    """A pool's destination: its domain when it serves one, else its MX site."""
+    domains = pool.get("domains") or []
+    if pool.get("domain"):
+        return str(pool["domain"])
+    return str(domains[0]) if len(domains) == 1 else str(pool.get("site") or "?")
 
 
 def _rows(snap: Snapshot) -> dict[str, Row]:

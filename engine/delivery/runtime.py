@@ -190,7 +190,8 @@ def _pool_row(pool: SitePool, st: PoolStats, mono: float, wall: float) -> dict[s
     s = pool.settings
     backing_off = st.backoff_until > 0
     return {
-        "site": pool.site_key, "domain": s.only_domain, "open": st.connections_open,
+        "site": pool.site_key, "domain": s.only_domain, "domains": pool.recent_domains,
+        "open": st.connections_open,
         "queued": st.jobs_queued, "limit": st.concurrency_limit, "sent": st.messages_sent,
         "max_connections": s.max_connections, "rate": s.rate, "provider": s.provider,
         "source": s.source_address,
