@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import socket
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +67,51 @@ def _error_line(err: msgspec.ValidationError) -> str:
     if sub:
         path = f"{path}.{sub.group(1)}" if path else sub.group(1)
         problem = sub.group(2)
+    if problem.startswith("Invalid enum value"):
+        problem += _expected_values(path)
     field = re.match(r"Object contains unknown field `(.*)`", problem)
     if field:
         path = f"{path}.{field.group(1)}" if path else field.group(1)
         problem = "unknown key"
     problem = problem[:1].lower() + problem[1:]
     return f"{path or '(top level)'}: {problem}"
+
+
+_STEP = re.compile(r"([a-z_]+)|\[(?:\d+|\.\.\.)\]")
+
+
+def _expected_values(path: str) -> str:
+    """', expected one of "a", "b"' for the key at `path` ("listeners[0].tls"), in the
+    order Config declares them, so the message lists exactly what the decoder accepts;
+    "" when the path leads to no Literal."""
+    node: msgspec.inspect.Type = msgspec.inspect.type_info(Config)
+    owner: type | None = None
+    name = ""
+    for m in _STEP.finditer(path):
+        while isinstance(node, msgspec.inspect.UnionType):  # (Optional: the non-None part)
+            node = next((t for t in node.types if not isinstance(t, msgspec.inspect.NoneType)),
+                        node.types[0])
+        if m.group(1) and isinstance(node, msgspec.inspect.StructType):
+            field = next((f for f in node.fields if f.encode_name == m.group(1)), None)
+            if field is None:
+                return ""
+            owner, name, node = node.cls, field.name, field.type
+        elif not m.group(1) and isinstance(node, msgspec.inspect.ListType):
+            node = node.item_type
+        elif not m.group(1) and isinstance(node, msgspec.inspect.DictType):
+            node = node.value_type
+        else:
+            return ""
+    if owner is None:
+        return ""
+    declared = typing.get_type_hints(owner).get(name)
+    values = [v for arg in (typing.get_args(declared) if typing.get_origin(declared) is not
+                            typing.Literal else (declared,))
+              for v in (typing.get_args(arg) if typing.get_origin(arg) is typing.Literal else ())]
+    if not values:
+        return ""
+    return ", expected one of " + ", ".join(f'"{v}"' if isinstance(v, str) else str(v)
+                                             for v in values)
 
 
 def from_dict(data: dict[str, Any]) -> Config:

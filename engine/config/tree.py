@@ -31,6 +31,7 @@ from engine.config.units import (
     Duration,
     RetrySchedule,
     Size,
+    format_size,
     parse_nameserver,
     parse_size,
     split_host_port,
@@ -40,6 +41,11 @@ from engine.config.units import (
 # drills) still has room for one batch of deletions: 128 KiB was measured too little
 # for a 1 MiB queue of small messages (a batch of deletions hit MDB_MAP_FULL).
 MIN_HEADROOM = 256 * 1024
+# The least queue.max_size: the headroom above plus room for mail beside LMDB's own
+# pages (its named databases and their roots); 1 MiB is the smallest queue the tests
+# fill to the high-water mark and drain (test_queue_full). Below it the headroom
+# takes the whole map and every message would be refused.
+MIN_QUEUE_SIZE = 1024 * 1024
 
 
 class Frozen(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -107,6 +113,10 @@ class QueueConfig(Frozen, frozen=True):
     high_water: str | float = "90%"
 
     def __post_init__(self) -> None:
+        if self.max_size < MIN_QUEUE_SIZE:
+            raise ValueError(f"max_size: {format_size(self.max_size)} is too small for a queue:"
+                             f" at least {format_size(MIN_QUEUE_SIZE)} (the {MIN_HEADROOM // 1024}KiB"
+                             " kept free for deletions and bounces, and room for mail)")
         self.headroom()  # raises ValueError("high_water: ...")
 
     def headroom(self) -> int:

@@ -61,11 +61,22 @@ def parse_duration(value: object) -> Duration:
     raise ValueError(f"expected a duration such as \"90s\" or \"5m\", got {value!r}")
 
 
+# The units a size is written back in: each one parse_size reads to the same number.
+_FORMAT_UNITS = (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024),
+                 ("TB", 1000**4), ("GB", 1000**3), ("MB", 1000**2), ("kB", 1000))
+
+
 def format_size(n: int) -> str:
-    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= factor and n % factor == 0:
-            return f"{n // factor}{unit}"
-    return str(n)
+    """`n` bytes as the shortest exact text parse_size reads back to `n`: "1TB" stays
+    "1TB" (not "976562500KiB"), "4GiB" stays "4GiB"; bytes when no unit divides it.
+    A unit wins a tie with bare bytes, a binary unit one with a decimal unit (the
+    engine's defaults are written in them)."""
+    best = ""
+    for unit, factor in _FORMAT_UNITS:
+        text = f"{n // factor}{unit}"
+        if n >= factor and n % factor == 0 and (not best or len(text) < len(best)):
+            best = text
+    return best if best and len(best) <= len(str(n)) else str(n)
 
 
 def format_duration(s: float) -> str:

@@ -28,7 +28,8 @@ def test_percent_fraction_and_size_agree(mark: object) -> None:
 
 def test_small_queue_keeps_the_floor() -> None:
     assert headroom("99%", "1MiB") == MIN_HEADROOM
-    assert headroom("100%", "128KiB") == 128 * 1024  # never more than the queue
+    with pytest.raises(ConfigError, match="queue.max_size: 128KiB is too small"):
+        headroom("100%", "128KiB")  # all headroom, no room for mail: refused at load
 
 
 @pytest.mark.parametrize("mark, problem", [

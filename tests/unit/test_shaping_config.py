@@ -51,7 +51,8 @@ def test_rate_syntax(text: str, per_second: float) -> None:
      'shaping[0].mx_suffix: expected a host name suffix such as ".mx.google.com", got "mx test"'),
     ([{"domain": "a.test", "max_connections": 0}],
      "shaping[0].max_connections: must be at least 1, got 0"),
-    ([{"domain": "a.test", "tls": "maybe"}], "shaping[0].tls: invalid enum value 'maybe'"),
+    ([{"domain": "a.test", "tls": "maybe"}], "shaping[0].tls: invalid enum value 'maybe',"
+     ' expected one of "opportunistic", "required", "none"'),
     ([{"domain": "a.test", "idle_timeout": "soon"}],
      "shaping[0].idle_timeout: expected a duration such as \"90s\" or \"5m\", got 'soon'"),
     ([{"domain": "a.test", "burst": 3}], "shaping[0].burst: unknown key"),
