@@ -87,9 +87,14 @@ def _connect_as(uid: int, gid: int, path: str) -> str:
                 s.settimeout(30)
                 s.connect(path)
                 s.sendall(b'{"cmd": "status"}\n')
-                os.write(write, s.recv(100))
+                got = b""
+                while len(got) < 100 and (chunk := s.recv(100 - len(got))):
+                    got += chunk  # a reply may arrive in more than one read under load
+                os.write(write, got or b"EOF")
             except PermissionError:
                 os.write(write, b"EACCES")
+            except OSError as err:  # say what went wrong instead of an empty answer
+                os.write(write, f"ERR {err!r}".encode()[:200])
         finally:
             os._exit(0)
     os.close(write)
