@@ -84,7 +84,8 @@ def _plain(reader: Reader, interval: float, count: int) -> int:
         while True:
             cur = reader.snapshot()
             lines = screen(prev, cur, width=PLAIN_WIDTH, height=10_000, wall=time.time())
-            sys.stdout.write("\n".join(line.rstrip() for line in lines) + "\n\n")
+            # The blank line ends a block, so the screen's own blank one is left out.
+            sys.stdout.write("".join(line.rstrip() + "\n" for line in lines if line) + "\n")
             sys.stdout.flush()
             prev, shown = cur, shown + 1
             if count and shown >= count:
