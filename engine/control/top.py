@@ -33,7 +33,7 @@ class Row:
 
     name: str
     queued: int = 0  # delivery units in the queue
-    deferred: int = 0  # of them waiting for a retry
+    deferred: int = 0  # of them not ready: waiting for a retry, or held by a suspension
     jobs: int = 0  # handed to the workers' pools, waiting for or in a session
     open: int = 0  # outbound connections now, all workers
     cap: int | None = None  # the pools' connection limit (summed over workers)
@@ -82,13 +82,19 @@ def _pool_key(pool: dict[str, Any]) -> str:
     return str(domains[0]) if len(domains) == 1 else str(pool.get("site") or "?")
 
 
+def _held(by: Any, reason: Any) -> str:
+    """A suspension: automatic ("backoff", after the site's replies) or an operator's."""
+    return f"backoff: {reason or '?'}" if by == "backoff" else f"suspended: {reason or by or '?'}"
+
+
 def _rows(snap: Snapshot) -> dict[str, Row]:
     rows: dict[str, Row] = {}
     for q in snap.queue.get("rows") or []:
         row = rows.setdefault(str(q.get("key")), Row(str(q.get("key"))))
-        row.queued, row.deferred = _int(q.get("total")), _int(q.get("deferred"))
+        row.queued = _int(q.get("total"))
+        row.deferred = _int(q.get("deferred")) + _int(q.get("suspended"))
         if q.get("state") == "suspended":
-            row.state = f"suspended: {q.get('reason') or 'by operator'}"
+            row.state = _held(q.get("by_who"), q.get("reason"))
     for pool in snap.status.get("pools") or []:
         row = rows.setdefault(_pool_key(pool), Row(_pool_key(pool)))
         row.jobs += _int(pool.get("queued"))
@@ -105,7 +111,7 @@ def _rows(snap: Snapshot) -> dict[str, Row]:
                 rows[domain].state = f"backoff: {b.get('reply') or '?'}"
     for s in snap.status.get("suspensions") or []:
         row = rows.setdefault(str(s.get("domain")), Row(str(s.get("domain"))))
-        row.state = f"suspended: {s.get('reason') or s.get('by') or 'by operator'}"
+        row.state = _held(s.get("by"), s.get("reason"))
     return rows
 
 
@@ -164,9 +170,9 @@ def header(prev: Snapshot | None, cur: Snapshot, wall: float | None = None) -> l
         f"in {per_s('messages_received')}  out {per_s('messages_delivered')}  "
         f"deferred {per_s('messages_deferred')}  bounced {per_s('messages_bounced')}",
         f"queue {_int(q.get('messages'))} msgs {_int(q.get('units'))} units "
-        f"({_int(q.get('deferred'))} deferred)  conns in {sum(_int(w.get('sessions_in')) for w in workers)}"
-        f" out {out_open}/{out_cap}",
-        "cpu " + "  ".join(cpu),
+        f"({_int(q.get('deferred'))} deferred, {_int(q.get('suspended'))} held)",
+        f"conns in {sum(_int(w.get('sessions_in')) for w in workers)} out {out_open}/{out_cap}"
+        "  cpu " + "  ".join(cpu),
     ]
 
 

@@ -36,7 +36,7 @@ def test_rates_are_the_difference_of_two_snapshots_over_the_time_between_them():
     assert (row.name, row.sent, row.sent_rate, row.deferred_rate) == ("a.test", 30, 10.0, 1.5)
     lines = screen(a, b)
     assert "in 30.0/s  out 20.0/s" in lines[1]
-    assert lines[3] == "cpu w0 25%  w1 0%"
+    assert lines[3] == "conns in 2 out 4/100  cpu w0 25%  w1 0%"
     # The first refresh has nothing to compare with: no rate is invented.
     (first,) = destinations(None, b)
     assert first.sent_rate == 0.0 and "in -/s" in screen(None, b)[1]
@@ -70,10 +70,14 @@ def test_busiest_first_by_delivery_rate_then_connections_then_queue():
 def test_holds_show_on_the_row_suspension_before_backoff():
     pools = [pool("b.test", 0, open_=0, backoff_until=5.0, backoff_reply="421 4.7.0 try later")]
     queue = [{"key": "b.test", "total": 4, "deferred": 4},
-             {"key": "c.test", "total": 2, "deferred": 2, "state": "suspended", "reason": "abuse desk"}]
+             {"key": "c.test", "total": 3, "deferred": 0, "suspended": 3, "state": "suspended",
+              "reason": "abuse desk", "by_who": "ops (pid 7)"},
+             {"key": "d.test", "total": 2, "ready": 0, "deferred": 0, "suspended": 2,
+              "state": "suspended", "reason": "421 4.7.0 [TS03] deferred", "by_who": "backoff"}]
     rows = {r.name: r for r in destinations(None, snap(0.0, pools, queue))}
     assert rows["b.test"].state == "backoff: 421 4.7.0 try later"
-    assert rows["c.test"].state == "suspended: abuse desk"
+    assert (rows["c.test"].state, rows["c.test"].deferred) == ("suspended: abuse desk", 3)
+    assert (rows["d.test"].state, rows["d.test"].deferred) == ("backoff: 421 4.7.0 [TS03] deferred", 2)
 
 
 def test_every_line_fits_80_columns_and_24_lines_with_long_names_and_replies():
