@@ -240,6 +240,8 @@ def run(args: argparse.Namespace) -> int:
         return run_suppress(args, send, lambda cmd, reply: _show(args, cmd, reply))
     reply = send(req)
     _show(args, args.ctl_cmd, reply)
+    if args.ctl_cmd == "drain" and reply.get("drained") is False:
+        return EXIT_FAILURE  # timed out with mail still queued: a script must not go on
     return EXIT_OK if reply["ok"] else EXIT_FAILURE
 
 

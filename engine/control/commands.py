@@ -227,7 +227,13 @@ class ControlPlane:
         # The domain's owner worker is the one that resolves and delivers it.
         slot = self.sup.slots[stable_shard(domain, len(self.sup.slots))]
         answer = await slot.ask(wire.MxQuery(domain=domain), WORKER_ANSWER)
-        return replies.MxEntries(entries=answer.entries if isinstance(answer, wire.MxEntries) else [])
+        if not isinstance(answer, wire.MxEntries):
+            error = answer.error if isinstance(answer, wire.Refused) else "no answer"
+            raise protocol.RequestError(f"mx {domain}: no MX cache to read ({error})")
+        # The worker's "none" means nothing cached, not "no MX": name it so (issue 14).
+        return replies.MxEntries(entries=[
+            msgspec.structs.replace(e, kind="not_cached") if e.kind == "none" else e
+            for e in answer.entries])
 
     async def metrics(self, req: protocol.Metrics) -> replies.Metrics:
         await self._walked_totals()
@@ -322,7 +328,12 @@ class ControlPlane:
         else:
             done = await self._bulk("flush", domain=domain or "", all=domain is None)
         self._wake(domain)
-        return replies.Flush(messages=done.done)
+        # Made due is not sent: an operator's suspension keeps holding the flushed mail
+        # (a backoff, the automatic kind, was ended by the wake above).
+        now = time.time()
+        held = {d: s for d, s in self.holds.suspensions.items() if s.in_force(now)}
+        shown = [] if req.id else [held[domain]] if domain in held else [] if domain else list(held.values())
+        return replies.Flush(messages=done.done, held_by=[_suspension(s) for s in shown])
 
     async def bounce(self, req: protocol.Bounce) -> replies.Bulk:
         return await self._filtered("bounce", req)
@@ -355,10 +366,13 @@ class ControlPlane:
         return replies.Bulk(**report)
 
     # --- process -----------------------------------------------------------------------
-    async def reload(self, req: protocol.Reload) -> replies.Done:
-        if not self.sup.reload():
-            raise protocol.RequestError("reload refused; see the supervisor log")
-        return replies.Done()
+    async def reload(self, req: protocol.Reload) -> replies.Reload:
+        outcome, notes = self.sup.reload()
+        if outcome == "skipped":
+            raise protocol.RequestError(f"reload skipped, nothing changed: {'; '.join(notes)}")
+        if outcome != "reloaded":
+            raise protocol.RequestError(f"reload refused, the configuration in force stays: {'; '.join(notes)}")
+        return replies.Reload(config=self.sup.config_path or "", kept=notes)
 
     async def drain(self, req: protocol.Drain) -> replies.Drain:
         started = time.monotonic()
@@ -370,7 +384,8 @@ class ControlPlane:
             await asyncio.sleep(0.2)  # polling the queue: nothing signals "empty"
             remaining = await self._thread(self.store.count)
         return replies.Drain(drained=remaining == 0, remaining=remaining,
-                             seconds=round(time.monotonic() - started, 2))
+                             seconds=round(time.monotonic() - started, 2),
+                             delivering=self.sup.cfg.delivery.enabled)
 
     async def shutdown(self, req: protocol.Shutdown) -> replies.Done:
         # Answer first: the stop begins on the next loop turn, after this reply is written.

@@ -42,7 +42,7 @@ def render_status(reply: Row, now: float) -> str:
         f"volley {reply.get('version', DASH)} on {reply.get('hostname', DASH)}, "
         f"pid {reply.get('pid', DASH)}, up {short_duration(reply.get('uptime'))}"
         f"{', DRAINING' if reply.get('draining') else ''}\n",
-        f"listeners  {', '.join(reply.get('listeners') or []) or DASH}\n",
+        f"listeners  {_listeners(reply)}\n",
         f"queue      {plural(q.get('messages'), 'message')}, {plural(q.get('units'), 'delivery unit')}, "
         f"{human_size(q.get('bytes'))}: {number(q.get('ready'))} ready, "
         f"{number(q.get('deferred'))} deferred, {number(q.get('suspended'))} suspended\n",
@@ -81,6 +81,13 @@ def render_status(reply: Row, now: float) -> str:
     if "reactions" in reply:  # a server before [[reactions]] has no such section
         out += _section("reactions", reply.get("reactions"), _reaction_columns(now))
     return "".join(out)
+
+
+def _listeners(reply: Row) -> str:
+    shown = ", ".join(reply.get("listeners") or [])
+    if reply.get("draining"):  # closed by the drain: nothing accepts mail any more
+        return "closed (draining): not accepting mail" + (f"; still listed: {shown}" if shown else "")
+    return shown or DASH
 
 
 def _reaction_columns(now: float) -> list[Column]:
@@ -215,7 +222,7 @@ def _yes_no(value: object) -> str:
 def render_simple(cmd: str, reply: Row, now: float) -> str:
     """The one-line answers of the commands that change something."""
     if cmd == "flush":
-        return f"flushed {plural(reply.get('messages'), 'message')}\n"
+        return _flush(reply, now)
     if cmd == "suspend":
         s = reply.get("suspension") or {}
         until = "until resumed" if s.get("until") is None else f"until {moment(s['until'], now)}"
@@ -236,7 +243,10 @@ def render_simple(cmd: str, reply: Row, now: float) -> str:
         return (f"throttle {t.get('domain', DASH)}: max connections "
                 f"{number(t.get('max_connections'))}, rate {rate(t.get('rate'))}\n")
     if cmd == "reload":
-        return "configuration reloaded\n"
+        kept = reply.get("kept") or []
+        return (f"configuration reloaded from {reply.get('config') or DASH}\n"
+                + (f"changed in the file but kept as started until a restart: {', '.join(kept)}\n"
+                   if kept else ""))
     if cmd == "drain":
         return _drain(reply)
     if cmd == "shutdown":
@@ -254,14 +264,34 @@ def _bulk(cmd: str, reply: Row) -> str:
         f" in {took:.1f}s\n" if isinstance(took, (int, float)) else "\n")
 
 
+def _flush(reply: Row, now: float) -> str:
+    out = f"flushed {plural(reply.get('messages'), 'message')} (made due now)\n"
+    for s in reply.get("held_by") or []:
+        until = "until resumed" if s.get("until") is None else f"until {moment(s['until'], now)}"
+        out += (f"{s.get('domain', DASH)} is suspended ({until}): the suspension still holds its "
+                f"mail; volley ctl resume {s.get('domain', DASH)} releases it\n")
+    return out
+
+
 def _drain(reply: Row) -> str:
     drained, left = reply.get("drained"), reply.get("remaining")
     took = short_duration(reply.get("seconds"))
     if isinstance(drained, bool):
-        head = "queue drained" if drained else "queue not drained"
+        head = "queue drained" if drained else "queue NOT drained (timed out)"
     else:
         head = f"drained {plural(drained, 'message')}"
-    return f"{head} in {took}; {number(left)} remaining\n"
+    out = f"{head} in {took}; {plural(left, 'message')} remaining\n"
+    if drained is False:
+        out += "the server no longer accepts mail; " + (
+            "delivery goes on: watch volley ctl status, stop with volley ctl shutdown\n"
+            if reply.get("delivering", True) else
+            "delivery is disabled in this configuration: the queue will not empty\n")
+    return out
+
+
+# "not cached" is not "no MX": a domain never looked up (or expired) shows as such.
+_MX_KINDS = {"route": "route", "error": "error", "not_cached": "not cached (never looked up or expired)",
+             "none": "not cached"}
 
 
 def render_mx(reply: Row, now: float) -> str:
@@ -273,7 +303,7 @@ def render_mx(reply: Row, now: float) -> str:
         for i, h in enumerate(hosts):
             rows.append({
                 "domain": e.get("domain") if i == 0 else "",
-                "kind": e.get("kind") if i == 0 else "",
+                "kind": _MX_KINDS.get(e.get("kind"), e.get("kind")) if i == 0 else "",
                 "ttl": short_duration(e.get("ttl")) if i == 0 and e.get("ttl") is not None else "",
                 "pref": h.get("preference"), "host": h.get("name"),
                 "addresses": names(h.get("addresses"), 4),

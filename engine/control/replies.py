@@ -38,7 +38,14 @@ class Failure(Reply, kw_only=True):
 
 
 class Done(Reply, kw_only=True):
-    """Success with nothing more to say (reload, shutdown)."""
+    """Success with nothing more to say (shutdown)."""
+
+
+class Reload(Reply, kw_only=True):
+    """A reload that took effect; a skipped or refused one is a Failure saying why."""
+
+    config: str  # the file re-read
+    kept: list[str] = []  # settings changed in the file that wait for a restart
 
 
 # --- parts ------------------------------------------------------------------------------
@@ -232,6 +239,8 @@ class MxFlushed(Reply, kw_only=True):
 
 
 class MxEntries(Reply, kw_only=True):
+    # kind "route" | "error" (the reply that decides the mail: no MX, NXDOMAIN, ...) |
+    # "not_cached" (never looked up, or expired: nothing is known, it does not mean "no MX")
     entries: list[MxEntry]
 
 
@@ -274,7 +283,10 @@ class Throttle(Reply, kw_only=True):
 
 
 class Flush(Reply, kw_only=True):
-    messages: int
+    messages: int  # messages made due now
+    # The suspensions in force over what was flushed: the flushed domain's, or every one
+    # for a flush of all; their mail stays held until `ctl resume` (or their end).
+    held_by: list[SuspensionRow] = []
 
 
 class Bulk(Reply, kw_only=True):
@@ -288,9 +300,10 @@ class Bulk(Reply, kw_only=True):
 
 
 class Drain(Reply, kw_only=True):
-    drained: bool
+    drained: bool  # the queue emptied in time; the CLI exits 1 when not
     remaining: int  # messages still queued
     seconds: float
+    delivering: bool = True  # delivery enabled: the queue can still empty after a timeout
 
 
 class BadValue(msgspec.Struct, kw_only=True):

@@ -47,8 +47,12 @@ class SupervisorHandle(Protocol):
         """The configuration in force (replaced by a reload)."""
 
     @property
+    def config_path(self) -> str | None:
+        """The file the configuration came from; None on the built-in defaults."""
+
+    @property
     def addresses(self) -> list[str]:
-        """The bound listener addresses."""
+        """The bound listener addresses; none once draining (they are closed)."""
 
     @property
     def draining(self) -> bool: ...
@@ -59,8 +63,9 @@ class SupervisorHandle(Protocol):
     def broadcast(self, message: ToWorker) -> None:
         """Send `message` to every running worker."""
 
-    def reload(self) -> bool:
-        """Re-read the configuration file; False when it was refused (logged)."""
+    def reload(self) -> tuple[str, list[str]]:
+        """Re-read the configuration file: ("reloaded", settings kept as started),
+        ("skipped", [why]) with no file to re-read, ("refused", [error])."""
 
     def drain(self) -> None:
         """Stop accepting everywhere; delivery goes on."""

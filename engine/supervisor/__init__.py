@@ -272,6 +272,8 @@ class Supervisor:
             for socks in self.sockets:
                 for sock in socks:
                     sock.close()
+            # Nothing listens any more: status must not list them (issue 14).
+            self.addresses = []
 
     def _prepare_dirs(self) -> None:
         # P10: the queue directory is ours alone.
@@ -293,32 +295,39 @@ class Supervisor:
             self.stopping = True
             self.stop_event.set()
 
-    def reload(self) -> bool:
+    def reload(self) -> tuple[str, list[str]]:
+        """Re-read the configuration file (SIGHUP, `ctl reload`). Returns what happened,
+        for the operator: ("reloaded", the settings kept as started), ("skipped", [why])
+        when there is no file to re-read, ("refused", [the error]) when it does not load."""
         if self.config_path is None:
-            log.info("reload_skipped", reason="running on the built-in defaults, no file")
-            return True
+            why = "running on the built-in defaults (started without -c FILE): no file to re-read"
+            log.info("reload_skipped", reason=why)
+            return "skipped", [why]
         try:
             cfg = config_mod.load(self.config_path)
             check_startup(cfg)  # a worker given a cert it cannot load would crash
         except config_mod.ConfigError as err:
             log.error("reload_refused", error=str(err))
-            return False
+            return "refused", [str(err)]
+        kept: list[str] = []
         fixed = ("listeners", "queue", "control", "metrics")
-        if any(getattr(cfg, f) != getattr(self.cfg, f) for f in fixed):
+        if changed := [f for f in fixed if getattr(cfg, f) != getattr(self.cfg, f)]:
             log.warning("reload_partial", reason="listeners, queue, control and metrics change only on restart")
             cfg = msgspec.structs.replace(cfg, **{f: getattr(self.cfg, f) for f in fixed})
+            kept += changed
         # The HTTP API's socket is bound like a listener: its address and TLS stay; the
         # rest of [http] (tokens, limits) reloads.
         if (cfg.http.listen, cfg.http.tls) != (self.cfg.http.listen, self.cfg.http.tls):
             log.warning("reload_partial", reason="http.listen and http.tls change only on restart")
             cfg = msgspec.structs.replace(cfg, http=msgspec.structs.replace(
                 cfg.http, listen=self.cfg.http.listen, tls=self.cfg.http.tls))
+            kept.append("http.listen/http.tls")
         self.cfg = cfg
         log.configure(cfg.log.level)
         for slot in self.slots:
             slot.send(wire.Reload(config=config_mod.to_builtins(cfg)))
         log.info("reloaded")
-        return True
+        return "reloaded", kept
 
     async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
         for slot in self.slots:

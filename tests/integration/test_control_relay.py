@@ -188,10 +188,11 @@ def test_an_automatic_backoff_shows_with_the_reply_that_caused_it(serve, peers, 
 
 def test_reload_over_the_socket(serve):
     server = serve()
-    assert ctl_json(server, "reload") == {"ok": True}
+    assert ctl_json(server, "reload") == {"ok": True, "config": str(server.config_path), "kept": []}
     server.wait_for(lambda e: e.get("event") == "reloaded", WAIT)
     server.config_path.write_text(server.config_path.read_text() + "\n[limits]\nbogus = 1\n")
     # (`volley ctl -c` would refuse the broken file itself: ask on the raw socket)
     refused = ask(server.config_path.parent / "volley.sock", {"cmd": "reload"})
-    assert refused == {"ok": False, "error": "reload refused; see the supervisor log"}
+    assert refused["ok"] is False and refused["error"].startswith(
+        "reload refused, the configuration in force stays: ") and "limits.bogus" in refused["error"]
     assert "limits.bogus" in server.wait_for(lambda e: e.get("event") == "reload_refused", WAIT)["error"]

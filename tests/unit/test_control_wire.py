@@ -68,6 +68,6 @@ def test_replies_put_ok_first_and_keep_their_field_order() -> None:
     assert replies.encode_reply(replies.Done()) == b'{"ok":true}\n'
     assert replies.encode_reply(replies.Failure(error="no")) == b'{"ok":false,"error":"no"}\n'
     drained = orjson.loads(replies.encode_reply(replies.Drain(drained=True, remaining=0, seconds=1.5)))
-    assert list(drained) == ["ok", "drained", "remaining", "seconds"]
+    assert list(drained) == ["ok", "drained", "remaining", "seconds", "delivering"]
     throttled = orjson.loads(replies.encode_reply(replies.Throttle(throttle=None)))
     assert throttled == {"ok": True, "throttle": None}

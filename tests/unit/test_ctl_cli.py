@@ -378,8 +378,8 @@ def test_show_render() -> None:
 
 
 def test_simple_renders() -> None:
-    assert render.render("flush", {"ok": True, "messages": 7}) == "flushed 7 messages\n"
-    assert render.render("flush", {"ok": True, "messages": 1}) == "flushed 1 message\n"
+    assert render.render("flush", {"ok": True, "messages": 7}) == "flushed 7 messages (made due now)\n"
+    assert render.render("flush", {"ok": True, "messages": 1}) == "flushed 1 message (made due now)\n"
     assert render.render("bounce", {"ok": True, "matched": 12, "done": 0, "dry_run": True,
                                     "seconds": 0.01}) == "dry run: 12 messages would be bounced\n"
     assert render.render("delete", {"ok": True, "matched": 12, "done": 12, "dry_run": False,
@@ -391,7 +391,7 @@ def test_simple_renders() -> None:
     assert render.render("resume", {"ok": True, "resumed": True, "released": 4}) == \
         "resumed; 4 messages released\n"
     assert render.render("drain", {"ok": True, "drained": True, "remaining": 0,
-                                   "seconds": 75.0}) == "queue drained in 1m15s; 0 remaining\n"
+                                   "seconds": 75.0}) == "queue drained in 1m15s; 0 messages remaining\n"
     assert render.render("metrics", {"ok": True, "text": "volley_up 1\n"}) == "volley_up 1\n"
     assert render.render("mx", {"ok": True, "flushed": 3}) == "flushed 3 cached MX entries\n"
 
