@@ -32,6 +32,7 @@ from engine.control.formats import (
     short_duration,
     table,
 )
+from engine.observe.rates import WINDOWS
 
 # --- per command -------------------------------------------------------------------------
 
@@ -60,7 +61,7 @@ def render_status(reply: Row, now: float) -> str:
     if rates:
         # Messages per second over the last 1, 5 and 15 minutes (engine/observe/rates.py).
         out += ["\n", table([{"window": k, **(v or {})} for k, v in rates.items()], [
-            Column("PER SECOND", "window"),
+            Column("PER SECOND", _window),
             *(Column(name.upper(), _per_second(name), ">")
               for name in ("received", "delivered", "deferred", "bounced")),
         ])]
@@ -98,6 +99,17 @@ def _reaction_columns(now: float) -> list[Column]:
         Column("RATE", lambda r: DASH if r.get("action") == "suspend" else f"x{r.get('factor', 1):.2f}", ">"),
         Column("REPLY", lambda r: clip(r.get("reply"))),
     ]
+
+
+def _window(row: Row) -> str:
+    """The window's label; when it covers less than its length (a server younger than
+    the window: every such row is the same average since start), how much it covers."""
+    label = str(row.get("window"))
+    covered = row.get("seconds")
+    length = dict(WINDOWS).get(label)
+    if isinstance(covered, (int, float)) and length is not None and covered < length:
+        return f"{label} ({covered:.0f} s of data)"
+    return label
 
 
 def _per_second(name: str) -> Callable[[Row], str]:

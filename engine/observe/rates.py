@@ -1,10 +1,18 @@
 """1, 5 and 15 minute rates of a few counters, for `status`.
 
 The supervisor feeds a `RateWindow` the merged counters every few seconds with the
-monotonic time of the sample; a rate is the counter's increase between the sample at
-(or just before) the start of the window and the newest sample, divided by the time
-between those two samples. Like a load average, but exact over the window instead of
-exponentially decayed, so "delivered 1m" is what an operator would count by hand.
+monotonic time of the sample, and once more when it answers `status`; a rate is the
+counter's increase between the sample at (or just before) the start of the window and
+the newest sample, divided by the time between those two samples. Like a load average,
+but exact over the window instead of exponentially decayed, so "delivered 1m" is what
+an operator would count by hand.
+
+The window starts with a sample of zeros at the time the counters started (`start`):
+without it, mail that arrived before the first periodic sample was never seen as an
+increase, and the rates read 0 for ever after a burst at start. Each window also
+reports `seconds`, the time it really covers: less than the window on a server younger
+than it (then every window is the same average since start, and `status` says so), and
+up to one sampling interval more than the window otherwise.
 """
 
 from __future__ import annotations
@@ -32,13 +40,18 @@ class RateWindow:
     """
 
     def __init__(self, names: Iterable[str] = RATE_COUNTERS, *,
-                 windows: tuple[tuple[str, float], ...] = WINDOWS, min_interval: float = 1.0) -> None:
+                 windows: tuple[tuple[str, float], ...] = WINDOWS, min_interval: float = 1.0,
+                 start: float | None = None) -> None:
         self.names = tuple(names)
         self.windows = windows
         self.horizon = max(seconds for _, seconds in windows)
         self.min_interval = min_interval
         self._samples: deque[tuple[float, tuple[int, ...]]] = deque()
         self._appended = float("-inf")  # time of the last sample added rather than replaced
+        if start is not None:
+            # Every counter was 0 when they started: the first increase is an increase.
+            self._samples.append((start, (0,) * len(self.names)))
+            self._appended = start
 
     def add(self, now: float, counters: Mapping[str, int]) -> None:
         """Record the counters at monotonic time `now` (missing names count as 0)."""
@@ -48,7 +61,9 @@ class RateWindow:
             return  # time went backwards (a caller's bug): keep the ring ordered
         # Within min_interval of the last append, the newest sample is refreshed instead:
         # appends stay min_interval apart, which is what bounds the ring.
-        if samples and now - self._appended < self.min_interval:
+        # The first sample (the zeros at start) is never replaced: it is the base of
+        # every rate until the server is older than the window.
+        if len(samples) >= 2 and now - self._appended < self.min_interval:
             samples[-1] = (now, values)
         else:
             samples.append((now, values))
@@ -63,21 +78,28 @@ class RateWindow:
             return 0.0
         return self._samples[-1][0] - self._samples[0][0]
 
-    def rates(self, now: float) -> dict[str, dict[str, float]]:
-        """{"1m": {name: per_second, ...}, "5m": ..., "15m": ...} as of `now`."""
+    def rates(self, now: float, counters: Mapping[str, int] | None = None) -> dict[str, dict[str, float]]:
+        """{"1m": {name: per_second, ..., "seconds": covered}, "5m": ..., "15m": ...} as of
+        `now`; `counters` (the counts now) are added as a sample first, so what arrived
+        since the last periodic sample counts. "seconds" is the time the rates cover
+        (0.0 with no two samples apart in time, and then every rate is 0.0)."""
+        if counters is not None:
+            self.add(now, counters)
         out: dict[str, dict[str, float]] = {}
         samples = self._samples
         for label, seconds in self.windows:
             if len(samples) < 2:
-                out[label] = dict.fromkeys(self.names, 0.0)
+                out[label] = {**dict.fromkeys(self.names, 0.0), "seconds": 0.0}
                 continue
             t1, v1 = samples[-1]
             t0, v0 = self._base(now - seconds)
             span = t1 - t0
             if span <= 0:
-                out[label] = dict.fromkeys(self.names, 0.0)
+                out[label] = {**dict.fromkeys(self.names, 0.0), "seconds": 0.0}
                 continue
-            out[label] = {name: max(0, b - a) / span for name, a, b in zip(self.names, v0, v1)}
+            row = {name: max(0, b - a) / span for name, a, b in zip(self.names, v0, v1)}
+            row["seconds"] = span
+            out[label] = row
         return out
 
     def _base(self, start: float) -> tuple[float, tuple[int, ...]]:

@@ -196,7 +196,8 @@ def test_rates_over_each_window() -> None:
 
 def test_rates_with_short_or_no_history_never_divide_by_zero() -> None:
     w = RateWindow()
-    assert w.rates(5.0) == {k: dict.fromkeys(("received", "delivered", "deferred", "bounced"), 0.0)
+    assert w.rates(5.0) == {k: dict.fromkeys(("received", "delivered", "deferred", "bounced",
+                                              "seconds"), 0.0)
                             for k in ("1m", "5m", "15m")}
     w.add(10.0, {"received": 5})
     assert w.rates(10.0)["1m"]["received"] == 0.0
