@@ -314,6 +314,7 @@ def worker_state(slot: int, runtime: WorkerRuntime) -> wire.State:
     inbound = runtime.ctx.stats
     m.received = inbound.received
     m.received_bytes = inbound.received_bytes
+    m.rejected = inbound.rejected
     m.connections_in = inbound.connections
     sessions_in = len(runtime.ctx.sessions)
     delivery = runtime.delivery

@@ -27,7 +27,7 @@ def write_outcome(w: WriteTxn, stored: MessageRecord, applied: Applied, body: by
                   report_ids: ReportIds, reporting_mta: str, now: float, retry_until: float,
                   remote_mta: str = "", remote_dsn: bool = False,
                   delayed: list[tuple[Recipient, Reply, str]] | None = None,
-                  hold: bool = True, ledger: Ledger | None = None) -> None:
+                  hold: bool = True, ledger: Ledger | None = None) -> int:
     """Store `applied` (from outcome.apply / expire_pending over `stored`): the message
     is deleted when nothing is pending any more, else updated. Then queue the reports it
     owes (failure, relayed for NOTIFY=SUCCESS, and the `delayed` entries), each with the
@@ -36,16 +36,17 @@ def write_outcome(w: WriteTxn, stored: MessageRecord, applied: Applied, body: by
     message and delivery pass (onereport.py): this may hold them in the record instead,
     or add those held earlier (`hold=False`: report them now). The campaign counters and
     the suppression list are booked in the same transaction (ledger.py; `ledger` None:
-    counters only)."""
+    counters only). Returns how many reports it queued (volley_dsns_queued_total)."""
     failures = failures_to_report(applied, remote_mta, now, hold=hold,
                                   suspended=suspended_in(w, now))  # before the record is written
     if applied.done:
         w.delete_message(stored.id, stored=stored)
     else:
         w.update_message(applied.record, stored=stored)
-    queue_dsns(w, applied, body, report_ids, reporting_mta, now, remote_mta, remote_dsn,
-               delayed or [], retry_until, failures)
+    queued = queue_dsns(w, applied, body, report_ids, reporting_mta, now, remote_mta, remote_dsn,
+                        delayed or [], retry_until, failures)
     book(w, stored, applied, ledger or Ledger(), now)
+    return queued
 
 
 def bounce_recipients(w: WriteTxn, stored: MessageRecord, indices: Sequence[int],

@@ -36,13 +36,14 @@ def queue_dsns(w: WriteTxn, applied: outcome_mod.Applied, body: bytes,
                 dsn_ids: tuple[bytes, bytes, bytes], reporting: str, now: float,
                 remote_mta: str, remote_dsn: bool,
                 delayed: list[tuple[Recipient, Reply, str]], retry_until: float,
-                failures: list[Failure]) -> None:
+                failures: list[Failure]) -> int:
     """Queue the failure DSN for `failures` (from onereport.failures_to_report: this
     outcome's and earlier held ones, each with its own Remote-MTA), the relayed DSN for
     NOTIFY=SUCCESS, and the delay DSN for NOTIFY=DELAY (RFC 3461 §4.1), each as its own
     message. `remote_mta` is the next hop that answered ("" for none); `remote_dsn`
-    says it took over NOTIFY=SUCCESS."""
+    says it took over NOTIFY=SUCCESS. Returns how many reports it queued."""
     record = applied.record
+    queued = 0
     remote = remote_mta or None
     kinds: list[list[tuple[Recipient, Reply, str]]] = [
         [(r, rep, a) for r, rep, a, _ in failures], [], delayed]
@@ -67,3 +68,5 @@ def queue_dsns(w: WriteTxn, applied: outcome_mod.Applied, body: bytes,
             body_type="8BITMIME" if not message.isascii() else None, helo=reporting,
         )
         w.put_message(dsn_record, message, report=True)
+        queued += 1
+    return queued

@@ -329,7 +329,7 @@ class Scheduler:
         mono_now = self.loop.time()
         ledger = Ledger(self._suppress_codes, suppressed=result.suppressed)
 
-        def op(w: WriteTxn) -> tuple[MessageRecord, outcome_mod.Applied] | None:
+        def op(w: WriteTxn) -> tuple[MessageRecord, outcome_mod.Applied, int] | None:
             current = w.get(msg_id)
             if current is None:
                 return None
@@ -344,11 +344,12 @@ class Scheduler:
                 if result.retry_after and applied.deferred:
                     _not_before(applied.record, applied.deferred, now, result, mono_now)
             delayed = due_delay_reports(applied, now, delay_warning)
-            write_outcome(w, current, applied, body, report_ids=dsn_ids, reporting_mta=reporting,
-                          now=now, retry_until=current.received_at + max_age,
-                          remote_mta=result.mx_host, remote_dsn=result.remote_dsn, delayed=delayed,
-                          ledger=ledger)
-            return current, applied
+            dsns = write_outcome(w, current, applied, body, report_ids=dsn_ids,
+                                 reporting_mta=reporting, now=now,
+                                 retry_until=current.received_at + max_age,
+                                 remote_mta=result.mx_host, remote_dsn=result.remote_dsn,
+                                 delayed=delayed, ledger=ledger)
+            return current, applied, dsns
 
         self._submit_outcome(op, msg_id, domain, result, now)
 
@@ -382,8 +383,9 @@ class Scheduler:
             return
         if res is None:
             return
-        before, applied = cast(tuple[MessageRecord, outcome_mod.Applied], res)
+        before, applied, dsns = cast(tuple[MessageRecord, outcome_mod.Applied, int], res)
         st = self.stats
+        st.dsns += dsns  # counted once the reports are committed, as the outcome is
         st.delivered += len(applied.delivered)
         st.deferred += len(applied.deferred)
         st.bounced += len(applied.bounced)

@@ -39,10 +39,12 @@ class InboundSession(Protocol):
 class InboundStats:
     """Counters the worker reports (status, metrics)."""
 
-    __slots__ = ("received", "received_bytes", "connections", "refused_connections")
+    # rejected: refusals (4xx/5xx) of a MAIL, of a command inside a transaction (RCPT,
+    # DATA, BDAT) and of a message at its end; volley_transactions_rejected_total.
+    __slots__ = ("received", "received_bytes", "rejected", "connections", "refused_connections")
 
     def __init__(self) -> None:
-        self.received = self.received_bytes = 0
+        self.received = self.received_bytes = self.rejected = 0
         self.connections = 0
         self.refused_connections = 0
 

@@ -174,7 +174,13 @@ class SmtpServerProtocol(InboundConnection):
                 if not self._command(event.command, out):  # type: ignore[union-attr]
                     return
             elif kind is AutoReply:
-                out.append(session.send(event.reply))  # type: ignore[union-attr]
+                reply = event.reply  # type: ignore[union-attr]
+                if reply.code >= 400 and session.envelope.mail is not None:
+                    # The machine refused a step of an open transaction (DATA with no
+                    # recipient, a message too big or malformed at its end, a RCPT it
+                    # could not parse): before send(), which may reset the envelope.
+                    self.ctx.stats.rejected += 1
+                out.append(session.send(reply))
                 if session.state is _CLOSED:
                     self._write(out)
                     self.close()
@@ -201,12 +207,16 @@ class SmtpServerProtocol(InboundConnection):
                 command,  # type: ignore[arg-type]
                 len(session.envelope.rcpts),
             ) or (None if policy.is_feedback(address) else rcpt_refusal(self.ctx.store, address))
+            if reply is not None:
+                self.ctx.stats.rejected += 1
             out.append(session.send(reply or R250_RCPT_OK))
         elif kind is Mail:
             reply = policy.check_mail(
                 self.listener.auth == "required" and session.auth_user is None,
                 command,  # type: ignore[arg-type]
             )
+            if reply is not None:
+                self.ctx.stats.rejected += 1
             out.append(session.send(reply or R250_SENDER_OK))
         elif isinstance(command, (Ehlo, Helo)):
             ctx = self.ctx
@@ -237,7 +247,7 @@ class SmtpServerProtocol(InboundConnection):
         if decisions.hop_count(content) >= ctx.cfg.limits.max_hops:
             # RFC 5321 §6.3: a message that has passed this many relays is looping
             # somewhere our MX check cannot see (Postfix: hopcount_limit, 50).
-            self._decided(R554_TOO_MANY_HOPS)
+            self._refused(R554_TOO_MANY_HOPS)
             return
         if content and not content.endswith(b"\r\n"):
             # BDAT content need not end in CRLF, but the relayed copy must (P5).
@@ -245,7 +255,7 @@ class SmtpServerProtocol(InboundConnection):
         enqueue.start(
             ctx, self.session, content, client_ip=self.client_ip, received=self._received,
             tls_version=self.tls_version, trusted=self.may_relay or self.session.auth_user is not None,
-            submit=self._submit, fail=self._decided,
+            submit=self._submit, fail=self._refused,
         )
 
     def _submit(self, sub: enqueue.Submission) -> None:
@@ -256,7 +266,7 @@ class SmtpServerProtocol(InboundConnection):
         if isinstance(result, BaseException):
             reply = getattr(result, "reply", R451_LOCAL_ERROR)
             log.warning("queue_refused", client=self.client_ip, error=repr(result))
-            self._decided(reply)
+            self._refused(reply)
             return
         ctx = self.ctx
         if sub.report is not None:
@@ -270,6 +280,12 @@ class SmtpServerProtocol(InboundConnection):
         if ctx.on_new_mail is not None:
             ctx.on_new_mail()
         self._decided(Reply(250, "2.0.0", f"OK queued as {sub.msg_id}"))
+
+    def _refused(self, reply: Reply) -> None:
+        """A message refused at its end (looping, unroutable, the queue refused it)."""
+        if reply.code >= 400:
+            self.ctx.stats.rejected += 1
+        self._decided(reply)
 
     def _decided(self, reply: Reply) -> None:
         """A slow decision came back: send it and carry on with what is buffered."""

@@ -42,7 +42,9 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("received", "volley_messages_received_total", "Messages accepted (end of DATA answered 250)."),
     ("received_bytes", "volley_received_bytes_total", "Bytes of message content accepted."),
     ("rejected", "volley_transactions_rejected_total",
-     "Inbound transactions refused: a MAIL, RCPT or DATA answered 4xx/5xx."),
+     "Inbound refusals (4xx/5xx) of mail transactions: a MAIL refused by policy (auth, "
+     "declared size), any command of an open transaction refused (RCPT, DATA, BDAT), or a "
+     "message refused at its end (too big, malformed, looping, the queue refused it)."),
     ("connections_in", "volley_connections_in_total", "Inbound SMTP connections accepted."),
     ("delivered", "volley_messages_delivered_total", "Recipients delivered (2xx from the next hop)."),
     ("deferred", "volley_messages_deferred_total", "Recipients deferred for a later retry."),
