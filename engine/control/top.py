@@ -125,9 +125,10 @@ def destinations(prev: Snapshot | None, cur: Snapshot) -> list[Row]:
         seconds = cur.at - prev.at
         before = _rows(prev)
         for name, row in rows.items():
-            old = before.get(name)
-            row.sent_rate = _rate(row.sent, old.sent if old else None, seconds)
-            row.deferred_rate = _rate(row.deferred, old.deferred if old else None, seconds)
+            # New since the last refresh: its pools and queue rows started from nothing.
+            old = before.get(name) or Row(name)
+            row.sent_rate = _rate(row.sent, old.sent, seconds)
+            row.deferred_rate = _rate(row.deferred, old.deferred, seconds)
     return sorted(rows.values(), key=lambda r: (-r.sent_rate, -r.open, -r.queued, r.name))
 
 

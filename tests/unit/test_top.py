@@ -37,6 +37,9 @@ def test_rates_are_the_difference_of_two_snapshots_over_the_time_between_them():
     lines = screen(a, b)
     assert "in 30.0/s  out 20.0/s" in lines[1]
     assert lines[3] == "conns in 2 out 4/100  cpu w0 25%  w1 0%"
+    # A destination new since the last refresh counts from nothing.
+    c = snap(104.0, [pool("a.test", 30), pool("new.test", 8)])
+    assert {r.name: r.sent_rate for r in destinations(b, c)} == {"a.test": 0.0, "new.test": 4.0}
     # The first refresh has nothing to compare with: no rate is invented.
     (first,) = destinations(None, b)
     assert first.sent_rate == 0.0 and "in -/s" in screen(None, b)[1]
