@@ -192,7 +192,7 @@ def _mail(rest: str) -> Mail:
         elif key == "AUTH":  # RFC 4954 §5
             auth = _xtext(key, value, 500)
         else:
-            raise SmtpSyntaxError(R555_UNKNOWN_PARAM)
+            raise SmtpSyntaxError(R555_UNKNOWN_PARAM, f"MAIL FROM parameter {key[:40]} not recognized")
     return Mail(address, size=size, body=body, smtputf8=utf8, ret=ret, envid=envid, auth=auth)
 
 
@@ -237,7 +237,7 @@ def _rcpt(rest: str, utf8: bool) -> Rcpt:
                 raise SmtpSyntaxError(R501_SYNTAX, "Bad ORCPT value")
             orcpt = decoded
         else:
-            raise SmtpSyntaxError(R555_UNKNOWN_PARAM)
+            raise SmtpSyntaxError(R555_UNKNOWN_PARAM, f"RCPT TO parameter {key[:40]} not recognized")
     return Rcpt(address, notify=notify, orcpt=orcpt)
 
 

@@ -51,9 +51,9 @@ def format_reply(reply: Reply) -> bytes:
 
 
 # --- the catalogue -----------------------------------------------------------------
-R214_HELP = Reply(
-    214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY STARTTLS AUTH"
-)
+# HELP lists what this session offers (engine/smtp/sequence.py help_reply): these are the
+# commands every session takes; BDAT, STARTTLS and AUTH join them once EHLO offered them.
+R214_HELP = Reply(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP")
 R220_READY_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 R221_BYE = Reply(221, "2.0.0", "Bye")
 R235_AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
@@ -87,6 +87,7 @@ R503_BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
 R503_ALREADY_AUTH = Reply(503, "5.5.1", "Already authenticated")
 R503_NESTED_MAIL = Reply(503, "5.5.1", "Sender already given")
 R503_NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command first")
+R503_BDAT_OPEN = Reply(503, "5.5.1", "BDAT transaction in progress: send BDAT LAST or RSET first")
 R503_NEED_HELO = Reply(503, "5.5.1", "Send EHLO or HELO first")
 R504_AUTH_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
 R530_AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
@@ -99,9 +100,11 @@ R554_RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 R552_MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 R553_BAD_ADDRESS = Reply(553, "5.1.3", "Bad address syntax")
 R553_UTF8_NOT_ALLOWED = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
-R554_NO_VALID_RCPTS = Reply(554, "5.5.1", "No valid recipients")
+R554_NO_VALID_RCPTS = Reply(554, "5.5.1", "No valid recipients: need an accepted RCPT command first")
 R554_TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops: mail loop suspected")
 R554_PREGREET = Reply(554, "5.5.1", "Protocol error: you talked before the greeting")
+# RFC 5321 §4.1.1.11 / RFC 1869 §6: the reply names the parameter ("MAIL FROM parameter
+# FOO not recognized"): commands.py fills in the verb and the keyword.
 R555_UNKNOWN_PARAM = Reply(555, "5.5.4", "MAIL FROM/RCPT TO parameter not recognized or not implemented")
 
 

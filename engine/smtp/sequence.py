@@ -29,6 +29,7 @@ from engine.smtp.replies import (
     R252_CANNOT_VRFY,
     R354_START_DATA,
     R503_BAD_SEQUENCE,
+    R503_BDAT_OPEN,
     R503_NEED_HELO,
     R503_NEED_MAIL,
     R503_NESTED_MAIL,
@@ -65,16 +66,38 @@ ALLOWED_IN: dict[type[Command], tuple[State, ...]] = {
 
 
 def sequence_reply(command: Command, state: State) -> Reply:
+    """The 503 (or 554) for `command` out of order in `state`, saying what is missing."""
     if state is _S.CONNECTED:
         return R503_NEED_HELO
     if isinstance(command, Mail):
         return R503_NESTED_MAIL
-    if isinstance(command, Rcpt):
-        return R503_NEED_MAIL
+    if state is _S.BDAT_MORE and isinstance(command, (Rcpt, Data)):
+        return R503_BDAT_OPEN  # RFC 3030 §3: the BDAT chunks end only with BDAT LAST
+    if isinstance(command, (Rcpt, Data, Bdat)) and state is _S.READY:
+        return R503_NEED_MAIL  # (DATA and BDAT as RCPT: the transaction has no sender)
     if isinstance(command, (Data, Bdat)) and state is _S.MAIL:
-        # The issue's contract and Postfix's habit: DATA with no accepted RCPT is 554.
+        # The issue's contract and Postfix's habit: DATA with no accepted RCPT is 554;
+        # its text says what is missing (an accepted RCPT).
         return R554_NO_VALID_RCPTS
     return R503_BAD_SEQUENCE
+
+
+# RFC 5321 §4.1.1.8: HELP lists what this session takes. BDAT, STARTTLS and AUTH only
+# once the last EHLO reply offered them (CHUNKING, STARTTLS, AUTH): before EHLO, after
+# HELO, after the TLS handshake (EHLO again) and on a listener without them, never.
+_HELP_EXTENSIONS = (("CHUNKING", "BDAT"), ("STARTTLS", "STARTTLS"), ("AUTH", "AUTH"))
+_HELP_CACHE: dict[frozenset[str], Reply] = {}
+
+
+def help_reply(offered: frozenset[str]) -> Reply:
+    """The 214 to HELP for a session whose last EHLO reply offered the `offered` keywords."""
+    reply = _HELP_CACHE.get(offered)
+    if reply is None:
+        extra = [command for keyword, command in _HELP_EXTENSIONS if keyword in offered]
+        reply = R214_HELP.with_text(" ".join([str(R214_HELP.text), *extra]))
+        if len(_HELP_CACHE) < 64:  # (a handful of listener kinds; never unbounded)
+            _HELP_CACHE[offered] = reply
+    return reply
 
 
 # Commands the machine answers itself: no policy is involved.

@@ -35,6 +35,7 @@ from engine.smtp.commands import (
     Command,
     Ehlo,
     Helo,
+    Help,
     Mail,
     Rcpt,
     SmtpSyntaxError,
@@ -69,7 +70,7 @@ from engine.smtp.replies import (
     R554_PREGREET,
     Reply,
 )
-from engine.smtp.sequence import ALLOWED_IN, AUTO_REPLIES, JUNK, sequence_reply
+from engine.smtp.sequence import ALLOWED_IN, AUTO_REPLIES, JUNK, help_reply, sequence_reply
 
 # Module constants: a global load is cheaper than State.X (a class attribute) on the
 # per-command path.
@@ -100,6 +101,7 @@ class ServerSession:
         self.envelope = Envelope()
         self.helo: str | None = None
         self.esmtp = False
+        self.offered: frozenset[str] = frozenset()  # the keywords of the last EHLO reply
         self.auth_user: str | None = None
         self.errors = 0
         self.discarded_at_starttls = 0  # bytes pipelined after STARTTLS, never executed
@@ -241,6 +243,8 @@ class ServerSession:
                 self.junk += 1
                 if self.junk > self.max_junk_commands:
                     return AutoReply(R421_TOO_MANY_ERRORS)
+                if kind is Help:  # what this session offers (RFC 5321 §4.1.1.8)
+                    return AutoReply(help_reply(self.offered))
             return auto
         if kind is Bdat:
             self._start_chunk(command, None)  # type: ignore[arg-type]
@@ -375,6 +379,10 @@ class ServerSession:
                 # RFC 5321 §4.1.4: EHLO resets the transaction as RSET would.
                 self.helo = command.domain
                 self.esmtp = isinstance(command, Ehlo)
+                # RFC 5321 §4.1.1.1: the EHLO reply's lines after the first are the
+                # extensions offered, a keyword each; HELP lists only those offered.
+                self.offered = frozenset(line.split(" ", 1)[0].upper()
+                                         for line in reply.lines[1:]) if self.esmtp else frozenset()
                 self.envelope = Envelope()
                 self.state = State.READY
         elif isinstance(command, StartTls):
@@ -418,6 +426,7 @@ class ServerSession:
         self.tls_active = True
         self.helo = None
         self.esmtp = False
+        self.offered = frozenset()
         self.auth_user = None
         self.envelope = Envelope()
         del self._buf[:]
