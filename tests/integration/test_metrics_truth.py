@@ -7,6 +7,10 @@ the status rates read 0 (or one average since start) whatever had happened."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -15,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine.lab.sink.protocol import start_sink
 from tests.integration.control_helpers import ctl, ctl_json, relay_overrides
 from tests.integration.harness import wait_until
-from tests.integration.relay_helpers import HOME, HOME_IP, SENDER, body, send_many
+from tests.integration.relay_helpers import HOME, HOME_IP, SENDER, Counter, body, send_many
 from tests.integration.smtp_raw import RawClient
 
 A_IP = "127.0.0.2"
@@ -112,3 +116,140 @@ def test_status_rates_cover_what_arrived_and_say_how_much_history_they_have(serv
                    f"{window} rate covers the 40 messages")
     human = ctl(server, "status").stdout
     assert "s of data)" in human, human
+
+
+def test_inbound_figures_and_supervisor_gauges_match_the_clients_and_the_queue(serve):
+    started = time.monotonic()
+    server = serve()
+    clients = [RawClient(server.port) for _ in range(3)]  # 3 connections, held open
+    try:
+        for c in clients:
+            c.ehlo()
+        ids = send_many(server.port, [(["a@one.test", "b@two.test"], body("two units")),
+                                      (["c@one.test"], body("one unit"))])
+        connections = len(clients) + 1  # send_many's own connection
+        listed = ctl_json(server, "list")["messages"]
+        assert sorted(m["id"] for m in listed) == sorted(ids)
+        stored_bytes = sum(m["size"] for m in listed)  # the queue's records
+        units = sum(len(m["domains"]) for m in listed)
+        assert units == 3
+        for domain in ("one.test", "two.test"):
+            ctl(server, "suspend", domain)
+
+        def figures() -> dict[str, float]:
+            seen = samples(server)
+            return {k: seen[k] for k in (
+                "volley_sessions_in", "volley_connections_in_total", "volley_received_bytes_total",
+                "volley_queue_messages", "volley_queue_units", "volley_domains_suspended",
+                "volley_workers")}
+
+        want = {"volley_sessions_in": len(clients), "volley_connections_in_total": connections,
+                "volley_received_bytes_total": stored_bytes, "volley_queue_messages": 2,
+                "volley_queue_units": units, "volley_domains_suspended": 2, "volley_workers": 2}
+        wait_until(lambda: figures() == want, WAIT, f"figures {want}")
+        seen = samples(server)
+        # LMDB pages hold the queued bytes: never fewer than the records say.
+        assert seen["volley_queue_bytes"] >= stored_bytes > 0
+        # The supervisor's age: within the time this test has watched it.
+        assert 0 < seen["volley_uptime_seconds"] <= time.monotonic() - started
+    finally:
+        for c in clients:
+            c.close()
+    wait_until(lambda: samples(server)["volley_sessions_in"] == 0, WAIT, "sessions closed")
+
+    # A killed worker is restarted: one restart, as many workers as before.
+    os.kill(server.worker_pids[0], signal.SIGKILL)
+    server.wait_for(lambda e: e.get("event") == "worker_restarted", WAIT)
+    wait_until(lambda: (samples(server)["volley_worker_restarts_total"],
+                        samples(server)["volley_workers"]) == (1, 2), WAIT, "one restart")
+
+
+def test_delivery_counters_match_the_sink_and_the_dns_server(serve, peers, dns_zone):
+    later = Counter()  # the 451s the sink gave
+    hold = threading.Event()
+
+    def script(verb: str, arg: str) -> str | None:
+        if verb == "RCPT" and "later@" in arg:
+            later.bump("451")
+            return "451 4.3.0 try again later"
+        if verb == "RCPT" and "held@" in arg:
+            hold.wait(WAIT)  # keeps this one session open while the test looks
+        return None
+
+    a = peers.call(start_sink(A_IP, 0, script=script))
+    peers.sinks.append(a)
+    dns = dns_zone({"a.test": {"MX": [(10, "mx.a.test")]}, "mx.a.test": {"A": [A_IP]}})
+    server = serve(relay_overrides(dns.port, a.port, retry="1h"))
+    for i in range(2):  # one after the other: the second route comes from the cache
+        send_many(server.port, [([f"ok{i}@a.test"], body(f"ok{i}"))])
+        wait_until(lambda i=i: len(a.messages) == i + 1, WAIT, f"ok{i} delivered")  # type: ignore[misc]
+    send_many(server.port, [(["later@a.test"], body("later"))])
+    wait_until(lambda: later.counts.get("451") == 1, WAIT, "later deferred")
+
+    def delivery() -> dict[str, float]:
+        seen = samples(server)
+        return {k: seen[k] for k in (
+            "volley_messages_delivered_total", "volley_messages_deferred_total",
+            "volley_sent_bytes_total", "volley_connections_out_total", "volley_dns_lookups_total")}
+
+    def truth() -> dict[str, float]:
+        return {"volley_messages_delivered_total": len(a.messages),
+                "volley_messages_deferred_total": later.counts.get("451", 0),
+                "volley_sent_bytes_total": sum(len(m.data) for m in a.messages),
+                "volley_connections_out_total": a.connections,
+                # every miss asked the DNS server: a.test's MX and mx.a.test's address
+                "volley_dns_lookups_total": dns.count("a.test", "MX") + dns.count("mx.a.test", "A")}
+
+    wait_until(lambda: delivery() == truth(), WAIT, f"delivery figures {truth()}")
+
+    # A plan is memoised for a second (engine/delivery/planner.py) without asking the
+    # cache; a message after that is routed from the cache: keep delivering until one is.
+    def one_more() -> bool:
+        n = len(a.messages)
+        send_many(server.port, [([f"more{n}@a.test"], body(f"more{n}"))])
+        wait_until(lambda: len(a.messages) == n + 1, WAIT, f"more{n} delivered")
+        return samples(server)["volley_dns_cache_hits_total"] >= 2  # the MX and the address
+
+    wait_until(one_more, WAIT, "a route answered from the DNS cache")
+    # ... and it was: the DNS server was asked once for each, ever.
+    assert (dns.count("a.test", "MX"), dns.count("mx.a.test", "A")) == (1, 1)
+    delivered = len(a.messages)
+
+    # One session held open by the sink: the server says one session out.
+    send_many(server.port, [(["held@a.test"], body("held"))])
+    try:
+        wait_until(lambda: len(a.live) >= 1 and samples(server)["volley_sessions_out"] == len(a.live),
+                   WAIT, "the held session counted")
+    finally:
+        hold.set()
+    wait_until(lambda: len(a.messages) == delivered + 1, WAIT, "held delivered")
+
+
+def test_expired_recipients_are_counted_as_their_reports_arrive(serve, peers, dns_zone):
+    tries = Counter()
+
+    def script(verb: str, arg: str) -> str | None:
+        if verb == "RCPT":
+            tries.bump("451")
+            return "451 4.3.0 try again later"
+        return None
+
+    a = peers.call(start_sink(A_IP, 0, script=script))
+    home = peers.call(start_sink(HOME_IP, a.port))
+    peers.sinks.extend([a, home])
+    dns = dns_zone({
+        "a.test": {"MX": [(10, "mx.a.test")]}, "mx.a.test": {"A": [A_IP]},
+        HOME: {"MX": [(10, f"mx.{HOME}")]}, f"mx.{HOME}": {"A": [HOME_IP]},
+    })
+    server = serve(relay_overrides(dns.port, a.port, max_age="2s"))
+    send_many(server.port, [([f"u{i}@a.test"], body(f"late{i}")) for i in range(2)])
+    wait_until(lambda: sum(1 for m in home.messages if m.mail_from == "") == 2, WAIT,
+               "two expiry reports")
+
+    def figures() -> tuple[float, ...]:
+        seen = samples(server)
+        return (seen["volley_messages_expired_total"], seen["volley_messages_bounced_total"],
+                seen["volley_dsns_queued_total"], seen["volley_messages_deferred_total"])
+
+    wait_until(lambda: figures() == (2, 2, 2, tries.counts.get("451", 0)), WAIT,
+               f"expired figures (got {figures()})")
