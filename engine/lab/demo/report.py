@@ -151,13 +151,14 @@ def render(o: Outcome) -> str:
         f"volley demo: {o.messages:,} messages of {o.size:,} bytes to {o.domains} domains"
         f" ({o.sinks} sinks, latency {o.latency_ms:g} ms), {o.concurrency} sessions,"
         f" {o.workers} workers, durability {o.durability}",
-        f"  sent        {b.sent:>9,}   accepted {b.accepted:,}   refused {refused:,}"
-        f"   failed {b.failed:,}",
+        f"  attempted   {b.attempted:>9,} = accepted {b.accepted:,} + refused {refused:,}"
+        f" + failed {b.failed:,}   (bodies sent {b.sent:,})",
         f"  delivered   {o.delivered:>9,}   to the sinks",
         f"  in          {b.msgs_per_s:>9,.0f} msgs/s   ({b.accepted:,} accepted in {b.elapsed:.2f} s)",
         f"  out         {out_rate:>9,.0f} msgs/s   (first message sent to last delivered:"
         f" {o.out_seconds:.2f} s)",
-        f"  latency     p50 {lat.p50:.1f} ms   p99 {lat.p99:.1f} ms   (end of DATA to 250, from blast)",
+        (f"  latency     p50 {lat.p50:.1f} ms   p99 {lat.p99:.1f} ms   (end of DATA to 250, from blast,"
+         f" {b.timed:,} timed)" if b.timed else "  latency     n/a   (no end of DATA was answered)"),
         f"  queue time  p50 {1000 * percentile(qt, 0.5):.0f} ms   p99 {1000 * percentile(qt, 0.99):.0f} ms"
         f"   (arrival to delivery, {len(qt):,} recipients in the delivery log)",
         f"  server CPU  {o.server_cpu:.2f} s   ({1e6 * o.server_cpu / max(1, o.delivered):,.0f} us"
