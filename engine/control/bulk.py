@@ -198,27 +198,35 @@ def bounce_reply(reason: str = "") -> Reply:
 
 
 def bounce_chunk(store: QueueStore, ids: list[bytes], *, domain: str = "", reason: str = "",
-                 id_alloc: IdAllocator, hostname: str, now: float) -> int:
+                 id_alloc: IdAllocator, hostname: str, now: float,
+                 reports: list[int] | None = None) -> int:
     """Bounce the pending recipients (of `domain`, or all) with `bounce_reply`, through
     the delivery side's own bounce path (`bounce.bounce_recipients`: BOUNCED, a failure
     report to the sender, the message deleted when nothing is pending) in the chunk's
-    write transaction. Returns how many messages had recipients bounced."""
+    write transaction. Returns how many messages had recipients bounced; `reports[0]`
+    grows by the failure reports the committed chunk queued."""
     reply = bounce_reply(reason)
     # Bodies never change once queued, so they are read outside the write txn; report
     # ids are taken outside the ops too, because an op may be run twice.
     bodies = dict(zip(ids, store.get_bodies(ids)))
     report_ids = {mid: (id_alloc.next(), id_alloc.next(), id_alloc.next()) for mid in ids}
 
-    def change(w: WriteTxn, current: MessageRecord, idx: list[int]) -> None:
-        bounce_recipients(w, current, idx, reply, bodies[current.id] or b"",
-                          report_ids=report_ids[current.id], reporting_mta=hostname, now=now)
+    queued: dict[bytes, int] = {}  # by message: an op run again (isolation) overwrites
 
-    return _each_pending(store, ids, domain, change)
+    def change(w: WriteTxn, current: MessageRecord, idx: list[int]) -> None:
+        _, queued[current.id] = bounce_recipients(
+            w, current, idx, reply, bodies[current.id] or b"",
+            report_ids=report_ids[current.id], reporting_mta=hostname, now=now)
+
+    done = _each_pending(store, ids, domain, change)  # raises when the chunk did not commit
+    if reports is not None:
+        reports[0] += sum(queued.values())
+    return done
 
 
 def _chunk_action(store: QueueStore, action: str, *, domain: str, reason: str,
                   id_alloc: IdAllocator | None, hostname: str,
-                  now: float) -> Callable[[list[bytes]], int]:
+                  now: float, reports: list[int]) -> Callable[[list[bytes]], int]:
     """The change `action` makes to one chunk of ids (it returns how many changed)."""
     if action == "flush":
         return lambda ids: flush_chunk(store, ids, domain)
@@ -226,7 +234,7 @@ def _chunk_action(store: QueueStore, action: str, *, domain: str, reason: str,
         return lambda ids: delete_chunk(store, ids, domain)
     assert id_alloc is not None
     return lambda ids: bounce_chunk(store, ids, domain=domain, reason=reason, id_alloc=id_alloc,
-                                    hostname=hostname, now=now)
+                                    hostname=hostname, now=now, reports=reports)
 
 
 async def run_bulk(store: QueueStore, action: str, *, now: float,
@@ -237,7 +245,8 @@ async def run_bulk(store: QueueStore, action: str, *, now: float,
                    reason: str = "", id_alloc: IdAllocator | None = None, hostname: str = "",
                    chunk: int = CHUNK, duty: float = DUTY) -> dict[str, Any]:
     """Select and change messages chunk by chunk: {"matched", "done", "dry_run",
-    "chunks", "seconds"}. Each chunk (selection and write) is one `run_in_thread(fn)`
+    "chunks", "seconds", "reports"} (reports: the failure reports a bounce queued).
+    Each chunk (selection and write) is one `run_in_thread(fn)`
     call, so the event loop runs between chunks. `dry_run` only counts the matches.
     A chunk that wrote is followed by a rest so the writes hold the LMDB write lock for
     at most `duty` of the time: reception and delivery commit in between (1 = no rest).
@@ -264,8 +273,9 @@ async def run_bulk(store: QueueStore, action: str, *, now: float,
         chunks = select(store, domain=domain, sender=sender, state=state, now=now,
                         suspended=suspended, chunk=chunk)
 
+    reports = [0]
     change = _chunk_action(store, action, domain=domain, reason=reason, id_alloc=id_alloc,
-                           hostname=hostname, now=now)
+                           hostname=hostname, now=now, reports=reports)
 
     def step() -> tuple[int, int] | None:
         ids = next(chunks, None)
@@ -285,4 +295,4 @@ async def run_bulk(store: QueueStore, action: str, *, now: float,
         if res[1] and duty < 1.0:
             await asyncio.sleep((time.monotonic() - began) * (1.0 - duty) / duty)
     return {"matched": matched, "done": done, "dry_run": dry_run, "chunks": n_chunks,
-            "seconds": round(time.monotonic() - started, 3)}
+            "seconds": round(time.monotonic() - started, 3), "reports": reports[0]}

@@ -363,6 +363,7 @@ class ControlPlane:
             self.store, action, now=now, suspended=self.suspended(now),
             run_in_thread=self._thread, id_alloc=self.ids,
             hostname=self.sup.cfg.server.hostname, **kw)
+        self.fleet.count("dsns_queued", report.pop("reports"))
         return replies.Bulk(**report)
 
     # --- process -----------------------------------------------------------------------

@@ -40,6 +40,8 @@ class Fleet:
     def __init__(self) -> None:
         self.states: dict[int, State] = {}
         self.retired: dict[str, Any] | None = None
+        # Counts the supervisor itself makes (the reports of `ctl bounce`), merged in.
+        self.own: dict[str, int] = {}
         # Every counter is 0 now (no worker has pushed): the base of the first rates.
         self.rates = FleetRates(self, time.monotonic())
 
@@ -52,10 +54,16 @@ class Fleet:
             parts = [last.metrics] + ([self.retired] if self.retired else [])
             self.retired = WorkerMetrics.merge(parts)
 
+    def count(self, attr: str, n: int) -> None:
+        """Add `n` to a counter the supervisor moves itself (a WorkerMetrics counter)."""
+        self.own[attr] = self.own.get(attr, 0) + n
+
     def metrics(self) -> dict[str, Any]:
         parts = [s.metrics for s in self.states.values() if s.metrics]
         if self.retired:
             parts.append(self.retired)
+        if self.own:
+            parts.append({"counters": dict(self.own)})
         return WorkerMetrics.merge(parts) if parts else WorkerMetrics().snapshot()
 
     def counters(self) -> dict[str, int]:

@@ -51,18 +51,20 @@ def write_outcome(w: WriteTxn, stored: MessageRecord, applied: Applied, body: by
 
 def bounce_recipients(w: WriteTxn, stored: MessageRecord, indices: Sequence[int],
                       reason: Reply, body: bytes, *, report_ids: ReportIds,
-                      reporting_mta: str, now: float) -> Applied:
+                      reporting_mta: str, now: float) -> tuple[Applied, int]:
     """Bounce the PENDING recipients `indices` of `stored` with `reason` (a 5xx reply),
     as a remote 5xx would: they become BOUNCED, the record is written (deleted when
     nothing is pending) and one failure report goes to the sender, unless the sender is
     null or the recipients asked for NOTIFY=NEVER. `body` is the queued message (its
     headers, or all of it for RET=FULL, go back with the report).
 
+    Returns the outcome and how many reports it queued (for volley_dsns_queued_total).
+
     Raises IndexError for an index outside the record (a caller bug).
     """
     applied = outcome.apply(stored, dict.fromkeys(indices, reason), now, schedule=(60.0,),
                             max_age=float("inf"))
-    write_outcome(w, stored, applied, body, report_ids=report_ids,
+    queued = write_outcome(w, stored, applied, body, report_ids=report_ids,
                   reporting_mta=reporting_mta, now=now, retry_until=stored.received_at,
                   hold=False)
-    return applied
+    return applied, queued

@@ -17,6 +17,7 @@ from engine.lab.sink.protocol import start_sink
 from tests.integration.control_helpers import ask, ctl, ctl_json, relay_overrides
 from tests.integration.harness import wait_until
 from tests.integration.relay_helpers import HOME, HOME_IP, body, rcpt_of, send_many, tag_of
+from tests.integration.test_metrics_truth import samples
 
 A_IP, B_IP = "127.0.0.2", "127.0.0.3"
 WAIT = 40.0
@@ -140,6 +141,8 @@ def test_bounce_by_filter_sends_dsns_to_the_senders(serve, peers, dns_zone):
     assert a.messages == []
     listed = {m["id"] for m in ctl_json(server, "list")["messages"]}
     assert not listed & set(ids)
+    # The supervisor queued those reports itself: they count like the workers' ones.
+    assert samples(server)["volley_dsns_queued_total"] == len(home.messages) == 2
 
 
 def test_throttle_and_mx(serve, peers, dns_zone):
