@@ -56,6 +56,7 @@ import os
 import struct
 from dataclasses import dataclass
 
+from engine.delivery.mapped_file import map_readonly, map_shared
 from engine.delivery.ramp import Halving, halve
 from engine.observe import log
 
@@ -142,38 +143,15 @@ class LimitTable:
 
         Raises OSError when the file cannot be created or mapped.
         """
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX, HEADER_SIZE, 0)
-            try:
-                if os.fstat(fd).st_size < FILE_SIZE or os.pread(fd, 8, 0) != MAGIC:
-                    os.ftruncate(fd, 0)
-                    os.ftruncate(fd, FILE_SIZE)
-                    os.pwrite(fd, _HEADER.pack(MAGIC, SLOTS, COLUMNS), 0)
-            finally:
-                fcntl.lockf(fd, fcntl.LOCK_UN, HEADER_SIZE, 0)
-            mm = mmap.mmap(fd, FILE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.close(fd)
-            raise
+        header = _HEADER.pack(MAGIC, SLOTS, COLUMNS).ljust(HEADER_SIZE, b"\0")
+        fd, mm = map_shared(path, FILE_SIZE, MAGIC, header)
         return cls(fd, mm, writable=True)
 
     @classmethod
     def open_readonly(cls, path: str) -> LimitTable | None:
         """The table for reading (the supervisor's `ctl shaping`); None if absent."""
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        try:
-            if os.fstat(fd).st_size < FILE_SIZE or os.pread(fd, 8, 0) != MAGIC:
-                os.close(fd)
-                return None
-            mm = mmap.mmap(fd, FILE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
-        except BaseException:
-            os.close(fd)
-            raise
-        return cls(fd, mm, writable=False)
+        mapped = map_readonly(path, FILE_SIZE, MAGIC)
+        return None if mapped is None else cls(*mapped, writable=False)
 
     @classmethod
     def private(cls) -> LimitTable:

@@ -25,6 +25,7 @@ import mmap
 import os
 import struct
 
+from engine.delivery.mapped_file import map_readonly, map_shared
 from engine.observe import log
 
 MAGIC = b"VOLWARM1"
@@ -59,38 +60,15 @@ class WarmupTable:
     @classmethod
     def open(cls, path: str) -> WarmupTable:
         """Open (creating) the table at `path`. Raises OSError."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX, HEADER_SIZE, 0)
-            try:
-                if os.fstat(fd).st_size < FILE_SIZE or os.pread(fd, 8, 0) != MAGIC:
-                    os.ftruncate(fd, 0)
-                    os.ftruncate(fd, FILE_SIZE)
-                    os.pwrite(fd, _HEADER.pack(MAGIC, SLOTS), 0)
-            finally:
-                fcntl.lockf(fd, fcntl.LOCK_UN, HEADER_SIZE, 0)
-            mm = mmap.mmap(fd, FILE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.close(fd)
-            raise
+        header = _HEADER.pack(MAGIC, SLOTS).ljust(HEADER_SIZE, b"\0")
+        fd, mm = map_shared(path, FILE_SIZE, MAGIC, header)
         return cls(fd, mm, writable=True)
 
     @classmethod
     def open_readonly(cls, path: str) -> WarmupTable | None:
         """For `volley ctl warmup` (the supervisor); None when no worker made it yet."""
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        try:
-            if os.fstat(fd).st_size < FILE_SIZE or os.pread(fd, 8, 0) != MAGIC:
-                os.close(fd)
-                return None
-            mm = mmap.mmap(fd, FILE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
-        except BaseException:
-            os.close(fd)
-            raise
-        return cls(fd, mm, writable=False)
+        mapped = map_readonly(path, FILE_SIZE, MAGIC)
+        return None if mapped is None else cls(*mapped, writable=False)
 
     @classmethod
     def private(cls) -> WarmupTable:
