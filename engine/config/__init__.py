@@ -7,6 +7,7 @@ names from here: `from engine.config import Config, load`.
 """
 
 from engine.config.bounces import BouncesConfig
+from engine.config.cluster import ClusterConfig
 from engine.config.egress import EgressConfig, EgressRuleConfig, WarmupConfig
 from engine.config.loader import (
     ConfigError,
@@ -61,7 +62,7 @@ from engine.config.units import (
 )
 
 __all__ = [
-    "AuthConfig", "BouncesConfig", "CampaignsConfig", "Config", "ConfigError", "ControlConfig",
+    "AuthConfig", "BouncesConfig", "CampaignsConfig", "ClusterConfig", "Config", "ConfigError", "ControlConfig",
     "DEFAULT_SCHEDULE", "DeliveryConfig", "DkimConfig", "DnsConfig", "Duration",
     "EgressConfig", "EgressRuleConfig", "WarmupConfig",
     "FeedbackConfig", "Frozen", "HttpConfig", "LimitsConfig", "ListenerConfig", "LogConfig",

@@ -15,6 +15,7 @@ from typing import Literal
 import msgspec
 
 from engine.config.bounces import BouncesConfig
+from engine.config.cluster import ClusterConfig
 from engine.config.egress import EgressConfig, EgressRuleConfig, WarmupConfig, check_egress
 from engine.config.mta_sts import MtaStsConfig
 from engine.config.newsletter import (
@@ -355,6 +356,7 @@ class Config(Frozen, frozen=True):
     egress_rules: list[EgressRuleConfig] = msgspec.field(default_factory=list)
     warmup: list[WarmupConfig] = msgspec.field(default_factory=list)
     reactions: list[ReactionConfig] = msgspec.field(default_factory=list)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
         check_shaping(self.shaping)
