@@ -25,6 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("engine.lab", "engine.doctor"),
     ("engine.supervisor",),
     ("engine.worker",),
+    ("engine.cluster",),
     ("engine.control",),
     ("engine.inbound", "engine.delivery", "engine.http"),
     ("engine.queue",),
