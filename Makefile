@@ -23,11 +23,12 @@ test: lint system-deps
 	$(BIN)/python -m pytest -q tests
 
 # What the fault tests need from the system: strace (the syscall-order proof of
-# durability), openssl (s_client against STARTTLS) and tmux (the screen of `volley ctl
-# top`). Debian's packages, installed when missing and we are root (CI is); otherwise
-# those tests say what is missing and skip.
+# durability), openssl (s_client against STARTTLS), tmux (the screen of `volley ctl
+# top`) and redis-server (the fleet tests of [cluster], tests/cluster). Debian's
+# packages, installed when missing and we are root (CI is); otherwise those tests say
+# what is missing and skip.
 system-deps:
-	@for tool in strace openssl tmux; do \
+	@for tool in strace openssl tmux redis-server; do \
 	  command -v $$tool >/dev/null 2>&1 && continue; \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$tool >/dev/null; \
