@@ -16,6 +16,10 @@ Tenant "" holds entries for every tenant; a tenant's own entries never reach ano
 
 The read side is a mixin of `QueueStore` (`SuppressionViews`); writes are functions of a
 `WriteTxn`, run inside a group-commit op like every other write.
+
+In a cluster, `add` and `remove` also write each change into the outbox
+(engine/queue/supp_outbox.py) in the same transaction, and `apply_remote` writes the
+fleet's changes (from Redis) without it.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
 
+from engine.queue import supp_outbox
 from engine.queue.records import domain_of
+from engine.queue.supp_outbox import Change, OutboxViews
 from engine.queue.writetxn import WriteTxn
 
 if TYPE_CHECKING:
@@ -175,8 +181,24 @@ def add(w: WriteTxn, entries: Iterable[Suppression], *, headroom: bool = True) -
             reason or tenant (nothing of this op is written: it is rolled back whole).
         QueueFull: not `headroom` and the queue is past its high-water mark.
     """
+    added = _put(w, entries)
+    # The fleet hears of what is new here; an entry already present was published by
+    # whoever added it (or seeded when the node joined).
+    supp_outbox.record(w, (Change("add", e.tenant, e.kind, e.value, e.reason, e.source, e.created)
+                           for e in added))
+    new = len(added)
+    if new:
+        # Measured ~110 bytes of pages per entry (1,000,000 in random order); the
+        # high-water estimate is pessimistic (256 bytes), as for messages: the exact
+        # count is taken when the estimate nears the mark.
+        w._store._account_put(w.txn, 0, new // 16 + 1, headroom=headroom)
+    return new
+
+
+def _put(w: WriteTxn, entries: Iterable[Suppression]) -> list[Suppression]:
+    """Check and write entries not yet on the list; returns the new ones, normalized."""
     txn, db = w.txn, w._store._supp
-    new = 0
+    added: list[Suppression] = []
     for e in entries:
         kind, v = normalize(e.value)
         if e.kind != kind:
@@ -185,13 +207,8 @@ def add(w: WriteTxn, entries: Iterable[Suppression], *, headroom: bool = True) -
             raise ValueError(f"reason: expected one of {', '.join(REASONS)}, got {e.reason!r}")
         check_tenant(e.tenant)
         if txn.put(entry_key(e.tenant, kind, v), _encode(e), db=db, overwrite=False):
-            new += 1
-    if new:
-        # Measured ~110 bytes of pages per entry (1,000,000 in random order); the
-        # high-water estimate is pessimistic (256 bytes), as for messages: the exact
-        # count is taken when the estimate nears the mark.
-        w._store._account_put(txn, 0, new // 16 + 1, headroom=headroom)
-    return new
+            added.append(e if e.value == v else msgspec.structs.replace(e, value=v))
+    return added
 
 
 def remove(w: WriteTxn, value: str, tenant: str = "") -> bool:
@@ -201,7 +218,57 @@ def remove(w: WriteTxn, value: str, tenant: str = "") -> bool:
         ValueError: `value` is not a valid address or domain, or a bad tenant.
     """
     kind, v = normalize(value)
-    return bool(w.txn.delete(entry_key(check_tenant(tenant), kind, v), db=w._store._supp))
+    gone = bool(w.txn.delete(entry_key(check_tenant(tenant), kind, v), db=w._store._supp))
+    if gone:
+        supp_outbox.record(w, [Change("remove", tenant, kind, v)])
+    return gone
+
+
+def apply_remote(w: WriteTxn, changes: Iterable[Change], *, mark: bytes = b"",
+                 position: bytes = b"") -> tuple[int, int]:
+    """Write the fleet's changes (read from Redis) into this node's list, without the
+    outbox (they came from it: no echo), and save `position` under the control-state
+    name `mark` in the same transaction, so a restart resumes after the last change
+    applied. A change that does not check (a newer engine's?) is skipped, not fatal:
+    one bad entry must not stop the mirror. Returns (added, removed)."""
+    added = removed = 0
+    for c in changes:
+        try:
+            if c.op == "add":
+                added += len(_put(w, [Suppression(c.value, c.kind, c.reason, c.source,
+                                                  c.created, c.tenant)]))
+            elif c.op == "remove":
+                kind, v = normalize(c.value)
+                removed += bool(w.txn.delete(entry_key(check_tenant(c.tenant), kind, v),
+                                             db=w._store._supp))
+        except ValueError:
+            continue
+    if added:
+        w._store._account_put(w.txn, 0, added // 16 + 1, headroom=True)
+    if mark:
+        w.txn.put(mark, position, db=w._store._ctl)
+    return added, removed
+
+
+def seed_outbox(w: WriteTxn, after: bytes, limit: int) -> bytes:
+    """Copy up to `limit` entries after key `after` into the outbox as adds (a node
+    joining a cluster publishes the list it already had); returns the last key copied,
+    b"" when the list is done."""
+    last = b""
+    changes: list[Change] = []
+    with w.txn.cursor(db=w._store._supp) as cur:
+        if not (cur.set_range(after) if after else cur.first()):
+            return b""
+        for k, data in cur:
+            if k == after:
+                continue
+            if len(changes) >= limit:
+                break
+            e = _decode(k, data)
+            changes.append(Change("add", e.tenant, e.kind, e.value, e.reason, e.source, e.created))
+            last = bytes(k)
+    supp_outbox.record(w, changes)
+    return last
 
 
 def lookup_in(w: WriteTxn, address: str, tenant: str = "") -> Suppression | None:
@@ -213,8 +280,8 @@ def lookup_in(w: WriteTxn, address: str, tenant: str = "") -> Suppression | None
 # ---- reads (mixin of QueueStore) ------------------------------------------------------
 
 
-class SuppressionViews:
-    """The read side of the list: methods of `QueueStore`."""
+class SuppressionViews(OutboxViews):
+    """The read side of the list (and of its outbox): methods of `QueueStore`."""
 
     _supp: lmdb._Database  # provided by QueueStore (store.py)
 
