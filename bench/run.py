@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dests  # noqa: E402
 import newsletter  # noqa: E402
 import shaping  # noqa: E402
 import shaping_report  # noqa: E402
@@ -55,6 +56,7 @@ class Row:
     latency_sink: bool = False
     domains: int = 1  # for engine.lab.blast (smtp-source sends to one domain)
     prefill: int = 0
+    group: str = ""  # for --only; default: the id up to its first "-"
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,12 @@ AIOSMTPD = System("aiosmtpd", "aiosmtpd+uvloop+lmdb (sync)", "aiosmtpd")
 SCALE = System("volley-scale", "volley fsync, blast pipelined", "volley", own_load=True)
 NEWSLETTER = [System(m.id, m.label, "volley") for m in newsletter.MODES]
 SHAPING = System("volley-shaping", "volley fsync, 5 shaped providers", "volley")
-GROUPS = ("receive", "relay", "latency", "scale", "newsletter", "shaping")
+# bench/dests.py's rows: their systems run side by side (runs interleaved).
+SLOW_DESTS = [System("volley-fsync", "volley fsync", "volley"),
+              System("volley-nolat", "volley fsync, sink no latency", "volley"), POSTFIX]
+DOWN_DEST = [System("volley-receive", "volley fsync, receive only", "volley"),
+             System("volley-down", "volley fsync, dests refuse", "volley")]
+GROUPS = ("receive", "relay", "latency", "scale", "newsletter", "shaping", "dests")
 
 
 def plan(args: argparse.Namespace) -> list[tuple[Row, list[System]]]:
@@ -93,12 +100,16 @@ def plan(args: argparse.Namespace) -> list[tuple[Row, list[System]]]:
             (Row("scale-domains", "relay", 1024, "  10k domains", domains=10_000), [SCALE]),
             (Row("newsletter", "newsletter", 1024, "newsletter 1KB, 50 dom", domains=newsletter.DOMAINS),
              NEWSLETTER),
-            (Row("shaping", "shaping", 1024, "shaping, 5 providers"), [SHAPING])]
+            (Row("shaping", "shaping", 1024, "shaping, 5 providers"), [SHAPING]),
+            (Row("slow-dests", "dests", 1024, f"relay 1KB 1k dom +{LATENCY}", domains=dests.DOMAINS,
+                 group="dests"), SLOW_DESTS),
+            (Row("down-dest", "dests", 1024, "receive 1KB, dests down", domains=dests.DOWN_DOMAINS,
+                 group="dests"), DOWN_DEST)]
     only = {t.strip() for t in args.only.split(",") if t.strip()}
     chosen = {t.strip() for t in args.systems.split(",") if t.strip()}
     result = []
     for row, members in out:
-        group = row.id.split("-")[0]
+        group = row.group or row.id.split("-")[0]
         if only and row.id not in only and group not in only:
             continue
         if not only and args.quick and group in ("latency", "scale"):
@@ -175,6 +186,8 @@ class Bench:
 
     def generate(self, row: Row, system: System, address: str, n: int, rate: float = 0.0) -> load.LoadResult:
         cap = 120 + n / 20  # seconds: anything slower than 20 msgs/s is broken
+        if row.kind == "dests":
+            return dests.generate(self, row, address, n, rate)
         if row.kind == "newsletter":
             return newsletter.generate(self, system, address, n)
         if system.own_load:
@@ -296,7 +309,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="", help=f"comma list of row ids or groups ({', '.join(GROUPS)});"
                    " ids: receive-1k/10k/100k, relay-1k/..., latency-1k/..., scale-base/queued/domains,"
-                   " newsletter, shaping")
+                   " newsletter, shaping, slow-dests, down-dest")
     p.add_argument("--systems", default="", help="comma list: volley-fsync, volley-batch, volley-memory,"
                    " volley-pipelining, volley-scale, postfix, aiosmtpd, or volley (all of Volley);"
                    f" newsletter cells: {', '.join(m.id for m in newsletter.MODES)}; volley-shaping")
@@ -368,6 +381,11 @@ def run_all(bench: Bench, todo: list[tuple[Row, list[System]]],
     failures: list[dict[str, Any]] = []
     try:
         for row, members in todo:
+            if row.kind == "dests":
+                got, failed = dests.run_row(bench, row, members, skipped)
+                cells += got
+                failures += failed
+                continue
             for system in members:
                 why = skipped.get(system.kind) or skipped.get(row.id.split("-")[0]) or skipped.get(system.id)
                 if why:
@@ -392,16 +410,18 @@ def finish(args: argparse.Namespace, facts: dict[str, Any], meta: dict[str, Any]
     """The table, the targets and latest.json; the exit status."""
     report.add_ratios(cells)
     newsletter.add_ratios(cells)
+    dests.add_ratios(cells)
     print()
     others = [c for c in cells if c.get("kind") != "shaping"]
     if others or not cells:
         report.print_table(others, meta)
     newsletter.print_table(cells, meta.get("newsletter") or {})
     shaping_report.print_table(cells)
+    dests.print_notes(cells)
     for why in sorted({f.get("skipped", "") for f in failures} - {""}):
         print(f"skipped: {why}")
     goals = report.targets(cells) + (newsletter.targets(cells) if "newsletter" in meta else []) + \
-        shaping_report.targets(cells)
+        shaping_report.targets(cells) + dests.targets(cells)
     report.print_targets(goals)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({
@@ -426,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so every finally block stops its processes.
     signal.signal(signal.SIGTERM, _interrupt)
     todo = plan(args)
-    args.zone_domains = max([50, *(row.domains for row, _ in todo)])
+    args.zone_domains = max([50, *(row.domains for row, _ in todo if row.kind != "dests")])
     skipped = skip_reasons(args)
     facts = report.machine_facts()
     started = time.monotonic()

@@ -54,6 +54,28 @@ def smtp_source(address: str, messages: int, sessions: int, size: int, domain: s
     return LoadResult(messages, messages, t0, wall, cpu)
 
 
+def smtp_sources(address: str, messages: int, sessions: int, size: int, domains: int,
+                 cap: float) -> LoadResult:
+    """`domains` smtp-source processes at once, process k sending to rcpt@dk.example
+    (smtp-source has one recipient domain per process): the sessions and messages split
+    between them. One shell waits for all, so the CPU and exit status cover every one."""
+    procs = []
+    for k in range(domains):
+        n = messages // domains + (1 if k < messages % domains else 0)
+        s = max(1, sessions // domains + (1 if k < sessions % domains else 0))
+        procs.append(" ".join([SMTP_SOURCE, "-m", str(n), "-s", str(s), "-l", str(max(1, size - SOURCE_HEADERS)),
+                               "-r", "1", "-f", SENDER, "-t", f"rcpt@d{k}.example", "-M", "client.peers.test",
+                               "-d", address]))
+    pids = " ".join(f"$p{k}" for k in range(domains))
+    script = "".join(f"{cmd} & p{k}=$!; " for k, cmd in enumerate(procs)) + \
+        f"fail=0; for p in {pids}; do wait $p || fail=1; done; exit $fail"
+    rc, _, err, t0, wall, cpu = run_child(["sh", "-c", script], cap, "smtp-source")
+    text = err.decode("utf-8", "replace").strip()
+    if rc != 0:
+        return LoadResult(messages, 0, t0, wall, cpu, error=f"smtp-source exit {rc}: {text[-500:]}")
+    return LoadResult(messages, messages, t0, wall, cpu)
+
+
 def blast(address: str, messages: int, sessions: int, size: int, domains: int, pipelining: bool,
           cap: float, rate: float = 0.0) -> LoadResult:
     cmd = [sys.executable, "-c", BLAST_WRAPPER, "--to", address, "-n", str(messages), "-c", str(sessions),

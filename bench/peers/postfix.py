@@ -8,7 +8,8 @@ else is Postfix's default, notably the fsync of each queue file before the 250,
 
 Two shapes:
 * relay: `relayhost`, `default_transport` and `relay_transport` all go to the sink's
-  `[HOST]:PORT`; no DNS (`smtp_dns_support_level = disabled`), no TLS;
+  `[HOST]:PORT`; no DNS (`smtp_dns_support_level = disabled`), no TLS; optionally a
+  transport map sends each domain to its own `[ADDRESS]:PORT` (bench/dests.py);
 * receive only (`relay_to=None`): every message is put on hold by `check_client_access
   static:HOLD`, so cleanup writes and fsyncs its queue file as usual but nothing is
   scheduled or delivered (the same work as Volley with delivery off).
@@ -72,7 +73,7 @@ def version() -> str:
         return ""
 
 
-def main_cf(root: Path, relay_to: str | None) -> str:
+def main_cf(root: Path, relay_to: str | None, transport: Path | None = None) -> str:
     settings = {
         "compatibility_level": "3.6",
         "queue_directory": root / "queue",
@@ -103,13 +104,20 @@ def main_cf(root: Path, relay_to: str | None) -> str:
         settings["smtpd_relay_restrictions"] = "permit_mynetworks, reject"
         settings["relayhost"] = f"[{relay_to.rpartition(':')[0]}]:{relay_to.rpartition(':')[2]}"
         settings["default_transport"] = settings["relay_transport"] = f"smtp:{settings['relayhost']}"
+    if transport is not None:
+        # Each domain -> smtp:[address]:port. The nexthop is the queue manager's
+        # destination, so default_destination_concurrency_limit (20) applies per address,
+        # as it would to MX hosts on the internet. texthash: no postmap step.
+        settings["transport_maps"] = f"texthash:{transport}"
     return "".join(f"{key} = {value}\n" for key, value in settings.items())
 
 
 class PostfixInstance:
     """One instance in `root` (created by the caller, removed by the caller after stop())."""
 
-    def __init__(self, root: Path, listen: str, relay_to: str | None) -> None:
+    def __init__(self, root: Path, listen: str, relay_to: str | None,
+                 transport: dict[str, str] | None = None) -> None:
+        """transport: domain -> "[address]:port" for the transport map (relay only)."""
         self.root = root
         self.listen = listen
         self.etc = root / "etc"
@@ -122,7 +130,11 @@ class PostfixInstance:
         (root / "queue").mkdir(mode=0o755)
         (root / "data").mkdir(mode=0o700)
         shutil.chown(root / "data", "postfix")
-        (self.etc / "main.cf").write_text(main_cf(root, relay_to))
+        table = None
+        if transport:
+            table = self.etc / "transport"
+            table.write_text("".join(f"{domain} smtp:{hop}\n" for domain, hop in transport.items()))
+        (self.etc / "main.cf").write_text(main_cf(root, relay_to, table))
         (self.etc / "master.cf").write_text(MASTER_CF.format(listen=listen))
         self.master_pid = 0
         self._log_offset = 0

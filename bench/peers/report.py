@@ -20,7 +20,7 @@ PEERS = ("postfix", "aiosmtpd")
 STATS = ("msgs_per_s", "intake_msgs_per_s", "cpu_s_per_1k", "rss_mib", "pss_mib", "anon_mib", "file_mib",
          "max_process_rss_mib",
          "client_cpu_us_per_msg", "sink_cpu_us_per_msg", "reply_p50_ms", "reply_p99_ms",
-         "delivery_p50_ms", "delivery_p99_ms", "probe_ms")
+         "delivery_p50_ms", "delivery_p99_ms", "probe_ms", "sink_core_share")
 
 
 def pct(values: list[float], q: float) -> float | None:

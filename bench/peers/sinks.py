@@ -131,16 +131,31 @@ class CSink:
 
 
 class PySink(Sink):
-    """`volley sink --json --no-starttls` as its own process (`extra`: more options)."""
+    """`volley sink --json --no-starttls` as its own process (`extra`: more options).
 
-    def __init__(self, extra: tuple[str, ...] = ()) -> None:
-        Peer.__init__(self, "sink", ["-m", "engine.lab.sink", "--json", "--no-starttls",
-                                     "--listen", f"{SINK_HOST}:0", "--interval", "0.2",
-                                     "--lifetime", str(LIFETIME - 60), "--targets-from-stdin", *extra],
-                      stdin=True)
-        ready = self.wait_event("ready", 30)
+    `hosts`: the addresses it listens on, all on one port (a relay has one delivery
+    port for every MX address), which must then be free on each: it is picked on the
+    first and the start is retried with another if one of the others has it taken."""
+
+    def __init__(self, extra: tuple[str, ...] = (), hosts: tuple[str, ...] = (SINK_HOST,)) -> None:
+        for attempt in range(3):
+            port = 0 if len(hosts) == 1 else free_port(hosts[0])
+            listen = [arg for host in hosts for arg in ("--listen", f"{host}:{port}")]
+            Peer.__init__(self, "sink", ["-m", "engine.lab.sink", "--json", "--no-starttls", *listen,
+                                         "--interval", "0.2", "--lifetime", str(LIFETIME - 60),
+                                         "--targets-from-stdin", *extra],
+                          stdin=True)
+            try:
+                ready = self.wait_event("ready", 30)
+                break
+            except RuntimeError:
+                self.stop()
+                if attempt == 2:
+                    raise
         self.port = int(ready["listeners"][0].rpartition(":")[2])
-        self.label = " ".join(["volley sink", *extra])
+        self.hosts = hosts
+        where = [f"on {hosts[0]}..{hosts[-1]} ({len(hosts)} addresses)"] if len(hosts) > 1 else []
+        self.label = " ".join(["volley sink", *extra, *where])
 
 
 def volley_sink_supports(*options: str) -> bool:

@@ -119,10 +119,10 @@ class Volley(_Served):
 
 
 class Postfix:
-    def __init__(self, relay_to: str | None) -> None:
+    def __init__(self, relay_to: str | None, transport: dict[str, str] | None = None) -> None:
         self._tmpdir = tempfile.TemporaryDirectory(prefix="volley-run-postfix-")
         self.listen = f"127.0.0.1:{free_port('127.0.0.1')}"
-        self.instance = postfix.PostfixInstance(Path(self._tmpdir.name), self.listen, relay_to)
+        self.instance = postfix.PostfixInstance(Path(self._tmpdir.name), self.listen, relay_to, transport)
         self.relay = relay_to is not None
         self.details: dict[str, Any] = {}
 
