@@ -12,18 +12,26 @@ a destination that is down.
 * "down-dest": Volley receiving while every destination refuses connections (the DNS
   sends d0..d9.example to 127.0.0.2..11 on a port nobody listens on), beside the same
   Volley receiving only (delivery off, the receive rows' setup).
+* "hot-domain": Volley relaying to one domain (the relay-1k load: smtp-source, 50
+  sessions) beside relaying to 50 domains (50 smtp-source processes of one session, each
+  its own domain; domain i on address i mod 100 as above, so a cap per address does not
+  fold the 50 into one destination), the Python sink without latency for both. The
+  split shown is the DELIVERY split: each worker's share of the bytes its connections
+  carried to the sink, counted by the kernel (bench/peers/sockbytes.py), beside the CPU
+  split, which mixes in the intake (every worker also receives).
 
 The systems of a row run side by side, their runs interleaved (A1 B1 C1 A2 ...), so a
 ratio compares runs minutes apart on the same machine load, not cells a quarter of an
 hour apart. Load: engine.lab.blast lock-step (it spreads recipients over the domains;
 smtp-source sends to one domain per process) for slow-dests, for every system; for
-down-dest the receive rows' generator, smtp-source, as ten processes, one per domain
-(blast lock-step over ten domains when smtp-source is missing).
+down-dest and hot-domain the receive and relay rows' generator, smtp-source, one process
+per domain (blast lock-step over the same domains when smtp-source is missing).
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,13 +39,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peers import load, report, sinks, systems
+from peers import load, report, sinks, sockbytes, systems
 from peers.procs import free_port
-from relay_peers import LIFETIME, Peer
+from relay_peers import LIFETIME, Peer, descendants_cpu, worker_split
 
 ADDRESSES = tuple(f"127.0.0.{i}" for i in range(2, 102))
 DOMAINS = 1000  # slow-dests
 DOWN_DOMAINS = 10  # down-dest: one smtp-source process per domain
+HOT_DOMAINS = 50  # hot-domain's spread cell (scale-base's 50 domains)
 LATENCY = "20ms"
 DOWN_MESSAGES = 10_000  # per down-dest run (--quick a fifth): long enough to see marking work
 SATURATED = 0.9  # a sink using this much of one core is the bottleneck (it is one process)
@@ -72,18 +81,28 @@ class Member:
     error: str = ""
 
 
-def generate(bench: Any, row: Any, address_: str, n: int, rate: float) -> load.LoadResult:
+def domains(row: Any, system: Any) -> int:
+    """The recipient domains of a cell: hot-domain's two cells differ in nothing else."""
+    if row.id == "hot-domain":
+        return 1 if system.id == "volley-1dom" else HOT_DOMAINS
+    return int(row.domains)
+
+
+def generate(bench: Any, row: Any, system: Any, address_: str, n: int, rate: float) -> load.LoadResult:
     """The row's load generator (bench/run.py's Bench.generate hands these rows here)."""
     cap = 120 + n / 20
-    if row.id == "down-dest" and bench.source:
-        return load.smtp_sources(address_, n, bench.args.sessions, row.size, DOWN_DOMAINS, cap)
-    return load.blast(address_, n, bench.args.sessions, row.size, row.domains, False, cap, rate)
+    k = domains(row, system)
+    if row.id != "slow-dests" and bench.source:
+        return load.smtp_sources(address_, n, bench.args.sessions, row.size, k, cap)
+    return load.blast(address_, n, bench.args.sessions, row.size, k, False, cap, rate)
 
 
-def load_label(bench: Any, row: Any) -> str:
-    if row.id == "down-dest" and bench.source:
-        return f"smtp-source x{DOWN_DOMAINS} processes (one domain each), {bench.args.sessions} sessions"
-    return f"engine.lab.blast --no-pipelining, {row.domains} domains, {bench.args.sessions} sessions"
+def load_label(bench: Any, row: Any, system: Any) -> str:
+    k = domains(row, system)
+    if row.id != "slow-dests" and bench.source:
+        what = "smtp-source" if k == 1 else f"smtp-source x{k} processes (one domain each)"
+        return f"{what}, {bench.args.sessions} sessions"
+    return f"engine.lab.blast --no-pipelining, {k} domains, {bench.args.sessions} sessions"
 
 
 def _start(bench: Any, row: Any, system: Any, dns_port: int) -> Member:
@@ -94,7 +113,7 @@ def _start(bench: Any, row: Any, system: Any, dns_port: int) -> Member:
             return Member(system, systems.Volley("fsync", a.workers, cmd, None, a.ready_timeout), None)
         dead = free_port(ADDRESSES[0])  # nobody listens there: every connection is refused
         return Member(system, systems.Volley("fsync", a.workers, cmd, (dns_port, dead), a.ready_timeout), None)
-    extra = () if system.id == "volley-nolat" else ("--latency", LATENCY)
+    extra = ("--latency", LATENCY) if row.id == "slow-dests" and system.id != "volley-nolat" else ()
     sink = sinks.PySink(extra, ADDRESSES)
     try:
         if system.kind == "postfix":
@@ -116,8 +135,8 @@ def messages(bench: Any, row: Any) -> int:
 
 
 def _warm(bench: Any, row: Any, m: Member) -> None:
-    many = row.domains > 50 and m.system.kind == "volley"  # one message per domain fills the DNS cache
-    w = max(bench.args.warmup, row.domains if many else 0)
+    many = domains(row, m.system) > 50 and m.system.kind == "volley"  # one message per domain fills the DNS cache
+    w = max(bench.args.warmup, domains(row, m.system) if many else 0)
     rate = bench.args.dns_warm_rate if many else 0.0
     m.server.details["warmup_msgs_per_s"] = bench.warm_up(row, m.system, m.server, m.address, m.sink, w, rate)
 
@@ -125,7 +144,13 @@ def _warm(bench: Any, row: Any, m: Member) -> None:
 def _run(bench: Any, row: Any, m: Member, n: int, i: int) -> dict[str, Any]:
     before = dict(m.server.dlog.outcomes) if row.id == "down-dest" and m.sink is None and \
         hasattr(m.server, "dlog") else None
+    split = row.id == "hot-domain"
+    if split:
+        cpu0 = descendants_cpu(m.server.root_pid)
+        carried = sockbytes.SocketBytes(m.sink.port).start()
     r: dict[str, Any] = bench.one_run(row, m.system, m.server, m.address, m.sink, n)
+    if split:
+        _split(r, bench.args.workers, carried.stop(), cpu0, descendants_cpu(m.server.root_pid), n, row.size)
     if m.sink is not None and r.get("sink_cpu_us_per_msg") is not None:
         # The sink's CPU over the run as a share of one core (it is one process): near 1, it
         # is what limits the row.
@@ -138,6 +163,20 @@ def _run(bench: Any, row: Any, m: Member, n: int, i: int) -> dict[str, Any]:
     print(f"  {row.id:<14} {m.system.id:<18} run {i + 1}: {r['msgs_per_s']:,.0f} msgs/s,"
           f" CPU {1000 * r['cpu_s_per_1k']:.0f} us/msg{share}", file=sys.stderr, flush=True)
     return r
+
+
+def _split(r: dict[str, Any], workers: int, carried: dict[int, int], cpu0: dict[int, tuple[str, float]],
+           cpu1: dict[int, tuple[str, float]], n: int, size: int) -> None:
+    """The delivery split: each worker's share (%) of the bytes its connections carried to
+    the sink (largest first), beside the CPU split (intake and delivery together)."""
+    mine = {pid: b for pid, b in carried.items() if pid in cpu1}  # the server's processes only
+    total = sum(mine.values())
+    r["worker_delivery_split_pct"] = sorted((round(100 * b / total, 1) for b in mine.values()),
+                                            reverse=True)[:workers] if total else []
+    # Bytes counted per message sent: about the message plus ~100 bytes of commands when
+    # every connection was seen; much less means the sampling missed connections.
+    r["delivery_bytes_per_msg"] = round(total / n) if n else 0
+    r["worker_cpu_split_pct"] = worker_split(cpu0, cpu1, workers)
 
 
 def run_row(bench: Any, row: Any, members: list[Any],
@@ -188,7 +227,7 @@ def run_row(bench: Any, row: Any, members: list[Any],
             if not any(f["system"] == m.system.id for f in failures):
                 failures.append({"row": row.id, "system": m.system.id, "error": m.error[-4000:]})
             continue
-        details = {**m.server.details, "load_generator": load_label(bench, row),
+        details = {**m.server.details, "load_generator": load_label(bench, row, m.system),
                    **({"sink": m.sink.label} if m.sink is not None else {}),
                    **({"error": m.error} if m.error else {})}
         if row.id == "down-dest" and m.system.id != "volley-receive":
@@ -210,10 +249,12 @@ def _stop(m: Member) -> None:
 
 
 def add_ratios(cells: list[dict[str, Any]]) -> None:
-    """slow-dests: Volley ÷ its own zero-latency cell; down-dest: ÷ receive only."""
+    """slow-dests: Volley ÷ its own zero-latency cell; down-dest: ÷ receive only;
+    hot-domain: one domain ÷ 50 domains."""
     by_key = {(c["row"], c["system"]): c for c in cells}
     pairs = ((("slow-dests", "volley-fsync"), ("slow-dests", "volley-nolat"), "zero_latency"),
-             (("down-dest", "volley-down"), ("down-dest", "volley-receive"), "receive_only"))
+             (("down-dest", "volley-down"), ("down-dest", "volley-receive"), "receive_only"),
+             (("hot-domain", "volley-1dom"), ("hot-domain", "volley-50dom"), "fifty_domains"))
     for mine, base, name in pairs:
         a, b = report.median(by_key.get(mine)), report.median(by_key.get(base))
         if a and b:
@@ -232,15 +273,24 @@ def targets(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
              ("slow dests >= 60% of Volley's zero-latency figure",
               ratio("slow-dests", "volley-fsync", "zero_latency"), 0.6),
              ("receive while every destination refuses >= 85% of receive-only",
-              ratio("down-dest", "volley-down", "receive_only"), 0.85)]
-    return [{"target": name, "value": value, "goal": goal, "met": None if value is None else value >= goal}
-            for name, value, goal in goals]
+              ratio("down-dest", "volley-down", "receive_only"), 0.85),
+             ("one hot domain >= the 50-domain relay (msgs/s)", ratio("hot-domain", "volley-1dom", "fifty_domains"),
+              1.0)]
+    out = [{"target": name, "value": value, "goal": goal, "met": None if value is None else value >= goal}
+           for name, value, goal in goals]
+    # The busier worker's share of the hot domain's deliveries (median over runs): <= 60%.
+    shares = [r["worker_delivery_split_pct"][0] / 100 for r in by_key.get(("hot-domain", "volley-1dom"), {})
+              .get("runs", []) if r.get("worker_delivery_split_pct")]
+    busiest = statistics.median(shares) if shares else None
+    out.append({"target": "one hot domain: busier worker's delivery share <= 60%", "value": busiest,
+                "goal": 0.6, "met": None if busiest is None else busiest <= 0.6})
+    return out
 
 
 def print_notes(cells: list[dict[str, Any]]) -> None:
     """What the table has no column for: the sink's CPU, the log lines a down
     destination cost, the load generator of these rows."""
-    mine = [c for c in cells if c["row"] in ("slow-dests", "down-dest")]
+    mine = [c for c in cells if c["row"] in ("slow-dests", "down-dest", "hot-domain")]
     if not mine:
         return
     print()
@@ -259,7 +309,13 @@ def print_notes(cells: list[dict[str, Any]]) -> None:
         if any(lines):
             per = sum(sum(x.values()) for x in lines) / sum(r["messages"] for r in c["runs"])
             bits.append(f"delivery log lines per message {per:.2f} ({lines[-1]} in the last run)")
+        splits = [(r["worker_delivery_split_pct"], r["worker_cpu_split_pct"], r["delivery_bytes_per_msg"])
+                  for r in c["runs"] if "worker_delivery_split_pct" in r]
+        if splits:
+            bits.append("delivery split per worker " + ", ".join("/".join(f"{x:.0f}" for x in d) for d, _, _ in splits)
+                        + " % (CPU split " + ", ".join("/".join(f"{x:.0f}" for x in u) for _, u, _ in splits)
+                        + f"); {splits[-1][2]} bytes to the sink per message")
         for name, value in (c.get("ratios") or {}).items():
-            if name in ("zero_latency", "receive_only"):
+            if name in ("zero_latency", "receive_only", "fifty_domains"):
                 bits.append(f"{100 * value:.0f}% of {name.replace('_', ' ')}")
         print(f"{c['row']:<12} {c['system']:<16} " + "; ".join(b for b in bits if b))

@@ -80,6 +80,8 @@ SLOW_DESTS = [System("volley-fsync", "volley fsync", "volley"),
               System("volley-nolat", "volley fsync, sink no latency", "volley"), POSTFIX]
 DOWN_DEST = [System("volley-receive", "volley fsync, receive only", "volley"),
              System("volley-down", "volley fsync, dests refuse", "volley")]
+HOT_DOMAIN = [System("volley-1dom", "volley fsync, 1 domain", "volley"),
+              System("volley-50dom", "volley fsync, 50 domains", "volley")]
 GROUPS = ("receive", "relay", "latency", "scale", "newsletter", "shaping", "dests")
 
 
@@ -104,7 +106,9 @@ def plan(args: argparse.Namespace) -> list[tuple[Row, list[System]]]:
             (Row("slow-dests", "dests", 1024, f"relay 1KB 1k dom +{LATENCY}", domains=dests.DOMAINS,
                  group="dests"), SLOW_DESTS),
             (Row("down-dest", "dests", 1024, "receive 1KB, dests down", domains=dests.DOWN_DOMAINS,
-                 group="dests"), DOWN_DEST)]
+                 group="dests"), DOWN_DEST),
+            (Row("hot-domain", "dests", 1024, "relay 1KB, hot domain", domains=dests.HOT_DOMAINS,
+                 group="dests"), HOT_DOMAIN)]
     only = {t.strip() for t in args.only.split(",") if t.strip()}
     chosen = {t.strip() for t in args.systems.split(",") if t.strip()}
     result = []
@@ -187,7 +191,7 @@ class Bench:
     def generate(self, row: Row, system: System, address: str, n: int, rate: float = 0.0) -> load.LoadResult:
         cap = 120 + n / 20  # seconds: anything slower than 20 msgs/s is broken
         if row.kind == "dests":
-            return dests.generate(self, row, address, n, rate)
+            return dests.generate(self, row, system, address, n, rate)
         if row.kind == "newsletter":
             return newsletter.generate(self, system, address, n)
         if system.own_load:
@@ -309,7 +313,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="", help=f"comma list of row ids or groups ({', '.join(GROUPS)});"
                    " ids: receive-1k/10k/100k, relay-1k/..., latency-1k/..., scale-base/queued/domains,"
-                   " newsletter, shaping, slow-dests, down-dest")
+                   " newsletter, shaping, slow-dests, down-dest, hot-domain")
     p.add_argument("--systems", default="", help="comma list: volley-fsync, volley-batch, volley-memory,"
                    " volley-pipelining, volley-scale, postfix, aiosmtpd, or volley (all of Volley);"
                    f" newsletter cells: {', '.join(m.id for m in newsletter.MODES)}; volley-shaping")
