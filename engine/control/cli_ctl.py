@@ -157,6 +157,8 @@ def add_ctl(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--tenant", help="only this tenant's campaigns")
     p.add_argument("--campaign", metavar="ID", help='one campaign (of --tenant, default "")')
     p.add_argument("--limit", type=positive_int, help="campaigns (default 100)")
+    p.add_argument("--cluster", action="store_true",
+                   help="every node's counters summed (a node in a [cluster])")
 
 
 # --- running ---------------------------------------------------------------------------

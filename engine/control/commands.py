@@ -63,6 +63,12 @@ class ControlPlane:
         self._totals: tuple[float, replies.QueueCounts] | None = None
         self.lists = Lists(store, self._thread)  # suppression list and campaign counters
         self.reactions = ReactionsPlane(sup, store, self._thread)  # [[reactions]] in force
+        # Set by the supervisor in a cluster (engine/cluster/holds_sync.py): told of every
+        # operator's suspend/resume here (None = resumed) and every reaction lifted by
+        # name, so the fleet applies them too. Changes applied FROM the fleet
+        # (`apply_remote_suspension`) do not call it: no echo.
+        self.on_suspension: Callable[[str, Suspension | None], None] | None = None
+        self.on_lift: Callable[[str], None] | None = None
 
     async def handle(self, req: protocol.AnyRequest, peer: str = "unknown") -> replies.Reply:
         if not isinstance(req, _READS):
@@ -279,22 +285,42 @@ class ControlPlane:
         self.holds.suspensions[domain] = s
         await self._save_holds()
         log.info("suspended", domain=domain, until=until, reason=req.reason)
+        if self.on_suspension is not None:
+            self.on_suspension(domain, s)
         return replies.Suspend(suspension=_suspension(s))
 
     async def resume(self, req: protocol.Resume) -> replies.Resume:
         # A provider's name lifts its [[reactions]]; a domain's, its suspension; or both.
         lifted, rows, freed = await self.reactions.resume(req.domain.strip(), self._flush_domain)
+        if lifted and self.on_lift is not None:
+            self.on_lift(req.domain.strip())
         if lifted and domain_key(req.domain) not in self.holds.suspensions:
             return replies.Resume(resumed=True, released=freed, lifted=rows)
         domain = _domain(req.domain)
         resumed = self.holds.suspensions.pop(domain, None) is not None
         if resumed:
             await self._save_holds()
+            if self.on_suspension is not None:
+                self.on_suspension(domain, None)
         # Parked entries wait until the end of the suspension: bring them back now.
         done = await self._bulk("flush", domain=domain)
         self._wake(domain)
         log.info("resumed", domain=domain, released=done.done)
         return replies.Resume(resumed=resumed or lifted, released=done.done + freed, lifted=rows)
+
+    async def apply_remote_suspension(self, domain: str, s: Suspension | None) -> None:
+        """A suspension set (or, None, lifted) on another node of the cluster: held here
+        as an operator's would be; a lift brings the parked mail back as resume does."""
+        if s is None:
+            if self.holds.suspensions.pop(domain, None) is None:
+                return
+            await self._save_holds()
+            await self._flush_domain(domain)
+        else:
+            self.holds.suspensions[domain] = s
+            await self._save_holds()
+        log.info("suspension_from_cluster", domain=domain, lifted=s is None,
+                 by=s.by if s else None, until=s.until if s else None)
 
     async def _flush_domain(self, domain: str) -> int:
         done = await self._bulk("flush", domain=domain)

@@ -42,6 +42,10 @@ class Lists:
     def __init__(self, store: QueueStore, run_in_thread: Runner) -> None:
         self.store = store
         self._thread = run_in_thread
+        # In a cluster, the supervisor sets this (engine/cluster/campaign_sync.py):
+        # (tenant, campaign, limit) -> every node's counters summed, for --cluster.
+        self.fleet_campaigns: Callable[[str | None, str | None, int],
+                                       Awaitable[list[campaigns.CampaignCounts]]] | None = None
 
     async def handle(self, req: protocol.SuppressAdd | protocol.SuppressRemove
                      | protocol.SuppressList | protocol.Campaigns, peer: str) -> replies.Reply:
@@ -121,6 +125,8 @@ class Lists:
                                     next_tenant=last.tenant if last else "", total=total)
 
     async def campaign_counts(self, req: protocol.Campaigns) -> replies.Campaigns:
+        if req.cluster:
+            return await self._fleet_counts(req)
         if req.campaign is not None:
             try:
                 one = await self._thread(self.store.campaign, req.tenant or "", req.campaign)
@@ -128,6 +134,16 @@ class Lists:
                 raise _request_error(err) from None
             return replies.Campaigns(campaigns=[one] if one else [])
         rows = await self._thread(self.store.campaigns, req.limit, req.tenant)
+        return replies.Campaigns(campaigns=rows)
+
+    async def _fleet_counts(self, req: protocol.Campaigns) -> replies.Campaigns:
+        if self.fleet_campaigns is None:
+            raise protocol.RequestError(
+                "campaigns --cluster: this node is not in a cluster ([cluster] redis is not set)")
+        try:
+            rows = await self.fleet_campaigns(req.tenant, req.campaign, req.limit)
+        except (RuntimeError, ValueError) as err:
+            raise protocol.RequestError(f"campaigns --cluster: {err}") from None
         return replies.Campaigns(campaigns=rows)
 
     def gauges(self, top: int) -> list[Gauge]:

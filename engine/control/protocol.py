@@ -150,6 +150,7 @@ class Campaigns(Request, tag="campaigns"):
     tenant: str | None = None
     campaign: str | None = None
     limit: int = 100  # the most recently active first
+    cluster: bool = False  # every node's counters summed (through the cluster's Redis)
 
 
 AnyRequest = (Status | Queue | List | Show | Flush | Suspend | Resume | Bounce | Delete

@@ -71,6 +71,9 @@ class ReactionsPlane:
             saved = []
         now = time.time()
         self.records = {(s.provider, s.action): s for s in saved if s.until > now}
+        # Set in a cluster (engine/cluster/holds_sync.py): told of each reaction fired
+        # here, so every node applies it (`apply_remote`, which does not call it back).
+        self.on_fired: Callable[[Saved], None] | None = None
 
     def restore(self) -> None:
         """Clear the table's reaction fields and write back the saved ones in force
@@ -84,11 +87,7 @@ class ReactionsPlane:
             slot = table.slot_of(s.provider)
             if slot is None:
                 continue
-            if s.action == "suspend":
-                table.set_reaction(slot, suspended_until=mono + s.until - wall)
-            else:
-                table.set_reaction(slot, halving=Halving(
-                    s.factor, mono + s.hold_until - wall, mono + s.until - wall, mono + s.since - wall))
+            _write(table, slot, s, wall, mono)
             log.info("reaction_restored", provider=s.provider, action=s.action, until=s.until)
 
     def table(self) -> LimitTable | None:
@@ -106,9 +105,26 @@ class ReactionsPlane:
 
     # --- what workers tell -------------------------------------------------------------
     def fired(self, m: wire.ReactionFired) -> None:
-        self.records[(m.provider, m.action)] = Saved(
-            m.provider, m.action, m.rule, m.since, m.until, m.reply, m.factor, m.hold_until)
+        s = Saved(m.provider, m.action, m.rule, m.since, m.until, m.reply, m.factor, m.hold_until)
+        self.records[(m.provider, m.action)] = s
         self._save_soon()
+        if self.on_fired is not None:
+            self.on_fired(s)
+
+    async def apply_remote(self, s: Saved) -> bool:
+        """A reaction fired on another node of the cluster: written into this node's
+        table (every worker obeys it at once) and saved, as if fired here. False when it
+        is over or this node has no such provider."""
+        wall, mono = time.time(), time.monotonic()
+        table = self.table()
+        slot = table.slot_of(s.provider) if table is not None and s.until > wall else None
+        if table is None or slot is None:
+            return False
+        _write(table, slot, s, wall, mono)
+        self.records[(s.provider, s.action)] = s
+        await self._save()
+        log.info("reaction_from_cluster", provider=s.provider, action=s.action, until=s.until)
+        return True
 
     async def expire(self) -> None:
         """Forget reactions whose time is up (the supervisor's tick, every second)."""
@@ -165,6 +181,15 @@ class ReactionsPlane:
             await self._thread(self.store.put_control, REACTIONS_KEY, data)
         except Exception as err:  # the table holds it anyway; a restart would lose it
             log.error("reactions_not_saved", error=repr(err))
+
+
+def _write(table: LimitTable, slot: int, s: Saved, wall: float, mono: float) -> None:
+    """Write a saved reaction into the table, its epoch times turned into CLOCK_MONOTONIC."""
+    if s.action == "suspend":
+        table.set_reaction(slot, suspended_until=mono + s.until - wall)
+    else:
+        table.set_reaction(slot, halving=Halving(
+            s.factor, mono + s.hold_until - wall, mono + s.until - wall, mono + s.since - wall))
 
 
 def _row(s: Saved, now: float) -> replies.ReactionRow:

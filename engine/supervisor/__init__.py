@@ -34,6 +34,8 @@ import msgspec
 import uvloop
 
 from engine import config as config_mod
+from engine.cluster.data_sync import DataSync, leave_cluster, start_data_sync
+from engine.cluster.link import ClusterLink
 from engine.config import Config, split_host_port
 from engine.control import wire
 from engine.control.commands import ControlPlane
@@ -186,6 +188,8 @@ class Supervisor:
         self.announced = False
         self.draining = False
         self.plane: ControlPlane | None = None
+        self.cluster: ClusterLink | None = None  # [cluster]: the node's link to the fleet's Redis
+        self.data_sync: DataSync | None = None  # the list, holds and counters shared through it
         self.claim = ListenClaim()
         self._servers: list[asyncio.AbstractServer] = []
 
@@ -198,6 +202,7 @@ class Supervisor:
                            durability=self.cfg.queue.durability, shards=self.workers)
         try:
             await self._start_control(store)
+            await self._start_cluster(store)
         except BaseException:
             store.close()
             raise
@@ -219,6 +224,10 @@ class Supervisor:
             for s in socks:
                 s.close()
         await asyncio.to_thread(Path(self.cfg.control.socket).unlink, missing_ok=True)
+        if self.data_sync is not None:
+            await self.data_sync.stop()
+        if self.cluster is not None:
+            await self.cluster.stop()
         if self.plane is not None:
             self.plane.reactions.close()
         store.close()
@@ -240,6 +249,17 @@ class Supervisor:
             except OSError as err:
                 raise config_mod.ConfigError(
                     f"metrics.listen: cannot bind {self.cfg.metrics.listen}: {err.strerror}") from None
+
+    async def _start_cluster(self, store: QueueStore) -> None:
+        """Join the fleet when `[cluster]` is set (a Redis that is down leaves the node
+        degraded, not stopped); alone, stop recording list changes for a fleet."""
+        if not self.cfg.cluster.enabled:
+            await asyncio.to_thread(leave_cluster, store)
+            return
+        assert self.plane is not None
+        self.cluster = ClusterLink(self.cfg.cluster)
+        await self.cluster.start()
+        self.data_sync = await start_data_sync(self.cluster, store, self.plane)
 
     async def _tick(self) -> None:
         """Once a second: end suspensions whose time is up; every 5 s: sample rates and

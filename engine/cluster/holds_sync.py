@@ -1,0 +1,190 @@
+"""Suspensions and [[reactions]] fleet-wide: one node's `volley ctl suspend`, `resume`
+and fired reactions hold on every node.
+
+Redis (under `key_prefix`):
+  holds:susp   a hash, domain → the msgpack `Shared` of the suspension in force (what a
+               node joining or rejoining reads whole)
+  holds:log    a stream of changes, XADD ... MAXLEN ~ 10,000: field e (the msgpack
+               `Event`) and o (the node it came from)
+
+Out: the control plane calls `on_suspension` / `on_lift` for an operator's change and
+the reactions plane `on_fired` for a reaction fired here (engine/control/commands.py,
+reactions_view.py); each becomes an event, queued in memory and sent in order, retried
+while Redis is down (they are few; a node restarted meanwhile has its own copy in its
+store, and the operator's change still holds there).
+
+In: XREAD BLOCK from the id noted at (re)join, after reading the hash whole. An
+event of this node's own name is skipped (no echo). Each node applies a suspension
+through its own control plane (saved in its store, sent to its workers) with `by`
+naming the node it came from, and lets it end by itself at `until`; a lift of a
+reaction by name lifts it here as `ctl resume NAME` would (without publishing again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+import msgspec
+
+from engine.cluster.link import LINK_ERRORS, ClusterLink
+from engine.control.commands import ControlPlane
+from engine.control.reactions_view import Saved
+from engine.delivery.holds import Suspension
+from engine.observe import log
+
+STREAM_MAX = 10_000
+
+
+class Event(msgspec.Struct, array_like=True, frozen=True):
+    """One change: kind "suspend" (`suspension`), "resume" (`domain`), "reaction"
+    (`reaction`) or "lift" (`domain` is the provider's name)."""
+
+    kind: str
+    domain: str = ""
+    suspension: Suspension | None = None
+    reaction: Saved | None = None
+
+
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder(Event)
+_sdec = msgspec.msgpack.Decoder(Suspension)
+
+
+class HoldsSync:
+    def __init__(self, link: ClusterLink, plane: ControlPlane) -> None:
+        self.link = link
+        self.plane = plane
+        self.hash = link.key("holds", "susp")
+        self.stream = link.key("holds", "log")
+        self._out: list[Event] = []
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.applied = 0  # events of other nodes applied here (tests)
+
+    async def start(self) -> None:
+        self.plane.on_suspension = self._suspension
+        self.plane.on_lift = lambda name: self._queue(Event("lift", domain=name))
+        self.plane.reactions.on_fired = lambda s: self._queue(Event("reaction", reaction=s))
+        self._tasks = [asyncio.create_task(self._send_loop(), name="cluster-holds-send"),
+                       asyncio.create_task(self._follow_loop(), name="cluster-holds-follow")]
+
+    async def stop(self) -> None:
+        self.plane.on_suspension = self.plane.on_lift = self.plane.reactions.on_fired = None
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    # --- out -----------------------------------------------------------------------------
+    def _suspension(self, domain: str, s: Suspension | None) -> None:
+        self._queue(Event("suspend", domain=domain, suspension=s) if s is not None
+                    else Event("resume", domain=domain))
+
+    def _queue(self, e: Event) -> None:
+        self._out.append(e)
+        self._wake.set()
+
+    async def _send_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._out:
+                try:
+                    await self._send(self._out[0])
+                except LINK_ERRORS:
+                    await asyncio.sleep(float(self.link.cfg.heartbeat))
+                    continue
+                self._out.pop(0)
+
+    async def _send(self, e: Event) -> None:
+        pipe = self.link.redis.pipeline(transaction=True)
+        if e.kind == "suspend" and e.suspension is not None:
+            pipe.hset(self.hash, e.domain, _enc.encode(_from(e.suspension, self.link.node)))
+        elif e.kind == "resume":
+            pipe.hdel(self.hash, e.domain)
+        pipe.xadd(self.stream, {"e": _enc.encode(e), "o": self.link.node},
+                  maxlen=STREAM_MAX, approximate=True)
+        await _call(self.link, pipe.execute())
+
+    # --- in ------------------------------------------------------------------------------
+    async def _follow_loop(self) -> None:
+        position: bytes | None = None
+        while True:
+            try:
+                if position is None:
+                    position = await self._join()
+                position = await self._follow_once(position)
+            except LINK_ERRORS:
+                position = None
+                await asyncio.sleep(float(self.link.cfg.heartbeat))
+            except Exception as err:  # one bad event must not end the task
+                log.error("cluster_holds_follow_failed", error=repr(err))
+                position = None
+                await asyncio.sleep(float(self.link.cfg.heartbeat))
+
+    async def _join(self) -> bytes:
+        """Note the stream's end, then take every suspension in force elsewhere."""
+        r = self.link.redis
+        last = await _call(self.link, r.xrevrange(self.stream, "+", "-", count=1))
+        position = bytes(last[0][0]) if last else b"0-0"
+        table = await _call(self.link, r.hgetall(self.hash))
+        now = time.time()
+        for raw_domain, raw in table.items():
+            try:
+                s = _sdec.decode(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+            domain = raw_domain.decode()
+            mine = self.plane.holds.suspensions.get(domain)
+            if s.in_force(now) and not s.by.endswith(f"@{self.link.node}") and mine != s:
+                await self.plane.apply_remote_suspension(domain, s)
+        return position
+
+    async def _follow_once(self, position: bytes) -> bytes:
+        block = max(50, int(self.link.timeout * 500))
+        got = await _call(self.link, self.link.redis.xread({self.stream: position}, count=100, block=block))
+        if not got:
+            return position
+        me = self.link.node.encode()
+        for entry_id, fields in got[0][1]:
+            position = bytes(entry_id)
+            if fields.get(b"o") == me:
+                continue
+            try:
+                e = _dec.decode(fields.get(b"e", b""))
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+            await self._apply(e, fields.get(b"o", b"?").decode())
+            self.applied += 1
+        return position
+
+    async def _apply(self, e: Event, origin: str) -> None:
+        if e.kind == "suspend" and e.suspension is not None:
+            await self.plane.apply_remote_suspension(e.domain, _from(e.suspension, origin))
+        elif e.kind == "resume":
+            await self.plane.apply_remote_suspension(e.domain, None)
+        elif e.kind == "reaction" and e.reaction is not None:
+            await self.plane.reactions.apply_remote(e.reaction)
+        elif e.kind == "lift":
+            await self.plane.reactions.resume(e.domain, self._flush)
+
+    async def _flush(self, domain: str) -> int:
+        return await self.plane._flush_domain(domain)
+
+
+def _from(s: Suspension, node: str) -> Suspension:
+    """`s` with `by` naming the node it was set on ("uid 0@node1"), once."""
+    by = s.by if s.by.endswith(f"@{node}") else f"{s.by}@{node}"
+    return msgspec.structs.replace(s, by=by)
+
+
+async def _call(link: ClusterLink, coro: Awaitable[Any]) -> Any:
+    """`link.call`, typed loosely: redis-py's replies are unions its stubs cannot narrow
+    (bytes or str by decode_responses, list or dict by protocol); we know ours."""
+    return await link.call(coro)

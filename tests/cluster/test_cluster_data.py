@@ -1,0 +1,155 @@
+"""What the fleet shares through Redis besides caps (issue 16): the suppression list,
+suspensions and campaign counters, with three real `volley serve` nodes on 127.0.0.2x
+and a real redis-server. Every wait polls a real condition against a deadline; the
+deadlines are generous bounds (loaded CI machine), the lag measured is printed."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.lab.sink.protocol import start_sink
+from tests.cluster.conftest import NODE_IPS, RedisServer
+from tests.integration.control_helpers import ask, ctl_json, relay_overrides
+from tests.integration.harness import ServeProcess, wait_until
+from tests.integration.relay_helpers import SENDER, body, transact
+from tests.integration.smtp_client import RawSmtp
+
+pytestmark = pytest.mark.timeout(240)
+HONOURED = 10.0  # seconds: the issue promises "within a second"; this bound is for a loaded machine
+GONE = "gone.away@example.org"
+
+
+def sock(node: ServeProcess) -> Path:
+    return node.config_path.parent / "volley.sock"
+
+
+def rcpt(node: ServeProcess, ip: str, address: str) -> tuple[int, str]:
+    """The node's reply to RCPT TO:<address> (over SMTP, on its own loopback address)."""
+    with RawSmtp(ip, node.port, timeout=10) as client:
+        assert client.cmd("EHLO client.test")[0] == 250
+        assert client.cmd(f"MAIL FROM:<{SENDER}>")[0] == 250
+        reply: tuple[int, str] = client.cmd(f"RCPT TO:<{address}>")
+        client.cmd("QUIT")
+        return reply
+
+
+def honoured_within(check: Any, what: str) -> float:
+    """Poll `check()` until true; returns the seconds it took (raises past HONOURED)."""
+    started = time.monotonic()
+    wait_until(check, HONOURED, what)
+    return time.monotonic() - started
+
+
+def suppress(node: ServeProcess, value: str) -> None:
+    reply = ask(sock(node), {"cmd": "suppress_add", "values": [value], "reason": "manual"})
+    assert reply["ok"] and reply["added"] == 1, reply
+
+
+def test_suppression_added_on_a_is_refused_at_rcpt_on_c(nodes: Any, capsys: Any) -> None:
+    a, b, c = nodes(3)
+    assert rcpt(c, NODE_IPS[2], GONE)[0] == 250
+    suppress(a, GONE)
+    lag = honoured_within(lambda: rcpt(c, NODE_IPS[2], GONE)[0] == 550, "C refuses at RCPT")
+    assert rcpt(b, NODE_IPS[1], GONE)[0] == 550
+    assert rcpt(c, NODE_IPS[2], GONE) == (550, f"5.7.1 <{GONE}>: recipient is suppressed (manual)")
+    # A remove travels the same way.
+    assert ask(sock(b), {"cmd": "suppress_remove", "value": GONE})["removed"] is True
+    honoured_within(lambda: rcpt(a, NODE_IPS[0], GONE)[0] == 250, "A takes it again")
+    with capsys.disabled():
+        print(f"\n[suppression A->C honoured after {lag:.3f} s]")
+
+
+def test_suppression_added_while_redis_is_down_reaches_the_others(
+        nodes: Any, redis_server: RedisServer) -> None:
+    a, _, c = nodes(3)
+    suppress(a, "before@example.org")
+    honoured_within(lambda: rcpt(c, NODE_IPS[2], "before@example.org")[0] == 550, "C before")
+    redis_server.kill()
+    a.wait_for(lambda e: e.get("event") == "cluster_degraded", 30)
+    suppress(a, GONE)  # the outbox keeps it
+    assert rcpt(a, NODE_IPS[0], GONE)[0] == 550  # the local list answers at once
+    assert rcpt(c, NODE_IPS[2], GONE)[0] == 250  # C cannot know yet
+    assert rcpt(c, NODE_IPS[2], "before@example.org")[0] == 550  # C's mirror keeps answering
+    redis_server.start()  # empty: no persistence, as a Redis that lost its data
+    honoured_within(lambda: rcpt(c, NODE_IPS[2], GONE)[0] == 550, "C after Redis returned")
+    with redis_server.client() as r:
+        # Redis had lost everything: the nodes publish their lists again (a new epoch).
+        honoured_within(lambda: bool(r.hexists("volleytest:supp:h:", "address:before@example.org")),
+                        "the list published again")
+        assert r.hexists("volleytest:supp:h:", f"address:{GONE}")
+
+
+def test_suspension_set_on_b_holds_on_a_and_c(nodes: Any) -> None:
+    a, b, c = nodes(3)
+    reply = ask(sock(b), {"cmd": "suspend", "domain": "held.test", "reason": "provider asked",
+                          "duration": 3600})
+    assert reply["ok"], reply
+
+    def held(node: ServeProcess) -> bool:
+        rows = ask(sock(node), {"cmd": "status"})["suspensions"]
+        return any(r["domain"] == "held.test" and r["reason"] == "provider asked"
+                   and r["by"].endswith("@node1") for r in rows)
+
+    honoured_within(lambda: held(a) and held(c), "A and C hold held.test")
+    until = {r["until"] for n in (a, c) for r in ask(sock(n), {"cmd": "status"})["suspensions"]}
+    assert len(until) == 1  # the same end everywhere
+    assert ask(sock(c), {"cmd": "resume", "domain": "held.test"})["ok"]
+    honoured_within(lambda: not held(a) and not any(
+        r["domain"] == "held.test" for r in ask(sock(b), {"cmd": "status"})["suspensions"]),
+        "the resume on C lifts it on A and B")
+
+
+def test_mail_for_a_suspended_domain_is_parked_on_every_node(
+        nodes: Any, peers: Any, dns_zone: Any) -> None:
+    sink = peers.call(start_sink("127.0.0.2", 0))
+    peers.sinks.append(sink)
+    dns = dns_zone({"held.test": {"MX": [(10, "mx.held.test")]}, "mx.held.test": {"A": ["127.0.0.2"]}})
+    a, b, c = nodes(3, relay_overrides(dns.port, sink.port))
+    assert ask(sock(b), {"cmd": "suspend", "domain": "held.test", "reason": "x"})["ok"]
+    for n in (a, c):
+        wait_until(lambda n=n: any(r["domain"] == "held.test" for r in
+                                   ask(sock(n), {"cmd": "status"})["suspensions"]), HONOURED, "held")
+    for i, n in ((0, a), (2, c)):
+        with RawSmtp(NODE_IPS[i], n.port, timeout=10) as client:
+            assert client.cmd("EHLO client.test")[0] == 250
+            transact(client, SENDER, [f"u{i}@held.test"], body(f"held{i}"))
+    # Parked, not delivered: each node's queue lists its message as suspended.
+    for n in (a, c):
+        wait_until(lambda n=n: [m["state"] for m in ask(sock(n), {"cmd": "list"})["messages"]]
+                   == ["suspended"], HONOURED, "parked")
+    assert len(sink.messages) == 0
+    assert ask(sock(a), {"cmd": "resume", "domain": "held.test"})["ok"]
+    wait_until(lambda: len(sink.messages) == 2, 60, "both delivered after the fleet-wide resume")
+
+
+def test_campaign_counters_summed_over_three_nodes_equal_the_sinks_count(
+        nodes: Any, peers: Any, dns_zone: Any) -> None:
+    sink = peers.call(start_sink("127.0.0.2", 0))
+    peers.sinks.append(sink)
+    dns = dns_zone({"a.test": {"MX": [(10, "mx.a.test")]}, "mx.a.test": {"A": ["127.0.0.2"]}})
+    fleet = nodes(3, relay_overrides(dns.port, sink.port))
+    sent = 0
+    for i, n in enumerate(fleet):
+        with RawSmtp(NODE_IPS[i], n.port, timeout=10) as client:
+            assert client.cmd("EHLO client.test")[0] == 250
+            for k in range(i + 2):  # 2, 3 and 4 messages
+                data = b"X-Volley-Campaign: spring\r\n" + body(f"c{i}-{k}")
+                transact(client, SENDER, [f"u{i}-{k}@a.test"], data)
+                sent += 1
+    wait_until(lambda: len(sink.messages) == sent, 60, "every message delivered")
+
+    def fleet_row() -> dict[str, Any]:
+        rows = ctl_json(fleet[1], "campaigns", "--cluster")["campaigns"]
+        return next((r for r in rows if r["campaign"] == "spring"), {})
+
+    wait_until(lambda: fleet_row().get("delivered") == len(sink.messages), 30, "the fleet's sum")
+    row = fleet_row()
+    assert row["injected"] == row["delivered"] == len(sink.messages) == 9
+    # Each node alone counts only its own.
+    own = [next(r for r in ctl_json(n, "campaigns")["campaigns"] if r["campaign"] == "spring")
+           for n in fleet]
+    assert [r["delivered"] for r in own] == [2, 3, 4]
