@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from engine.delivery import outcome
+from engine.delivery.dsn import DEFAULT_NOTIFY
 from engine.delivery.ledger import Ledger, book
 from engine.delivery.onereport import failures_to_report, suspended_in
 from engine.delivery.outcome import Applied
@@ -37,16 +38,37 @@ def write_outcome(w: WriteTxn, stored: MessageRecord, applied: Applied, body: by
     or add those held earlier (`hold=False`: report them now). The campaign counters and
     the suppression list are booked in the same transaction (ledger.py; `ledger` None:
     counters only). Returns how many reports it queued (volley_dsns_queued_total)."""
-    failures = failures_to_report(applied, remote_mta, now, hold=hold,
-                                  suspended=suspended_in(w, now))  # before the record is written
+    record = applied.record
+    # The common outcome (delivered or deferred, nothing bounced or held) owes no
+    # failure report: skip building the holds lookup it would never ask.
+    failures = (failures_to_report(applied, remote_mta, now, hold=hold,
+                                   suspended=suspended_in(w, now))  # before the record is written
+                if applied.bounced or record.held_failures else [])
     if applied.done:
         w.delete_message(stored.id, stored=stored)
     else:
-        w.update_message(applied.record, stored=stored)
-    queued = queue_dsns(w, applied, body, report_ids, reporting_mta, now, remote_mta, remote_dsn,
-                        delayed or [], retry_until, failures)
-    book(w, stored, applied, ledger or Ledger(), now)
+        w.update_message(record, stored=stored)
+    queued = 0
+    if failures or delayed or (not remote_dsn and _success_asked(applied)):
+        queued = queue_dsns(w, applied, body, report_ids, reporting_mta, now, remote_mta,
+                            remote_dsn, delayed or [], retry_until, failures)
+    book(w, stored, applied, ledger or _COUNTERS_ONLY, now)
     return queued
+
+
+_COUNTERS_ONLY = Ledger()
+
+
+def _success_asked(applied: Applied) -> bool:
+    """Did a recipient delivered here give NOTIFY at all? Without one it gets the
+    default, FAILURE only (RFC 3461 §4.1, dsn.DEFAULT_NOTIFY), so a delivery owes no
+    "relayed" report and queue_dsns need not run (most relayed mail)."""
+    recipients = applied.record.recipients
+    return any(recipients[i].notify is not None or _DEFAULT_ASKS_SUCCESS
+               for i in applied.delivered)
+
+
+_DEFAULT_ASKS_SUCCESS = "SUCCESS" in DEFAULT_NOTIFY
 
 
 def bounce_recipients(w: WriteTxn, stored: MessageRecord, indices: Sequence[int],

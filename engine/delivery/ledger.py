@@ -60,6 +60,8 @@ def recipient_class(applied: Applied, i: int, *, suppressed: bool,
 def book(w: WriteTxn, stored: MessageRecord, applied: Applied, ledger: Ledger, now: float) -> None:
     """Count `applied` toward the message's campaign and suppress hard-bounced
     mailboxes."""
+    if not applied.bounced and not (stored.campaign or stored.tenant):
+        return  # nothing to classify, no counters to bump: most relayed mail
     record = applied.record
     policy = ledger.policy or bounce_class.active()
     classes: Counter[str] = Counter()
