@@ -1,0 +1,68 @@
+"""[[reactions]] fleet-wide (issue 16): a provider's "[TSS04]" seen by node A suspends
+the provider on B and C too (they open no connection to it), and `ctl resume yahoo`
+on B lifts it on every node. Three real `volley serve` nodes and a real redis-server;
+the provider is a sink script counting sessions (tests/integration/test_reactions_serve.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from engine.lab.sink.protocol import start_sinks
+from tests.cluster.conftest import NODE_IPS
+from tests.cluster.test_cluster_data import HONOURED, sock
+from tests.integration.control_helpers import ask, relay_overrides
+from tests.integration.harness import ServeProcess, wait_until
+from tests.integration.relay_helpers import HOME_IP, SENDER, body, transact
+from tests.integration.smtp_client import RawSmtp
+from tests.integration.test_pool import free_port
+from tests.integration.test_reactions_serve import IPS, SHAPING, Provider, outcomes, zone
+
+pytestmark = pytest.mark.timeout(240)
+WAIT = 60.0
+
+
+def send(node: ServeProcess, ip: str, rcpts: list[str]) -> None:
+    with RawSmtp(ip, node.port, timeout=10) as client:
+        assert client.cmd("EHLO client.test")[0] == 250
+        for r in rcpts:
+            transact(client, SENDER, [r], body(r))
+
+
+def reactions(node: ServeProcess) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = ask(sock(node), {"cmd": "status"})["reactions"]
+    return rows
+
+
+def test_a_reaction_fired_on_a_holds_on_b_and_c_and_a_resume_lifts_it_everywhere(
+        nodes: Any, peers: Any, dns_zone: Any) -> None:
+    provider = Provider()
+    port = free_port(IPS[0])
+    sink = peers.call(start_sinks([(ip, port) for ip in IPS], script=provider.script))
+    home = peers.call(start_sinks([(HOME_IP, port)]))
+    peers.sinks.extend([sink, home])
+    dns = dns_zone(zone())
+    config = {**relay_overrides(dns.port, port), "shaping": SHAPING, "reactions": [
+        {"shaping": "yahoo", "text": r"\[TSS04\]", "action": "suspend", "duration": "1h"}]}
+    a, b, c = nodes(3, config)
+    send(a, NODE_IPS[0], ["u0@d0.test"])
+    a.wait_for(lambda e: e.get("event") == "reaction_fired", WAIT)
+    for n in (b, c):
+        wait_until(lambda n=n: any(r["provider"] == "yahoo" and r["action"] == "suspend"
+                                   for r in reactions(n)), HONOURED, "the reaction on B and C")
+    before = provider.counts()
+    # C has mail for the provider: held by the reaction from A, nothing reaches it.
+    send(c, NODE_IPS[2], ["v1@d1.test", "v2@d2.test"])
+    wait_until(lambda: {r["recipient"] for r in outcomes(c) if r["outcome"] == "deferred"
+                        and "suspended by a reaction" in r["reply"]} >= {"v1@d1.test", "v2@d2.test"},
+               WAIT, "C holds its mail")
+    assert provider.counts() == before
+    assert sum(1 for n in (b, c) for e in n.log if e.get("event") == "reaction_fired") == 0
+
+    with provider.lock:
+        provider.tss = False
+    assert ask(sock(b), {"cmd": "resume", "domain": "yahoo"})["ok"]
+    for n in (a, c):
+        wait_until(lambda n=n: reactions(n) == [], HONOURED, "lifted on A and C")
+    wait_until(lambda: len(sink.messages) == 3, WAIT, "every message delivered after the lift")
