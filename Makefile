@@ -60,9 +60,17 @@ demo: $(STAMP)
 
 # Micro benchmarks, then the one end-to-end runner: Volley beside Postfix and
 # aiosmtpd+LMDB (peers from `make bench-peers`; a missing peer's rows are skipped with
-# a note), one table and bench/results/latest.json (~11-15 min on 2 cores).
+# a note), one table, bench/results/latest.json and its chart bench/results/bench.svg
+# and .png (~17-21 min on 2 cores). The chart's matplotlib is the `bench` extra,
+# installed here (and again when pyproject.toml changes), never by `make test`.
 # bench/e2e.py and bench/relay.py remain as quicker developer runners.
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m pytest -q bench/test_charts.py -p no:randomly
 	$(BIN)/python -m pytest -q bench --benchmark-only
 	$(BIN)/python bench/run.py
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import charts  # noqa: E402
 import dests  # noqa: E402
 import newsletter  # noqa: E402
 import shaping  # noqa: E402
@@ -436,6 +437,7 @@ def finish(args: argparse.Namespace, facts: dict[str, Any], meta: dict[str, Any]
     shown = args.output.relative_to(REPO) if args.output.is_relative_to(REPO) else args.output
     print(f"\nwritten {shown} ({facts['elapsed_s'] / 60:.1f} min; load average {facts['loadavg'][0]:.1f}"
           f" at the start, {facts['loadavg_end'][0]:.1f} at the end)")
+    print(charts.draw_safely(args.output, charts.stem_for(args.output)))  # says why when it cannot
     ok = cells and not interrupted and all(c["complete"] for c in cells) and \
         not any("error" in f for f in failures)
     return 0 if ok else 1
