@@ -172,7 +172,10 @@ class ProviderGate:
     def fair_share(self) -> int:
         """The connections this worker keeps when another worker waits for one: the cap
         split over the workers (rounded up)."""
-        return max(1, -(-self._cap() // self.workers))
+        cap = self._cap()
+        if self.slot is not None and not self.table.closed:
+            cap = self.table.node_cap(self.slot, cap)  # this node's share in a fleet
+        return max(1, -(-cap // self.workers))
 
     def _on_sweep(self) -> None:
         """While we hold idle sessions: QUIT one if another worker waits and we hold

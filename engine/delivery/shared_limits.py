@@ -8,7 +8,8 @@ supervisor could broker tokens over the pipes, but a message would then wait for
 round trip through another process; a lock held for a few microseconds costs less.
 
 Layout of the file (`<queue.path>/shaping.shm`, created by the first worker to open it):
-a 64-byte header (magic, slot count, column count), then `SLOTS` fixed slots, each
+a 64-byte header (magic, slot count, column count, `fleet`: the live nodes of a
+[cluster], 0 when alone), then `SLOTS` fixed slots, each
 
     key    u64   hash of the provider's name (0 = free); open addressing, linear probing
     total  i32   connections open (or opening) from all workers
@@ -22,6 +23,8 @@ a 64-byte header (magic, slot count, column count), then `SLOTS` fixed slots, ea
                  (or cap) is multiplied by `factor` until `hold_until`, then ramps back
                  to 1 by `ramp_end` (ramp.py); `stepped_at` is the last halving
     cols   i32 × COLUMNS  connections per worker slot (the worker's column)
+    mode, share, credit, rwanted, granted   this node's part of a fleet's limits
+                 (fleet_share.py; written by the supervisor's coordination)
 
 A provider's caps are keyed by its name, or by "name|source address" when its pools
 bind a source address (egress pools): the caps then hold per sending address, while
@@ -56,23 +59,35 @@ import os
 import struct
 from dataclasses import dataclass
 
+from engine.delivery.fleet_share import (
+    NODE,
+    NODE_CREDIT,
+    NODE_WANTED,
+    NodeView,
+    fleet_cap,
+    fleet_rate,
+    needs_credit,
+)
 from engine.delivery.mapped_file import map_readonly, map_shared
 from engine.delivery.ramp import Halving, halve
 from engine.observe import log
 
-MAGIC = b"VOLSHAP3"
+MAGIC = b"VOLSHAP4"
 SLOTS = 512
 COLUMNS = 128  # worker slot numbers 0..127 have a column; others are not counted
-_HEADER = struct.Struct("<8sII")
+_HEADER = struct.Struct("<8sIIi")  # magic, slots, columns, fleet
 HEADER_SIZE = 64
 _HEAD = struct.Struct("<QiIddd")  # key, total, (pad), tat, ctat, wanted
 _REACT = struct.Struct("<ddddd")  # suspended_until, factor, hold_until, ramp_end, stepped_at
 _COLS = struct.Struct(f"<{COLUMNS}i")
-SLOT_SIZE = _HEAD.size + _REACT.size + _COLS.size  # 40 + 40 + 512
+SLOT_SIZE = _HEAD.size + _REACT.size + _COLS.size + NODE.size  # 40 + 40 + 512 + 32
 FILE_SIZE = HEADER_SIZE + SLOTS * SLOT_SIZE
 _I32 = struct.Struct("<i")
 _F64 = struct.Struct("<d")
 _TOTAL, _TAT, _CTAT, _WANTED, _REACT0, _COL0 = 8, 16, 24, 32, 40, 80
+_NODE0 = _COL0 + _COLS.size
+_FLEET = 16  # header offset of the live node count
+CREDIT_WAIT = 0.05  # seconds before a worker out of fleet credit looks again
 FULL = math.inf  # the answer of `acquire_connection` when the cap is reached
 
 
@@ -143,7 +158,7 @@ class LimitTable:
 
         Raises OSError when the file cannot be created or mapped.
         """
-        header = _HEADER.pack(MAGIC, SLOTS, COLUMNS).ljust(HEADER_SIZE, b"\0")
+        header = _HEADER.pack(MAGIC, SLOTS, COLUMNS, 0).ljust(HEADER_SIZE, b"\0")
         fd, mm = map_shared(path, FILE_SIZE, MAGIC, header)
         return cls(fd, mm, writable=True)
 
@@ -245,6 +260,10 @@ class LimitTable:
         connections are open server-wide, else the seconds until `rate` allows one."""
         mm = self._mm
         off = HEADER_SIZE + slot * SLOT_SIZE
+        fleet = self.fleet()
+        if fleet:  # this node's part of a fleet's cap and connect rate
+            cap = fleet_cap(mm, off + _NODE0, cap, fleet)
+            rate /= fleet
         self._lock(slot)
         try:
             total = _I32.unpack_from(mm, off + _TOTAL)[0]
@@ -283,12 +302,26 @@ class LimitTable:
         """One message under `rate`: 0.0 when it may go now (counted), else the
         seconds until one may."""
         mm = self._mm
-        at = HEADER_SIZE + slot * SLOT_SIZE + _TAT
+        off = HEADER_SIZE + slot * SLOT_SIZE
+        at = off + _TAT
+        fleet = self.fleet()
+        credit = fleet and needs_credit(mm, off + _NODE0)
+        if fleet and not credit:
+            rate = fleet_rate(rate, fleet)
         self._lock(slot)
         try:
+            if credit:
+                # A fleet's rate: each message spends one of the messages Redis
+                # granted this node (rates.py); the local GCRA still paces them.
+                left = _F64.unpack_from(mm, off + _NODE0 + NODE_CREDIT)[0]
+                if left < 1.0:
+                    _F64.pack_into(mm, off + _NODE0 + NODE_WANTED, now)
+                    return CREDIT_WAIT
             wait, tat = gcra(_F64.unpack_from(mm, at)[0], now, rate)
             if not wait:
                 _F64.pack_into(mm, at, tat)
+                if credit:
+                    _F64.pack_into(mm, off + _NODE0 + NODE_CREDIT, left - 1.0)
             return wait
         finally:
             self._unlock(slot)
@@ -296,7 +329,15 @@ class LimitTable:
     def message_wait(self, slot: int, rate: float, now: float) -> float:
         """Seconds until a message may go (0 = now), read without the lock: a hint
         for whether to wake a session; `take_message` decides."""
-        tat = _F64.unpack_from(self._mm, HEADER_SIZE + slot * SLOT_SIZE + _TAT)[0]
+        off = HEADER_SIZE + slot * SLOT_SIZE
+        fleet = self.fleet()
+        if fleet:
+            if needs_credit(self._mm, off + _NODE0):
+                if _F64.unpack_from(self._mm, off + _NODE0 + NODE_CREDIT)[0] < 1.0:
+                    return CREDIT_WAIT
+            else:
+                rate = fleet_rate(rate, fleet)
+        tat = _F64.unpack_from(self._mm, off + _TAT)[0]
         return gcra(tat, now, rate)[0]
 
     def want(self, slot: int, until: float) -> None:
@@ -314,6 +355,37 @@ class LimitTable:
         _key, total, _pad, tat, ctat, _wanted = _HEAD.unpack_from(mm, off)
         cols = _COLS.unpack_from(mm, off + _COL0)
         return SlotView(total, {i: n for i, n in enumerate(cols) if n}, tat, ctat)
+
+    def node_cap(self, slot: int, cap: int) -> int:
+        """`cap` as this node may use it: the whole of it alone, its share in a fleet."""
+        fleet = self.fleet()
+        return fleet_cap(self._mm, HEADER_SIZE + slot * SLOT_SIZE + _NODE0, cap, fleet) if fleet else cap
+
+    # --- a fleet ([cluster], fleet_share.py): the supervisor's side ---------------------
+    def fleet(self) -> int:
+        """The live nodes this node last counted (0: not in a fleet); no lock: one
+        aligned 4-byte load."""
+        return int(_I32.unpack_from(self._mm, _FLEET)[0])
+
+    def set_fleet(self, live: int) -> None:
+        """Say how many nodes share the limits (0: this node is alone)."""
+        _I32.pack_into(self._mm, _FLEET, max(0, live))
+
+    def node_view(self, slot: int) -> NodeView:
+        off = HEADER_SIZE + slot * SLOT_SIZE
+        return NodeView.read(self._mm, off + _NODE0, _I32.unpack_from(self._mm, off + _TOTAL)[0],
+                             _F64.unpack_from(self._mm, off + _WANTED)[0])
+
+    def set_share(self, slot: int, share: int | None, credit: float = 0.0) -> None:
+        """This node's share of the slot's cap (the leases it holds) and `credit`
+        messages more of its rate; share None: back to the local share (cap ÷ fleet),
+        the credit dropped (Redis no longer vouches for it)."""
+        off = HEADER_SIZE + slot * SLOT_SIZE + _NODE0
+        self._lock(slot)
+        try:
+            NodeView.write(self._mm, off, share, credit)
+        finally:
+            self._unlock(slot)
 
     # --- reactions (in the slot of the provider's name alone) --------------------------
     def suspended_until(self, slot: int) -> float:
