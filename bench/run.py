@@ -182,7 +182,8 @@ class Bench:
             return newsletter.server(self, system, sink)
         if system.kind == "volley":
             relay = (self.dns_for_volley(a.zone_domains), sink.port) if row.kind == "relay" else None
-            ready = a.ready_timeout + (120 if row.prefill else 0)  # a big queue takes longer to open
+            # A big queue takes longer to open: two minutes, and half a minute more per million.
+            ready = a.ready_timeout + (120 + 30 * row.prefill // 1_000_000 if row.prefill else 0)
             return systems.Volley(system.durability, a.workers, self.volley_cmd, relay, ready,
                                   prefill=(row.prefill, a.prefill_domains))
         if system.kind == "postfix":
@@ -303,6 +304,7 @@ class Bench:
             r["worker_cpu_split_pct"] = worker_split(per0, descendants_cpu(server.root_pid), a.workers)
         r.update({"server_cpu_s": cpu, "cpu_s_per_1k": 1000 * cpu / n, "rss_mib": after.rss_kib / 1024,
                   "pss_mib": after.pss_kib / 1024, "anon_mib": after.anon_kib / 1024,
+                  "anon_before_mib": before.anon_kib / 1024,  # RssAnon flat? (the prefill row)
                   "file_mib": after.file_kib / 1024, "shmem_mib": after.shmem_kib / 1024,
                   "process_memory": [m.as_dict() for m in after.memory],
                   "max_process_rss_mib": max((p[3] for p in after.processes), default=0) / 1024,

@@ -88,6 +88,7 @@ class Volley(_Served):
                 raise RuntimeError(f"prefill writes {WORKERS} shards; the server runs {self.workers} workers")
             seconds, _ = fill(self.tmp / "queue", self.prefill[0], self.prefill[1], time.time())
             self.details["prefill_s"] = round(seconds, 1)
+            self.details["prefill"] = self.prefill[0]
         return self._serve(self.cmd, write_config(self.tmp, self.durability, self.workers, self.config()))
 
     def drain(self, n: int, stall: float, cap: float) -> list[float]:
