@@ -70,7 +70,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
-	$(BIN)/python -m pytest -q bench/test_charts.py -p no:randomly
+	$(BIN)/python -m pytest -q bench/test_charts.py bench/test_dests.py -p no:randomly
 	$(BIN)/python -m pytest -q bench --benchmark-only
 	$(BIN)/python bench/run.py
 

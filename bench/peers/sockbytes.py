@@ -39,7 +39,7 @@ def sample(port: int) -> dict[tuple[str, int], tuple[int, int]]:
             pid = int(m.group(1)) if m else 0
             key = (fields[2], pid) if len(fields) > 2 else None
         elif key is not None and (m := _ACKED.search(line)):
-            out[key] = (pid, int(m.group(1)))
+            out[key] = (pid, max(0, int(m.group(1)) - 1))  # Linux counts the SYN as one byte acked
             key = None
     return out
 
