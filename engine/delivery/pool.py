@@ -160,6 +160,11 @@ class SitePool(PoolConnecting):
         return self._backoff.reply
 
     @property
+    def backoff_until(self) -> float:
+        """loop.time() when the current (or last) backoff ends."""
+        return self._backoff.until
+
+    @property
     def in_backoff(self) -> bool:
         return self.loop.time() < self._backoff.until
 

@@ -74,10 +74,25 @@ class PoolManager:
             ctx = self._contexts[key] = client_tls_context(*key)
         return ctx
 
-    def pool_for(self, route: Route, settings: PoolSettings) -> SitePool:
+    @staticmethod
+    def _key(route: Route, settings: PoolSettings) -> PoolKey:
         site = route.site_key if settings.tls_verify or not route.address_key else route.address_key
-        key = (site, settings.port, settings.tls, settings.auth_user, settings.only_domain,
-               settings.provider, settings.source_address, settings.helo_name)
+        return (site, settings.port, settings.tls, settings.auth_user, settings.only_domain,
+                settings.provider, settings.source_address, settings.helo_name)
+
+    def backing_off(self, route: Route, settings: PoolSettings) -> SitePool | None:
+        """The pool a job of `route` would go to, when it exists and is backing off (its
+        destination is dead: the scheduler defers the unit as part of a group, dead.py,
+        instead of dispatching it). None with [[egress]] sources in use: the source,
+        hence the pool, is chosen per job at `submit`."""
+        egress = self.egress
+        if egress is not None and egress.active:
+            return None
+        pool = self.pools.get(self._key(route, settings))
+        return pool if pool is not None and pool.in_backoff else None
+
+    def pool_for(self, route: Route, settings: PoolSettings) -> SitePool:
+        key = self._key(route, settings)
         pool = self.pools.get(key)
         if pool is None:
             pool = self._new_pool(key, settings)

@@ -42,6 +42,7 @@ from typing import cast
 from engine.config import Config
 from engine.delivery import outcome as outcome_mod
 from engine.delivery.bounce import write_outcome
+from engine.delivery.dead import DeadBatch, GroupDeferred, defer_op, observe_group
 from engine.delivery.holds import Holds, Parked, park_op
 from engine.delivery.job import Job, JobResult, PoolSettings
 from engine.delivery.ledger import Ledger
@@ -74,11 +75,13 @@ class DeliveryStats:
     """Counters since start; outcomes count recipients (`bounced` includes `expired`)."""
 
     __slots__ = ("dispatched", "delivered", "deferred", "bounced", "expired", "dsns",
-                 "attempts", "parked")
+                 "attempts", "parked", "grouped", "group_ops")
 
     def __init__(self) -> None:
         self.dispatched = self.delivered = self.deferred = self.bounced = self.expired = 0
         self.dsns = self.attempts = self.parked = 0
+        # Units of dead destinations deferred as a group, and the ops that did it (dead.py).
+        self.grouped = self.group_ops = 0
 
 
 class Scheduler:
@@ -104,6 +107,7 @@ class Scheduler:
         self._plan = ScanPlan()
         self.planner = RoutePlanner(cfg, dns, resolver, local, self.loop)
         self.holds = Holds()
+        self._dead = DeadBatch(self.loop, self._flush_dead, self.rng)
         self.metrics: WorkerMetrics | None = None  # when the worker wants histograms
         self.signer: DkimSigner | None = None  # [[dkim]] keys, when any are configured
         self._suppress_codes = (frozenset(cfg.suppression.codes) if cfg.suppression.auto_bounce
@@ -258,6 +262,11 @@ class Scheduler:
 
     def _dispatch_now(self, msg_id: bytes, domain: str, now: float,
                       route: Route | RouteError, settings: PoolSettings) -> None:
+        if isinstance(route, Route) and (dead := self.pools.backing_off(route, settings)):
+            # A dead destination: not read, not dispatched; deferred with its group.
+            wait = dead.backoff_until - self.loop.time()
+            self._dead.add(msg_id, domain, wait, dead.backoff_reply, now)
+            return
         record = self.store.get(msg_id)
         body = self.store.get_body(msg_id) if record is not None else None
         if record is None or body is None:
@@ -287,7 +296,7 @@ class Scheduler:
             # the stored body and any DSN quoting it stay as they were received.
             signed = self.signer.sign(body) + body
         job = Job(record, signed, indices, domain, route,
-                  lambda result: self._commit_outcome(msg_id, domain, body, result),
+                  lambda result: self._job_done(msg_id, domain, body, result),
                   created=self.loop.time())
         self.stats.dispatched += 1
         self.pools.submit(job, settings)
@@ -311,7 +320,75 @@ class Scheduler:
         self._commit_outcome(msg_id, domain, body, JobResult(replies=refused, suppressed=True))
         return True
 
-    # --- outcomes ----------------------------------------------------------------------
+    # --- dead destinations (dead.py) ----------------------------------------------------
+    def _job_done(self, msg_id: bytes, domain: str, body: bytes, result: JobResult) -> None:
+        """A job's result. One its pool answered without reaching the remote because
+        the destination is dead (its queue failed, or it was submitted during the
+        backoff) joins the group deferral; anything else is an outcome of its own."""
+        if (result.destination_failed and result.retry_after and not result.mx_host
+                and result.attempted and result.replies):
+            reply = next(iter(result.replies.values()))
+            self._dead.add(msg_id, domain, result.retry_after - self.loop.time(), reply,
+                           time.time())
+            return
+        self._commit_outcome(msg_id, domain, body, result)
+
+    def _flush_dead(self) -> None:
+        """One op for every unit of a dead destination gathered this loop turn."""
+        units, replies = self._dead.take()
+        if not units:
+            return
+        now = time.time()
+        op = defer_op(units, now, float(self.cfg.delivery.max_age),
+                      float(self.cfg.delivery.delay_warning))
+        try:
+            self.committer.submit(op, lambda res: self._deferred_group(units, replies, res, now))
+        except RuntimeError:  # the committer stopped (shutdown): the entries stay due (P2)
+            for msg_id, domain, _, _ in units:
+                self._release((msg_id, domain))
+
+    def _deferred_group(self, units: list[tuple[bytes, str, float, str]],
+                        replies: dict[str, Reply], res: object, now: float) -> None:
+        if isinstance(res, BaseException):
+            # Nothing was sent: releasing leaves each unit due as it was (P2).
+            log.error("group_defer_failed", units=len(units), error=repr(res))
+            for msg_id, domain, _, _ in units:
+                self._release((msg_id, domain))
+            return
+        assert isinstance(res, GroupDeferred)
+        special = set(res.full) | set(res.expired)
+        for msg_id, domain, _, _ in units:
+            if (msg_id, domain) not in special:
+                self._release((msg_id, domain))
+        st = self.stats
+        st.deferred += res.recipients
+        st.grouped += len(res.deferred)
+        st.group_ops += 1
+        observe_group(res, replies, units, now, self.dlog, self.metrics)
+        for msg_id, domain in res.expired:
+            body = self.store.get_body(msg_id)
+            if body is None:
+                self._release((msg_id, domain))
+            else:
+                self._commit_outcome(msg_id, domain, body, JobResult(replies={}), expire=True)
+        until = {(u[0], u[1]): u[2] for u in units}
+        for msg_id, domain in res.full:  # owes a report: the ordinary outcome path
+            self._outcome_of_dead(msg_id, domain, replies[domain], until[(msg_id, domain)], now)
+        self._wake.set()
+
+    def _outcome_of_dead(self, msg_id: bytes, domain: str, reply: Reply, until: float,
+                         now: float) -> None:
+        record = self.store.get(msg_id)
+        body = self.store.get_body(msg_id) if record is not None else None
+        if record is None or body is None:
+            self._release((msg_id, domain))
+            return
+        indices = [i for i, r in enumerate(record.recipients)
+                   if r.state == PENDING and domain_of(r.address) == domain]
+        result = JobResult({i: reply for i in indices}, destination_failed=True,
+                           retry_after=self.loop.time() + max(0.0, until - now))
+        self._commit_outcome(msg_id, domain, body, result)
+
     def _commit_outcome(self, msg_id: bytes, domain: str, body: bytes, result: JobResult,
                         *, expire: bool = False) -> None:
         if not result.attempted:

@@ -1,0 +1,90 @@
+"""A dead destination costs one op, not one per message (engine/delivery/dead.py).
+
+In process, over real loopback sockets, LMDB and the lab DNS: d.test's MX is an
+address where nothing listens (connection refused) until the test starts a sink
+there. Every unit for it is deferred as a group: first the jobs the pool had queued
+when it died, then the units a scan finds while it backs off; none is lost, none has
+an attempt counted, each shows the refusal as its last reply, and all are delivered
+once the site is back. Counts come from the scheduler's stats, the delivery log and
+the store, never from time.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from engine.delivery.holds import Holds, Suspension
+from engine.queue.records import PENDING, domain_of
+from tests.integration.relay_helpers import Lab, body, lab, send_many, tag_of  # noqa: F401
+from tests.integration.test_relay_holds import hold, release
+
+N = 12
+DEAD_IP = "127.0.0.5"
+ZONE: dict[str, Any] = {
+    "a.test": {"MX": [(10, "mx.a.test")]}, "mx.a.test": {"A": ["127.0.0.2"]},
+    "d.test": {"MX": [(10, "mx.d.test")]}, "mx.d.test": {"A": [DEAD_IP]},
+}
+
+
+def group_lines(lab: Lab) -> list[dict[str, Any]]:
+    return [e for e in lab.log() if e.get("group")]
+
+
+def d_recipients(lab: Lab) -> list[Any]:
+    return [r for rec in lab.records().values() for r in rec.recipients
+            if r.state == PENDING and domain_of(r.address) == "d.test"]
+
+
+def test_dead_site_units_are_deferred_as_one_group_then_delivered(lab: Lab):
+    sink_a = lab.sink("127.0.0.2")  # also fixes the port: nothing listens on DEAD_IP's
+    lab.zone(ZONE)
+    server = lab.start({"delivery": {"backoff": "600s", "backoff_max": "600s"}})
+    delivery = server.runtime.delivery
+    stats = delivery.scheduler.stats
+    # Held while they arrive, so the N units reach the pool together when released.
+    hold(server, Holds({"d.test": Suspension("d.test", since=time.time(), until=None,
+                                             reason="test")}, {}))
+    ids = send_many(server.port, [([f"u{i}@d.test"], body(f"d{i}")) for i in range(N)]
+                    + [(["x@a.test"], body("a0"))])
+    d_ids = set(ids[:N])
+    lab.wait_sink(sink_a, 1)
+    hold(server, Holds())
+    assert release(server, "d.test") == N
+    server.call(delivery.scheduler.rescan)
+
+    # 1. The pool takes the N jobs, both connection attempts are refused, it backs off
+    # and hands its whole queue back: one op, one log line, N units.
+    [first] = lab.wait_log(lambda e: e.get("group") is True)
+    assert (first["domain"], first["messages"], first["recipients"]) == ("d.test", N, N)
+    assert set(first["ids"]) == d_ids and first["code"] == 421, first
+    assert (stats.group_ops, stats.grouped, stats.deferred) == (1, N, N)
+    rcpts = d_recipients(lab)
+    assert len(rcpts) == N  # none lost
+    assert all(r.attempts == 0 for r in rcpts)  # nothing reached the remote
+    assert all(r.last_reply.startswith("421 4.4.1") for r in rcpts)  # what ctl queue shows
+    # The backoff's end, plus at most a tenth of it: never before, and spread.
+    assert all(time.time() + 500 < r.next_attempt < time.time() + 670 for r in rcpts)
+
+    # 2. Made due again while the pool still backs off: the scan defers them without
+    # dispatching (no job, no connection attempt), again in one op.
+    dispatched, opened = stats.dispatched, server.call(lambda: delivery.pools.connections_opened)
+    assert release(server, "d.test") == N
+    server.call(delivery.scheduler.rescan)
+    lab.wait_log(lambda e: e.get("group") is True, 2)
+    second = group_lines(lab)[1]
+    assert second["messages"] == N and set(second["ids"]) == d_ids
+    assert (stats.group_ops, stats.grouped, stats.deferred) == (2, 2 * N, 2 * N)
+    assert stats.dispatched == dispatched
+    assert server.call(lambda: delivery.pools.connections_opened) == opened  # a.test's one
+    assert all(r.attempts == 0 for r in d_recipients(lab))
+
+    # 3. The site comes back: a flush ends the backoff, every unit is delivered once.
+    sink_d = lab.sink(DEAD_IP)
+    assert server.call(lambda: delivery.flush("d.test")) == 1
+    assert release(server, "d.test") == N
+    server.call(delivery.scheduler.rescan)
+    lab.wait_sink(sink_d, N)
+    lab.wait_queue_empty()
+    assert sorted(tag_of(m.data) or "" for m in sink_d.messages) == sorted(f"d{i}" for i in range(N))
+    assert stats.delivered == N + 1 and len(group_lines(lab)) == 2
