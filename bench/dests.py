@@ -150,7 +150,7 @@ def _run(bench: Any, row: Any, m: Member, n: int, i: int) -> dict[str, Any]:
         carried = sockbytes.SocketBytes(m.sink.port).start()
     r: dict[str, Any] = bench.one_run(row, m.system, m.server, m.address, m.sink, n)
     if split:
-        _split(r, bench.args.workers, carried.stop(), cpu0, descendants_cpu(m.server.root_pid), n, row.size)
+        _split(r, bench.args.workers, carried.stop(), cpu0, descendants_cpu(m.server.root_pid), n)
     if m.sink is not None and r.get("sink_cpu_us_per_msg") is not None:
         # The sink's CPU over the run as a share of one core (it is one process): near 1, it
         # is what limits the row.
@@ -166,7 +166,7 @@ def _run(bench: Any, row: Any, m: Member, n: int, i: int) -> dict[str, Any]:
 
 
 def _split(r: dict[str, Any], workers: int, carried: dict[int, int], cpu0: dict[int, tuple[str, float]],
-           cpu1: dict[int, tuple[str, float]], n: int, size: int) -> None:
+           cpu1: dict[int, tuple[str, float]], n: int) -> None:
     """The delivery split: each worker's share (%) of the bytes its connections carried to
     the sink (largest first), beside the CPU split (intake and delivery together)."""
     mine = {pid: b for pid, b in carried.items() if pid in cpu1}  # the server's processes only
@@ -191,7 +191,10 @@ def run_row(bench: Any, row: Any, members: list[Any],
         dns = Peer("dns", ["-m", "engine.lab.dns", "--zone", str(path), "--origin", ".",
                            "--lifetime", str(LIFETIME - 60)])
         try:
-            dns_port = int(dns.wait_event("ready", 60)["port"])
+            try:
+                dns_port = int(dns.wait_event("ready", 60)["port"])
+            except RuntimeError as err:  # the row cannot run; the others still can
+                return [], [{"row": row.id, "system": s.id, "error": str(err)[-4000:]} for s in members]
             for system in members:
                 why = skipped.get(system.kind) or skipped.get(system.id) or \
                     (skipped.get("latency") if row.id == "slow-dests" and system.id != "volley-nolat" else None)
