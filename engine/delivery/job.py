@@ -83,8 +83,8 @@ class JobResult(msgspec.Struct, frozen=True):
 class Job:
     """One message's recipients in one domain, for one SMTP transaction."""
 
-    __slots__ = ("record", "body", "indices", "domain", "route", "done", "needs_smtputf8",
-                 "body_8bit", "created")
+    __slots__ = ("record", "body", "prefix", "indices", "domain", "route", "done",
+                 "needs_smtputf8", "body_8bit", "created")
 
     def __init__(
         self,
@@ -95,9 +95,14 @@ class Job:
         route: Route,
         done: Callable[[JobResult], None],
         created: float,
+        prefix: bytes = b"",
     ) -> None:
+        """`body` is the stored body as it is (never copied); `prefix` the header lines
+        sent before it (a DKIM-Signature ending in CRLF), written with it in one
+        scatter write."""
         self.record = record
         self.body = body
+        self.prefix = prefix
         self.indices = indices
         self.domain = domain
         self.route = route
@@ -125,7 +130,7 @@ def build_envelope(job: Job) -> Envelope:
     return Envelope(
         record.sender, rcpts, job.body,
         needs_smtputf8=job.needs_smtputf8, body_8bit=job.body_8bit,
-        ret=record.ret, envid=record.envid,
+        ret=record.ret, envid=record.envid, prefix=job.prefix, dot_lines=record.dot_lines,
     )
 
 

@@ -69,8 +69,8 @@ def split_job(job: Job, most: int) -> list[Job]:
         if len(results) == len(chunks):
             job.done(merge_results(results))
 
-    return [Job(job.record, job.body, chunk, job.domain, job.route, part_done, job.created)
-            for chunk in chunks]
+    return [Job(job.record, job.body, chunk, job.domain, job.route, part_done, job.created,
+                prefix=job.prefix) for chunk in chunks]
 
 
 def merge_results(results: list[JobResult]) -> JobResult:

@@ -57,6 +57,8 @@ __all__ = ["Deliver", "DeliverySession", "SessionOwner"]
 
 Deliver = Callable[["DeliverySession", Job, JobResult], None]
 _DATA_END = "data_end"
+# Below this many octets a write's parts are joined rather than scattered.
+_SCATTER_MIN = 16 * 1024
 
 
 class SessionOwner(Protocol):
@@ -186,9 +188,8 @@ class DeliverySession(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._write_paused = False
         if self._backlog and not self.closed:
-            data = b"".join(self._backlog)
-            self._backlog.clear()
-            self.transport.write(data)
+            self._send(self._backlog)
+            self._backlog = []
 
     # --- running jobs --------------------------------------------------------------------
     async def run(self, job: Job) -> JobResult:
@@ -253,7 +254,7 @@ class DeliverySession(asyncio.Protocol):
             entry = self._begin(item, needs_rset=not self._last_clean)
             if entry is not None:
                 self._inflight.append(entry)
-                out.append(entry.tx.initial_bytes())
+                out += entry.tx.initial_parts()
         self._write(out)
         if not self._inflight and self.ready and not self.quitting and not self._idle_notified:
             self._idle_notified = True
@@ -266,9 +267,9 @@ class DeliverySession(asyncio.Protocol):
         tx = entry.tx
         if reply.code == 421:
             self.saw_421 = True  # RFC 5321 §3.8: the server is closing the channel
-        more = tx.on_reply(reply)  # ClientProtocolError: tx already finished; caller closes
+        more = tx.on_reply_parts(reply)  # ClientProtocolError: tx finished; caller closes
         if more is not None:
-            out.append(more)
+            out += more
             if (tx.phase == _DATA_END and len(self._inflight) == 1 and self.caps.pipelining
                     and not self._write_paused):
                 self._chain(out)
@@ -293,7 +294,7 @@ class DeliverySession(asyncio.Protocol):
             entry = self._begin(item, needs_rset=False)
             if entry is not None:
                 self._inflight.append(entry)
-                out.append(entry.tx.initial_bytes())
+                out += entry.tx.initial_parts()
                 return
 
     def _result(self, job: Job, outcomes: list[Reply], started: float) -> JobResult:
@@ -336,12 +337,11 @@ class DeliverySession(asyncio.Protocol):
         if not out or self.closed or self.transport.is_closing():
             out.clear()
             return
-        data = b"".join(out) if len(out) > 1 else out[0]
-        out.clear()
         if self._write_paused:
-            self._backlog.append(data)  # flow control: resume_writing flushes
+            self._backlog += out  # flow control: resume_writing flushes
         else:
-            self.transport.write(data)
+            self._send(out)
+        out.clear()
         # House rule 8: a pipelined write gets the sum of its phases' timeouts.
         timeouts = self._phase_timeout
         budget = 0.0
@@ -349,6 +349,18 @@ class DeliverySession(asyncio.Protocol):
             for phase in entry.tx.pending_phases:
                 budget += timeouts[phase]
         self._deadline.set(self.loop.time() + budget)
+
+    def _send(self, parts: list[bytes]) -> None:
+        """One write of `parts`. Small ones are joined (a copy of a few hundred octets
+        costs less than a buffer per part); with a large part (a body) the parts go out
+        as one scatter write, so the body is never copied: uvloop's writelines is one
+        writev of them all (asyncio's own joins, as we would)."""
+        if len(parts) == 1:
+            self.transport.write(parts[0])
+        elif sum(map(len, parts)) < _SCATTER_MIN:
+            self.transport.write(b"".join(parts))
+        else:
+            self.transport.writelines(parts)
 
     def _on_deadline(self) -> None:
         if self.closed or not self.ready:

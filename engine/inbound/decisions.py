@@ -176,6 +176,7 @@ def queue_record(
         client_ip=client_ip,
         helo=session.helo or "",
         auth_user=session.auth_user,
+        dot_lines=envelope.dot_lines,
     )
 
 

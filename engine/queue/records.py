@@ -91,6 +91,11 @@ class MessageRecord(msgspec.Struct, array_like=True, tag_field="v", tag=RECORD_V
     # The [[egress]] pool the message leaves from, as the HTTP API was asked ("" = the
     # [[egress_rules]] / [[routes]] choice; engine/delivery/egress.py). Appended last.
     egress_pool: str = ""
+    # Does a line of the stored body start with "."? The receiver knows while
+    # unstuffing DATA (a ".." was seen), so sending by DATA needs no stuffing scan when
+    # it is False (RFC 5321 §4.5.2). None: unknown (records written before this field,
+    # bodies made here: DSNs, HTTP), the client scans. Appended last.
+    dot_lines: bool | None = None
 
 
 _encoder = msgspec.msgpack.Encoder()

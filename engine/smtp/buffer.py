@@ -6,11 +6,44 @@ in Python: that is the hot path of a bulk receiver.
 
 from __future__ import annotations
 
+import re
+
 from engine.smtp.replies import R550_BARE_LINE_ENDING, R550_DATA_LINE_TOO_LONG, Reply
 
 # RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets including the CRLF.
 MAX_TEXT_LINE = 998
 END_OF_DATA = b"\r\n.\r\n"
+
+
+# A line that starts with ".": on the wire of DATA a stuffed line (RFC 5321 §4.5.2); in
+# content, a line the relaying client must stuff. Looked for from the dots, which
+# find() reaches with memchr: a body without any "." (base64 parts, generated text)
+# costs ~1 us at 100 KB where `b"\r\n." in x` costs 60-130 us on CRLF-dense text (its
+# two-byte prefix matches at every line end). Past a few dots not at a line start
+# (prose), one compiled search finishes the job (~60 us at 100 KB, one line per LF).
+_DOT_LINE = re.compile(rb"\n\.")
+_DOTS_BEFORE_SEARCH = 8
+
+
+def dot_line_in(data: bytes | bytearray, start: int = 0, end: int | None = None) -> bool:
+    """True if a "." right after an LF lies in data[start:end]: a line starting with a
+    dot, other than one starting at `start` (a bare LF counts, so True means "maybe")."""
+    if end is None:
+        end = len(data)
+    find = data.find
+    i = find(b".", start, end)
+    for _ in range(_DOTS_BEFORE_SEARCH):
+        if i < 0:
+            return False
+        if i > start and data[i - 1] == 10:  # LF
+            return True
+        i = find(b".", i + 1, end)
+    return i >= 0 and _DOT_LINE.search(data, max(start, i - 1), end) is not None
+
+
+def has_dot_line(content: bytes) -> bool:
+    """True if any line of `content` starts with "." (the first one too)."""
+    return content.startswith(b".") or dot_line_in(content)
 
 
 def unstuff(region: bytes) -> bytes:

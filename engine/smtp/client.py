@@ -22,15 +22,19 @@ Shapes of one transaction (→ one write, ← the replies that write waits for):
 
     PIPELINING, DATA:      → [RSET] MAIL RCPT… DATA   ← [250] 250 250… 354
                            → body "." (or a lone "." : RFC 2920 §3.1)   ← 250
-    PIPELINING, CHUNKING:  → [RSET] MAIL RCPT…        ← [250] 250 250…
-                           → BDAT <n> LAST + body      ← 250
-    lockstep (no PIPELINING): one command per write, each after the previous reply.
+    PIPELINING, CHUNKING:  → [RSET] MAIL RCPT… BDAT <n> LAST + body   ← [250] 250 250… 250
+    lockstep (no PIPELINING): one command per write, each after the previous reply;
+                           with CHUNKING, BDAT <n> LAST + body after the last RCPT reply.
 
-BDAT is *not* pipelined behind the RCPTs although RFC 3030 allows it with PIPELINING: waiting
-for the RCPT replies costs no extra round trip compared with DATA (whose 354 must be
-awaited anyway), sends no body when every recipient was refused (common on bulk lists),
-and never relies on a server that refused the BDAT discarding its chunk (RFC 3030 §2
-requires it; a server that does not would read the body as commands).
+BDAT is pipelined behind the RCPTs (RFC 3030 §4.2): one write and one read per message,
+the body as is, no stuffing scan (§2). If MAIL or every RCPT is refused, the server still
+reads and discards the chunk (§2, with PIPELINING) and refuses the BDAT; that reply is
+awaited like any other, then RSET (a refused BDAT's state is not specified).
+
+Content goes out in parts (`initial_parts`, `on_reply_parts`; `initial_bytes`/`on_reply`
+join them): the commands, the Envelope's `prefix` (a DKIM-Signature) and the body, for
+one scatter write that never copies the body. DATA skips the stuffing scan when the
+Envelope's `dot_lines` is False (the receiver saw no line starting with ".").
 
 Chaining (RFC 2920 §3.1 lets message content open the next group): with PIPELINING the
 adapter may append the next transaction's `initial_bytes()` to this one's end-of-data
@@ -76,33 +80,28 @@ from engine.smtp.client_wire import (
     starttls_ready,
 )
 from engine.smtp.commands import Mail, Rcpt, encode
-from engine.smtp.envelope import Envelope, Recipient, dot_stuff, local_refusal, xtext_safe
+from engine.smtp.envelope import (
+    END_OF_DATA,
+    Envelope,
+    Recipient,
+    bdat_parts,
+    content_of,
+    data_parts,
+    dot_stuff,
+    local_refusal,
+    xtext_safe,
+)
 from engine.smtp.replies import Reply
 
 __all__ = [
-    "MAX_REPLY_LINE",
-    "MAX_REPLY_LINES",
-    "QUIT",
-    "RSET",
-    "STARTTLS",
-    "Capabilities",
-    "ClientProtocolError",
-    "Envelope",
-    "Recipient",
-    "RemoteReply",
-    "ReplyParser",
-    "Transaction",
-    "auth_login",
-    "auth_plain",
-    "dot_stuff",
-    "greeting_bytes",
-    "helo_bytes",
-    "parse_ehlo",
+    "MAX_REPLY_LINE", "MAX_REPLY_LINES", "QUIT", "RSET", "STARTTLS", "Capabilities",
+    "ClientProtocolError", "Envelope", "Recipient", "RemoteReply", "ReplyParser", "Transaction",
+    "auth_login", "auth_plain", "dot_stuff", "greeting_bytes", "helo_bytes", "parse_ehlo",
     "starttls_ready",
 ]
 
 _DATA: Final = b"DATA\r\n"
-_DOT: Final = b".\r\n"
+_DOT: Final = END_OF_DATA
 
 # Phase names: which reply is awaited, hence which timeout applies.
 PHASE_RSET: Final = "rset"
@@ -128,6 +127,7 @@ class Transaction:
         "_accepted",
         "_body",
         "_chunking",
+        "_dot_lines",
         "_expect",
         "_failure",
         "_lone_dot",
@@ -136,6 +136,7 @@ class Transaction:
         "_next_rcpt",
         "_outcomes",
         "_pipelining",
+        "_prefix",
         "_rcpt_lines",
         "_refusal",
         "_refused",
@@ -169,11 +170,9 @@ class Transaction:
         # (RFC 5321 §4.1.4) there is no transaction to reset anyway. Later, only after a
         # transaction that left the server's state open.
         self._rset = needs_rset and not first_on_connection
-        body = envelope.body
-        if body and not body.endswith(b"\r\n"):
-            body += b"\r\n"
-        self._body = body
-        size = envelope.size if envelope.size is not None else len(body)
+        self._prefix, self._body = content_of(envelope)
+        self._dot_lines = envelope.dot_lines
+        size = envelope.size if envelope.size is not None else len(self._prefix) + len(self._body)
         dsn = caps.dsn
         self._mail_line = encode(
             Mail(
@@ -218,7 +217,13 @@ class Transaction:
         return self._refusal
 
     def initial_bytes(self) -> bytes:
-        """The first write: the whole pipelined group, or (lockstep) the first command.
+        """`initial_parts()` joined (one bytes object)."""
+        return b"".join(self.initial_parts())
+
+    def initial_parts(self) -> list[bytes]:
+        """The first write, as parts for one scatter write: the whole pipelined group
+        (with CHUNKING the BDAT line, the prefix and the body as they are), or
+        (lockstep) the first command.
 
         Raises RuntimeError if called twice or after a precheck refusal.
         """
@@ -231,11 +236,11 @@ class Transaction:
             parts.append(RSET)
             expect.append(PHASE_RSET)
             if not self._pipelining:
-                return RSET
+                return [RSET]
         parts.append(self._mail_line)
         expect.append(PHASE_MAIL)
         if not self._pipelining:
-            return self._mail_line
+            return [self._mail_line]
         # RFC 2920 §3.1: RSET, MAIL and RCPT may sit anywhere in a group; DATA ends it.
         parts += self._rcpt_lines
         expect.extend([PHASE_RCPT] * len(self._rcpt_lines))
@@ -244,13 +249,11 @@ class Transaction:
             # content go in one write, so a message costs one write and one read even
             # when no other message waits to be chained behind it. If every RCPT (or
             # MAIL) is refused the server discards the chunk and refuses the BDAT.
-            parts.append(b"BDAT %d LAST\r\n" % len(self._body))
-            parts.append(self._body)
             expect.append(PHASE_DATA_END)
-        else:
-            parts.append(_DATA)
-            expect.append(PHASE_DATA)
-        return b"".join(parts)
+            return bdat_parts(b"".join(parts), self._prefix, self._body)
+        parts.append(_DATA)
+        expect.append(PHASE_DATA)
+        return [b"".join(parts)]
 
     @property
     def phase(self) -> str | None:
@@ -274,7 +277,12 @@ class Transaction:
         return self._outcomes
 
     def on_reply(self, reply: Reply) -> bytes | None:
-        """Feed the next reply (in order); returns the next bytes to write, or None.
+        """`on_reply_parts(reply)` joined, or None."""
+        parts = self.on_reply_parts(reply)
+        return None if parts is None else b"".join(parts)
+
+    def on_reply_parts(self, reply: Reply) -> list[bytes] | None:
+        """Feed the next reply (in order); returns the next write's parts, or None.
 
         Raises ClientProtocolError if no reply was awaited, or a reply's class makes no
         sense for its command (e.g. 354 to MAIL, 250 to DATA); the transaction is then
@@ -312,12 +320,12 @@ class Transaction:
             self._finish(reply, clean=False)
 
     # --- transitions -----------------------------------------------------------------
-    def _on_rset(self, reply: Reply, ok: bool) -> bytes | None:
+    def _on_rset(self, reply: Reply, ok: bool) -> list[bytes] | None:
         if ok:
             if self._pipelining:
                 return None
             self._expect.append(PHASE_MAIL)
-            return self._mail_line
+            return [self._mail_line]
         # The session's state is unknown: defer everyone, whatever the code was.
         self._failure = reply if reply.code // 100 == 4 else R451_RSET_REFUSED.with_text(
             (R451_RSET_REFUSED.lines[0] + ":", *reply.lines)
@@ -326,7 +334,7 @@ class Transaction:
             self._finish(None, clean=False)
         return None  # pipelined: the group's other replies are still to come
 
-    def _on_mail(self, reply: Reply, ok: bool) -> bytes | None:
+    def _on_mail(self, reply: Reply, ok: bool) -> list[bytes] | None:
         if not ok:
             self._mail_reply = reply
         if self._pipelining:
@@ -335,9 +343,9 @@ class Transaction:
             self._finish(None, clean=self._failure is None)  # no transaction opened
             return None
         self._expect.append(PHASE_RCPT)
-        return self._rcpt_lines[0]
+        return [self._rcpt_lines[0]]
 
-    def _on_rcpt(self, reply: Reply, ok: bool) -> bytes | None:
+    def _on_rcpt(self, reply: Reply, ok: bool) -> list[bytes] | None:
         i = self._next_rcpt
         self._next_rcpt = i + 1
         if ok:
@@ -350,13 +358,13 @@ class Transaction:
             return None
         if not last:
             self._expect.append(PHASE_RCPT)
-            return self._rcpt_lines[i + 1]
+            return [self._rcpt_lines[i + 1]]
         return self._after_rcpts()
 
     def _sendable(self) -> bool:
         return self._failure is None and self._mail_reply is None and self._accepted > 0
 
-    def _after_rcpts(self) -> bytes | None:
+    def _after_rcpts(self) -> list[bytes] | None:
         if not self._sendable():
             # Clean only if MAIL was refused: otherwise the server holds an open
             # transaction with no recipient, and the next MAIL would be a 503.
@@ -365,23 +373,23 @@ class Transaction:
         if self._chunking:
             # RFC 3030 §2: BDAT <octets> LAST, then exactly that many octets, no stuffing.
             self._expect.append(PHASE_DATA_END)
-            return b"BDAT %d LAST\r\n" % len(self._body) + self._body
+            return bdat_parts(b"", self._prefix, self._body)
         self._expect.append(PHASE_DATA)
-        return _DATA
+        return [_DATA]
 
-    def _on_data(self, reply: Reply, ok: bool) -> bytes | None:
+    def _on_data(self, reply: Reply, ok: bool) -> list[bytes] | None:
         if not ok:
             self._finish(reply, clean=self._failure is None and self._mail_reply is not None)
             return None
         self._expect.append(PHASE_DATA_END)
         if self._sendable():
-            return dot_stuff(self._body) + _DOT
+            return data_parts(self._prefix, self._body, self._dot_lines)
         # RFC 2920 §3.1: DATA got 354 although no RCPT succeeded (pipelined); "the client
         # SMTP should send a single dot". The refusals already decided every outcome.
         self._lone_dot = True
-        return _DOT
+        return [_DOT]
 
-    def _on_data_end(self, reply: Reply, ok: bool) -> bytes | None:
+    def _on_data_end(self, reply: Reply, ok: bool) -> list[bytes] | None:
         if self._lone_dot:
             self._finish(None, clean=self._failure is None)
             return None

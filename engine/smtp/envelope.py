@@ -2,7 +2,8 @@
 
 `Transaction` (client.py) takes an `Envelope` per message; `local_refusal` is its
 precheck against the server's EHLO, so a message the server could never take
-bounces without a word on the wire.
+bounces without a word on the wire; `content_of` and `data_parts` are the content as
+it goes out, in parts (a large body is never copied to be sent).
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from typing import Final
 import msgspec
 
 from engine.smtp import grammar
+from engine.smtp.buffer import has_dot_line
 from engine.smtp.client_replies import Capabilities
 from engine.smtp.replies import Reply
+
+END_OF_DATA: Final = b".\r\n"  # after content ending in CRLF (RFC 5321 §4.1.1.4)
 
 # Local refusals (precheck): permanent, so the message bounces without being sent.
 # RFC 6531: a message that needs SMTPUTF8 must not go to a server without it; Volley
@@ -42,17 +46,64 @@ class Envelope(msgspec.Struct, frozen=True):
     body_8bit: bool = False  # RFC 6152: octets above 127 in the body
     ret: str | None = None  # RFC 3461 §4.3 "FULL" | "HDRS"
     envid: str | None = None  # RFC 3461 §4.4
-    size: int | None = None  # RFC 1870 SIZE to declare; None = len(body)
+    size: int | None = None  # RFC 1870 SIZE to declare; None = len(prefix + body)
+    # Header lines sent before `body` (a DKIM-Signature), each ending in CRLF: the
+    # stored body is never copied to put them in front, both go out in one scatter
+    # write (Transaction.*_parts).
+    prefix: bytes = b""
+    # Does any line of prefix + body start with "."? The receiver recorded it while
+    # unstuffing (MessageRecord.dot_lines). False skips the stuffing scan of DATA
+    # (RFC 5321 §4.5.2); None = unknown, scan.
+    dot_lines: bool | None = None
 
 
 def dot_stuff(body: bytes) -> bytes:
     """RFC 5321 §4.5.2: double the dot that starts any line (the first line too).
 
     One C-level replace over the body with a CRLF prefix, so line 1 needs no special case.
+    The check before it is a regex search (buffer.has_dot_line), ~3x cheaper than
+    `b"\r\n." in body` on CRLF-dense text.
     """
-    if not body.startswith(b".") and b"\r\n." not in body:
+    if not has_dot_line(body):
         return body  # the common case: no copy
     return (b"\r\n" + body).replace(b"\r\n.", b"\r\n..")[2:]
+
+
+def content_of(envelope: Envelope) -> tuple[bytes, bytes]:
+    """(prefix, body) as they go on the wire: a body not ending in CRLF gets one, so
+    DATA and BDAT deliver the same octets.
+
+    Raises ValueError if the prefix does not end in CRLF (its last line would run into
+    the body's first, and stuffing the two apart would differ from stuffing them joined).
+    """
+    prefix, body = envelope.prefix, envelope.body
+    if prefix and not prefix.endswith(b"\r\n"):
+        raise ValueError("the header prefix must end with CRLF")
+    if body and not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    return prefix, body
+
+
+def data_parts(prefix: bytes, body: bytes, dot_lines: bool | None) -> list[bytes]:
+    """What follows the 354: the stuffed content and the end-of-data line, as parts
+    for one scatter write (the body is not copied when nothing needs stuffing).
+
+    `dot_lines` False: the receiver saw no line starting with "." (no scan at all).
+    Each part is stuffed on its own, which equals stuffing the whole because the
+    prefix ends with CRLF (content_of).
+    """
+    if dot_lines is not False:
+        prefix, body = dot_stuff(prefix), dot_stuff(body)
+    if not prefix:
+        return [body, END_OF_DATA]
+    return [prefix, body, END_OF_DATA]
+
+
+def bdat_parts(commands: bytes, prefix: bytes, body: bytes) -> list[bytes]:
+    """`commands` (the pipelined group before it, or b""), then `BDAT <n> LAST` and the
+    content as it is: no stuffing, no terminator (RFC 3030 §2); the body not copied."""
+    head = commands + b"BDAT %d LAST\r\n" % (len(prefix) + len(body))
+    return [head + prefix, body] if prefix else [head, body]
 
 
 def xtext_safe(value: str | None) -> str | None:

@@ -63,8 +63,12 @@ Event = CommandReceived | MessageReceived | AuthResponse | AutoReply | Connectio
 class Envelope:
     """Per-transaction facts (RFC 5321's mail transaction)."""
 
-    __slots__ = ("mail", "rcpts")
+    __slots__ = ("dot_lines", "mail", "rcpts")
 
     def __init__(self) -> None:
         self.mail: Mail | None = None
         self.rcpts: list[Rcpt] = []
+        # Set with MessageReceived: does a line of its content start with "."? (DATA:
+        # a stuffed ".." was seen, RFC 5321 §4.5.2.) The queue record keeps it, so the
+        # relaying client skips its stuffing scan when False.
+        self.dot_lines = True

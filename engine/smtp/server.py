@@ -271,15 +271,25 @@ class ServerSession:
                 buf += keep
                 self._scan = self._data_start
             return None
-        with memoryview(buf) as view:  # one copy (bytes(buf[a:b]) makes two)
-            region = bytes(view[self._data_start : end + 2])
+        start = self._data_start
         self._pos = end + 5
         self._data_start = 0
         self.state = State.READY
         if self._too_big:
             self._too_big = False
             return AutoReply(R552_MESSAGE_TOO_BIG)
-        content = buffer.unstuff(region)
+        # One search says whether any line was stuffed (the region starts with the CRLF
+        # of the DATA line, so the first line counts too). Without one the content is
+        # the region minus that CRLF: one copy, no unstuffing pass (measured at 100 KB:
+        # search + copy 25 us, the replace 55-80 us), and the relaying client needs no
+        # stuffing scan either (Envelope.dot_lines).
+        dotted = buffer.dot_line_in(buf, start, end + 2)
+        self.envelope.dot_lines = dotted
+        with memoryview(buf) as view:  # one copy (bytes(buf[a:b]) makes two)
+            if not dotted:
+                content = bytes(view[start + 2 : end + 2])
+            else:
+                content = buffer.unstuff(bytes(view[start : end + 2]))
         if len(content) > self.max_message_size:
             return AutoReply(R552_MESSAGE_TOO_BIG)
         problem = buffer.content_problem(content)
@@ -329,6 +339,7 @@ class ServerSession:
             return AutoReply(error)
         content = b"".join(self._chunks)
         self._chunks = []
+        self.envelope.dot_lines = buffer.has_dot_line(content)
         problem = buffer.content_problem(content)
         if problem is not None:
             return AutoReply(problem)

@@ -1,0 +1,107 @@
+"""Large messages through the real process tree (issue 15): `volley serve` (two workers)
+relays 100 KB and 1 KB bodies, with and without lines that start with ".", to a sink
+that offers CHUNKING (BDAT, RFC 3030) and one that does not (DATA, dot-stuffed), and
+each sink must store exactly the bytes the client sent, after Volley's Received:
+header. A dot-stuffing mistake shows here: a dotted line the client failed to stuff
+loses its dot at the DATA sink (or ends the message early), one it stuffed needlessly
+keeps two at the BDAT sink.
+
+Each message is received once (by DATA or by BDAT), recorded with what the receiver
+saw of its dotted lines, and delivered to both destinations from the same record.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from engine.lab.sink.protocol import start_sink
+from tests.integration.smtp_client import RawSmtp, queue_id
+from tests.integration.test_relay_process import relay_config
+
+SENDER = "alice@home.test"
+ZONE = {
+    "chunk.test": {"MX": [(10, "mx.chunk.test")]},
+    "mx.chunk.test": {"A": ["127.0.0.2"]},
+    "plain.test": {"MX": [(10, "mx.plain.test")]},
+    "mx.plain.test": {"A": ["127.0.0.3"]},
+}
+
+
+def big(n_lines: int, dots: bool) -> bytes:
+    """Header + n_lines of 78 octets; with `dots`, lines that start with "." at the
+    first body line, in the middle (".", "..", ".x") and last."""
+    lines = [b"line %06d " % i + b"x" * 66 for i in range(n_lines)]
+    if dots:
+        lines[0] = b".first body line"
+        lines[n_lines // 3] = b"."
+        lines[n_lines // 2] = b".."
+        lines[n_lines // 2 + 1] = b".x middle"
+        lines[-1] = b".last line"
+    head = f"From: <{SENDER}>\r\nTo: <bob@chunk.test>\r\nSubject: large\r\n\r\n".encode()
+    return head + b"".join(line + b"\r\n" for line in lines)
+
+
+BODIES = {
+    "100k": big(1300, dots=False),
+    "100k-dots": big(1300, dots=True),
+    "1k": big(12, dots=False),
+    "1k-dots": big(12, dots=True),
+}
+
+
+def send(port: int, data: bytes, *, bdat: bool) -> str:
+    """One message to bob@chunk.test and bob@plain.test; DATA (stuffed here, the first
+    line too) or one BDAT LAST chunk. Returns the queue id."""
+    with RawSmtp("127.0.0.1", port, timeout=20) as client:
+        assert client.banner[0] == 220
+        assert client.cmd("EHLO client.test")[0] == 250
+        assert client.cmd(f"MAIL FROM:<{SENDER}>")[0] == 250
+        for rcpt in ("bob@chunk.test", "bob@plain.test"):
+            assert client.cmd(f"RCPT TO:<{rcpt}>")[0] == 250
+        if bdat:
+            client.send(b"BDAT %d LAST\r\n" % len(data) + data)
+        else:
+            assert client.cmd("DATA")[0] == 354
+            client.send((b"\r\n" + data).replace(b"\r\n.", b"\r\n..")[2:] + b".\r\n")
+        code, text = client.reply()
+        assert code == 250, (code, text)
+        client.cmd("QUIT")
+    return queue_id(text)
+
+
+def after_received(data: bytes) -> bytes:
+    """The message without the one Received: field Volley put in front (its folded
+    lines start with a tab)."""
+    assert data.startswith(b"Received: "), data[:80]
+    at = 0
+    while True:
+        at = data.index(b"\r\n", at) + 2
+        if not data.startswith(b"\t", at):
+            return data[at:]
+
+
+@pytest.mark.parametrize("bdat_in", [False, True], ids=["data-in", "bdat-in"])
+def test_exact_bytes_to_a_chunking_and_a_plain_sink(serve: Any, peers: Any, dns_zone: Any,
+                                                    bdat_in: bool) -> None:
+    chunk = peers.call(start_sink("127.0.0.2", 0, chunking=True))
+    peers.sinks.append(chunk)
+    plain = peers.call(start_sink("127.0.0.3", chunk.port))
+    peers.sinks.append(plain)
+    dns = dns_zone(ZONE)
+    server = serve(relay_config(dns.port, chunk.port))
+    ids = {send(server.port, data, bdat=bdat_in): name for name, data in BODIES.items()}
+    for sink in (chunk, plain):
+        peers.call(sink.wait_for(len(BODIES), 60), 70)
+    for sink, verb in ((chunk, "BDAT"), (plain, "DATA")):
+        verbs = {v for v, _ in sink.commands}
+        assert verb in verbs and ({"BDAT", "DATA"} - {verb}).isdisjoint(verbs), verbs
+        assert len(sink.messages) == len(BODIES)
+        got = {}
+        for m in sink.messages:
+            qid = next(i for i in ids if i in m.data[:400].decode("ascii", "replace"))
+            got[ids[qid]] = after_received(m.data)
+        for name, data in BODIES.items():
+            assert got[name] == data, f"{verb} sink: {name} differs"
+    assert server.stop(30) == 0, server.log[-20:]
