@@ -25,6 +25,9 @@ from engine.queue.store import QueueStore, WriteTxn
 _T = TypeVar("_T")
 Runner = Callable[..., Awaitable[Any]]
 CAMPAIGN_FAMILY = "volley_campaign_messages_total"
+# In a cluster: local changes of the suppression list waiting for Redis (the outbox,
+# engine/queue/supp_outbox.py); above 0 for long means the fleet has not heard of them.
+OUTBOX_FAMILY = "volley_cluster_suppression_outbox"
 # Entries per write transaction of an import chunk. LMDB has one write lock for every
 # process: a whole 10,000-value chunk held it ~170 ms, long enough for the workers' group
 # commits (intake and outcomes) to queue behind it, and delivery ran at about half its
@@ -151,6 +154,8 @@ class Lists:
         `top` most recently active campaigns one by one, the rest summed as
         campaign="other" (bounded cardinality). Raises StorageError."""
         out = [gauge("volley_suppression_entries", self.store.suppression_count())]
+        if self.fleet_campaigns is not None:  # in a cluster: changes not yet in Redis
+            out.append(gauge(OUTBOX_FAMILY, self.store.supp_outbox_count()))
         everything = self.store.campaigns(limit=1 << 62)
         for c in campaigns.summarize(everything, top):
             labels = {"tenant": c.tenant, "campaign": c.campaign}

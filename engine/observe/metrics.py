@@ -97,6 +97,9 @@ GAUGES: dict[str, tuple[Literal["gauge", "counter"], str]] = {
         "suppressed, complained); the campaigns past campaigns.metrics_top summed as "
         'campaign="other".'),
     "volley_suppression_entries": ("gauge", "Entries on the suppression list, every tenant."),
+    # Only in a [cluster] (engine/control/lists.py).
+    "volley_cluster_suppression_outbox": (
+        "gauge", "Local changes of the suppression list not yet in the cluster's Redis."),
 }
 
 _COUNTER_ATTRS = tuple(attr for attr, _, _ in COUNTERS)

@@ -70,17 +70,31 @@ def test_suppression_added_while_redis_is_down_reaches_the_others(
     honoured_within(lambda: rcpt(c, NODE_IPS[2], "before@example.org")[0] == 550, "C before")
     redis_server.kill()
     a.wait_for(lambda e: e.get("event") == "cluster_degraded", 30)
+    outbox = "volley_cluster_suppression_outbox"  # changes not yet in Redis
+    assert metric(a, outbox) == 0
     suppress(a, GONE)  # the outbox keeps it
+    assert metric(a, outbox) == 1  # the one change the test made during the outage
     assert rcpt(a, NODE_IPS[0], GONE)[0] == 550  # the local list answers at once
     assert rcpt(c, NODE_IPS[2], GONE)[0] == 250  # C cannot know yet
     assert rcpt(c, NODE_IPS[2], "before@example.org")[0] == 550  # C's mirror keeps answering
     redis_server.start()  # empty: no persistence, as a Redis that lost its data
     honoured_within(lambda: rcpt(c, NODE_IPS[2], GONE)[0] == 550, "C after Redis returned")
+    wait_until(lambda: metric(a, outbox) == 0, HONOURED, "A's outbox drained")
     with redis_server.client() as r:
         # Redis had lost everything: the nodes publish their lists again (a new epoch).
         honoured_within(lambda: bool(r.hexists("volleytest:supp:h:", "address:before@example.org")),
                         "the list published again")
         assert r.hexists("volleytest:supp:h:", f"address:{GONE}")
+
+
+def metric(node: ServeProcess, family: str) -> int:
+    """An unlabelled family's value as the node's metrics show it."""
+    reply = ask(sock(node), {"cmd": "metrics"})
+    assert reply["ok"], reply
+    text = reply["text"]
+    (value,) = [line.split()[-1] for line in text.splitlines()
+                if line.startswith(family + " ")]
+    return int(float(value))
 
 
 def test_suspension_set_on_b_holds_on_a_and_c(nodes: Any) -> None:
