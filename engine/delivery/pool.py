@@ -292,7 +292,7 @@ class SitePool(PoolConnecting):
         else:
             if any(r.code // 100 == 2 for r in result.replies.values()):
                 self._sent += 1
-                self._sent_bytes += len(job.body)
+                self._sent_bytes += len(job.prefix) + len(job.body)
                 if self._limit < self.settings.max_connections:
                     self._limit += 1  # slow start: one more per success
                     if self._queue:

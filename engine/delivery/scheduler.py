@@ -290,14 +290,15 @@ class Scheduler:
             self._commit_outcome(msg_id, domain, body,
                                  JobResult(replies={i: route.reply for i in indices}))
             return
-        signed = body
+        prefix = b""
         if record.sign and self.signer:
             # Signed per attempt, as it leaves (RFC 6376 §3.5 t= is the signing time);
-            # the stored body and any DSN quoting it stay as they were received.
-            signed = self.signer.sign(body) + body
-        job = Job(record, signed, indices, domain, route,
+            # the stored body and any DSN quoting it stay as they were received. The
+            # header goes out in front of the body (Job.prefix), never joined to it.
+            prefix = self.signer.sign(body)
+        job = Job(record, body, indices, domain, route,
                   lambda result: self._job_done(msg_id, domain, body, result),
-                  created=self.loop.time())
+                  created=self.loop.time(), prefix=prefix)
         self.stats.dispatched += 1
         self.pools.submit(job, settings)
 
