@@ -41,6 +41,22 @@ def dot_line_in(data: bytes | bytearray, start: int = 0, end: int | None = None)
     return i >= 0 and _DOT_LINE.search(data, max(start, i - 1), end) is not None
 
 
+def find_end(buf: bytes | bytearray, start: int) -> int:
+    """`buf.find(END_OF_DATA, start)`, looked for from the dots as `dot_line_in` does:
+    in a body without dotted lines the terminator's dot is the first "." at a line
+    start, so the search costs ~1 us at 100 KB instead of 40-90 us (the five-octet
+    pattern starts with CRLF, which bytes.find meets at every line end)."""
+    find = buf.find
+    i = find(b".", start + 2)  # the terminator's dot is 2 octets in
+    for _ in range(_DOTS_BEFORE_SEARCH):
+        if i < 0:
+            return -1
+        if buf[i - 2 : i + 3] == END_OF_DATA:
+            return i - 2
+        i = find(b".", i + 1)
+    return -1 if i < 0 else find(END_OF_DATA, i - 2)
+
+
 def has_dot_line(content: bytes) -> bool:
     """True if any line of `content` starts with "." (the first one too)."""
     return content.startswith(b".") or dot_line_in(content)

@@ -256,7 +256,7 @@ class ServerSession:
     # --- DATA ----------------------------------------------------------------------
     def _read_data(self) -> Event | None:
         buf = self._buf
-        end = buf.find(buffer.END_OF_DATA, self._scan)
+        end = buffer.find_end(buf, self._scan)
         if end < 0:
             # Resume the search where a terminator could still start.
             self._scan = max(self._data_start, len(buf) - 4)

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.queue.records import MessageRecord, Recipient, decode_record, encode_record
-from engine.smtp.buffer import has_dot_line
+from engine.smtp.buffer import END_OF_DATA, dot_line_in, find_end, has_dot_line
 from engine.smtp.client import Capabilities, Envelope, Transaction, dot_stuff
 from engine.smtp.client import Recipient as EnvelopeRecipient
 from engine.smtp.envelope import data_parts
@@ -174,3 +174,19 @@ def test_a_record_written_before_the_field_decodes_as_unknown() -> None:
     old = msgspec.msgpack.decode(encode_record(record))[:-1]  # the array without the field
     assert decode_record(msgspec.msgpack.encode(old)).dot_lines is None
     assert MessageRecord(b"id", "s@example.com", [], 1.0, 10).dot_lines is None
+
+
+_SOUP = st.lists(st.sampled_from([b".", b"\r", b"\n", b"a", b"\r\n", b"\r\n.", b".\r\n"]),
+                 max_size=80).map(b"".join)
+
+
+@given(data=_SOUP, start=st.integers(0, 200), as_bytearray=st.booleans())
+@settings(max_examples=400, deadline=None)
+def test_find_end_is_find_and_dot_line_in_is_the_regex(data: bytes, start: int, as_bytearray: bool) -> None:
+    """The dot-driven searches equal the plain ones on any mix of dots and line ends,
+    from any start (past the first dots they hand over to the plain search)."""
+    buf = bytearray(data) if as_bytearray else data
+    assert find_end(buf, start) == data.find(END_OF_DATA, start)
+    end = len(data)
+    expected = any(data[i - 1:i + 1] == b"\n." for i in range(max(start, 0) + 1, end))
+    assert dot_line_in(buf, start, end) == expected
