@@ -189,6 +189,7 @@ class ControlPlane:
             throttles=[_throttle(t) for t in self.holds.throttles.values()],
             backoffs=fleet.backoffs(), reactions=self.reactions.rows(now),
             pools=[{**row, "worker": s.slot} for s in self.sup.slots for row in fleet.live(s.slot).pools],
+            cluster=self.sup.cluster_status(),
         )
 
     async def queue(self, req: protocol.Queue) -> replies.Queue:
@@ -274,6 +275,9 @@ class ControlPlane:
             gauge("volley_uptime_seconds", round(now - self.started, 1)),
             *stored,
         ]
+        cluster = self.sup.cluster_status()
+        if cluster is not None:  # [cluster]: 1 while Redis does not answer (local shares)
+            gauges.append(gauge("volley_cluster_degraded", int(cluster["state"] != "healthy")))
         return render(fleet.metrics(), gauges)
 
     # --- steering ----------------------------------------------------------------------

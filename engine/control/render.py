@@ -81,7 +81,26 @@ def render_status(reply: Row, now: float) -> str:
     ])
     if "reactions" in reply:  # a server before [[reactions]] has no such section
         out += _section("reactions", reply.get("reactions"), _reaction_columns(now))
+    if reply.get("cluster"):
+        out += _cluster(reply["cluster"])
     return "".join(out)
+
+
+def _cluster(c: Row) -> list[str]:
+    """[cluster]: the link, then this node's share of each provider limit ("leased"
+    from Redis, or "local": cap ÷ live nodes while degraded) beside every node's."""
+    state = str(c.get("state", DASH)).upper() if c.get("state") != "healthy" else "healthy"
+    out = ["\n", f"cluster    node {c.get('node', DASH)}, {state}, {plural(c.get('live_nodes'), 'live node')}"
+                 f" (redis {c.get('redis', DASH)})\n"]
+    return out + _section("shares", c.get("limits"), [
+        Column("LIMIT", "key"), Column("CAP", lambda r: r.get("cap") or DASH, ">"),
+        Column("SHARE", lambda r: r.get("share") if r.get("cap") else DASH, ">"),
+        Column("OPEN", "open", ">"), Column("MODE", "mode"),
+        Column("RATE", lambda r: rate(r.get("rate")) if r.get("rate") else DASH, ">"),
+        Column("CREDIT", lambda r: r.get("credit") if r.get("rate") else DASH, ">"),
+        Column("NODES", lambda r: " ".join(f"{n}={k}" for n, k in sorted((r.get("by_node") or {}).items()))
+               or DASH),
+    ])
 
 
 def _listeners(reply: Row) -> str:

@@ -210,6 +210,8 @@ class Status(Reply, kw_only=True):
     backoffs: list[Backoff]
     reactions: list[ReactionRow] = []
     pools: list[dict[str, Any]] = []  # each worker's live pool rows (busiest first), with "worker": slot
+    # [cluster]: state, live nodes and this node's share of each limit (None: alone)
+    cluster: dict[str, Any] | None = None
 
 
 class Queue(Reply, kw_only=True):

@@ -9,7 +9,7 @@ with the same shape.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from engine.config import Config
 from engine.control.wire import AnyAnswer, Query, ToWorker
@@ -72,3 +72,7 @@ class SupervisorHandle(Protocol):
 
     def request_stop(self) -> None:
         """Begin the shutdown."""
+
+    def cluster_status(self) -> dict[str, Any] | None:
+        """[cluster]: the link's state (healthy/degraded, live nodes) and this node's
+        share of each provider limit; None when the node runs alone."""

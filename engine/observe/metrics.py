@@ -100,6 +100,10 @@ GAUGES: dict[str, tuple[Literal["gauge", "counter"], str]] = {
     # Only in a [cluster] (engine/control/lists.py).
     "volley_cluster_suppression_outbox": (
         "gauge", "Local changes of the suppression list not yet in the cluster's Redis."),
+    # Only in a [cluster] (engine/cluster/link.py).
+    "volley_cluster_degraded": (
+        "gauge", "1 while the cluster's Redis does not answer (provider limits on the local "
+        "share: cap and rate / live nodes last seen), 0 when healthy."),
 }
 
 _COUNTER_ATTRS = tuple(attr for attr, _, _ in COUNTERS)

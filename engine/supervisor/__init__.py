@@ -29,11 +29,13 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import uvloop
 
 from engine import config as config_mod
+from engine.cluster.coordinator import Coordinator, reset_fleet
 from engine.cluster.data_sync import DataSync, leave_cluster, start_data_sync
 from engine.cluster.link import ClusterLink
 from engine.config import Config, split_host_port
@@ -190,6 +192,7 @@ class Supervisor:
         self.plane: ControlPlane | None = None
         self.cluster: ClusterLink | None = None  # [cluster]: the node's link to the fleet's Redis
         self.data_sync: DataSync | None = None  # the list, holds and counters shared through it
+        self.limits: Coordinator | None = None  # provider caps and rates shared through it
         self.claim = ListenClaim()
         self._servers: list[asyncio.AbstractServer] = []
 
@@ -226,6 +229,8 @@ class Supervisor:
         await asyncio.to_thread(Path(self.cfg.control.socket).unlink, missing_ok=True)
         if self.data_sync is not None:
             await self.data_sync.stop()
+        if self.limits is not None:
+            await self.limits.stop()
         if self.cluster is not None:
             await self.cluster.stop()
         if self.plane is not None:
@@ -255,10 +260,14 @@ class Supervisor:
         degraded, not stopped); alone, stop recording list changes for a fleet."""
         if not self.cfg.cluster.enabled:
             await asyncio.to_thread(leave_cluster, store)
+            await asyncio.to_thread(reset_fleet, self.cfg.queue.path)  # alone: whole caps
             return
         assert self.plane is not None
         self.cluster = ClusterLink(self.cfg.cluster)
         await self.cluster.start()
+        # Before the workers start: their gates find this node's share in the table.
+        self.limits = Coordinator(lambda: self.cfg, self.cluster)
+        await self.limits.start()
         self.data_sync = await start_data_sync(self.cluster, store, self.plane)
 
     async def _tick(self) -> None:
@@ -308,6 +317,12 @@ class Supervisor:
                      pids=[s.proc.pid for s in self.slots if s.proc])
         elif self.announced:
             log.info("worker_restarted", slot=slot.slot, pid=slot.proc.pid if slot.proc else None)
+
+    def cluster_status(self) -> dict[str, Any] | None:
+        """[cluster]: the link and this node's share of each provider limit."""
+        if self.cluster is None:
+            return None
+        return self.limits.status() if self.limits is not None else self.cluster.status()
 
     def request_stop(self) -> None:
         if not self.stopping:

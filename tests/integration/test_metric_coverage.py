@@ -69,6 +69,9 @@ COVERAGE: dict[str, list[str]] = {
     # the changes the test made while Redis was down (issue 16)
     "volley_cluster_suppression_outbox": [
         "tests/cluster/test_cluster_data.py::test_suppression_added_while_redis_is_down_reaches_the_others"],
+    # Redis killed and restarted by the test (issue 16)
+    "volley_cluster_degraded": [
+        "tests/cluster/test_degraded.py::test_redis_down_keeps_delivering_on_local_shares_and_recovers"],
 }
 
 _TYPE = re.compile(r"^# TYPE (\S+) (\S+)$", re.M)
