@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections.abc import Awaitable
 from typing import Any
@@ -60,6 +61,10 @@ class HoldsSync:
         self.plane = plane
         self.hash = link.key("holds", "susp")
         self.stream = link.key("holds", "log")
+        # The suppression list's epoch (suppression_sync.py): a new one means Redis
+        # lost its data, holds included.
+        self.epoch_key = link.key("supp", "epoch")
+        self._epoch: bytes | None = None
         self._out: list[Event] = []
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -135,16 +140,40 @@ class HoldsSync:
         position = bytes(last[0][0]) if last else b"0-0"
         table = await _call(self.link, r.hgetall(self.hash))
         now = time.time()
+        over: list[bytes] = []
         for raw_domain, raw in table.items():
             try:
                 s = _sdec.decode(raw)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 continue
             domain = raw_domain.decode()
+            if not s.in_force(now):
+                over.append(raw_domain)  # ended by itself on every node: tidy the hash
+                continue
             mine = self.plane.holds.suspensions.get(domain)
-            if s.in_force(now) and not s.by.endswith(f"@{self.link.node}") and mine != s:
+            if not s.by.endswith(f"@{self.link.node}") and mine != s:
                 await self.plane.apply_remote_suspension(domain, s)
+        if over:
+            await _call(self.link, r.hdel(self.hash, *over))
+        await self._reconcile(table, now)
         return position
+
+    async def _reconcile(self, table: dict[bytes, bytes], now: float) -> None:
+        """After a Redis that lost its data (a new epoch, or our first join since we
+        started: we cannot tell), publish this node's own suspensions again; otherwise
+        lift those that came from another node ("user (pid N)@node2") and were lifted
+        while we were away: the hash no longer has them."""
+        r = self.link.redis
+        await _call(self.link, r.setnx(self.epoch_key, secrets.token_hex(8)))
+        epoch = await _call(self.link, r.get(self.epoch_key))
+        same, self._epoch = epoch == self._epoch, epoch
+        listed = {d.decode() for d in table}
+        for domain, s in list(self.plane.holds.suspensions.items()):
+            if not same:
+                if "@" not in s.by and s.in_force(now):
+                    self._queue(Event("suspend", domain=domain, suspension=s))
+            elif "@" in s.by and not s.by.endswith(f"@{self.link.node}") and domain not in listed:
+                await self.plane.apply_remote_suspension(domain, None)
 
     async def _follow_once(self, position: bytes) -> bytes:
         block = max(50, int(self.link.timeout * 500))

@@ -77,9 +77,9 @@ class SuppressionSync:
         """Mark the store (local changes go to the outbox from now on), publish the list
         the node had if it is joining for the first time, and start the tasks."""
         joined = await self._thread(self.store.write_one, lambda w: supp_outbox.set_on(w, True))
-        if joined:
-            await self._seed()
-        self._tasks = [asyncio.create_task(self._drain_loop(), name="cluster-supp-drain"),
+        # Seeding a long list takes a while (a million entries: a thousand transactions):
+        # the drain task does it first, so the workers need not wait for it to start.
+        self._tasks = [asyncio.create_task(self._drain_loop(seed=joined), name="cluster-supp-drain"),
                        asyncio.create_task(self._follow_loop(), name="cluster-supp-follow")]
 
     async def stop(self) -> None:
@@ -101,7 +101,9 @@ class SuppressionSync:
         log.info("cluster_supp_seeded", slices=copied)
 
     # --- out: the outbox to Redis ---------------------------------------------------------
-    async def _drain_loop(self) -> None:
+    async def _drain_loop(self, *, seed: bool = False) -> None:
+        if seed:
+            await self._seed()
         while True:
             try:
                 while await self.drain_once():

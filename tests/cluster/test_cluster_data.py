@@ -167,3 +167,42 @@ def test_campaign_counters_summed_over_three_nodes_equal_the_sinks_count(
     own = [next(r for r in ctl_json(n, "campaigns")["campaigns"] if r["campaign"] == "spring")
            for n in fleet]
     assert [r["delivered"] for r in own] == [2, 3, 4]
+
+
+def test_a_node_joining_with_its_own_list_publishes_it(nodes: Any, tmp_path: Path) -> None:
+    from engine.queue import suppression
+    from engine.queue.store import QueueStore
+
+    queue = tmp_path / "old-queue"  # a node that ran alone before [cluster] was set
+    store = QueueStore(str(queue), map_size=64 << 20)
+    try:
+        store.write_one(lambda w: suppression.add(w, [
+            suppression.make("old@example.org", "bounce", source="550 5.1.1 gone"),
+            suppression.make("old.example", "manual", tenant="acme")]))
+    finally:
+        store.close()
+    (veteran,) = nodes(1, {"queue": {"path": str(queue)}})
+    (other,) = nodes(1)
+    honoured_within(lambda: rcpt(other, NODE_IPS[1], "old@example.org")
+                    == (550, "5.7.1 <old@example.org>: recipient is suppressed (bounce)"),
+                    "the veteran's entry on the newcomer")
+    rows = ask(sock(other), {"cmd": "suppress_list", "tenant": "acme"})["entries"]
+    assert [(r["value"], r["reason"]) for r in rows] == [("old.example", "manual")]
+    assert rcpt(veteran, NODE_IPS[0], "old@example.org")[0] == 550
+
+
+def test_a_suspension_outlives_a_redis_that_lost_its_data(
+        nodes: Any, redis_server: RedisServer) -> None:
+    a, b = nodes(2)
+    assert ask(sock(b), {"cmd": "suspend", "domain": "held.test", "reason": "r"})["ok"]
+    wait_until(lambda: any(r["domain"] == "held.test" for r in
+                           ask(sock(a), {"cmd": "status"})["suspensions"]), HONOURED, "A holds")
+    redis_server.kill()
+    b.wait_for(lambda e: e.get("event") == "cluster_degraded", 30)
+    redis_server.start()  # empty
+    # B publishes its suspension again (a new epoch): a node joining now holds it too.
+    (c,) = nodes(1)
+    for n in (a, c):
+        wait_until(lambda n=n: any(r["domain"] == "held.test" and r["by"].endswith("@node1")
+                                   for r in ask(sock(n), {"cmd": "status"})["suspensions"]),
+                   HONOURED, "held after Redis came back empty")
