@@ -13,12 +13,15 @@ everything that produced in ONE write (house rule 5).
 Work arrives by pull: whenever the session can start a transaction it asks `_pull()`
 for one, from its own queue (`run`/`run_many`) or from its owner (the `SitePool`).
 Chaining (RFC 2920 §3.1): when a reply makes the head
-transaction send its body (after 354) or its BDAT LAST chunk, so that only the
-end-of-data reply is still awaited, the session pulls the next job at once and appends
-that transaction's MAIL/RCPT.../DATA to the same write. Replies are matched in order:
-the head transaction until it is done, then the next. Steady state is one write and
-one read per message. If the head ends unclean (421, a bad reply, a refused BDAT) the
+transaction send its body (after 354), so that only the end-of-data reply is still
+awaited, the session pulls the next job at once and appends that transaction's
+MAIL/RCPT.../DATA to the same write. Replies are matched in order: the head
+transaction until it is done, then the next. Steady state is one write and one read
+per message. With CHUNKING the body already left with MAIL/RCPT/BDAT in the first
+write, so the next transaction starts when the BDAT reply arrives (also one write and
+one read per message). If the head ends unclean (421, a bad reply, a refused BDAT) the
 chained one is aborted and the connection closed, as client.py requires.
+Writes are lists of parts (commands, DKIM prefix, stored body): see `_send`.
 
 Deadlines (house rule 8): one per session, `_deadline`, set at every write to now + the
 sum of the timeouts of every reply still awaited (RFC 5321 §4.5.3.2 per phase; the
@@ -351,10 +354,9 @@ class DeliverySession(asyncio.Protocol):
         self._deadline.set(self.loop.time() + budget)
 
     def _send(self, parts: list[bytes]) -> None:
-        """One write of `parts`. Small ones are joined (a copy of a few hundred octets
-        costs less than a buffer per part); with a large part (a body) the parts go out
-        as one scatter write, so the body is never copied: uvloop's writelines is one
-        writev of them all (asyncio's own joins, as we would)."""
+        """One write of `parts`: joined when small (cheaper than a buffer per part),
+        else one scatter write, so a body is never copied (uvloop's writelines is one
+        writev; asyncio's joins, as we would)."""
         if len(parts) == 1:
             self.transport.write(parts[0])
         elif sum(map(len, parts)) < _SCATTER_MIN:

@@ -18,7 +18,6 @@ import pytest
 
 from engine.lab.sink.protocol import start_sink
 from tests.integration.smtp_client import RawSmtp, queue_id
-from tests.integration.test_relay_process import relay_config
 
 SENDER = "alice@home.test"
 ZONE = {
@@ -27,6 +26,17 @@ ZONE = {
     "plain.test": {"MX": [(10, "mx.plain.test")]},
     "mx.plain.test": {"A": ["127.0.0.3"]},
 }
+
+
+def relay_config(dns_port: int, sink_port: int) -> dict[str, Any]:
+    return {
+        "server": {"workers": 2},
+        "dns": {"nameservers": [f"127.0.0.1:{dns_port}"], "min_ttl": "1s",
+                "failure_ttl": "0s", "timeout": "2s"},
+        "delivery": {"enabled": True, "port": sink_port, "poll_interval": "50ms",
+                     "retry": "1s", "backoff": "1s", "backoff_max": "2s",
+                     "timeouts": {"connect": "3s", "data": "60s", "quit": "2s"}},
+    }
 
 
 def big(n_lines: int, dots: bool) -> bytes:
