@@ -206,3 +206,18 @@ def test_a_suspension_outlives_a_redis_that_lost_its_data(
         wait_until(lambda n=n: any(r["domain"] == "held.test" and r["by"].endswith("@node1")
                                    for r in ask(sock(n), {"cmd": "status"})["suspensions"]),
                    HONOURED, "held after Redis came back empty")
+
+
+def test_campaigns_cluster_is_refused_alone_and_names_redis_when_it_is_down(
+        serve: Any, nodes: Any, redis_server: RedisServer) -> None:
+    from tests.integration.control_helpers import ctl
+
+    alone = serve()
+    done = ctl(alone, "campaigns", "--cluster", check=False)
+    assert done.returncode == 1 and "not in a cluster" in done.stderr, (done.stdout, done.stderr)
+    (node,) = nodes(1)
+    assert ctl(node, "campaigns", "--cluster").stdout == "no campaigns\n"
+    redis_server.kill()
+    done = ctl(node, "campaigns", "--cluster", check=False)
+    assert done.returncode == 1 and "redis not answering" in done.stderr, (done.stdout, done.stderr)
+    assert ctl(node, "campaigns").returncode == 0  # this node's own still answer
