@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import types
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from engine.cmdline import (
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # imported where used, below: every `volley` run loads this m
     from engine.control import protocol
 
 DEFAULT_TIMEOUT = 30.0
+PASSWORD_ENV = "VOLLEY_DRAIN_PASSWORD"  # drain --to --user: kept off the command line
 # These may run for minutes on a big queue; the server answers when it is done.
 _UNBOUNDED = frozenset({"bounce", "delete", "drain"})
 _RATE_UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hour": 3600.0}
@@ -139,9 +141,20 @@ def add_ctl(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("domain", nargs="?", default=None, metavar="DOMAIN")
     p.add_argument("--flush", action="store_true")
     add("reload", "re-read the configuration file (as SIGHUP)")
-    p = add("drain", "stop receiving and wait for the queue to empty")
+    p = add("drain", "stop receiving and wait for the queue to empty, or hand it to "
+            "another Volley (--to)")
     p.add_argument("--timeout-queue", dest="queue_timeout", type=duration, metavar="S",
                    help="how long the server waits for the queue (default 300)")
+    p.add_argument("--to", metavar="HOST:PORT", help=(
+        "hand every queued message to this Volley over SMTP, with its envelope, DSN "
+        "parameters, tags and attempt history; it must trust this node (relay.networks, "
+        "or --user)"))
+    p.add_argument("--connections", type=positive_int, metavar="N",
+                   help="SMTP sessions with the peer (default 4)")
+    p.add_argument("--tls", choices=("opportunistic", "required", "none"),
+                   help="STARTTLS with the peer (default opportunistic)")
+    p.add_argument("--user", metavar="NAME", help=(
+        f"AUTH as NAME (under TLS only); the password is read from ${PASSWORD_ENV}"))
     add("shutdown", "stop the server")
     add("metrics", "Prometheus text exposition")
     from engine.control.cli_lists import add_suppress
@@ -240,11 +253,38 @@ def run(args: argparse.Namespace) -> int:
         from engine.control.cli_lists import run_suppress
 
         return run_suppress(args, send, lambda cmd, reply: _show(args, cmd, reply))
+    if args.ctl_cmd == "drain" and args.to:
+        return _drain_to(args, req, send)
     reply = send(req)
     _show(args, args.ctl_cmd, reply)
     if args.ctl_cmd == "drain" and reply.get("drained") is False:
         return EXIT_FAILURE  # timed out with mail still queued: a script must not go on
     return EXIT_OK if reply["ok"] else EXIT_FAILURE
+
+
+def _drain_to(args: argparse.Namespace, req: protocol.AnyRequest,
+              send: Callable[[protocol.Request], dict[str, Any]]) -> int:
+    """Start the handover, then ask for its progress every second (a line each time
+    it moved) until it ends; the summary last. Exit 0 when nothing is left here."""
+    import os
+
+    import msgspec
+
+    from engine.control import render
+
+    req = msgspec.structs.replace(req, password=os.environ.get(PASSWORD_ENV, ""))
+    reply = send(req)
+    shown = ""
+    while reply["ok"] and reply.get("running"):
+        if not args.json and (line := render.handover_progress(reply)) != shown:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            shown = line
+        reply = send(msgspec.structs.replace(req, start=False, password=""))
+    _show(args, "drain", reply)
+    if not reply["ok"]:
+        return EXIT_FAILURE
+    return EXIT_OK if reply.get("left") == 0 and not reply.get("error") else EXIT_FAILURE
 
 
 def _show(args: argparse.Namespace, cmd: str, reply: dict[str, Any]) -> None:

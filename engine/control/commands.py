@@ -20,7 +20,16 @@ from typing import Any, ParamSpec, TypeVar, assert_never
 
 import msgspec
 
-from engine.control import bulk, protocol, queue_view, replies, shaping_view, warmup_view, wire
+from engine.control import (
+    bulk,
+    drain_to,
+    protocol,
+    queue_view,
+    replies,
+    shaping_view,
+    warmup_view,
+    wire,
+)
 from engine.control.fleet import Fleet
 from engine.control.lists import Lists
 from engine.control.message_view import domain_key
@@ -69,6 +78,11 @@ class ControlPlane:
         # (`apply_remote_suspension`) do not call it: no echo.
         self.on_suspension: Callable[[str, Suspension | None], None] | None = None
         self.on_lift: Callable[[str], None] | None = None
+        self.handing: drain_to.HandoverRun | None = None  # the last `drain --to`
+
+    async def _hold_delivery(self, held: bool) -> None:
+        self.holds.delivery_held = held
+        await self._save_holds()
 
     async def handle(self, req: protocol.AnyRequest, peer: str = "unknown") -> replies.Reply:
         if not isinstance(req, _READS):
@@ -123,7 +137,11 @@ class ControlPlane:
 
     def _load_holds(self) -> Holds:
         raw = self.store.get_control(HOLDS_KEY)
-        return decode_holds(raw) if raw else Holds()
+        holds = decode_holds(raw) if raw else Holds()
+        if holds.delivery_held:  # a `drain --to` ended by a crash: its run is gone
+            holds.delivery_held = False
+            self.store.put_control(HOLDS_KEY, encode_holds(holds))  # before any worker reads it
+        return holds
 
     async def _save_holds(self) -> None:
         await self._thread(self.store.put_control, HOLDS_KEY, encode_holds(self.holds))
@@ -405,7 +423,14 @@ class ControlPlane:
             raise protocol.RequestError(f"reload refused, the configuration in force stays: {'; '.join(notes)}")
         return replies.Reload(config=self.sup.config_path or "", kept=notes)
 
-    async def drain(self, req: protocol.Drain) -> replies.Drain:
+    async def drain(self, req: protocol.Drain) -> replies.Drain | replies.Handover:
+        if req.to or not req.start:  # hand the queue over (drain_to.py), or its progress
+            run = self.handing
+            if req.start and (run is None or not run.running):
+                run = self.handing = drain_to.new_run(
+                    self.sup, self.store, req, set_held=self._hold_delivery, thread=self._thread,
+                    counted=functools.partial(self.fleet.count, "handed_over"))
+            return await drain_to.answer(run, req)
         started = time.monotonic()
         self.sup.drain()
         loop = asyncio.get_running_loop()

@@ -114,6 +114,16 @@ class Reload(Request, tag="reload"):
 
 class Drain(Request, tag="drain"):
     timeout: float = 300.0  # seconds to wait for the queue to empty before reporting
+    # --to HOST:PORT: hand the queue to that Volley over SMTP (engine/control/drain_to.py)
+    # instead of waiting for it to empty. The reply is the run's progress after at most
+    # `wait` seconds; `start` false only reports the current (or last) run.
+    to: str = ""
+    connections: int = 4
+    tls: Literal["opportunistic", "required", "none"] = "opportunistic"
+    user: str = ""  # AUTH as this user (only under TLS)
+    password: str = ""
+    start: bool = True
+    wait: float = 1.0
 
 
 class Shutdown(Request, tag="shutdown"):
@@ -205,6 +215,14 @@ def _check(req: AnyRequest) -> None:
             raise RequestError("throttle: give max_connections and/or rate, or clear")
     if isinstance(req, SuppressAdd) and len(req.values) > MAX_VALUES:
         raise RequestError(f"values: at most {MAX_VALUES} in one request (send chunks)")
+    if isinstance(req, Drain) and req.to:
+        host, _, port = req.to.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise RequestError(f"to: expected HOST:PORT, got {req.to!r}")
+        if not 1 <= req.connections <= 64:
+            raise RequestError("connections: must be 1..64")
+        if not 0 <= req.wait <= 60:
+            raise RequestError("wait: must be 0..60 seconds")
     if isinstance(req, Flush) and req.domain and req.id:
         raise RequestError("flush: give a domain or an id, not both")
     if isinstance(req, (Bounce, Delete)):

@@ -304,7 +304,35 @@ def _flush(reply: Row, now: float) -> str:
     return out
 
 
+def handover_progress(reply: Row) -> str:
+    """One line of a running `drain --to`."""
+    return (f"{reply.get('stage', DASH)} to {reply.get('to', DASH)}: "
+            f"{number(reply.get('handed_over'))} handed over, {number(reply.get('partial'))} partly, "
+            f"{number(reply.get('refused'))} refused of {plural(reply.get('messages'), 'message')} "
+            f"sent ({plural(reply.get('recipients'), 'recipient')})\n")
+
+
+def _handover(reply: Row) -> str:
+    """The summary of `drain --to`: every figure the run counted, and what it left."""
+    out = (f"handover to {reply.get('to', DASH)} {reply.get('stage', DASH)} in "
+           f"{short_duration(reply.get('seconds'))}: {plural(reply.get('messages'), 'message')} sent; "
+           f"{number(reply.get('handed_over'))} handed over, {number(reply.get('partial'))} partly "
+           f"(the rest of their recipients stay here), {number(reply.get('refused'))} refused; "
+           f"{plural(reply.get('recipients'), 'recipient')} taken by the peer; "
+           f"{plural(reply.get('left'), 'message')} left here\n")
+    if reply.get("error"):
+        out += f"stopped early: {reply['error']}\n"
+    for line in reply.get("errors") or []:
+        out += f"  {line}\n"
+    if reply.get("left"):
+        out += ("what is left stays queued here and is delivered from here; run "
+                "volley ctl drain --to again to hand it over\n")
+    return out
+
+
 def _drain(reply: Row) -> str:
+    if "to" in reply:
+        return _handover(reply)
     drained, left = reply.get("drained"), reply.get("remaining")
     took = short_duration(reply.get("seconds"))
     if isinstance(drained, bool):

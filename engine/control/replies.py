@@ -308,6 +308,24 @@ class Drain(Reply, kw_only=True):
     delivering: bool = True  # delivery enabled: the queue can still empty after a timeout
 
 
+class Handover(Reply, kw_only=True):
+    """`drain --to`: the run's progress, and at the end its summary
+    (engine/control/drain_to.py). Messages, except `recipients`."""
+
+    to: str  # HOST:PORT of the peer
+    running: bool
+    stage: str  # "settling" (waiting for delivery to stop) | "handing over" | "done" | "stopped"
+    messages: int  # sent to the peer (each had a PENDING recipient)
+    handed_over: int  # the peer took every PENDING recipient: gone from here
+    partial: int  # the peer took some recipients; the others stay here
+    refused: int  # the peer took none (4xx, 5xx, lost connection): they stay here
+    recipients: int  # recipients the peer took (its 250), marked delivered here
+    left: int | None  # messages still queued here (known at the end)
+    seconds: float
+    errors: list[str]  # the first refusals: "ID <address>: reply"
+    error: str = ""  # why the run stopped early ("" when it walked the whole queue)
+
+
 class BadValue(msgspec.Struct, kw_only=True):
     index: int  # into the request's `values`
     value: str

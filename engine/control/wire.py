@@ -11,7 +11,8 @@ Supervisor → worker (tagged on "cmd"): `Start` first, then any of `Reload`, `S
 Worker → supervisor (tagged on "event"): `Ready` once it accepts, `State` every
 second (metrics and live figures, engine/control/fleet.py), `ReactionFired` when a
 reaction of its pools goes in force (engine/delivery/reactions.py), and to a request
-one of `MxFlushed`, `MxEntries`, `Lifted` or `Refused` carrying its `ask` number.
+one of `MxFlushed`, `MxEntries`, `Lifted`, `Inflight` or `Refused` carrying its `ask`
+number (`InflightQuery` asks for `Inflight`).
 """
 
 from __future__ import annotations
@@ -73,8 +74,15 @@ class LiftReaction(ToWorker, tag="lift"):
     ask: int = 0
 
 
-AnyToWorker = Start | Reload | Stop | Drain | SetHolds | Flush | MxQuery | LiftReaction
-Query = MxQuery | LiftReaction
+class InflightQuery(ToWorker, tag="inflight"):
+    """How many units the worker's scheduler has in flight (a handover waits for 0
+    after holding delivery, engine/control/drain_to.py); answered with `Inflight`."""
+
+    ask: int = 0
+
+
+AnyToWorker = Start | Reload | Stop | Drain | SetHolds | Flush | MxQuery | LiftReaction | InflightQuery
+Query = MxQuery | LiftReaction | InflightQuery
 
 
 # --- worker → supervisor ----------------------------------------------------------------
@@ -181,8 +189,12 @@ class Refused(Answer, tag="refused"):
     error: str
 
 
-AnyAnswer = MxFlushed | MxEntries | Lifted | Refused
-AnyFromWorker = Ready | State | ReactionFired | MxFlushed | MxEntries | Lifted | Refused
+class Inflight(Answer, tag="inflight"):
+    units: int  # (message, domain) units dispatched and not yet committed
+
+
+AnyAnswer = MxFlushed | MxEntries | Lifted | Inflight | Refused
+AnyFromWorker = Ready | State | ReactionFired | MxFlushed | MxEntries | Lifted | Inflight | Refused
 
 to_worker_decoder = msgspec.json.Decoder(AnyToWorker)
 from_worker_decoder = msgspec.json.Decoder(AnyFromWorker)

@@ -60,6 +60,9 @@ class Holds(msgspec.Struct):
 
     suspensions: dict[str, Suspension] = msgspec.field(default_factory=dict)
     throttles: dict[str, Throttle] = msgspec.field(default_factory=dict)
+    # `volley ctl drain --to` hands the queue to another node: no local dispatch at all
+    # meanwhile, so no unit is both sent from here and handed over (drain_to.py).
+    delivery_held: bool = False
 
     def __post_init__(self) -> None:
         if any(k != norm_domain(k) for k in self.suspensions):

@@ -130,6 +130,10 @@ class Scheduler:
         next scan parks them or sends them to the right pool)."""
         old, self.holds = self.holds, holds
         self.planner.throttles = holds.throttles
+        if holds.delivery_held and not old.delivery_held:
+            # A handover begins: hand back every job not yet on the wire.
+            for domain in {d for _, d in self.inflight}:
+                self.pools.withdraw(domain)
         now = time.time()
         changed = {d for d in holds.suspensions.keys() | old.suspensions.keys()
                    if holds.suspended(d, now) != old.suspended(d, now)}
@@ -191,6 +195,8 @@ class Scheduler:
             await asyncio.sleep(_MIN_SCAN_GAP)
 
     def _scan(self) -> None:
+        if self.holds.delivery_held:  # a handover owns the queue (holds.py)
+            return
         mono = self.loop.time()
         plan = self._plan.next(self.cfg.delivery.max_ready, len(self.inflight), mono)
         if plan is None:
@@ -281,7 +287,7 @@ class Scheduler:
         if expired(record.received_at, now, float(self.cfg.delivery.max_age)):
             self._commit_outcome(msg_id, domain, body, JobResult(replies={}), expire=True)
             return
-        if self._stopping:
+        if self._stopping or self.holds.delivery_held:
             self._release((msg_id, domain))
             return
         if self._refuse_suppressed(msg_id, domain, body, record, indices):

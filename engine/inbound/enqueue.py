@@ -18,6 +18,8 @@ from engine.errors import VolleyError
 from engine.inbound import decisions
 from engine.inbound.campaign_tags import take_fields
 from engine.inbound.feedback_intake import Report, read_report
+from engine.inbound.handover import apply as apply_handover
+from engine.inbound.handover import take as take_handover
 from engine.observe import log
 from engine.queue import campaigns
 from engine.queue.ids import id_text
@@ -40,7 +42,7 @@ INLINE_REPORT = 64 * 1024
 class Submission:
     """One transaction's op and what its commit callback needs to answer and log."""
 
-    __slots__ = ("record", "body", "msg_id", "report", "now")
+    __slots__ = ("record", "body", "msg_id", "report", "now", "handed_over")
 
     def __init__(self) -> None:
         self.record: MessageRecord | None = None
@@ -48,14 +50,18 @@ class Submission:
         self.msg_id = ""  # "" when nothing is queued (a report only)
         self.report: Report | None = None
         self.now = time.time()
+        # Handed over by another Volley (X-Volley-Handover): its campaign counted the
+        # recipients as injected there; counting them again would double the fleet's sum.
+        self.handed_over = False
 
     def op(self, w: WriteTxn) -> None:
         """Run inside the committer's write transaction."""
         record = self.record
         if record is not None:
             w.put_message(record, self.body)
-            campaigns.bump(w, record.tenant, record.campaign, now=self.now,
-                           injected=len(record.recipients))
+            if not self.handed_over:
+                campaigns.bump(w, record.tenant, record.campaign, now=self.now,
+                               injected=len(record.recipients))
         if self.report is not None:
             self.report.apply(w, self.now)
 
@@ -138,7 +144,7 @@ def _prepare(
     if not rcpts:
         return sub
     tags = take_fields(content, client_ip, trusted=trusted)
-    content = tags.content
+    handover, content = take_handover(tags.content, client_ip, trusted=trusted)
     raw_id = ctx.ids.next()
     sub.msg_id = id_text(raw_id)
     header = received.render(session, client_ip, ctx.hostname, tls_version, sub.msg_id)
@@ -151,5 +157,8 @@ def _prepare(
     record.campaign, record.tenant = tags.campaign, tags.tenant
     if tags.priority is not None:
         record.priority = tags.priority
+    if handover is not None:  # the origin's record: arrival, tags, history (handover.py)
+        apply_handover(record, handover)
+        sub.handed_over = True
     sub.record = record
     return sub

@@ -55,6 +55,8 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("dns_lookups", "volley_dns_lookups_total", "DNS answers asked of the resolver (cache misses)."),
     ("dns_cache_hits", "volley_dns_cache_hits_total", "DNS answers served from the cache."),
     ("dsns_queued", "volley_dsns_queued_total", "Delivery status notifications queued."),
+    ("handed_over", "volley_messages_handed_over_total",
+     "Recipients handed to another node by volley ctl drain --to (the peer answered 250)."),
 )
 
 # (attribute, exported name, help): counters labelled {class="..."} (the bounce rules'
@@ -154,6 +156,7 @@ class WorkerMetrics:
     dns_lookups: int
     dns_cache_hits: int
     dsns_queued: int
+    handed_over: int
     delivery_latency: Histogram
     queue_time: Histogram
     # BY_CLASS attribute -> {class: count}

@@ -146,7 +146,7 @@ class WorkerSlot:
                 case wire.ReactionFired():
                     if self.sup.plane is not None:
                         self.sup.plane.reactions.fired(message)
-                case wire.MxFlushed() | wire.MxEntries() | wire.Lifted() | wire.Refused():
+                case wire.MxFlushed() | wire.MxEntries() | wire.Lifted() | wire.Inflight() | wire.Refused():
                     fut = self._waiting.pop(message.ask, None)
                     if fut is not None and not fut.done():
                         fut.set_result(message)

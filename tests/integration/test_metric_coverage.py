@@ -57,6 +57,9 @@ COVERAGE: dict[str, list[str]] = {
     # the loopback DNS server's query counts
     "volley_dns_lookups_total": [DELIVERY],
     "volley_dns_cache_hits_total": [DELIVERY],
+    # the peer node's own queue and received count (drain --to)
+    "volley_messages_handed_over_total": [
+        "tests/integration/test_drain_to.py::test_drain_to_hands_the_queue_over_with_its_history"],
     # reports that reached the sender's domain (null sender) and the recipients refused
     "volley_dsns_queued_total": [DSNS, EXPIRED],
     "volley_messages_bounced_total": [DSNS, EXPIRED],
