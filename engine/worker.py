@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import signal
 import socket
@@ -338,6 +339,19 @@ def worker_state(slot: int, runtime: WorkerRuntime) -> wire.State:
     return wire.State(slot=slot, metrics=m.snapshot(), live=live)
 
 
+def tune_gc() -> None:
+    """Keep the cyclic garbage collector off the per-message path (issue 15, relay cost).
+
+    Measured on the relay-1k row: 12-14% of a worker's CPU went to collections, most of
+    it the full ones walking every object made at import. Those never become garbage:
+    freeze() moves them out of the collector's view. A relayed message makes hundreds of
+    short-lived containers (freed by reference counting, not the collector), so the
+    first generation is collected every 10,000 net allocations instead of 700; cycles
+    are still found, a little later. Measured: 1.7% of the worker's CPU in GC."""
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="volley-worker")
     parser.add_argument("--slot", type=int, required=True)
@@ -346,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     fds = [int(x) for x in args.listen_fds.split(",") if x]
     worker = Worker(args.slot, args.control_fd, fds)
+    tune_gc()
     profile_dir = os.environ.get("VOLLEY_PROFILE_DIR")
     if profile_dir:
         # Developer aid (tools/README): cProfile of the loop thread, one file per worker.

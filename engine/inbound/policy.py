@@ -28,8 +28,12 @@ R550_NO_POSTMASTER = Reply(
 )
 
 
+_RELAY_CACHE_MAX = 4096  # client addresses remembered per Policy (per worker and config)
+
+
 class Policy:
-    """Built once per config (and again on reload); methods are pure."""
+    """Built once per config (and again on reload); methods are pure (in_relay_networks
+    remembers its answers: the networks never change within one Policy)."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -43,12 +47,25 @@ class Policy:
         self.postmaster = cfg.server.postmaster
         # Complaints and late bounces come here; read by Volley, never relayed.
         self.feedback_address = cfg.feedback.address
+        # Client address -> in relay.networks. Bulk senders open a connection per
+        # message or a pool of them from a few addresses; parsing the address and
+        # testing each network cost 2.3 us per connection, a hit 0.1 us (issue 15).
+        self._relay_cache: dict[str, bool] = {}
 
     def is_feedback(self, address: str) -> bool:
         """The feedback address or its VERP form local+TOKEN@domain, in any case."""
         return verp.is_feedback_address(self.feedback_address, address)
 
     def in_relay_networks(self, ip: str) -> bool:
+        cache = self._relay_cache
+        hit = cache.get(ip)
+        if hit is None:
+            if len(cache) >= _RELAY_CACHE_MAX:  # bounded (P8): start over, never grow
+                cache.clear()
+            hit = cache[ip] = self._match_relay_networks(ip)
+        return hit
+
+    def _match_relay_networks(self, ip: str) -> bool:
         try:
             addr = ipaddress.ip_address(ip.split("%", 1)[0])
         except ValueError:
