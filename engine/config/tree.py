@@ -255,6 +255,9 @@ class DeliveryConfig(Frozen, frozen=True):
     delay_warning: Duration = Duration(4 * 3600)
     # How many (message, domain) units one worker holds in memory at once.
     max_ready: int = 20_000
+    # Of those, how many one destination domain may hold (0: a tenth of max_ready), so
+    # a slow or throttled destination cannot fill the set and starve the others.
+    max_ready_per_destination: int = 0
     poll_interval: Duration = Duration(0.1)
     # After a 421 or refused connection a destination waits this long, doubling up
     # to backoff_max while it keeps failing.
@@ -271,6 +274,8 @@ class DeliveryConfig(Frozen, frozen=True):
             raise ValueError("max_connections_per_domain: must be at least 1")
         if self.max_connections < 1:
             raise ValueError("max_connections: must be at least 1")
+        if self.max_ready_per_destination < 0:
+            raise ValueError("max_ready_per_destination: must be 0 (a tenth of max_ready) or more")
 
 
 class RouteConfig(Frozen, frozen=True):

@@ -9,6 +9,13 @@ This is the scheduler's side of it:
   newsletter units (a throttled provider drains them slowly) still reads its priority
   lanes and dispatches a password reset at once; without it the scan would not run
   until the newsletter drained. Priority mail uses the ordinary room first.
+- Per destination. One domain holds at most `destination_room` of the in-flight
+  units (`delivery.max_ready_per_destination`); its further units are passed over
+  (`PassOver`) and the scan reads on, so a slow or throttled destination with a deep
+  backlog cannot hold the whole set (head-of-line blocking). Priority lanes are read
+  apart and not held to the room (`by_kind`). A passed-over unit is
+  not "seen": once the domain is down to half its room the scheduler makes the next
+  scan a full one (`forget`), which finds them again.
 - Resume points. A scan starts each lane near the newest due time dispatched from it
   (minus a margin for messages whose commit raced their timestamp) instead of walking
   past everything in flight again; one lane's resume point never hides another lane's
@@ -25,6 +32,47 @@ from engine.queue.layout import DEFAULT_LANE, PRIORITIES
 SCAN_MARGIN_MS = 1000
 FULL_SCAN_EVERY = 5.0
 SCAN_BATCH = 512
+
+
+def destination_room(max_ready: int, per_destination: int) -> int:
+    """In-flight units one destination domain may hold: `per_destination`, or a tenth of
+    `max_ready` (at least one) when 0."""
+    return per_destination if per_destination > 0 else max(1, max_ready // 10)
+
+
+class PassOver(set[tuple[bytes, str]]):
+    """What a scan passes over (`QueueStore.due_scan`'s `exclude`): the units in flight,
+    and every unit of a destination holding its `destination_room`. Passed-over units
+    do not count toward the scan's caps, so a slow destination's backlog never fills a
+    scan and the units of the others behind it are read. Empty as a set: only
+    `in` and truth are used."""
+
+    __slots__ = ("inflight", "per_domain", "room")
+
+    def __init__(self, inflight: set[tuple[bytes, str]], per_domain: dict[str, int],
+                 room: int) -> None:
+        super().__init__()
+        self.inflight = inflight
+        self.per_domain = per_domain
+        self.room = room
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __contains__(self, entry: object) -> bool:
+        if entry in self.inflight:
+            return True
+        domain = entry[1] if isinstance(entry, tuple) else None
+        return isinstance(domain, str) and self.per_domain.get(domain, 0) >= self.room
+
+
+def by_kind(caps: list[int]) -> tuple[list[int], list[int]]:
+    """`caps` as two scans': the priority lanes alone, then the default and lower lanes
+    alone. Priority units are read without `PassOver`'s room per destination (their
+    headroom above is bounded already), so a password reset for a destination that holds
+    its whole room still overtakes that destination's newsletter."""
+    return ([c if lane < DEFAULT_LANE else 0 for lane, c in enumerate(caps)],
+            [0 if lane < DEFAULT_LANE else c for lane, c in enumerate(caps)])
 
 
 def priority_room(max_ready: int) -> int:

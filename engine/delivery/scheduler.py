@@ -48,10 +48,11 @@ from engine.delivery.job import Job, JobResult, PoolSettings
 from engine.delivery.ledger import Ledger
 from engine.delivery.outcome_lines import log_outcome, observe_outcome
 from engine.delivery.planner import RoutePlanner
+from engine.delivery.pool import SitePool
 from engine.delivery.pool_manager import PoolManager
 from engine.delivery.reports import due_delay_reports
 from engine.delivery.retry import expired
-from engine.delivery.scan_plan import ScanPlan
+from engine.delivery.scan_plan import PassOver, ScanPlan, by_kind, destination_room
 from engine.dns.cache import DnsCache
 from engine.dns.mx import Route, RouteError
 from engine.dns.resolver import Resolver
@@ -62,6 +63,7 @@ from engine.observe.delivery_log import DeliveryLog
 from engine.observe.metrics import WorkerMetrics
 from engine.queue.committer import QueueCommitter
 from engine.queue.ids import IdAllocator, id_text
+from engine.queue.layout import DEFAULT_LANE
 from engine.queue.records import EXPIRED, PENDING, MessageRecord, domain_of
 from engine.queue.store import QueueStore, WriteTxn
 from engine.smtp.replies import Reply
@@ -97,6 +99,11 @@ class Scheduler:
         self.dlog = dlog
         self.loop = asyncio.get_running_loop()
         self.inflight: set[tuple[bytes, str]] = set()
+        # In-flight units per domain, held to `_room` each (scan_plan.PassOver); domains
+        # that filled their room since their units were last all read.
+        self._per_dest: dict[str, int] = {}
+        self._capped: set[str] = set()
+        self._room = destination_room(cfg.delivery.max_ready, cfg.delivery.max_ready_per_destination)
         self.stats = DeliveryStats()
         self.rng = random.Random()
         self.schedule = cfg.delivery.retry.seconds
@@ -115,6 +122,8 @@ class Scheduler:
 
     def apply_config(self, cfg: Config) -> None:
         self.cfg = cfg
+        self._room = destination_room(cfg.delivery.max_ready, cfg.delivery.max_ready_per_destination)
+        self._plan.forget()  # a larger room takes units passed over before
         self.schedule = cfg.delivery.retry.seconds
         self.planner.configure(cfg)
         self._suppress_codes = (frozenset(cfg.suppression.codes) if cfg.suppression.auto_bounce
@@ -175,7 +184,19 @@ class Scheduler:
         """The one way out of `inflight`: the entry's outcome is committed, or it was
         never dispatched. Its due entry stays in the index (P2) until the commit."""
         inflight = self.inflight
-        inflight.discard(entry)
+        if entry in inflight:
+            inflight.discard(entry)
+            domain = entry[1]
+            left = self._per_dest.get(domain, 1) - 1
+            if left > 0:
+                self._per_dest[domain] = left
+            else:
+                self._per_dest.pop(domain, None)
+            if domain in self._capped and left <= self._room // 2:
+                # It held its whole room, so the scans passed over its other units:
+                # they lie before the resume points (scan_plan.py, "Per destination").
+                self._capped.discard(domain)
+                self._plan.forget()
         if not inflight and self._stopping:
             self._drained.set()
 
@@ -203,12 +224,27 @@ class Scheduler:
             return
         caps, since = plan
         now = time.time()
-        entries = self.store.due_scan(self.owner, int(now * 1000), caps, since,
-                                      exclude=self.inflight)
+        room, per = self._room, self._per_dest
+        until_ms = int(now * 1000)
+        high, low = by_kind(caps)
+        entries = self.store.due_scan(self.owner, until_ms, high, since, exclude=self.inflight)
+        more = len(entries) >= high[0]
+        if low[-1] > 0:
+            bulk = self.store.due_scan(self.owner, until_ms, low, since,
+                                       exclude=PassOver(self.inflight, per, room))
+            more = more or len(bulk) >= low[-1]
+            entries += bulk
         plan_now = self.planner.now
         held = self.holds.suspensions
         parks: list[tuple[bytes, str]] = []
+        dead: dict[str, SitePool | None] = {}  # per domain: its pool if backing off
         for lane, due_ms, msg_id, domain in entries:
+            n = per.get(domain, 0) + 1
+            if n > room and lane >= DEFAULT_LANE:  # it filled its room during this scan
+                continue
+            if n == room:
+                self._capped.add(domain)
+            per[domain] = n
             self.inflight.add((msg_id, domain))
             self._plan.saw(lane, due_ms)
             if held and domain in held and held[domain].in_force(now):
@@ -218,6 +254,12 @@ class Scheduler:
                 planned = plan_now(domain, mono)  # None: a DNS query to wait for
                 if planned is None:
                     self.loop.create_task(self._dispatch(msg_id, domain, now))
+                    continue
+                pool = dead[domain] if domain in dead else dead.setdefault(
+                    domain, self._backing_off(*planned))
+                if pool is not None:  # dead: not read, not dispatched (dead.py)
+                    self._dead.add(msg_id, domain, pool.backoff_until - mono,
+                                   pool.backoff_reply, now)
                 else:
                     self._dispatch_now(msg_id, domain, now, *planned)
             except Exception as err:  # never lose track of an in-flight entry
@@ -225,7 +267,7 @@ class Scheduler:
                 self._release((msg_id, domain))
         if parks:
             self._park(parks, now)
-        if entries and len(entries) >= min(caps):
+        if entries and more:
             self._wake.set()  # a lane stopped at its cap, more may be due: scan again
 
     # --- holds -------------------------------------------------------------------------
@@ -268,7 +310,7 @@ class Scheduler:
 
     def _dispatch_now(self, msg_id: bytes, domain: str, now: float,
                       route: Route | RouteError, settings: PoolSettings) -> None:
-        if isinstance(route, Route) and (dead := self.pools.backing_off(route, settings)):
+        if (dead := self._backing_off(route, settings)) is not None:
             # A dead destination: not read, not dispatched; deferred with its group.
             wait = dead.backoff_until - self.loop.time()
             self._dead.add(msg_id, domain, wait, dead.backoff_reply, now)
@@ -328,6 +370,9 @@ class Scheduler:
         return True
 
     # --- dead destinations (dead.py) ----------------------------------------------------
+    def _backing_off(self, route: Route | RouteError, settings: PoolSettings) -> SitePool | None:
+        return self.pools.backing_off(route, settings) if isinstance(route, Route) else None
+
     def _job_done(self, msg_id: bytes, domain: str, body: bytes, result: JobResult) -> None:
         """A job's result. One its pool answered without reaching the remote because
         the destination is dead (its queue failed, or it was submitted during the
@@ -341,7 +386,7 @@ class Scheduler:
         self._commit_outcome(msg_id, domain, body, result)
 
     def _flush_dead(self) -> None:
-        """One op for every unit of a dead destination gathered this loop turn."""
+        """One op for every unit of a dead destination gathered (dead.GATHER)."""
         units, replies = self._dead.take()
         if not units:
             return
@@ -396,6 +441,7 @@ class Scheduler:
                            retry_after=self.loop.time() + max(0.0, until - now))
         self._commit_outcome(msg_id, domain, body, result)
 
+    # --- outcomes ----------------------------------------------------------------------
     def _commit_outcome(self, msg_id: bytes, domain: str, body: bytes, result: JobResult,
                         *, expire: bool = False) -> None:
         if not result.attempted:

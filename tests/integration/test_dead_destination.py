@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from engine.delivery.holds import Holds, Suspension
+from engine.delivery.holds import Holds, Suspension, Throttle
 from engine.queue.records import PENDING, domain_of
 from tests.integration.relay_helpers import Lab, body, lab, send_many, tag_of  # noqa: F401
 from tests.integration.test_relay_holds import hold, release
@@ -88,3 +88,33 @@ def test_dead_site_units_are_deferred_as_one_group_then_delivered(lab: Lab):
     lab.wait_queue_empty()
     assert sorted(tag_of(m.data) or "" for m in sink_d.messages) == sorted(f"d{i}" for i in range(N))
     assert stats.delivered == N + 1 and len(group_lines(lab)) == 2
+
+
+# --- a slow destination holds at most its room of the in-flight set -----------------------
+
+def test_throttled_destination_cannot_starve_the_others(lab: Lab):
+    slow = lab.sink("127.0.0.2")
+    fast = lab.sink("127.0.0.3")
+    lab.zone({"slow.test": {"MX": [(10, "mx.slow.test")]}, "mx.slow.test": {"A": ["127.0.0.2"]},
+              "fast.test": {"MX": [(10, "mx.fast.test")]}, "mx.fast.test": {"A": ["127.0.0.3"]}})
+    server = lab.start({"delivery": {"max_ready": 10, "max_ready_per_destination": 4}})
+    scheduler = server.runtime.delivery.scheduler
+    # One message per 1000 s: the throttled pool keeps every unit it is given queued.
+    hold(server, Holds({}, {"slow.test": Throttle("slow.test", max_connections=1, rate=0.001,
+                                                  since=time.time())}))
+    send_many(server.port, [([f"s{i}@slow.test"], body(f"s{i}")) for i in range(20)])
+    # The slow units came first: without a room per destination they would fill all
+    # 10 places and fast.test's mail would wait for the throttle.
+    send_many(server.port, [([f"f{i}@fast.test"], body(f"f{i}")) for i in range(3)])
+    lab.wait_sink(fast, 3)
+
+    def slow_in_flight() -> int:
+        return sum(1 for _, d in scheduler.inflight if d == "slow.test")
+
+    assert server.call(slow_in_flight) == 4  # its room, never more
+    assert len(slow.messages) <= 1  # the throttle's one token
+    hold(server, Holds())  # the throttle lifted: the 16 passed over are found again
+    lab.wait_sink(slow, 20)
+    lab.wait_queue_empty()
+    assert sorted(tag_of(m.data) or "" for m in slow.messages) == sorted(f"s{i}" for i in range(20))
+    assert server.call(lambda: scheduler._per_dest) == {}

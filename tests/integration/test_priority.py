@@ -82,7 +82,8 @@ def wait_log_line(lab: Lab, recipient: str) -> dict[str, Any]:
 def test_priority_message_overtakes_a_throttled_newsletter(lab: Lab) -> None:
     sink = lab.sink("127.0.0.2")
     lab.zone(ZONE)
-    server = lab.start({"delivery": {"max_ready": MAX_READY}})
+    # One destination may fill the whole in-flight set here: the case the headroom is for.
+    server = lab.start({"delivery": {"max_ready": MAX_READY, "max_ready_per_destination": MAX_READY}})
     throttle(server, "slow.test", rate=40.0)
     queue_newsletter(server, BACKLOG)
     lab.wait_sink(sink, 5)  # the backlog flows, its in-flight set is full
@@ -115,7 +116,8 @@ def test_low_priority_waits_for_the_default(lab: Lab) -> None:
     """Priority 0 (bulk) mail queued first still goes after default mail queued later."""
     sink = lab.sink("127.0.0.2")
     lab.zone(ZONE)
-    server = lab.start({"delivery": {"max_ready": MAX_READY}})
+    # One destination may fill the whole in-flight set here: the case the headroom is for.
+    server = lab.start({"delivery": {"max_ready": MAX_READY, "max_ready_per_destination": MAX_READY}})
     throttle(server, "slow.test", rate=40.0)
     queue_newsletter(server, 300)
     lab.wait_sink(sink, 5)
