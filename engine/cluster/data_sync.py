@@ -26,9 +26,10 @@ class DataSync:
         await self.holds.start()
         await self.campaigns.start()
         self.plane.lists.fleet_campaigns = self.campaigns.fleet_counts
+        self.plane.lists.on_change = self.suppression.poke
 
     async def stop(self) -> None:
-        self.plane.lists.fleet_campaigns = None
+        self.plane.lists.fleet_campaigns = self.plane.lists.on_change = None
         await self.campaigns.stop()
         await self.holds.stop()
         await self.suppression.stop()

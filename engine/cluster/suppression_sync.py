@@ -65,6 +65,7 @@ class SuppressionSync:
         self.tenants = link.key("supp", "tenants")
         self.epoch_key = link.key("supp", "epoch")
         self._tasks: list[asyncio.Task[None]] = []
+        self._wake = asyncio.Event()  # `poke`: an operator's change is in the outbox
         self.published = 0  # changes sent to Redis (metrics, tests)
         self.applied = 0  # changes of other nodes written into the mirror
         self.resyncs = 0
@@ -112,7 +113,15 @@ class SuppressionSync:
                 pass  # degraded: the outbox keeps everything; retry on the next round
             except Exception as err:  # a store error must not end the task
                 log.error("cluster_supp_drain_failed", error=repr(err))
-            await asyncio.sleep(DRAIN_EVERY if self.link.healthy else float(self.link.cfg.heartbeat))
+            pause = DRAIN_EVERY if self.link.healthy else float(self.link.cfg.heartbeat)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), pause)
+            self._wake.clear()
+
+    def poke(self) -> None:
+        """Send the outbox now (an operator's change; bounces and complaints from the
+        workers wait for the next look, at most DRAIN_EVERY)."""
+        self._wake.set()
 
     async def drain_once(self) -> int:
         """Publish the oldest outbox changes and delete them locally; returns how many.

@@ -49,6 +49,9 @@ class Lists:
         # (tenant, campaign, limit) -> every node's counters summed, for --cluster.
         self.fleet_campaigns: Callable[[str | None, str | None, int],
                                        Awaitable[list[campaigns.CampaignCounts]]] | None = None
+        # In a cluster: called after an operator's change of the list committed, so the
+        # supervisor sends the outbox at once instead of at its next look.
+        self.on_change: Callable[[], None] | None = None
 
     async def handle(self, req: protocol.SuppressAdd | protocol.SuppressRemove
                      | protocol.SuppressList | protocol.Campaigns, peer: str) -> replies.Reply:
@@ -96,6 +99,8 @@ class Lists:
             except QueueFull as err:
                 raise protocol.RequestError(
                     f"queue store full after {added} of this chunk's values were added: {err}") from None
+        if added and self.on_change is not None:
+            self.on_change()
         return replies.SuppressAdd(added=added, present=len(entries) - added, bad=bad)
 
     async def remove_value(self, req: protocol.SuppressRemove) -> replies.SuppressRemove:
@@ -106,6 +111,8 @@ class Lists:
             raise _request_error(err) from None
         removed = await self._thread(self._commit, lambda w: suppression.remove(
             w, req.value, req.tenant))
+        if removed and self.on_change is not None:
+            self.on_change()
         return replies.SuppressRemove(removed=removed)
 
     async def list_entries(self, req: protocol.SuppressList) -> replies.SuppressList:
