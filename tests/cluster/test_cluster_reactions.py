@@ -66,3 +66,36 @@ def test_a_reaction_fired_on_a_holds_on_b_and_c_and_a_resume_lifts_it_everywhere
     for n in (a, c):
         wait_until(lambda n=n: reactions(n) == [], HONOURED, "lifted on A and C")
     wait_until(lambda: len(sink.messages) == 3, WAIT, "every message delivered after the lift")
+
+
+def test_a_hard_bounce_on_a_suppresses_on_c(nodes: Any, peers: Any, dns_zone: Any) -> None:
+    """The automatic entry of a bounce (written in the outcome's transaction, in a
+    worker of A) reaches C like an operator's."""
+    provider = Provider()
+    with provider.lock:
+        provider.tss = False
+        provider.refuse["gone@d0.test"] = "550 5.1.1 <gone@d0.test>: no such user"
+    port = free_port(IPS[0])
+    sink = peers.call(start_sinks([(ip, port) for ip in IPS], script=provider.script))
+    home = peers.call(start_sinks([(HOME_IP, port)]))
+    peers.sinks.extend([sink, home])
+    dns = dns_zone(zone())
+    a, _, c = nodes(3, relay_overrides(dns.port, port))
+    with RawSmtp(NODE_IPS[2], c.port, timeout=10) as client:
+        assert client.cmd("EHLO client.test")[0] == 250
+        assert client.cmd(f"MAIL FROM:<{SENDER}>")[0] == 250
+        assert client.cmd("RCPT TO:<gone@d0.test>")[0] == 250
+    send(a, NODE_IPS[0], ["gone@d0.test"])
+    wait_until(lambda: any(r["recipient"] == "gone@d0.test" and r["outcome"] == "bounced"
+                           for r in outcomes(a)), WAIT, "A's bounce")
+
+    def refused_on_c() -> bool:
+        with RawSmtp(NODE_IPS[2], c.port, timeout=10) as client:
+            assert client.cmd("EHLO client.test")[0] == 250
+            assert client.cmd(f"MAIL FROM:<{SENDER}>")[0] == 250
+            code, text = client.cmd("RCPT TO:<gone@d0.test>")
+            return code == 550 and "suppressed (bounce)" in text
+
+    wait_until(refused_on_c, HONOURED, "C refuses the bounced address")
+    (entry,) = ask(sock(c), {"cmd": "suppress_list"})["entries"]
+    assert entry["value"] == "gone@d0.test" and entry["source"].startswith("550 5.1.1")
