@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from engine.lab.sink.protocol import start_sink
+from tests.integration.harness import wait_until
 from tests.integration.smtp_client import RawSmtp, queue_id
 
 SENDER = "alice@home.test"
@@ -114,4 +115,44 @@ def test_exact_bytes_to_a_chunking_and_a_plain_sink(serve: Any, peers: Any, dns_
             got[ids[qid]] = after_received(m.data)
         for name, data in BODIES.items():
             assert got[name] == data, f"{verb} sink: {name} differs"
+    assert server.stop(30) == 0, server.log[-20:]
+
+
+def test_bdat_after_every_rcpt_refused_is_answered_then_rset(serve: Any, peers: Any,
+                                                            dns_zone: Any) -> None:
+    """RFC 3030 §2/§4.2: the pipelined chunk of a transaction whose every RCPT was refused
+    is read and dropped by the server and its BDAT refused; Volley waits for that reply
+    and the connection goes on with RSET (or ends with QUIT when the pool retires it),
+    never with a MAIL on a state it cannot trust; the next message arrives exactly."""
+    def refuse_nobody(verb: str, arg: str) -> str | None:
+        return "550 5.1.1 no such user" if verb == "RCPT" and "nobody@" in arg else None
+
+    chunk = peers.call(start_sink("127.0.0.2", 0, chunking=True, script=refuse_nobody))
+    peers.sinks.append(chunk)
+    dns = dns_zone(ZONE)
+    config = relay_config(dns.port, chunk.port)
+    config["delivery"].update(max_connections_per_domain=1, idle_timeout="1s")
+    server = serve(config)
+    # Its body holds command lines: read as commands they would show in chunk.commands.
+    refused = BODIES["1k"] + b"QUIT\r\nMAIL FROM:<evil@x.test>\r\n"
+    with RawSmtp("127.0.0.1", server.port, timeout=20) as client:
+        assert client.cmd("EHLO client.test")[0] == 250
+        for rcpt, data in (("nobody@chunk.test", refused), ("bob@chunk.test", BODIES["100k-dots"])):
+            assert client.cmd(f"MAIL FROM:<{SENDER}>")[0] == 250
+            assert client.cmd(f"RCPT TO:<{rcpt}>")[0] == 250
+            client.send(b"BDAT %d LAST\r\n" % len(data) + data)
+            assert client.reply()[0] == 250
+        client.cmd("QUIT")
+    peers.call(chunk.wait_for(1, 60), 70)
+    assert [after_received(m.data) for m in chunk.messages] == [BODIES["100k-dots"]]
+    nobody = ("RCPT", "TO:<nobody@chunk.test>")
+
+    def after_refused() -> list[str]:  # the verbs from the refused RCPT on
+        commands = list(chunk.commands)
+        return [v for v, _ in commands[commands.index(nobody):]] if nobody in commands else []
+
+    # What follows the refused BDAT comes at the next message or the idle timeout (1 s).
+    wait_until(lambda: len(after_refused()) >= 3, 30, "the command after the refused BDAT")
+    assert after_refused()[:3] in (["RCPT", "BDAT", "RSET"], ["RCPT", "BDAT", "QUIT"]), chunk.commands
+    assert not any("evil" in arg for _, arg in chunk.commands), chunk.commands
     assert server.stop(30) == 0, server.log[-20:]

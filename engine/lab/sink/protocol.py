@@ -55,6 +55,7 @@ from engine.lab.sink.state import (
 __all__ = ["NO_REPLY", "Faults", "OnMessage", "Script", "Sink", "SinkMessage", "SinkProtocol",
            "start_sink", "start_sinks"]
 _ADDR = re.compile(r"(?i)^(?:FROM|TO):\s*<([^>]*)>")
+_BDAT = re.compile(r"(?i)^\d+(?: +LAST)? *$")  # RFC 3030 §3: BDAT <size> [LAST]
 
 
 class SinkProtocol(asyncio.Protocol):
@@ -81,6 +82,7 @@ class SinkProtocol(asyncio.Protocol):
         self.mode = "command"  # "command", "data", "bdat", "tls" (upgrading), "wait", "closed"
         self.bdat_left = 0
         self.bdat_last = False
+        self.bdat_refusal = ""  # a refused chunk is read and dropped, then this is sent
         self.scan = 0  # where the next search for the end-of-data starts
         self.body = bytearray()
         self._upgrading: asyncio.Future[None] | None = None  # keeps the task alive
@@ -172,13 +174,19 @@ class SinkProtocol(asyncio.Protocol):
 
     def _bdat(self, replies: list[str]) -> bool:
         take = min(self.bdat_left, len(self.buf))
-        self.body += self.buf[:take]
+        if not self.bdat_refusal:
+            self.body += self.buf[:take]
         del self.buf[:take]
         self.bdat_left -= take
         if self.bdat_left:
             return False
         self.mode = "command"
-        if self.bdat_last:
+        if self.bdat_refusal:
+            # The transaction failed; the client must RSET (or MAIL) before another one.
+            replies.append(self.bdat_refusal)
+            self.bdat_refusal = ""
+            self.body = bytearray()
+        elif self.bdat_last:
             self._finish_message(bytes(self.body), replies)
         else:
             replies.append(self._reply("BDAT", str(len(self.body)), "250 2.0.0 chunk ok"))
@@ -265,11 +273,15 @@ class SinkProtocol(asyncio.Protocol):
             self._reset()
             if verb != "RSET":
                 self.ehlo = arg.strip()
-        elif verb == "BDAT" and code_ok:
+        elif verb == "BDAT" and self.chunking and _BDAT.match(arg):
+            # RFC 3030 §2: the chunk follows the command whatever the reply (a pipelining
+            # client sent it already), so even a refused BDAT's octets are read, and
+            # dropped, before its reply; else they would be read as commands.
             parts = arg.split()
             self.bdat_left = int(parts[0])
             self.bdat_last = len(parts) > 1 and parts[1].upper() == "LAST"
             self.mode = "bdat"
+            self.bdat_refusal = "" if code_ok else reply
             reply = ""  # answered once the chunk has arrived
         elif verb == "QUIT" or (verb == "STARTTLS" and reply.startswith("220")):
             replies.append(reply)
@@ -339,8 +351,7 @@ class SinkProtocol(asyncio.Protocol):
         if verb == "BDAT":
             if not self.chunking:
                 return "502 5.5.1 not supported"
-            parts = arg.split()
-            if not parts or not parts[0].isdigit():
+            if not _BDAT.match(arg):
                 return "501 5.5.4 syntax: BDAT size [LAST]"
             return "250 2.0.0 ok" if self.rcpts else "503 5.5.1 RCPT first"
         if verb in ("RSET", "NOOP"):
