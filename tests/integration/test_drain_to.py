@@ -23,6 +23,7 @@ from typing import Any
 
 import msgspec
 import orjson
+import pytest
 
 from engine.inbound.handover import Handover
 from engine.lab.sink.protocol import start_sink
@@ -125,6 +126,7 @@ def drain_to(server: ServeProcess, target: str, *args: str) -> subprocess.Comple
          "--to", target, *args], capture_output=True, text=True, timeout=WAIT, env=env)
 
 
+@pytest.mark.timeout(900)  # 10,000 messages queued, handed over and delivered on a loaded machine
 def test_drain_to_hands_the_queue_over_with_its_history(serve, peers, dns_zone):
     sink = peers.call(start_sink(SINK_IP, 0))
     # A's destination defers every recipient at RCPT: each has one attempt behind it.
@@ -145,6 +147,7 @@ def test_drain_to_hands_the_queue_over_with_its_history(serve, peers, dns_zone):
     done = drain_to(a, f"{B_IP}:{b.port}", "--connections", "4")
     assert done.returncode == 0, done.stdout + done.stderr + repr(records(a))
     summary = done.stdout.splitlines()[-1]
+    print(summary)  # the run's time, for the record (-s)
     # The summary's figures against B's own count and A's queue, below.
     assert (f"{N} messages sent; {N} handed over, 0 partly (the rest of their recipients stay "
             f"here), 0 refused; {recipients} recipients taken by the peer; 0 messages left here"
@@ -227,3 +230,44 @@ def test_an_untrusted_clients_handover_field_is_removed_and_ignored(serve, tmp_p
     shown = ctl_json(b, "list")["messages"][0]
     headers = ctl_json(b, "show", shown["id"])["message"]["headers"]
     assert all(name.lower() != "x-volley-handover" for name, _ in headers), headers
+
+
+def test_a_peer_killed_mid_handover_loses_nothing(serve, peers, dns_zone):
+    dns = dns_zone(zone())
+    a = node(serve, A_IP, dns.port, dead_port())
+    b = node(serve, B_IP, dns.port, dead_port())
+    n = 1500
+    queue_many(a.port, A_IP, range(n), threads=2)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    running = subprocess.Popen(
+        [sys.executable, "-m", "engine", "ctl", "-c", str(a.config_path), "drain", "--to",
+         f"{B_IP}:{b.port}", "--connections", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_until(lambda: len(delivery_log_lines(a, "handed-over")) >= 100, WAIT, "the handover under way")
+    os.killpg(b.proc.pid, 9)  # the peer dies mid-transaction, with no goodbye
+    out, err = running.communicate(timeout=WAIT)
+    assert running.returncode == 1, out + err
+    left, there = set(records(a)), set(records(b))
+    everything = {f"m{i}" for i in range(n)}
+    # At least once: every message is still here or on the peer; what left here is there.
+    assert left | there == everything
+    assert everything - left <= there
+    assert left and there, out  # it was killed mid-way
+    assert f"{len(left)} messages left here" in out, out
+    assert len({e["id"] for e in delivery_log_lines(a, "handed-over")}) == n - len(left)
+
+
+def delivery_log_lines(server: ServeProcess, outcome: str) -> list[dict[str, Any]]:
+    return [e for e in delivery_log(server) if e["outcome"] == outcome]
+
+
+def test_a_peer_without_dsn_gets_nothing(serve, peers, dns_zone):
+    sink = peers.call(start_sink(B_IP, 0))  # a plain SMTP server: no DSN to carry NOTIFY/ORCPT
+    peers.sinks.append(sink)
+    dns = dns_zone(zone())
+    a = node(serve, A_IP, dns.port, dead_port())
+    queue_many(a.port, A_IP, range(5), threads=1)
+    done = drain_to(a, f"{B_IP}:{sink.port}")
+    assert done.returncode == 1 and "does not offer DSN" in done.stdout, done.stdout
+    assert "5 messages left here" in done.stdout and sink.messages == []
+    assert len(records(a)) == 5
