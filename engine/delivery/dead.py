@@ -141,6 +141,7 @@ class DeadBatch:
     def add(self, msg_id: bytes, domain: str, wait: float, reply: Reply, now: float) -> None:
         """Defer (msg_id, domain) `wait` seconds (the backoff's rest) plus a jitter of
         up to a tenth of it, with `reply` as its last error."""
+        wait = max(0.0, wait)  # a backoff that ended meanwhile: due again at once
         until = now + wait + self.rng.uniform(0.0, wait / JITTER_PART)
         said = self._said
         if said[0] is not reply:  # one site's units share its reply object
@@ -163,7 +164,10 @@ def observe_group(res: GroupDeferred, replies: dict[str, Reply], units: list[Uni
     message "delivery temporarily suspended"; one line with the count and the ids says
     the same for a group at the cost of one), and each deferred recipient counted by
     the class of the reply (volley_deferrals_total{class})."""
-    until = {(u[0], u[1]): u[2] for u in units}
+    latest: dict[str, float] = {}
+    for _, domain, until, _ in units:
+        if until > latest.get(domain, 0.0):
+            latest[domain] = until
     by_domain: dict[str, list[tuple[bytes, int]]] = {}
     for (msg_id, domain), n in res.deferred:
         by_domain.setdefault(domain, []).append((msg_id, n))
@@ -183,5 +187,5 @@ def observe_group(res: GroupDeferred, replies: dict[str, Reply], units: list[Uni
             "ids": [id_text(m) for m, _ in done],
             "code": reply.code, "enhanced": reply.enhanced, "reply": "\n".join(reply.lines),
             "class": cls,
-            "until": round(max(until[(m, domain)] for m, _ in done), 3),
+            "until": round(latest[domain], 3),
         })
