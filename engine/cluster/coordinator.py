@@ -29,6 +29,8 @@ from engine.config import Config
 from engine.delivery.shared_limits import LimitTable, table_path
 from engine.observe import log
 
+EARLY = 0.1  # seconds: the soonest round after the last when a worker waits
+
 
 @dataclass(frozen=True, slots=True)
 class KeySpec:
@@ -122,10 +124,30 @@ class Coordinator:
                     await self.caps.release(key)
         self.table.close()
 
+    def starved(self, now: float) -> bool:
+        """Whether a worker waits for what this node does not have: no lease left
+        (a connection wanted) or no credit (a message wanted) since the last round.
+        One look at the shared table per key, no Redis."""
+        for state in self.states.values():
+            view = self.table.node_view(state.slot)
+            if not view.leased:
+                continue
+            if state.spec.cap and view.share <= view.total and view.wanted > self._last:
+                return True
+            if state.spec.rate and view.credit < 1.0 and view.rwanted > self._last:
+                return True
+        return False
+
     async def _loop(self) -> None:
+        """A round every heartbeat, and sooner (at most every EARLY s) when a worker
+        waits for a lease or credit: mail arriving at an idle node starts within a
+        fraction of a second rather than one or two heartbeats."""
         period = float(self.link.cfg.heartbeat)
         while True:
-            await asyncio.sleep(period)
+            await asyncio.sleep(min(EARLY, period))
+            now = time.monotonic()
+            if now - self._last < period and not (now - self._last >= EARLY and self.starved(now)):
+                continue
             try:
                 self._layout()
                 if self.link.healthy:
@@ -155,9 +177,11 @@ class Coordinator:
         for state in self.states.values():
             spec, view = state.spec, self.table.node_view(state.slot)
             if spec.cap:
-                # Want: the whole cap while a worker waits for a connection, else
-                # what is open; keep: never fewer leases than connections open.
-                want = spec.cap if view.wanted > now - period else view.total
+                # Want: the whole cap while a worker waits for a connection (or for
+                # rate credit: it will want a connection next), else what is open;
+                # keep: never fewer leases than connections open.
+                waiting = view.wanted > now - period or view.rwanted > now - period
+                want = spec.cap if waiting else view.total
                 await self.caps.queue(pipe, spec.key, spec.cap, want, view.total)
                 asked.append((state, "cap", view))
             if spec.rate:
@@ -176,17 +200,22 @@ class Coordinator:
         credits: dict[str, float] = {}
         for (state, kind, view), res in zip(asked, results, strict=True):
             if kind == "cap":
-                state.lease = self.caps.parse(res)
-                shares[state.spec.key] = state.lease.share
-                if state.lease.share < view.total:
-                    # Above our share: idle sessions QUIT (the gates' sweep).
+                lease = state.lease = self.caps.parse(res)
+                # The workers may use the leases up to the fair target: the leases
+                # above it only cover connections still open, and are given back
+                # as those close.
+                shares[state.spec.key] = usable = min(lease.share, lease.target)
+                if usable < view.total:
+                    # Above our part: idle sessions QUIT (the gates' sweep), so the
+                    # nodes waiting get theirs instead of waiting for idle_timeout.
                     self.table.want(state.slot, now + 2 * float(self.link.cfg.heartbeat))
             else:
                 credits[state.spec.key] = float(self.rates.parse(res).granted)
         for key, state in self.states.items():
             if key not in shares and key not in credits:
                 continue
-            share = shares.get(key, state.lease.share if state.lease else 0)
+            held = state.lease
+            share = shares.get(key, min(held.share, held.target) if held else 0)
             self.table.set_share(state.slot, share, credits.get(key, 0.0))
             state.credit_after = self.table.node_view(state.slot).credit
 
@@ -200,6 +229,7 @@ class Coordinator:
                 "key": key, "cap": state.spec.cap, "rate": state.spec.rate,
                 "mode": "leased" if view.leased else "local",
                 "share": view.share if view.leased else self.table.node_cap(state.slot, state.spec.cap),
+                "leases": lease.share if lease and view.leased else None,
                 "open": view.total, "credit": round(view.credit, 1), "granted": int(view.granted),
                 "by_node": dict(lease.by_node) if lease and view.leased else {},
             })

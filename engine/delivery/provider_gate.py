@@ -186,7 +186,12 @@ class ProviderGate:
         if self.slot is None or self.table.closed or not self._idle:
             return
         if self.held > self.fair_share() and self.table.wanted(self.slot, self.loop.time()):
-            self._reclaim(None)
+            # In a fleet, every idle session above our part at once: the nodes
+            # waiting get the leases a heartbeat later, not one per sweep.
+            excess = self.held - self.fair_share() if self.table.fleet() else 1
+            for _ in range(excess):
+                if not self._reclaim(None):
+                    break
         if self._idle:
             self._sweep = self.loop.call_later(RECHECK, self._on_sweep)
 

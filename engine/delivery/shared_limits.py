@@ -334,6 +334,9 @@ class LimitTable:
         if fleet:
             if needs_credit(self._mm, off + _NODE0):
                 if _F64.unpack_from(self._mm, off + _NODE0 + NODE_CREDIT)[0] < 1.0:
+                    # Demand the supervisor must see (a pool may ask here and never
+                    # reach take_message): one 8-byte store, as `want`.
+                    _F64.pack_into(self._mm, off + _NODE0 + NODE_WANTED, now)
                     return CREDIT_WAIT
             else:
                 rate = fleet_rate(rate, fleet)

@@ -92,3 +92,30 @@ def test_a_node_killed_with_9_holds_no_lease_beyond_the_ttl(nodes, peers, dns_zo
     wait_until(lambda: cluster_of(first)["live_nodes"] == 1, WAIT, "node0 alone")
     with redis_server.client() as c:
         assert c.zrange("volleytest:nodes", 0, -1) == [b"node0"]
+
+
+def test_a_providers_rate_holds_across_three_nodes(nodes, peers, dns_zone):
+    rate, per_node = 20.0, 20
+    provider = Provider(peers, dns_zone, latency=0.0)
+    fleet = nodes(3, provider.overrides(rate=f"{int(rate)}/s"))
+    wait_until(lambda: all(cluster_of(n)["live_nodes"] == 3 for n in fleet), WAIT, "3 live nodes")
+    senders = [threading.Thread(target=send_to, args=(n, [f"r{i}-{k}" for k in range(per_node)]))
+               for i, n in enumerate(fleet)]
+    for t in senders:
+        t.start()
+    for t in senders:
+        t.join(WAIT)
+    wait_until(lambda: len(provider.sink.messages) >= 3 * per_node, WAIT, "all delivered")
+    assert provider.tags() == {f"r{i}-{k}": 1 for i in range(3) for k in range(per_node)}
+    with provider.seen.lock:
+        arrived = sorted(provider.seen.arrived)
+    # Redis grants the fleet at most rate x (window + heartbeat) in any window, and
+    # each node may hold up to a heartbeat's worth plus one of unspent credit when
+    # the window opens: at most 20 x 1.25 + 3 x (20 x 0.25 + 1) = 43 in any second,
+    # plus one for the jitter between hand-over and arrival. Three nodes on their
+    # own would send all 60 within about a second.
+    most = max(sum(1 for t in arrived if a <= t < a + 1.0) for a in arrived)
+    print(f"most in 1 s: {most} (rate {rate}/s, 3 nodes)")
+    assert most <= rate * 1.25 + 3 * (rate * 0.25 + 1) + 1
+    row = provider_row(fleet[0])
+    assert row["granted"] >= per_node and row["rate"] == rate

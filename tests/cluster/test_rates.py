@@ -85,7 +85,10 @@ def test_table_fleet_shares() -> None:
     table.set_share(slot, 0)
     assert table.acquire_connection(slot, 0, 4, 0.0, 2.0) is FULL
     assert table.node_cap(slot, 4) < 1
-    # Rate: no credit → wait and say so (rwanted); two granted → two go, then wait.
+    # Rate: no credit → wait and say so (rwanted), whether a pool only looks
+    # (message_wait) or asks (take_message); two granted → two go, then wait.
+    assert table.message_wait(slot, 30.0, 19.0) == CREDIT_WAIT
+    assert table.node_view(slot).rwanted == 19.0
     assert table.take_message(slot, 30.0, 20.0) == CREDIT_WAIT
     assert table.node_view(slot).rwanted == 20.0
     table.set_share(slot, 0, credit=2.0)
