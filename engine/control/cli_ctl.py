@@ -150,7 +150,7 @@ def add_ctl(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "parameters, tags and attempt history; it must trust this node (relay.networks, "
         "or --user)"))
     p.add_argument("--connections", type=positive_int, metavar="N",
-                   help="SMTP sessions with the peer (default 4)")
+                   help="SMTP sessions with the peer (default 8)")
     p.add_argument("--tls", choices=("opportunistic", "required", "none"),
                    help="STARTTLS with the peer (default opportunistic)")
     p.add_argument("--user", metavar="NAME", help=(

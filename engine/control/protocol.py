@@ -118,7 +118,7 @@ class Drain(Request, tag="drain"):
     # instead of waiting for it to empty. The reply is the run's progress after at most
     # `wait` seconds; `start` false only reports the current (or last) run.
     to: str = ""
-    connections: int = 4
+    connections: int = 8  # measured: 4 → 408 msgs/s, 8 → 570 msgs/s (peer on this host)
     tls: Literal["opportunistic", "required", "none"] = "opportunistic"
     user: str = ""  # AUTH as this user (only under TLS)
     password: str = ""
