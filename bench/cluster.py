@@ -265,7 +265,7 @@ def cell(bench: Any, row: Any, system: Any) -> dict[str, Any]:
     """run.py's cell: system "volley-alone" or "volley-redis"."""
     variant = system.id.removeprefix("volley-")
     a = bench.args
-    n = a.cluster_messages or MESSAGES // (4 if a.quick else 1)
+    n = getattr(a, "cluster_messages", 0) or MESSAGES // (4 if a.quick else 1)
     runs = []
     for i in range(a.runs):
         r = one_run(variant, n, a.ready_timeout, a.stall)
@@ -274,6 +274,13 @@ def cell(bench: Any, row: Any, system: Any) -> dict[str, Any]:
             break
         print(f"  {row.id:<14} {system.id:<18} run {i + 1}/{a.runs}: {line(r)}", file=sys.stderr, flush=True)
     return summarise(row.id, row.label, variant, LABELS[variant], runs)
+
+
+def unavailable() -> dict[str, str]:
+    """Why the row cannot run here ({} when it can): the "redis" cell needs redis-server."""
+    if shutil.which("redis-server") is None:
+        return {"volley-redis": "cluster row: redis-server is missing (Debian package redis-server)"}
+    return {}
 
 
 def line(r: dict[str, Any]) -> str:

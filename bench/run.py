@@ -5,6 +5,7 @@
     .venv/bin/python bench/run.py --only receive-1k,relay-1k --systems volley-fsync,postfix,aiosmtpd
     .venv/bin/python bench/run.py --only newsletter      # HTTP campaign vs SMTP, DKIM on/off (bench/newsletter.py)
     .venv/bin/python bench/run.py --only shaping         # 5 shaped providers, a priority message (bench/shaping.py)
+    .venv/bin/python bench/run.py --only cluster         # 3 nodes, with and without Redis (bench/cluster.py)
 
 Peers come from `make bench-peers` (Postfix, with its smtp-source and smtp-sink, and
 aiosmtpd); a missing peer's rows are skipped with a note. Every system is driven by
@@ -32,6 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import charts  # noqa: E402
+import cluster  # noqa: E402
 import dests  # noqa: E402
 import newsletter  # noqa: E402
 import shaping  # noqa: E402
@@ -83,7 +85,9 @@ DOWN_DEST = [System("volley-receive", "volley fsync, receive only", "volley"),
              System("volley-down", "volley fsync, dests refuse", "volley")]
 HOT_DOMAIN = [System("volley-1dom", "volley fsync, 1 domain", "volley"),
               System("volley-50dom", "volley fsync, 50 domains", "volley")]
-GROUPS = ("receive", "relay", "latency", "scale", "newsletter", "shaping", "dests")
+CLUSTER = [System("volley-alone", cluster.LABELS["alone"], "volley"),
+           System("volley-redis", cluster.LABELS["redis"], "volley")]
+GROUPS = ("receive", "relay", "latency", "scale", "newsletter", "shaping", "dests", "cluster")
 
 
 def plan(args: argparse.Namespace) -> list[tuple[Row, list[System]]]:
@@ -104,6 +108,7 @@ def plan(args: argparse.Namespace) -> list[tuple[Row, list[System]]]:
             (Row("newsletter", "newsletter", 1024, "newsletter 1KB, 50 dom", domains=newsletter.DOMAINS),
              NEWSLETTER),
             (Row("shaping", "shaping", 1024, "shaping, 5 providers"), [SHAPING]),
+            (Row("cluster", "cluster", 1024, "cluster 1KB, 3 nodes"), CLUSTER),
             (Row("slow-dests", "dests", 1024, f"relay 1KB 1k dom +{LATENCY}", domains=dests.DOMAINS,
                  group="dests"), SLOW_DESTS),
             (Row("down-dest", "dests", 1024, "receive 1KB, dests down", domains=dests.DOWN_DOMAINS,
@@ -215,6 +220,8 @@ class Bench:
         a = self.args
         if row.kind == "shaping":
             return shaping.cell(self, row, system)  # its own sinks, DNS zone and load
+        if row.kind == "cluster":
+            return cluster.cell(self, row, system)  # its own nodes, Redis, sink and DNS
         n = self.messages(row)
         runs = 1 if row.latency_sink else a.runs
         sink = self.sink(row.latency_sink) if row.kind in ("relay", "newsletter") else None
@@ -374,6 +381,7 @@ def skip_reasons(args: argparse.Namespace) -> dict[str, str]:
         out["aiosmtpd"] = "aiosmtpd is not installed in this venv (make bench-peers)"
     out.update(newsletter.unavailable())
     out.update(shaping.unavailable())
+    out.update(cluster.unavailable())
     if not args.sink_latency:
         out["latency"] = "--no-sink-latency"
     elif not sinks.volley_sink_supports("--latency", "--targets-from-stdin", "--json", "--no-starttls"):
