@@ -85,9 +85,13 @@ class ControlPlane:
         await self._save_holds()
 
     async def handle(self, req: protocol.AnyRequest, peer: str = "unknown") -> replies.Reply:
-        if not isinstance(req, _READS):
+        # A drain --to's progress polls (start false) change nothing: not audited.
+        if not isinstance(req, _READS) and not (isinstance(req, protocol.Drain) and not req.start):
             # An audit trail of every change: what, by whom (SO_PEERCRED).
-            log.info("control_command", peer=peer, request=msgspec.to_builtins(req))
+            audit = msgspec.to_builtins(req)
+            if audit.get("password"):  # drain --to --user: never in the log
+                audit["password"] = "(hidden)"
+            log.info("control_command", peer=peer, request=audit)
         _peer.set(peer)
         match req:
             case protocol.Status():

@@ -26,6 +26,7 @@ import orjson
 import pytest
 
 from engine.inbound.handover import Handover
+from engine.inbound.users import set_user
 from engine.lab.sink.protocol import start_sink
 from engine.queue.records import PENDING, MessageRecord, decode_record
 from engine.queue.store import QueueStore
@@ -271,3 +272,30 @@ def test_a_peer_without_dsn_gets_nothing(serve, peers, dns_zone):
     assert done.returncode == 1 and "does not offer DSN" in done.stdout, done.stdout
     assert "5 messages left here" in done.stdout and sink.messages == []
     assert len(records(a)) == 5
+
+
+def test_a_peer_that_trusts_by_auth_takes_it_and_the_password_stays_out_of_the_log(
+        serve, peers, dns_zone, tls_files, tmp_path: Path):
+    users = tmp_path / "users"
+    set_user(str(users), "node-a", "s3cret-pw", ln=10)  # low scrypt cost: a fast test
+    dns = dns_zone(zone())
+    a = node(serve, A_IP, dns.port, dead_port())
+    # B trusts no network of ours: only the login makes A's handover field count.
+    b = serve({"listeners": [{"address": f"{B_IP}:0", "tls": "starttls", "auth": "optional"}],
+               "tls": {"cert_file": tls_files["cert_file"], "key_file": tls_files["key_file"]},
+               "auth": {"users_file": str(users)},
+               "relay": {"networks": ["192.0.2.0/24"]}})
+    queue_many(a.port, A_IP, range(10), threads=1)
+    env = dict(os.environ, PYTHONPATH=str(REPO), VOLLEY_DRAIN_PASSWORD="s3cret-pw")
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "ctl", "-c", str(a.config_path), "drain", "--to",
+         f"{B_IP}:{b.port}", "--user", "node-a", "--tls", "required"],
+        capture_output=True, text=True, timeout=WAIT, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "10 handed over" in done.stdout
+    there = records(b)
+    assert sorted(there) == sorted(f"m{i}" for i in range(10))
+    assert all((r.campaign, r.auth_user) == (f"c{int(t[1:]) % 5}", None) for t, r in there.items())
+    audit = a.wait_for(lambda e: e.get("event") == "control_command" and e["request"].get("to"), 10)
+    assert audit["request"]["user"] == "node-a" and audit["request"]["password"] == "(hidden)"
+    assert not [e for e in a.log if "s3cret-pw" in orjson.dumps(e).decode()]
