@@ -27,7 +27,7 @@ from engine.control.message_view import Selector, domain_key, record_pages
 from engine.delivery.bounce import bounce_recipients
 from engine.errors import StorageError
 from engine.queue.ids import IdAllocator
-from engine.queue.layout import DUE_FIXED, DUE_HEAD, key_domain, stable_shard
+from engine.queue.layout import DUE_FIXED, DUE_HEAD, key_domain
 from engine.queue.records import BOUNCED, PENDING, MessageRecord, domain_of
 from engine.queue.store import QueueStore
 from engine.queue.writetxn import WriteTxn
@@ -48,17 +48,16 @@ _ID = itemgetter(slice(DUE_HEAD.size, DUE_FIXED))
 
 
 def _domain_ids(store: QueueStore, domain: str) -> list[bytes]:
-    """Ids with a PENDING recipient in `domain`, from its owner's range of the due
-    index (keys only, in pages), sorted. One key per (message, domain): no duplicates."""
+    """Ids with a PENDING recipient in `domain`, from the due index (keys only, in
+    pages), sorted. One key per (message, domain): no duplicates. Every worker owns a
+    share of a domain's units (layout.owner_of), so every owner's range is read."""
     target = domain.encode("utf-8", "surrogatepass")
-    prefix = stable_shard(domain, store.shards).to_bytes(2, "big")
     ids: list[bytes] = []
-    start = prefix
+    start = b""
     while True:
         keys = store.scan_due_keys(start, 8192)
-        mine = [k for k in keys if k.startswith(prefix)]
-        ids += compress(map(_ID, mine), map(eq, map(key_domain, mine), repeat(target)))
-        if len(mine) < len(keys) or not keys:
+        ids += compress(map(_ID, keys), map(eq, map(key_domain, keys), repeat(target)))
+        if len(keys) < 8192:
             break
         start = keys[-1] + b"\0"
     ids.sort()

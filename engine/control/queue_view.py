@@ -114,8 +114,8 @@ class _DomainWalk:
         self.now_ms = int(now * 1000)
         self.ready: defaultdict[bytes, bytearray] = defaultdict(bytearray)
         self.waiting: defaultdict[bytes, bytearray] = defaultdict(bytearray)
-        # domain → its earliest deferred key, per priority lane (a domain's keys run by
-        # due within each lane; the earliest of all is the least of its lanes' firsts)
+        # domain → its earliest deferred key, per run (owner and priority lane: a
+        # domain's keys run by due within each; the earliest is the least of the firsts)
         self.first_deferred: defaultdict[bytes, dict[bytes, bytes]] = defaultdict(dict)
 
     def feed(self, keys: list[bytes], vals: list[bytes]) -> None:
@@ -125,10 +125,10 @@ class _DomainWalk:
             if cut == hi:
                 continue
             _group(self.waiting, doms[cut:hi], vals[cut:hi])
-            # Keys run by due within a run and a domain has one owner, so the first
-            # deferred key seen of a domain in a lane is its earliest there; setdefault
-            # keeps the first.
-            firsts = self.first_deferred[key_run(keys[lo])[2:]]
+            # Keys run by due within a run (owner and lane), so the first deferred key
+            # seen of a domain in a run is its earliest there (setdefault keeps the
+            # first); a domain has units in every owner's runs (layout.owner_of).
+            firsts = self.first_deferred[key_run(keys[lo])]
             deque(map(firsts.setdefault, doms[cut:hi], keys[cut:hi]), maxlen=0)
 
     def counts(self) -> dict[bytes, tuple[int, int]]:

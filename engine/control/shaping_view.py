@@ -3,8 +3,8 @@ applies to the domain and why, its effective settings, and the provider's live
 figures from the server-wide table (engine/delivery/shared_limits.py, mapped
 read-only here).
 
-The match may need the domain's MX hosts (an `mx_suffix` entry): the owner worker's
-MX cache is asked first (`MxQuery`, what delivery uses now); when it holds nothing, the
+The match may need the domain's MX hosts (an `mx_suffix` entry): the workers' MX
+caches are asked first (`ask_mx`) (`MxQuery`, what delivery uses now); when it holds nothing, the
 supervisor asks DNS itself ([dns] nameservers). A [[routes]] smarthost stands for the
 MX hosts, as in delivery. No domain entry and no mx_suffix entry: no lookup at all.
 """
@@ -28,7 +28,22 @@ from engine.dns.mx import RouteHost, Status
 from engine.dns.resolver import Resolver
 from engine.queue.layout import stable_shard
 
-WORKER_ANSWER = 5.0  # seconds to wait for the owner worker's MX cache
+WORKER_ANSWER = 5.0  # seconds to wait for a worker's MX cache
+
+
+async def ask_mx(sup: SupervisorHandle, domain: str) -> wire.AnyAnswer:
+    """What the workers' MX caches hold for `domain`. Every worker delivers a share of
+    a domain's mail (queue layout format 4, layout.owner_of) and keeps its own cache,
+    so all are asked: the first answer with a cached entry, the domain's home worker
+    (`stable_shard`) first; else the home worker's answer."""
+    slots = sup.slots
+    home = stable_shard(domain, len(slots))
+    order = [slots[home], *(s for i, s in enumerate(slots) if i != home)]
+    answers = await asyncio.gather(*[s.ask(wire.MxQuery(domain=domain), WORKER_ANSWER) for s in order])
+    for answer in answers:
+        if isinstance(answer, wire.MxEntries) and any(e.kind != "none" for e in answer.entries):
+            return answer
+    return answers[0]
 
 
 async def shaping(sup: SupervisorHandle, req: protocol.Shaping) -> replies.Shaping:
@@ -68,8 +83,7 @@ _RULE_KEYS = ("max_connections", "max_messages_per_connection", "max_recipients_
 async def _mx_hosts(sup: SupervisorHandle, cfg: Config, domain: str) -> tuple[list[str], str]:
     """The domain's most-preferred MX hosts and where they came from."""
     if sup.slots:
-        owner = sup.slots[stable_shard(domain, len(sup.slots))]
-        answer = await owner.ask(wire.MxQuery(domain=domain), WORKER_ANSWER)
+        answer = await ask_mx(sup, domain)
         if isinstance(answer, wire.MxEntries) and answer.entries:
             entry = answer.entries[0]
             if entry.kind == "route":

@@ -66,6 +66,7 @@ from engine.delivery.pool_queue import JobQueue, split_job
 from engine.delivery.provider_gate import ProviderGate, ProviderGates
 from engine.delivery.rate import ONE, TokenBucket
 from engine.delivery.session import DeliverySession
+from engine.delivery.site_slots import SiteGate
 from engine.observe import log
 from engine.smtp.replies import Reply
 
@@ -94,6 +95,8 @@ class SitePool(PoolConnecting):
         self.budget = budget
         # The provider's server-wide limits (provider_gate.py); None without [[shaping]].
         self.gate: ProviderGate | None = gates.gate_for(settings) if gates else None
+        # The site's server-wide count (site_slots.py); set by the pool manager.
+        self.site_gate: SiteGate | None = None
         # Sessions holding a connection token (a budget slot and the provider's count).
         self._slots: set[DeliverySession] = set()
         self.settings = settings
@@ -225,6 +228,8 @@ class SitePool(PoolConnecting):
             self.budget.forget(self)
         if self.gate is not None:
             self.gate.forget(self)
+        if self.site_gate is not None:
+            self.site_gate.forget()
         self._bucket.cancel()
 
     def on_slot_free(self) -> None:
@@ -316,6 +321,8 @@ class SitePool(PoolConnecting):
                 self.budget.note_idle(self)
             if self.gate is not None:
                 self.gate.note_idle(self)
+            if self.site_gate is not None:
+                self.site_gate.note_idle()
         self._changed.set()
 
     def session_closed(self, session: DeliverySession) -> None:

@@ -1,8 +1,15 @@
 """How a site pool opens connections (pool.py has the theory of operation): the
 connection token each attempt takes first (a slot of the worker's budget, budget.py,
-and the provider's server-wide count, provider_gate.py), the attempt itself, and what
-a failed attempt means (a concurrency signal, or a dead destination: backoff), and
-what the queued jobs get when the pool gives up on them.
+the provider's server-wide count, provider_gate.py, and the site's server-wide count,
+site_slots.py), the attempt itself, and what a failed attempt means (a concurrency
+signal, or a dead destination: backoff), and what the queued jobs get when the pool
+gives up on them.
+
+The site's count makes the pool's `max_connections` a cap of the whole server: every
+worker delivers a share of a hot domain (queue layout format 4), and each has its own
+pool for the site. While another worker waits for the site, this pool's limit is its
+share of the cap (`_max_connections`), so busy sessions over it QUIT when they ask for
+the next job, and idle ones that nothing waits for QUIT at once (`yield_site`).
 
 `PoolConnecting` is the part of `SitePool` that does this; the attributes it declares
 are the pool's own, set up by `SitePool.__init__`.
@@ -26,6 +33,7 @@ from engine.delivery.pool_queue import JobQueue
 from engine.delivery.pool_react import PoolReacting
 from engine.delivery.provider_gate import ProviderGate
 from engine.delivery.session import DeliverySession
+from engine.delivery.site_slots import SiteGate
 from engine.dns.mx import Route
 from engine.observe import log
 from engine.smtp.replies import Reply
@@ -40,9 +48,11 @@ class PoolConnecting(PoolReacting):
     loop: asyncio.AbstractEventLoop
     budget: ConnectionBudget | None
     gate: ProviderGate | None
+    site_gate: SiteGate | None
     _tls_factory: TlsContextFactory
     _slots: set[DeliverySession]
     _sessions: set[DeliverySession]
+    _idle: list[DeliverySession]
     _queue: JobQueue
     _connecting: int
     _opened: int
@@ -108,6 +118,8 @@ class PoolConnecting(PoolReacting):
             self.budget.give()
         if self.gate is not None:
             self.gate.release()
+        if self.site_gate is not None:
+            self.site_gate.release()
 
     def _connect_failed(self, reply: Reply) -> None:
         self._quiet_since = self.loop.time()
@@ -125,16 +137,42 @@ class PoolConnecting(PoolReacting):
             log.info("destination_backoff", site=self.site_key, until=self._backoff.until)
 
     def _take_connection(self) -> bool:
-        """A connection token: a budget slot and the provider's server-wide count, both
-        or neither. False: this pool waits in the line of whichever had no room."""
+        """A connection token: a budget slot, the provider's server-wide count and the
+        site's, all or none. False: this pool waits in the line of whichever had no
+        room (the site's gate looks again every site_slots.RECHECK seconds)."""
         budget = self.budget
         if budget is not None and not budget.take(self):  # type: ignore[arg-type]  # a SitePool
             return False
-        if self.gate is not None and not self.gate.try_connect(self):  # type: ignore[arg-type]  # a SitePool
+        gate = self.gate
+        if gate is not None and not gate.try_connect(self):  # type: ignore[arg-type]  # a SitePool
+            if budget is not None:
+                budget.give()
+            return False
+        site = self.site_gate
+        if site is not None and not site.try_connect(super()._max_connections()):
+            if gate is not None:
+                gate.release()
             if budget is not None:
                 budget.give()
             return False
         return True
+
+    def _max_connections(self) -> int:
+        """The pool's limit (PoolReacting's), or while another worker waits for the
+        site, this worker's share of it (site_slots.SiteGate.share)."""
+        limit = super()._max_connections()
+        site = self.site_gate
+        return limit if site is None else site.limit(limit)
+
+    def yield_site(self, contended: bool) -> bool:
+        """SiteUser: another worker waits for the site. An idle session goes when no
+        job waits here (it would only idle) or this worker holds more than its share;
+        one idling between rate tokens within its share stays."""
+        site = self.site_gate
+        if contended and self._idle and site is not None:
+            if not self._queue or site.held > site.share(super()._max_connections()):
+                self._retire(self._idle.pop(0))  # the coldest first
+        return bool(self._idle)
 
     def _flat(self, job: Job, reply: Reply, *, failed: bool) -> JobResult:
         return JobResult({i: reply for i in job.indices}, destination_failed=failed,

@@ -16,6 +16,7 @@ from engine.delivery.job import Job, JobResult, PoolSettings, safe_done, unsent
 from engine.delivery.pool import PoolStats, SitePool
 from engine.delivery.provider_gate import ProviderGates
 from engine.delivery.shared_limits import LimitTable
+from engine.delivery.site_slots import SiteGates, SiteTable
 from engine.dns.mx import Route
 
 PoolKey = tuple[str, int, str, str, str, str, str, str]
@@ -48,13 +49,17 @@ class PoolManager:
                  loop: asyncio.AbstractEventLoop | None = None,
                  budget: ConnectionBudget | None = None, sweep_interval: float = 1.0,
                  limits: LimitTable | None = None, column: int = 0,
-                 egress: EgressPools | None = None, workers: int = 1) -> None:
+                 egress: EgressPools | None = None, workers: int = 1,
+                 sites: SiteTable | None = None) -> None:
         self.timeouts = timeouts or TimeoutsConfig()
         self.egress = egress
         self.budget = budget
         self.loop = loop or asyncio.get_running_loop()
         self.limits = limits or LimitTable.private()
         self.gates = ProviderGates(self.limits, column, self.loop, workers)
+        # Each site's connections counted across workers (site_slots.py): every worker
+        # delivers a share of a hot domain, the site's cap holds for all of them.
+        self.site_gates = SiteGates(sites or SiteTable.private(), column, workers, self.loop)
         self.pools: dict[PoolKey, SitePool] = {}
         self._contexts: dict[tuple[bool, str], ssl.SSLContext] = {}
         self._closing = False
@@ -131,6 +136,7 @@ class PoolManager:
 
         pool = self.pools[key] = SitePool(key[0], settings, self.timeouts, tls_context,
                                           self.loop, self.budget, self.gates)
+        pool.site_gate = self.site_gates.gate_for("|".join(map(str, key)), pool)
         if self._sweep is None and not self._closing:
             self._sweep = self.loop.call_later(self._sweep_interval, self._on_sweep)
         self._changed.set()

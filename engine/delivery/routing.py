@@ -10,7 +10,7 @@ from pathlib import Path
 import msgspec
 
 from engine.config import Config, RouteConfig, split_host_port
-from engine.delivery.holds import Throttle
+from engine.delivery.holds import Holds, Throttle
 from engine.delivery.job import PoolSettings
 from engine.dns.mx import Route, RouteError, RouteHost, Status, address_key
 from engine.dns.resolver import Resolver
@@ -74,6 +74,19 @@ def throttled(settings: PoolSettings, throttle: Throttle) -> PoolSettings:
         rate=throttle.rate or 0.0,
         only_domain=throttle.domain,
     )
+
+
+def worker_share(holds: Holds, workers: int) -> Holds:
+    """The hold table as one of `workers` workers applies it: each throttle's rate
+    split evenly. Every worker delivers a share of a domain's mail (queue layout
+    format 4) through a pool of its own, so each takes its part of the rate, as it
+    takes its part of delivery.max_connections; the connection cap is shared exactly
+    instead (site_slots.py). The operator's figure is what `volley ctl` shows."""
+    if workers <= 1 or not any(t.rate for t in holds.throttles.values()):
+        return holds
+    return msgspec.structs.replace(holds, throttles={
+        d: msgspec.structs.replace(t, rate=t.rate / workers) if t.rate else t
+        for d, t in holds.throttles.items()})
 
 
 def _is_ip(text: str) -> bool:

@@ -19,8 +19,11 @@ from engine.delivery.holds import Holds
 from engine.delivery.pool import PoolStats, SitePool
 from engine.delivery.pool_manager import PoolManager
 from engine.delivery.reactions import ReactionBook
+from engine.delivery.routing import worker_share
 from engine.delivery.scheduler import Scheduler
 from engine.delivery.shared_limits import LimitTable, table_path
+from engine.delivery.site_slots import SiteTable
+from engine.delivery.site_slots import table_path as site_table_path
 from engine.delivery.warmup import Warmup
 from engine.delivery.warmup_table import WarmupTable
 from engine.delivery.warmup_table import table_path as warmup_table_path
@@ -63,13 +66,16 @@ class Delivery:
         self.budget = ConnectionBudget(self._budget_share(cfg))
         # [[shaping]] limits held across workers (shared_limits.py); our column is our slot.
         self.limits = LimitTable.open(table_path(cfg.queue.path), owner, self.workers)
+        # Each site's connections across workers: a hot domain is delivered by every
+        # worker (queue layout format 4), its cap holds for all of them.
+        self.sites = SiteTable.open(site_table_path(cfg.queue.path), owner, self.workers)
         # [[egress]] sources and their warm-up counts, held across workers likewise.
         self.warmup_table = WarmupTable.open(warmup_table_path(cfg.queue.path))
         self.egress = EgressPools(cfg, Warmup(self.warmup_table, store.get_control,
                                               lambda op: committer.submit(op, _ignore)))
         self.pools = PoolManager(cfg.delivery.timeouts, loop, self.budget, sweep_interval=_IDLE_SWEEP,
                                  limits=self.limits, column=owner, egress=self.egress,
-                                 workers=self.workers)
+                                 workers=self.workers, sites=self.sites)
         # [[reactions]] to what providers say, in force through the same table.
         self.reactions = ReactionBook(self.limits, loop)
         self.reactions.configure(cfg.reactions)
@@ -101,12 +107,13 @@ class Delivery:
         await self.scheduler.stop(1.0)
         await self.dlog.close()
         self.limits.close()
+        self.sites.close()
         self.warmup_table.close()
 
     # --- control -------------------------------------------------------------------------
     def set_holds(self, holds: Holds) -> None:
         """The operator's suspensions and throttles (the whole table, see holds.py)."""
-        self.scheduler.set_holds(holds)
+        self.scheduler.set_holds(worker_share(holds, self.workers))
 
     def flush(self, domain: str | None = None) -> int:
         """End the backoff of every pool serving `domain` (all pools if None), forget

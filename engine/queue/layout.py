@@ -3,7 +3,12 @@
     owner u16 BE | lane u8 | due u64 BE (ms since epoch) | message id (8) | domain utf-8
 
 One key per (message, recipient domain with PENDING recipients); the owner is the
-shard of the domain, so each worker reads its own share with one forward cursor.
+worker that delivers the unit (`owner_of`), so each worker reads its own share with one
+forward cursor. The owner is a function of the domain AND the message id (format 4):
+one hot destination's units are spread over every worker, while the units of one
+message still land deterministically (a rewrite of the record finds its keys again).
+The connection caps that a single owner used to enforce alone are server-wide since
+(engine/delivery/site_slots.py).
 The lane is 9 - the message's priority (0-9, default 5): within an owner the keys of
 priority 9 come first, so the scheduler reads the lanes highest priority first, each
 from its own resume point, and a priority message queued behind 100,000 newsletter
@@ -30,6 +35,7 @@ DUE_VALUE = struct.Struct(">I")  # arrival, epoch seconds
 MAX_KEY = 511  # lmdb.h: MDB_MAXKEYSIZE default
 PRIORITIES = 10  # priorities 0..9, one lane each
 DEFAULT_PRIORITY = 5
+_GOLDEN = 0x9E3779B9  # 2**32 / golden ratio: a Weyl sequence's step (owner_of)
 # A due key's domain, still utf-8, and its message id (C-level, for map() over pages of keys).
 key_domain = itemgetter(slice(DUE_FIXED, None))
 key_id = itemgetter(slice(DUE_HEAD.size, DUE_FIXED))
@@ -56,13 +62,32 @@ def next_run(run: bytes) -> bytes:
 
 
 def stable_shard(domain: str, shards: int) -> int:
-    """Owner shard of a domain: crc32 of the lower-cased utf-8 domain, mod `shards`.
+    """Home shard of a domain: crc32 of the lower-cased utf-8 domain, mod `shards`.
+    (Before format 4 it owned every unit of the domain; `owner_of` spreads them.)
 
     Stable across processes and restarts, unlike hash() (PYTHONHASHSEED).
     """
     if shards <= 1:
         return 0
     return zlib.crc32(domain.lower().encode("utf-8", "surrogatepass")) % shards
+
+
+def owner_of(domain: str, msg_id: bytes, shards: int) -> int:
+    """The worker (shard) that delivers the unit (message `msg_id`, `domain`).
+
+    The domain's home shard (`stable_shard`) plus the place of the id's sequence
+    (ids.py: boot u32 | sequence u32, counting up per worker) in a Weyl sequence:
+    frac(sequence x golden ratio) scaled to `shards`. Consecutive ids, and ids of any
+    stride (a client alternating between 2 domains gives each domain every other id),
+    fall evenly on every shard; a plain `sequence % shards` gave every other id to
+    the same shard. Stable across processes and restarts: only the domain, the id
+    and the shard count go in.
+    """
+    if shards <= 1:
+        return 0
+    home = zlib.crc32(domain.lower().encode("utf-8", "surrogatepass"))
+    weyl = (int.from_bytes(msg_id[-4:], "big") * _GOLDEN) & 0xFFFFFFFF
+    return (home + ((weyl * shards) >> 32)) % shards
 
 
 def due_key(owner: int, due_ms: int, msg_id: bytes, domain: str, lane: int = DEFAULT_LANE) -> bytes:
@@ -80,7 +105,7 @@ def due_key(owner: int, due_ms: int, msg_id: bytes, domain: str, lane: int = DEF
 def due_keys(rec: MessageRecord, shards: int) -> list[bytes]:
     lane = lane_of(rec.priority)
     return [
-        due_key(stable_shard(d, shards), int(t * 1000), rec.id, d, lane)
+        due_key(owner_of(d, rec.id, shards), int(t * 1000), rec.id, d, lane)
         for d, t in pending_domains(rec).items()
     ]
 

@@ -47,7 +47,9 @@ __all__ = ["DURABILITIES", "FORMAT", "QueueStore", "WriteTxn", "map_error", "sta
 _T = TypeVar("_T")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
-FORMAT = 3  # 3: due keys carry a priority lane; 2: due values carry the arrival time (1: empty)
+# 4: a due key's owner is owner_of(domain, id) (layout.py); 3: due keys carry a priority
+# lane; 2: due values carry the arrival time (1: empty). An older queue's index is rebuilt.
+FORMAT = 4
 DURABILITIES = ("fsync", "batch", "memory")
 
 # lmdb errors raised INSIDE one op's child transaction that leave the parent intact:

@@ -14,6 +14,7 @@ import pytest
 
 from engine.errors import QueueFull, StorageError
 from engine.queue.ids import IdAllocator
+from engine.queue.layout import owner_of
 from engine.queue.records import DELIVERED, PENDING, MessageRecord, Recipient
 from engine.queue.store import QueueStore, WriteTxn, stable_shard
 
@@ -54,9 +55,9 @@ def test_put_get_update_delete(store: QueueStore) -> None:
     r.recipients[1].attempts = 1
     store.write([lambda w: w.update_message(r)])
     assert store.get(a) == r
-    owner = stable_shard("other.net", 4)
+    owner = owner_of("other.net", a, 4)
     assert store.due_entries(owner, 10**15, 10) == [(5_000_000, a, "other.net")]
-    owner_done = stable_shard("example.com", 4)
+    owner_done = owner_of("example.com", a, 4)
     assert all(e[2] != "example.com" for e in store.due_entries(owner_done, 10**15, 10))
 
     assert store.write([lambda w: w.delete_message(a)]) == [True]
@@ -75,7 +76,7 @@ def test_due_index_order_and_owner_partitioning(store: QueueStore) -> None:
         ds = domains[n * 2 : n * 2 + 2]
         ops.append(put(rec(i, *(f"x@{d.upper()}" for d in ds), at=t)))
         for d in ds:
-            expected[stable_shard(d, 4)].append((int(t * 1000), i, d))
+            expected[owner_of(d, i, 4)].append((int(t * 1000), i, d))
     assert store.write(ops) == [None] * 6
     assert sum(len(v) for v in expected.values()) == 12
     assert len({o for o, v in expected.items() if v}) > 1  # the partitioning is exercised
@@ -97,6 +98,27 @@ def test_stable_shard_is_stable() -> None:
         capture_output=True, text=True, check=True,
     ).stdout
     assert int(out) == stable_shard("example.com", 1000)
+
+
+def test_owner_of_spreads_one_domain_and_is_stable() -> None:
+    """Format 4: one domain's units go to every worker evenly, for consecutive ids and
+    for ids of a stride (a client alternating between domains); the same in every
+    process."""
+    for stride in (1, 2, 4, 50):
+        ids = [IdAllocator(7).next()[:4] + (1 + k * stride).to_bytes(4, "big") for k in range(600)]
+        for shards in (2, 3):
+            owners = [owner_of("Hot.Example", i, shards) for i in ids]
+            counts = [owners.count(o) for o in range(shards)]
+            assert max(counts) - min(counts) <= 6, (stride, shards, counts)
+    first = IdAllocator(7).next()
+    assert owner_of("hot.example", first, 1) == 0
+    assert owner_of("HOT.example", first, 5) == owner_of("hot.example", first, 5)
+    code = f"from engine.queue.layout import owner_of; print(owner_of('hot.example', {first!r}, 1000))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "1"},
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert int(out) == owner_of("hot.example", first, 1000)
 
 
 def test_next_boot_increments_across_reopen(tmp_path: Path) -> None:
@@ -123,7 +145,7 @@ def test_data_survives_reopen_and_shard_change(tmp_path: Path) -> None:
     got = sorted(e for o in range(3) for e in s.due_entries(o, 10**15, 100))
     assert got == sorted((int(m.received_at * 1000), m.id, f"d{i}.net") for i, m in enumerate(msgs))
     for o in range(3):
-        assert all(stable_shard(d, 3) == o for _, _, d in s.due_entries(o, 10**15, 100))
+        assert all(owner_of(d, i, 3) == o for _, i, d in s.due_entries(o, 10**15, 100))
     s.close()
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from engine.delivery.scan_plan import SCAN_BATCH, ScanPlan, priority_room
 from engine.queue.ids import IdAllocator
-from engine.queue.layout import DEFAULT_LANE, PRIORITIES, key_id, lane_of, stable_shard
+from engine.queue.layout import DEFAULT_LANE, PRIORITIES, key_id, lane_of, owner_of, stable_shard
 from engine.queue.records import MessageRecord, Recipient
 from engine.queue.store import FORMAT, QueueStore, WriteTxn
 
@@ -94,11 +94,10 @@ def test_each_lane_resumes_from_its_own_point_and_skips_in_flight(q: Q) -> None:
 def test_owners_do_not_see_each_others_lanes(tmp_path: Path) -> None:
     queue = Q(tmp_path / "q", shards=3)
     domains = [f"d{i}.test" for i in range(12)]
-    for i, d in enumerate(domains):
-        queue.add(i % 10, T0 + i, f"u@{d}")
+    ids = {d: queue.add(i % 10, T0 + i, f"u@{d}").id for i, d in enumerate(domains)}
     for owner in range(3):
         mine = [e for e in queue.store.due_scan(owner, FOREVER, [100] * 10, [0] * 10)]
-        assert {e[3] for e in mine} == {d for d in domains if stable_shard(d, 3) == owner}
+        assert {e[3] for e in mine} == {d for d in domains if owner_of(d, ids[d], 3) == owner}
         assert [e[0] for e in mine] == sorted(e[0] for e in mine)
     queue.store.close()
 
