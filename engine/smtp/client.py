@@ -28,8 +28,9 @@ Shapes of one transaction (→ one write, ← the replies that write waits for):
 
 BDAT is pipelined behind the RCPTs (RFC 3030 §4.2): one write and one read per message,
 the body as is, no stuffing scan (§2). If MAIL or every RCPT is refused, the server still
-reads and discards the chunk (§2, with PIPELINING) and refuses the BDAT; that reply is
-awaited like any other, then RSET (a refused BDAT's state is not specified).
+must accept and discard the chunk before it refuses the BDAT (§2); that reply is awaited
+like any other, then RSET (§2: the state after a failed BDAT is indeterminate, RSET MUST
+clear it before further commands).
 
 Content goes out in parts (`initial_parts`, `on_reply_parts`; `initial_bytes`/`on_reply`
 join them): the commands, the Envelope's `prefix` (a DKIM-Signature) and the body, for
@@ -394,7 +395,7 @@ class Transaction:
             self._finish(None, clean=self._failure is None)
             return None
         # After ".", the transaction is over whatever the reply (RFC 5321 §4.1.1.4). After
-        # a refused BDAT, RFC 3030 §2 only says the transaction failed: RSET to be sure.
+        # a refused BDAT the state is indeterminate and RSET must clear it (RFC 3030 §2).
         self._finish(reply, clean=ok or not self._chunking)
         return None
 
