@@ -299,3 +299,26 @@ def test_a_peer_that_trusts_by_auth_takes_it_and_the_password_stays_out_of_the_l
     audit = a.wait_for(lambda e: e.get("event") == "control_command" and e["request"].get("to"), 10)
     assert audit["request"]["user"] == "node-a" and audit["request"]["password"] == "(hidden)"
     assert not [e for e in a.log if "s3cret-pw" in orjson.dumps(e).decode()]
+
+
+def test_recipients_the_peer_refuses_stay_on_the_origin_and_the_others_go(serve, peers, dns_zone):
+    dns = dns_zone(zone())
+    a = node(serve, A_IP, dns.port, dead_port())
+    b = node(serve, B_IP, dns.port, dead_port())
+    ctl(b, "suppress", "add", "v0@a.test")  # B refuses it at RCPT (550 5.7.1)
+    ctl(b, "suppress", "add", "v10@a.test")
+    queue_many(a.port, A_IP, range(12), threads=1)  # m0 and m10 have u… and v… recipients
+    done = drain_to(a, f"{B_IP}:{b.port}")
+    assert done.returncode == 1, done.stdout
+    # 12 sent: 10 whole, 2 partly; 12 recipients taken (14 - the 2 refused); 2 left here.
+    assert ("12 messages sent; 10 handed over, 2 partly (the rest of their recipients stay "
+            "here), 0 refused; 12 recipients taken by the peer; 2 messages left here") in done.stdout
+    assert "<v0@a.test>: 550 5.7.1" in done.stdout and "<v10@a.test>: 550 5.7.1" in done.stdout
+    left = records(a)
+    assert sorted(left) == ["m0", "m10"]
+    for tag, rec in left.items():
+        u, v = rec.recipients
+        assert (u.address, u.state, v.address, v.state) == (f"u{tag[1:]}@a.test", 1, f"v{tag[1:]}@a.test", PENDING)
+        assert u.last_reply.startswith(f"handed-over to {B_IP}:{b.port}: 250")
+    there = records(b)
+    assert len(there) == 12 and [r.address for r in there["m0"].recipients] == ["u0@a.test"]
