@@ -13,8 +13,11 @@ One run of one variant, everything fresh:
   .provider.test, all resolving to one sink at 127.0.0.2 (in this process, counting
   only; its peak of connections open at once is the check that the cap held);
 * three nodes on 127.0.0.20-22 (1 worker each: 3 workers on 2 cores), a [[shaping]]
-  entry for the provider with max_connections 30 and rate 100000/s: high, so the
-  coordination runs (leases, batched rate grants every heartbeat) but does not limit;
+  entry for the provider with a rate of 100000/s (high: the grants run but do not
+  limit) and the same 90 connections fleet-wide in both variants: "alone", each node
+  configured with max_connections 30 (the static split an operator would write
+  without a cluster); "redis", max_connections 90 shared by leases (30 a node when
+  all three are busy; the nodes would open more than 90 together if let);
   "redis": [cluster] on a redis-server started for the run (no persistence), the
   defaults (heartbeat 1 s, lease_ttl 10 s);
 * `volley blast` to each node at once (-c 10, 10 domains), timed from the start of the
@@ -54,6 +57,9 @@ MESSAGES = 2000  # per node
 SINK = "127.0.0.2"
 DOMAINS = 10
 VARIANTS = ("alone", "redis")
+# The provider's connections, fleet-wide, the same in both variants: alone, each node
+# is configured with a third (max_connections 30); with Redis the fleet shares 90.
+CAP = 90
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -128,7 +134,7 @@ class Node:
             "dns": {"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": "2s"},
             "delivery": {"enabled": True, "port": sink_port},
             "shaping": [{"name": "provider", "mx_suffix": ".provider.test",
-                         "max_connections": 30, "rate": "100000/s"}],
+                         "max_connections": CAP if redis_url else CAP // NODES, "rate": "100000/s"}],
         }
         if redis_url:
             cfg["cluster"] = {"redis": redis_url, "node_name": f"node{i}", "key_prefix": "bench:"}
@@ -284,7 +290,8 @@ def unavailable() -> dict[str, str]:
 
 
 def line(r: dict[str, Any]) -> str:
-    out = f"{r['msgs_per_s']:,.0f} msgs/s, CPU {r['cpu_s_per_1k']:.3f} s/1k (load {r['load_before']:.1f})"
+    out = (f"{r['msgs_per_s']:,.0f} msgs/s, CPU {r['cpu_s_per_1k']:.3f} s/1k, peak {r['sink_peak_connections']}"
+           f" connections (load {r['load_before']:.1f})")
     if "evalsha_calls" in r:
         out += (f", Redis {r['evalsha_calls']} EVALSHA ({r['msgs_per_evalsha'] or 0:,.0f} msgs each,"
                 f" {r['evalsha_us_per_msg']:.3f} us/msg), redis CPU {r['redis_cpu_us_per_msg']:.2f} us/msg")

@@ -125,14 +125,15 @@ class Coordinator:
         self.table.close()
 
     def starved(self, now: float) -> bool:
-        """Whether a worker waits for what this node does not have: no lease left
+        """Whether a worker waits for what this node does not have at all: no lease
         (a connection wanted) or no credit (a message wanted) since the last round.
-        One look at the shared table per key, no Redis."""
+        A node that has some and wants more waits for the heartbeat: under a steady
+        backlog its pools always want more. One look at the table per key, no Redis."""
         for state in self.states.values():
             view = self.table.node_view(state.slot)
             if not view.leased:
                 continue
-            if state.spec.cap and view.share <= view.total and view.wanted > self._last:
+            if state.spec.cap and view.share == 0 and view.wanted > self._last:
                 return True
             if state.spec.rate and view.credit < 1.0 and view.rwanted > self._last:
                 return True
