@@ -35,10 +35,11 @@ worker zeroes the columns of slot numbers past the worker count (`reset_columns`
 
 Sharing a cap between workers: a worker that finds the cap reached marks the slot
 wanted (its column, until when) and looks again every `RECHECK` seconds. A worker
-that sees another's mark QUITs an idle session that nothing waits for, keeps at most
-its share (`share`: the cap over the workers, rounded up) of busy sessions (the pool's
-limit shrinks, pool_connect.py), and under a cap smaller than the worker count hands
-its connection over after holding it `TURN` seconds, so every worker gets turns.
+that sees another's mark keeps at most its share (`share`: the cap over the workers,
+rounded up) of sessions: the pool's limit shrinks (pool_connect.py), busy sessions over
+it QUIT when they ask for their next job and idle ones at the next look; under a cap
+smaller than the worker count the share is the whole cap for `TURN` seconds, then none,
+so every worker gets turns.
 Backoff stays per worker: each worker learns on its own that a site is dead.
 """
 
