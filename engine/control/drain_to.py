@@ -215,10 +215,17 @@ class HandoverRun:
                             await asyncio.sleep(0.5 * failures)
                 if failures >= CONNECT_TRIES:
                     continue  # consumed unsent (it stays here), so the walk never blocks
-                field = handover.render(handover.from_record(rec, origin, id_text(rec.id)))
-                env, indices = envelope(rec, field + body)
                 self.messages += 1
-                outcomes = await peer.send(env)
+                try:
+                    field = handover.render(handover.from_record(rec, origin, id_text(rec.id)))
+                    env, indices = envelope(rec, field + body)
+                    outcomes = await peer.send(env)
+                except Exception as err:  # one bad message must not end the session's run
+                    log.error("handover_message_failed", id=id_text(rec.id), error=repr(err))
+                    self._note(rec, f"not sent: {err!r}")
+                    self.refused += 1
+                    peer.close()  # its state is unknown: a fresh session for the next
+                    continue
                 took = [i for i, r in zip(indices, outcomes, strict=True) if r.code // 100 == 2]
                 for i, r in zip(indices, outcomes, strict=True):
                     if r.code // 100 != 2:
