@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from engine.delivery import site_slots
+from engine.delivery.holds import Holds, Throttle
+from engine.delivery.routing import worker_share
 from engine.delivery.site_slots import UNCOUNTED, SiteGate, SiteGates, SiteTable, site_hash
 
 REPO = Path(__file__).resolve().parents[2]
@@ -157,3 +159,16 @@ def test_a_waiting_worker_is_called_back_and_makes_the_other_yield(tmp_path: Pat
         t1.close()
 
     asyncio.run(run())
+
+
+def test_a_throttles_rate_is_split_over_the_workers() -> None:
+    """Every worker delivers a share of a throttled domain through a pool of its own, so
+    each applies its part of the rate (routing.worker_share); the connection cap is the
+    site table's (exact), and the operator's figures stay as given."""
+    holds = Holds(throttles={
+        "a.test": Throttle("a.test", 1, 10.0, 0.0), "b.test": Throttle("b.test", 3, None, 0.0)})
+    mine = worker_share(holds, 2)
+    assert mine.throttles["a.test"] == Throttle("a.test", 1, 5.0, 0.0)
+    assert mine.throttles["b.test"] == holds.throttles["b.test"]
+    assert holds.throttles["a.test"].rate == 10.0  # the table as shown is untouched
+    assert worker_share(holds, 1) is holds
