@@ -46,7 +46,6 @@ from engine.delivery.holds import (
 from engine.observe import log
 from engine.observe.metrics import gauge, render
 from engine.queue.ids import IdAllocator, id_bytes
-from engine.queue.layout import stable_shard
 from engine.queue.store import QueueStore
 from engine.version import __version__
 
@@ -253,9 +252,8 @@ class ControlPlane:
                 flushed=sum(a.flushed for a in answers if isinstance(a, wire.MxFlushed)))
         if not domain:
             raise protocol.RequestError("mx: give a domain (or --flush)")
-        # The domain's owner worker is the one that resolves and delivers it.
-        slot = self.sup.slots[stable_shard(domain, len(self.sup.slots))]
-        answer = await slot.ask(wire.MxQuery(domain=domain), WORKER_ANSWER)
+        # Every worker delivers a share of the domain and has its own cache: ask them all.
+        answer = await shaping_view.ask_mx(self.sup, domain)
         if not isinstance(answer, wire.MxEntries):
             error = answer.error if isinstance(answer, wire.Refused) else "no answer"
             raise protocol.RequestError(f"mx {domain}: no MX cache to read ({error})")

@@ -260,7 +260,7 @@ class Shaping(Reply, kw_only=True):
     rule: str  # the [[shaping]] entry's name; "" = none applies
     why: str  # how it matched (or "no rule: delivery defaults")
     mx_hosts: list[str]  # the most-preferred MX hosts the match looked at
-    mx_source: str  # "cache" (the owner worker's), "dns" (asked now), "smarthost", "none"
+    mx_source: str  # "cache" (a worker's: each is asked), "dns" (asked now), "smarthost", "none"
     settings: dict[str, object]  # the effective limits, as a config file would write them
     set_by_rule: list[str]  # the keys of `settings` the entry gives (the rest: defaults)
     live: ShapingLive | None  # None: no figures yet (nothing sent since the start)

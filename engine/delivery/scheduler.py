@@ -3,11 +3,12 @@
 Theory of operation
 -------------------
 The due index holds one entry per (message, domain) with pending recipients, keyed by
-owner shard (a stable hash of the domain modulo the worker count), so every domain is
-delivered by exactly one worker and its connection limits hold for the whole server.
-Worker `owner` scans its shard for entries due now and keeps each in `inflight` from
-dispatch until the outcome is committed; an entry stays in the index meanwhile, so a
-crash at any point leaves it due again (at-least-once, P2).
+owner shard (`layout.owner_of`: the domain's hash plus the message id, modulo the worker
+count), so one hot domain is delivered by every worker, each a share; its connection
+caps hold for the whole server through the site table (site_slots.py). Worker `owner`
+scans its shard for entries due now and keeps each in `inflight` from dispatch until
+the outcome is committed; an entry stays in the index meanwhile, so a crash at any
+point leaves it due again (at-least-once, P2).
 
 Scans read the due index's priority lanes highest first, each from its own resume
 point, and units above the default priority have headroom over `delivery.max_ready`

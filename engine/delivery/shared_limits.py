@@ -2,8 +2,9 @@
 maps, so a provider capped at 4 connections sees 4 from all workers together and a
 rate holds for the whole server.
 
-Why shared memory: a recipient domain is owned by one worker (a hash), so the domains
-of one provider (every domain whose MX is Google's) are spread over all workers. The
+Why shared memory: the (message, domain) units are spread over all workers (a hash of
+the domain and the message id, layout.owner_of), so the mail of one provider (every
+domain whose MX is Google's) is delivered by all of them. The
 supervisor could broker tokens over the pipes, but a message would then wait for a
 round trip through another process; a lock held for a few microseconds costs less.
 

@@ -3,7 +3,8 @@ workers relaying mail for a single domain. Both workers deliver a share of it (e
 worker's own counter of sent messages, from `volley ctl status`, checked against the
 sink's count), the sink never sees more sessions from Volley at once than the
 domain's cap (1 and 3: the cap holds for both workers together, site_slots.py), and
-no message is lost or delivered twice.
+no message is lost or delivered twice. `volley ctl mx` finds a domain in whichever
+worker's MX cache holds it.
 
 The sink counts sessions from the banner to QUIT, the span in which the sending worker
 holds its count in the shared table (as tests/integration/test_shaping_serve.py does).
@@ -18,6 +19,8 @@ from typing import Any
 import pytest
 
 from engine.lab.sink.protocol import start_sinks
+from engine.queue.ids import id_bytes
+from engine.queue.layout import owner_of, stable_shard
 from tests.integration.control_helpers import ctl_json, relay_overrides
 from tests.integration.harness import wait_until
 from tests.integration.relay_helpers import body, send_many, tag_of
@@ -87,3 +90,25 @@ def test_one_domain_is_shared_by_both_workers_within_its_cap(serve, peers, dns_z
     assert sessions >= 2  # each worker had its own connection at some point
     wait_until(lambda: ctl_json(server, "list")["messages"] == [], WAIT,
                "the queue empty: every message's outcome committed")
+
+
+def test_ctl_mx_finds_a_domain_cached_by_any_worker(serve, peers, dns_zone):
+    """A domain's single message is resolved by its owner worker alone, which may not be
+    the domain's home worker (`stable_shard`): `volley ctl mx` asks every worker."""
+    port = free_port(MX_IP)
+    sink = peers.call(start_sinks([(MX_IP, port)]))
+    peers.sinks.append(sink)
+    solos = [f"solo{i}.test" for i in range(8)]
+    zone: dict[str, Any] = {f"mx.{HOT}": {"A": [MX_IP]}}
+    zone.update({d: {"MX": [(10, f"mx.{HOT}")]} for d in solos})
+    dns = dns_zone(zone)
+    server = serve(relay_overrides(dns.port, port, idle_timeout="60s"))
+    away = 0  # solo domains whose owner is not their home worker
+    for n, d in enumerate(solos):
+        (qid,) = send_many(server.port, [([f"u@{d}"], body(f"solo-{n}"))])
+        away += owner_of(d, id_bytes(qid), 2) != stable_shard(d, 2)
+    wait_until(lambda: len(sink.messages) == len(solos), WAIT, "every solo domain delivered")
+    print(f"{away} of {len(solos)} solo domains owned away from their home worker")
+    for d in solos:
+        (entry,) = ctl_json(server, "mx", d)["entries"]
+        assert entry["kind"] == "route" and entry["hosts"][0]["name"] == f"mx.{HOT}", (d, entry)
