@@ -104,3 +104,21 @@ def test_table_fleet_shares() -> None:
     assert table.take_message(slot, 30.0, 30.0) == 0.0
     table.set_fleet(0)
     assert table.node_cap(slot, 4) == 4
+
+
+def test_a_node_alone_again_clears_the_fleet_count(tmp_path) -> None:
+    # A node that ran with [cluster] and restarts without it must not keep dividing
+    # its caps by the fleet it left (the supervisor clears the count at start).
+    from engine.cluster.coordinator import reset_fleet
+    from engine.delivery.shared_limits import table_path
+
+    table = LimitTable.open_shared(table_path(str(tmp_path)))
+    slot = table.slot_of("provider")
+    assert slot is not None
+    table.set_fleet(3)
+    assert table.node_cap(slot, 4) == 1
+    reset_fleet(str(tmp_path))
+    assert table.fleet() == 0 and table.node_cap(slot, 4) == 4
+    table.close()
+    reset_fleet(str(tmp_path / "none"))  # no table yet: nothing to do, no file made
+    assert not (tmp_path / "none").exists()
