@@ -50,6 +50,7 @@ from engine.delivery.outcome import transient_failure
 from engine.observe import log
 from engine.smtp.client import (
     QUIT,
+    RSET,
     ClientProtocolError,
     RemoteReply,
     Transaction,
@@ -111,6 +112,7 @@ class DeliverySession(asyncio.Protocol):
         self.closed = False
         self.ready = True  # transactions may start (False once aborted or lost)
         self.quitting = False
+        self._rset_first = False  # quitting after an unclean end: RSET + QUIT were sent
         self._parser = conn.parser
         self._closed_fut: asyncio.Future[None] = loop.create_future()
         self._inflight: deque[_InFlight] = deque()
@@ -144,6 +146,15 @@ class DeliverySession(asyncio.Protocol):
         if not self.ready:
             return  # aborted: nothing is waiting for it
         if self.quitting:
+            if self._rset_first:  # RSET + QUIT: the reply after RSET's ends it
+                try:
+                    if self._parser.next_reply() is None:
+                        return
+                except ClientProtocolError:
+                    pass
+                self._rset_first = False
+                if not self._parser.buffered:
+                    return
             self._abort_transport()  # the 221 (or anything): done
             return
         out: list[bytes] = []
@@ -386,7 +397,10 @@ class DeliverySession(asyncio.Protocol):
             return
         self.quitting = True
         self._fail_all(transient_failure("lost", f"connection to {self.where} closed by us"))
-        self.transport.write(QUIT)
+        # After an unclean end (a refused BDAT above all: RFC 3030 §2, the state is
+        # indeterminate and RSET MUST clear it before further commands) RSET goes first.
+        self._rset_first = not self._last_clean
+        self.transport.write(RSET + QUIT if self._rset_first else QUIT)
         self._deadline.set(self.loop.time() + float(self.timeouts.quit))
 
     async def quit(self) -> None:

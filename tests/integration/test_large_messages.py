@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 
 from engine.lab.sink.protocol import start_sink
 from tests.integration.harness import wait_until
 from tests.integration.smtp_client import RawSmtp, queue_id
+from tests.integration.test_session import codes, fast_timeouts, make_job, open_session, run_bounded, sink_at
 
 SENDER = "alice@home.test"
 ZONE = {
@@ -122,8 +124,8 @@ def test_bdat_after_every_rcpt_refused_is_answered_then_rset(serve: Any, peers: 
                                                             dns_zone: Any) -> None:
     """RFC 3030 §2/§4.2: the pipelined chunk of a transaction whose every RCPT was refused
     is read and dropped by the server and its BDAT refused; Volley waits for that reply
-    and the connection goes on with RSET (or ends with QUIT when the pool retires it),
-    never with a MAIL on a state it cannot trust; the next message arrives exactly."""
+    and RSET comes next (§2: it MUST clear the state), whether the connection goes on or
+    the pool retires it (RSET + QUIT); the next message arrives exactly."""
     def refuse_nobody(verb: str, arg: str) -> str | None:
         return "550 5.1.1 no such user" if verb == "RCPT" and "nobody@" in arg else None
 
@@ -153,6 +155,28 @@ def test_bdat_after_every_rcpt_refused_is_answered_then_rset(serve: Any, peers: 
 
     # What follows the refused BDAT comes at the next message or the idle timeout (1 s).
     wait_until(lambda: len(after_refused()) >= 3, 30, "the command after the refused BDAT")
-    assert after_refused()[:3] in (["RCPT", "BDAT", "RSET"], ["RCPT", "BDAT", "QUIT"]), chunk.commands
+    assert after_refused()[:3] == ["RCPT", "BDAT", "RSET"], chunk.commands
     assert not any("evil" in arg for _, arg in chunk.commands), chunk.commands
     assert server.stop(30) == 0, server.log[-20:]
+
+
+def test_quit_after_a_refused_bdat_sends_rset_first() -> None:
+    """RFC 3030 §2: RSET MUST clear a failed BDAT's state before further commands, QUIT
+    included; the session still closes on the QUIT's reply (timeouts.quit is 60 s here,
+    the test's bound 10 s)."""
+    def refuse_all(verb: str, arg: str) -> str | None:
+        return "550 5.1.1 no such user" if verb == "RCPT" else None
+
+    async def main() -> list[tuple[str, str]]:
+        sink = await sink_at(chunking=True, script=refuse_all)
+        timeouts = msgspec.structs.replace(fast_timeouts(), quit=60)
+        session = await open_session(sink, timeouts=timeouts)
+        assert session.caps.chunking and session.caps.pipelining
+        result = await session.run(make_job(["nobody@d.test"], body=BODIES["1k-dots"]))
+        assert codes(result) == [550]
+        await session.quit()
+        assert session.closed
+        return list(sink.commands)
+
+    commands = run_bounded(main)
+    assert [v for v, _ in commands] == ["EHLO", "MAIL", "RCPT", "BDAT", "RSET", "QUIT"], commands
