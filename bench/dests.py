@@ -31,6 +31,7 @@ per domain (blast lock-step over the same domains when smtp-source is missing).
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -49,6 +50,8 @@ DOWN_DOMAINS = 10  # down-dest: one smtp-source process per domain
 HOT_DOMAINS = 50  # hot-domain's spread cell (scale-base's 50 domains)
 LATENCY = "20ms"
 DOWN_MESSAGES = 10_000  # per down-dest run (--quick a fifth): long enough to see marking work
+FLUSHES = 3
+DNS_WARM_RATE = 50.0  # msgs/s of slow-dests' warm-up: one MX and one A lookup each (20 s for 1,000)
 SATURATED = 0.9  # a sink using this much of one core is the bottleneck (it is one process)
 
 
@@ -57,11 +60,15 @@ def address(i: int) -> str:
 
 
 def zone(domains: int) -> dict[str, Any]:
-    """d{i}.example MX 10 mx.d{i}.example, whose A record is address(i)."""
+    """d{i}.example MX 10 mx{i mod 100}.sinks.test, whose A record is address(i): the ten
+    domains of an address share its MX host, as a provider's domains do, so the host's
+    A/AAAA lookups are made once per address, not per domain (a third of the queries the
+    Python lab DNS must answer during a warm-up)."""
     out: dict[str, Any] = {}
     for i in range(domains):
-        out[f"d{i}.example"] = {"MX": [[10, f"mx.d{i}.example"]]}
-        out[f"mx.d{i}.example"] = {"A": [address(i)]}
+        host = f"mx{i % len(ADDRESSES)}.sinks.test"
+        out[f"d{i}.example"] = {"MX": [[10, host]]}
+        out[host] = {"A": [address(i)]}
     return out
 
 
@@ -136,9 +143,45 @@ def messages(bench: Any, row: Any) -> int:
 
 def _warm(bench: Any, row: Any, m: Member) -> None:
     many = domains(row, m.system) > 50 and m.system.kind == "volley"  # one message per domain fills the DNS cache
-    w = max(bench.args.warmup, domains(row, m.system) if many else 0)
-    rate = bench.args.dns_warm_rate if many else 0.0
-    m.server.details["warmup_msgs_per_s"] = bench.warm_up(row, m.system, m.server, m.address, m.sink, w, rate)
+    if not many:
+        m.server.details["warmup_msgs_per_s"] = bench.warm_up(row, m.system, m.server, m.address, m.sink,
+                                                              bench.args.warmup, 0.0)
+        return
+    # One message per domain at most DNS_WARM_RATE, then wait for all: at load average ~20
+    # the Python lab DNS answered too late for some (a minute's deferral each), so a stall
+    # flushes the queue and waits again, up to FLUSHES times.
+    a, w = bench.args, domains(row, m.system)
+    target = m.sink.settle()[0] + w
+    m.sink.expect(target)
+    res = bench.generate(row, m.system, m.address, w, min(a.dns_warm_rate, DNS_WARM_RATE))
+    if res.error:
+        raise RuntimeError(f"warm-up: {res.error}")
+    cap = 120 + w / 20
+    for attempt in range(FLUSHES + 1):
+        try:
+            t_done = m.sink.wait_reached(target, a.stall, cap)
+            break
+        except RuntimeError as err:
+            if attempt == FLUSHES:
+                raise
+            print(f"  warm-up: {err}; flushing the queue ({attempt + 1}/{FLUSHES})", file=sys.stderr, flush=True)
+            try:
+                m.server.flush()
+            except Exception as flush_err:  # ControlError: too busy to answer
+                raise RuntimeError(f"warm-up: {err}; flush: {flush_err}") from flush_err
+    m.server.drain(w, a.stall, cap)
+    m.server.details["warmup_msgs_per_s"] = w / (t_done - res.t0)
+
+
+def _favour(pid: int) -> None:
+    """Run a peer's process tree at nice -10 (root only; silently not otherwise): the lab DNS
+    is a fixture, not a contestant, and at load average ~20 its fair share of the CPU
+    answered the warm-up's lookups after the resolver had given up."""
+    for child in descendants_cpu(pid):
+        try:
+            os.setpriority(os.PRIO_PROCESS, child, -10)
+        except OSError:
+            return
 
 
 def _run(bench: Any, row: Any, m: Member, n: int, i: int) -> dict[str, Any]:
@@ -171,8 +214,8 @@ def _split(r: dict[str, Any], workers: int, carried: dict[int, int], cpu0: dict[
     the sink (largest first), beside the CPU split (intake and delivery together)."""
     mine = {pid: b for pid, b in carried.items() if pid in cpu1}  # the server's processes only
     total = sum(mine.values())
-    r["worker_delivery_split_pct"] = sorted((round(100 * b / total, 1) for b in mine.values()),
-                                            reverse=True)[:workers] if total else []
+    shares = sorted((round(100 * b / total, 1) for b in mine.values()), reverse=True) if total else []
+    r["worker_delivery_split_pct"] = (shares + [0.0] * workers)[:workers] if total else []  # 100/0: one worker
     # Bytes counted per message sent: about the message plus ~100 bytes of commands when
     # every connection was seen; much less means the sampling missed connections.
     r["delivery_bytes_per_msg"] = round(total / n) if n else 0
@@ -188,11 +231,13 @@ def run_row(bench: Any, row: Any, members: list[Any],
     with tempfile.TemporaryDirectory(prefix="volley-dests-") as tmp:
         path = Path(tmp) / "zone.json"
         path.write_text(json.dumps(zone(DOMAINS)))
-        dns = Peer("dns", ["-m", "engine.lab.dns", "--zone", str(path), "--origin", ".",
+        # A day's TTL: the warm-up's answers stay cached through every run of the row.
+        dns = Peer("dns", ["-m", "engine.lab.dns", "--zone", str(path), "--origin", ".", "--ttl", "86400",
                            "--lifetime", str(LIFETIME - 60)])
         try:
             try:
                 dns_port = int(dns.wait_event("ready", 60)["port"])
+                _favour(dns.proc.pid)
             except RuntimeError as err:  # the row cannot run; the others still can
                 return [], [{"row": row.id, "system": s.id, "error": str(err)[-4000:]} for s in members]
             for system in members:
