@@ -108,11 +108,12 @@ NODE_IPS = tuple(f"127.0.0.{20 + i}" for i in range(8))
 
 def cluster_overrides(redis_url: str, name: str, ip: str, **cluster: Any) -> dict[str, Any]:
     """A node's own part of the config: its listener on its own loopback address and
-    the `[cluster]` section (a fast heartbeat so tests see changes within seconds)."""
+    the `[cluster]` section (a fast heartbeat so tests see changes within seconds; a
+    timeout a loaded test machine does not reach while Redis is up)."""
     return {
         "listeners": [{"address": f"{ip}:0"}],
         "cluster": {"redis": redis_url, "node_name": name, "key_prefix": "volleytest:",
-                    "heartbeat": "250ms", "lease_ttl": "3s", "timeout": "500ms", **cluster},
+                    "heartbeat": "250ms", "lease_ttl": "3s", "timeout": "2s", **cluster},
     }
 
 

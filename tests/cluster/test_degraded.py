@@ -35,6 +35,7 @@ def test_redis_down_keeps_delivering_on_local_shares_and_recovers(nodes, peers, 
     send_phase(fleet, "before")
     wait_until(lambda: len(provider.sink.messages) >= 3 * N, WAIT, "the first phase delivered")
 
+    before = [events(n, "cluster_degraded") for n in fleet]
     redis_server.kill()
     wait_until(lambda: all(cluster_of(n)["state"] == "degraded" for n in fleet), WAIT, "degraded")
     assert [metric(n, "volley_cluster_degraded") for n in fleet] == [1.0, 1.0, 1.0]
@@ -52,6 +53,12 @@ def test_redis_down_keeps_delivering_on_local_shares_and_recovers(nodes, peers, 
     print(f"peak sessions while degraded {degraded_peak} (local shares 3 x {CAP // 3})")
     assert degraded_peak <= 3 * (CAP // 3)
 
+    # One line per node for the outage, however many rounds failed meanwhile.
+    def outage_lines() -> list[int]:
+        return [events(n, "cluster_degraded") - b for n, b in zip(fleet, before, strict=True)]
+
+    wait_until(lambda: outage_lines() == [1, 1, 1], WAIT, "each node's cluster_degraded line")
+    assert outage_lines() == [1, 1, 1]
     redis_server.start()
     wait_until(lambda: all(cluster_of(n)["state"] == "healthy" for n in fleet), WAIT, "healthy again")
     assert [metric(n, "volley_cluster_degraded") for n in fleet] == [0.0, 0.0, 0.0]
@@ -63,7 +70,7 @@ def test_redis_down_keeps_delivering_on_local_shares_and_recovers(nodes, peers, 
         assert provider.seen.peak <= CAP
     want = {f"{p}-n{i}-{k}": 1 for p in ("before", "during", "after") for i in range(3) for k in range(N)}
     assert provider.tags() == want  # nothing lost, nothing twice
-    # One line per transition on each node, however many rounds failed meanwhile.
+    # One line per transition on each node: healthy at the start, then degraded and
+    # healthy in turn (a loaded box may add a pair if a heartbeat times out).
     for node in fleet:
-        assert events(node, "cluster_degraded") == 1
-        assert events(node, "cluster_healthy") == 2  # at the start, and the return
+        assert events(node, "cluster_healthy") == events(node, "cluster_degraded") + 1 >= 2
