@@ -190,3 +190,24 @@ def test_find_end_is_find_and_dot_line_in_is_the_regex(data: bytes, start: int, 
     end = len(data)
     expected = any(data[i - 1:i + 1] == b"\n." for i in range(max(start, 0) + 1, end))
     assert dot_line_in(buf, start, end) == expected
+
+
+def test_the_record_s_fact_and_the_prefix_reach_every_part_of_a_job() -> None:
+    """record.dot_lines and Job.prefix go into the Envelope, also of a job split by
+    max_recipients (pool_queue.split_job), and the body object is never copied."""
+    from engine.delivery.job import Job, build_envelope
+    from engine.delivery.pool_queue import split_job
+    from engine.dns.mx import Route, RouteHost
+
+    route = Route("d.test", (RouteHost("mx.d.test", 10, ("192.0.2.1",)),), site_key="mx.d.test")
+    rcpts = [Recipient(f"r{i}@d.test") for i in range(5)]
+    record = MessageRecord(b"id", "s@x.test", rcpts, 1.0, len(BIG), dot_lines=False)
+    job = Job(record, BIG, list(range(5)), "d.test", route, lambda r: None, 0.0, prefix=b"H: 1\r\n")
+    parts = split_job(job, 2)
+    assert [p.indices for p in parts] == [[0, 1], [2, 3], [4]]
+    for part in parts:
+        envelope = build_envelope(part)
+        assert envelope.dot_lines is False and envelope.prefix == b"H: 1\r\n"
+        assert envelope.body is BIG
+    record.dot_lines = None
+    assert build_envelope(job).dot_lines is None
