@@ -29,6 +29,7 @@ NODE = struct.Struct("<iiddd")  # mode, share, credit, rwanted, granted
 LOCAL, LEASED = 0, 1
 NODE_SHARE, NODE_CREDIT, NODE_WANTED, NODE_GRANTED = 4, 8, 16, 24
 NO_ROOM = -1  # a cap of "none left": `total >= cap` holds for every total
+FLEET_AT = 16  # the header's live node count (after magic, slot count, column count)
 _I32 = struct.Struct("<i")
 
 
@@ -80,3 +81,51 @@ class NodeView:
             NODE.pack_into(mm, at, LOCAL, 0, 0.0, rwanted, granted)
         else:
             NODE.pack_into(mm, at, LEASED, share, left + credit, rwanted, granted + credit)
+
+
+class FleetSlots:
+    """The fleet's part of LimitTable (shared_limits.py), which mixes it in and
+    provides the map, the slot locks and where a slot's node part lies."""
+
+    _mm: mmap.mmap
+
+    def _lock(self, slot: int) -> None:
+        raise NotImplementedError
+
+    def _unlock(self, slot: int) -> None:
+        raise NotImplementedError
+
+    def _node_at(self, slot: int) -> int:
+        """The offset of `slot`'s node part in the map."""
+        raise NotImplementedError
+
+    def _usage(self, slot: int) -> tuple[int, float]:
+        """(connections open, wanted until) of `slot`."""
+        raise NotImplementedError
+
+    def fleet(self) -> int:
+        """The live nodes this node last counted (0: not in a fleet); no lock: one
+        aligned 4-byte load."""
+        return int(_I32.unpack_from(self._mm, FLEET_AT)[0])
+
+    def set_fleet(self, live: int) -> None:
+        """Say how many nodes share the limits (0: this node is alone)."""
+        _I32.pack_into(self._mm, FLEET_AT, max(0, live))
+
+    def node_cap(self, slot: int, cap: int) -> int:
+        """`cap` as this node may use it: the whole of it alone, its share in a fleet."""
+        fleet = self.fleet()
+        return fleet_cap(self._mm, self._node_at(slot), cap, fleet) if fleet else cap
+
+    def node_view(self, slot: int) -> NodeView:
+        return NodeView.read(self._mm, self._node_at(slot), *self._usage(slot))
+
+    def set_share(self, slot: int, share: int | None, credit: float = 0.0) -> None:
+        """This node's share of the slot's cap (the leases it may use) and `credit`
+        messages more of its rate; share None: back to the local share (cap ÷ fleet),
+        the credit dropped (Redis no longer vouches for it)."""
+        self._lock(slot)
+        try:
+            NodeView.write(self._mm, self._node_at(slot), share, credit)
+        finally:
+            self._unlock(slot)

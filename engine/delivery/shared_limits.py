@@ -64,7 +64,7 @@ from engine.delivery.fleet_share import (
     NODE,
     NODE_CREDIT,
     NODE_WANTED,
-    NodeView,
+    FleetSlots,
     fleet_cap,
     fleet_rate,
     needs_credit,
@@ -87,7 +87,6 @@ _I32 = struct.Struct("<i")
 _F64 = struct.Struct("<d")
 _TOTAL, _TAT, _CTAT, _WANTED, _REACT0, _COL0 = 8, 16, 24, 32, 40, 80
 _NODE0 = _COL0 + _COLS.size
-_FLEET = 16  # header offset of the live node count
 CREDIT_WAIT = 0.05  # seconds before a worker out of fleet credit looks again
 FULL = math.inf  # the answer of `acquire_connection` when the cap is reached
 
@@ -130,7 +129,7 @@ class SlotView:
     ctat: float
 
 
-class LimitTable:
+class LimitTable(FleetSlots):
     """The mapped table of one process. Loop thread only (one lock holder at a time
     per process is what POSIX record locks assume: they are per process)."""
 
@@ -360,36 +359,13 @@ class LimitTable:
         cols = _COLS.unpack_from(mm, off + _COL0)
         return SlotView(total, {i: n for i, n in enumerate(cols) if n}, tat, ctat)
 
-    def node_cap(self, slot: int, cap: int) -> int:
-        """`cap` as this node may use it: the whole of it alone, its share in a fleet."""
-        fleet = self.fleet()
-        return fleet_cap(self._mm, HEADER_SIZE + slot * SLOT_SIZE + _NODE0, cap, fleet) if fleet else cap
+    # --- a fleet ([cluster]): FleetSlots (fleet_share.py) reads and writes the node part
+    def _node_at(self, slot: int) -> int:
+        return HEADER_SIZE + slot * SLOT_SIZE + _NODE0
 
-    # --- a fleet ([cluster], fleet_share.py): the supervisor's side ---------------------
-    def fleet(self) -> int:
-        """The live nodes this node last counted (0: not in a fleet); no lock: one
-        aligned 4-byte load."""
-        return int(_I32.unpack_from(self._mm, _FLEET)[0])
-
-    def set_fleet(self, live: int) -> None:
-        """Say how many nodes share the limits (0: this node is alone)."""
-        _I32.pack_into(self._mm, _FLEET, max(0, live))
-
-    def node_view(self, slot: int) -> NodeView:
+    def _usage(self, slot: int) -> tuple[int, float]:
         off = HEADER_SIZE + slot * SLOT_SIZE
-        return NodeView.read(self._mm, off + _NODE0, _I32.unpack_from(self._mm, off + _TOTAL)[0],
-                             _F64.unpack_from(self._mm, off + _WANTED)[0])
-
-    def set_share(self, slot: int, share: int | None, credit: float = 0.0) -> None:
-        """This node's share of the slot's cap (the leases it holds) and `credit`
-        messages more of its rate; share None: back to the local share (cap ÷ fleet),
-        the credit dropped (Redis no longer vouches for it)."""
-        off = HEADER_SIZE + slot * SLOT_SIZE + _NODE0
-        self._lock(slot)
-        try:
-            NodeView.write(self._mm, off, share, credit)
-        finally:
-            self._unlock(slot)
+        return _I32.unpack_from(self._mm, off + _TOTAL)[0], _F64.unpack_from(self._mm, off + _WANTED)[0]
 
     # --- reactions (in the slot of the provider's name alone) --------------------------
     def suspended_until(self, slot: int) -> float:
