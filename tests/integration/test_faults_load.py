@@ -25,6 +25,7 @@ three deliveries of its domain; the bound here is the straddle, not a count per 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -32,6 +33,8 @@ from collections import Counter as Tally
 from typing import Any
 
 from engine.lab.sink.protocol import NO_REPLY, start_sink
+from engine.queue.ids import id_bytes
+from engine.queue.layout import owner_of
 from tests.integration.faults import open_mid_data
 from tests.integration.harness import wait_until
 from tests.integration.relay_helpers import SENDER, body, rcpt_of, send, tag_of
@@ -108,15 +111,16 @@ class Load:
 
 def test_kill_9_workers_under_load_loses_no_acknowledged_mail(serve: Any, peers: Any, dns_zone: Any):
     shards = domains_by_shard(1)
-    doms = [shards[0][0], shards[1][0]]  # doms[slot] is owned by worker `slot`
-    owner = {d: s for s, d in enumerate(doms)}
+    doms = [shards[0][0], shards[1][0]]
+    # Who delivers a copy: the owner of its (message, domain) unit (layout.owner_of, queue
+    # format 4), from the queue id in the Received header Volley added.
+    owner: dict[str | None, int] = {}  # tag → the worker that delivered it
     lock = threading.Lock()
     hold = {"domain": ""}  # the sink answers nothing to DATA for this domain
     held = Tally[str]()
-    window = {"slot": -1}  # stop+kill the owner of the next message to doms[slot]
+    window = {"slot": -1}  # stop+kill worker `slot` at the next copy it delivers
     window_tags: list[str] = []
     accepted: list[tuple[str | None, float]] = []  # (id, when) per copy the sink accepted
-    domain_of: dict[str | None, str] = {}
     began: dict[int, float] = {}  # slot → when its current kill began
     kills: list[tuple[int, float, float]] = []  # (slot, began, died)
     pids: dict[int, int] = {}
@@ -135,11 +139,14 @@ def test_kill_9_workers_under_load_loses_no_acknowledged_mail(serve: Any, peers:
         # Runs before the sink writes its 250 (the reply goes out when this returns).
         tag = tag_of(data)
         domain = rcpts[0].rsplit("@", 1)[1]
+        qid = re.search(rb" id ([0-9a-f]{16})", data)
+        assert qid is not None, data[:300]
+        deliverer = owner_of(domain, id_bytes(qid.group(1).decode()), 2)
         with lock:
             accepted.append((tag, time.monotonic()))
-            domain_of[tag] = domain
+            owner[tag] = deliverer
             slot = window["slot"]
-            if slot < 0 or owner[domain] != slot:
+            if slot < 0 or deliverer != slot:
                 return
             window["slot"] = -1
             window_tags.append(tag or "")
@@ -234,11 +241,11 @@ def test_kill_9_workers_under_load_loses_no_acknowledged_mail(serve: Any, peers:
     # (>= 2: the stopped delivery may itself have been a resend after an earlier kill.)
     assert all(copies[t] >= 2 for t in window_tags), (window_tags, copies)
     dups = {t: n for t, n in copies.items() if n > 1}
-    # Each duplicate straddles a kill of the worker owning its domain: the first copy was
+    # Each duplicate straddles a kill of the worker owning its unit: the first copy was
     # accepted before that worker died, the second after the kill began.
     for tag in dups:
         times = sorted(when for t, when in accepted if t == tag)
-        slot = owner[domain_of[tag]]
+        slot = owner[tag]
         for before, after in zip(times, times[1:]):
             assert any(s == slot and before <= died and after >= start
                        for s, start, died in kills), (tag, times, kills)

@@ -211,8 +211,10 @@ def test_delivery_counters_match_the_sink_and_the_dns_server(serve, peers, dns_z
         return samples(server)["volley_dns_cache_hits_total"] >= 2  # the MX and the address
 
     wait_until(one_more, WAIT, "a route answered from the DNS cache")
-    # ... and it was: the DNS server was asked once for each, ever.
-    assert (dns.count("a.test", "MX"), dns.count("mx.a.test", "A")) == (1, 1)
+    # ... and it was: the DNS server was asked once for each, ever, by each worker that
+    # delivered (every worker delivers a share of a domain, queue format 4; each has its
+    # own cache).
+    assert 1 <= dns.count("a.test", "MX") <= 2 and 1 <= dns.count("mx.a.test", "A") <= 2
     delivered = len(a.messages)
 
     # One session held open by the sink: the server says one session out.
