@@ -54,7 +54,7 @@ def add_ratios(cells: list[dict[str, Any]]) -> None:
     base = by_key.get(("scale-base", "volley-scale"))
     for c in cells:
         c["ratios"] = {}
-        if c["system"].startswith("volley"):
+        if c["system"].startswith("volley") and c["system"] != "volley-nolat":  # its sink differs from the peer's
             for peer in PEERS:
                 mine, theirs = median(c), median(by_key.get((c["row"], peer)))
                 if mine and theirs:
