@@ -59,7 +59,7 @@ from engine.observe.metrics import WorkerMetrics
 from engine.queue.committer import QueueCommitter
 from engine.queue.ids import IdAllocator, id_text
 from engine.queue.layout import DEFAULT_LANE
-from engine.queue.records import PENDING, MessageRecord, domain_of
+from engine.queue.records import MessageRecord
 from engine.queue.store import QueueStore
 from engine.smtp.replies import Reply
 
@@ -315,16 +315,10 @@ class Scheduler(OutcomeCommitting):
             wait = dead.backoff_until - self.loop.time()
             self._dead.add(msg_id, domain, wait, dead.backoff_reply, now)
             return
-        record = self.store.get(msg_id)
-        body = self.store.get_body(msg_id) if record is not None else None
-        if record is None or body is None:
-            self._release((msg_id, domain))
+        unit = self._read_unit(msg_id, domain)
+        if unit is None:
             return
-        indices = [i for i, r in enumerate(record.recipients)
-                   if r.state == PENDING and domain_of(r.address) == domain]
-        if not indices:
-            self._release((msg_id, domain))
-            return
+        record, body, indices = unit
         # Age is enforced at every stage (issue: "no message can sit forever").
         if expired(record.received_at, now, float(self.cfg.delivery.max_age)):
             self._commit_outcome(msg_id, domain, body, JobResult(replies={}), expire=True)

@@ -69,6 +69,21 @@ class OutcomeCommitting:
     def _release(self, entry: tuple[bytes, str]) -> None:
         raise NotImplementedError
 
+    def _read_unit(self, msg_id: bytes, domain: str) -> tuple[MessageRecord, bytes, list[int]] | None:
+        """The unit's record, body and pending recipients for `domain`; None (and the
+        unit released) when the message is gone or nothing of it is pending there."""
+        record = self.store.get(msg_id)
+        body = self.store.get_body(msg_id) if record is not None else None
+        if record is None or body is None:
+            self._release((msg_id, domain))
+            return None
+        indices = [i for i, r in enumerate(record.recipients)
+                   if r.state == PENDING and domain_of(r.address) == domain]
+        if not indices:
+            self._release((msg_id, domain))
+            return None
+        return record, body, indices
+
     def _job_done(self, msg_id: bytes, domain: str, body: bytes, result: JobResult) -> None:
         """A job's result. One its pool answered without reaching the remote because
         the destination is dead (its queue failed, or it was submitted during the
@@ -126,13 +141,10 @@ class OutcomeCommitting:
 
     def _outcome_of_dead(self, msg_id: bytes, domain: str, reply: Reply, until: float,
                          now: float) -> None:
-        record = self.store.get(msg_id)
-        body = self.store.get_body(msg_id) if record is not None else None
-        if record is None or body is None:
-            self._release((msg_id, domain))
+        unit = self._read_unit(msg_id, domain)
+        if unit is None:
             return
-        indices = [i for i, r in enumerate(record.recipients)
-                   if r.state == PENDING and domain_of(r.address) == domain]
+        _, body, indices = unit
         result = JobResult({i: reply for i in indices}, destination_failed=True,
                            retry_after=self.loop.time() + max(0.0, until - now))
         self._commit_outcome(msg_id, domain, body, result)
