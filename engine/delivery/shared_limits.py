@@ -8,30 +8,6 @@ domain whose MX is Google's) is delivered by all of them. The
 supervisor could broker tokens over the pipes, but a message would then wait for a
 round trip through another process; a lock held for a few microseconds costs less.
 
-Layout of the file (`<queue.path>/shaping.shm`, created by the first worker to open it):
-a 64-byte header (magic, slot count, column count, `fleet`: the live nodes of a
-[cluster], 0 when alone), then `SLOTS` fixed slots, each
-
-    key    u64   hash of the provider's name (0 = free); open addressing, linear probing
-    total  i32   connections open (or opening) from all workers
-    tat    f64   GCRA theoretical arrival time of the next message (CLOCK_MONOTONIC)
-    ctat   f64   the same for new connections (connect_rate)
-    wanted f64   until when some worker waits for a connection (the cap is reached):
-                 the others QUIT idle sessions to the provider instead of keeping them
-    suspended_until f64   a [[reactions]] suspension: no connection or transaction
-                 before this (CLOCK_MONOTONIC; 0 = none)
-    factor, hold_until, ramp_end, stepped_at  f64   a halve_rate reaction: the rate
-                 (or cap) is multiplied by `factor` until `hold_until`, then ramps back
-                 to 1 by `ramp_end` (ramp.py); `stepped_at` is the last halving
-    cols   i32 × COLUMNS  connections per worker slot (the worker's column)
-    mode, share, credit, rwanted, granted   this node's part of a fleet's limits
-                 (fleet_share.py; written by the supervisor's coordination)
-
-A provider's caps are keyed by its name, or by "name|source address" when its pools
-bind a source address (egress pools): the caps then hold per sending address, while
-the reaction fields live in the slot of the name alone, so a reaction holds for every
-source of the provider.
-
 Every change of a slot holds an fcntl byte-range lock on that slot's bytes (lockf,
 a few µs; the kernel drops it if the holder dies). CLOCK_MONOTONIC is one clock for
 every process of the machine (loop.time() is time.monotonic()), so the TATs compare.
@@ -43,6 +19,9 @@ fewer workers). Slots are never freed: a few hundred providers fit, and a table 
 is full (many renamed entries over many reloads) answers "no limit" for the overflow,
 logged once; removing the file while stopped empties it.
 
+The file's layout (header, slot fields, offsets) is in shared_limits_layout.py; the
+[[reactions]] fields of a slot are read and written by shared_limits_reactions.py.
+
 GCRA (the generic cell rate algorithm, ITU-T I.371): with emission interval T = 1/rate
 and tolerance tau = (burst - 1) * T, an event at `now` is allowed when
 now >= TAT - tau; then TAT = max(TAT, now) + T. The burst is `burst_of(rate)`:
@@ -53,15 +32,11 @@ so "600/min" lets 10 go at once at most, never a minute's worth.
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import math
 import mmap
 import os
-import struct
 from dataclasses import dataclass
 
 from engine.delivery.fleet_share import (
-    NODE,
     NODE_CREDIT,
     NODE_WANTED,
     FleetSlots,
@@ -70,36 +45,35 @@ from engine.delivery.fleet_share import (
     needs_credit,
 )
 from engine.delivery.mapped_file import map_readonly, map_shared
-from engine.delivery.ramp import Halving, halve
+from engine.delivery.shared_limits_layout import (
+    COL0,
+    COLS,
+    COLUMNS,
+    CREDIT_WAIT,
+    CTAT,
+    F64,
+    FILE_SIZE,
+    FULL,
+    HEAD,
+    HEADER,
+    HEADER_SIZE,
+    I32,
+    MAGIC,
+    NODE0,
+    SLOT_SIZE,
+    SLOTS,
+    TAT,
+    TOTAL,
+    WANTED,
+    provider_key,
+    table_path,
+)
+from engine.delivery.shared_limits_reactions import ReactionSlots
 from engine.observe import log
 
-MAGIC = b"VOLSHAP4"
-SLOTS = 512
-COLUMNS = 128  # worker slot numbers 0..127 have a column; others are not counted
-_HEADER = struct.Struct("<8sIIi")  # magic, slots, columns, fleet
-HEADER_SIZE = 64
-_HEAD = struct.Struct("<QiIddd")  # key, total, (pad), tat, ctat, wanted
-_REACT = struct.Struct("<ddddd")  # suspended_until, factor, hold_until, ramp_end, stepped_at
-_COLS = struct.Struct(f"<{COLUMNS}i")
-SLOT_SIZE = _HEAD.size + _REACT.size + _COLS.size + NODE.size  # 40 + 40 + 512 + 32
-FILE_SIZE = HEADER_SIZE + SLOTS * SLOT_SIZE
-_I32 = struct.Struct("<i")
-_F64 = struct.Struct("<d")
-_TOTAL, _TAT, _CTAT, _WANTED, _REACT0, _COL0 = 8, 16, 24, 32, 40, 80
-_NODE0 = _COL0 + _COLS.size
-CREDIT_WAIT = 0.05  # seconds before a worker out of fleet credit looks again
-FULL = math.inf  # the answer of `acquire_connection` when the cap is reached
-
-
-def table_path(queue_path: str) -> str:
-    """Where the table of the queue at `queue_path` lives (beside its LMDB files)."""
-    return os.path.join(queue_path, "shaping.shm")
-
-
-def provider_key(name: str) -> int:
-    """The slot key of a provider's name: a non-zero 64-bit hash."""
-    key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
-    return key or 1
+# Names the rest of the engine, the tools and the tests import from here.
+__all__ = ["COLUMNS", "CREDIT_WAIT", "FULL", "LimitTable", "SlotView", "burst_of", "gcra",
+           "provider_key", "table_path"]
 
 
 def burst_of(rate: float) -> float:
@@ -129,7 +103,7 @@ class SlotView:
     ctat: float
 
 
-class LimitTable(FleetSlots):
+class LimitTable(FleetSlots, ReactionSlots):
     """The mapped table of one process. Loop thread only (one lock holder at a time
     per process is what POSIX record locks assume: they are per process)."""
 
@@ -158,7 +132,7 @@ class LimitTable(FleetSlots):
 
         Raises OSError when the file cannot be created or mapped.
         """
-        header = _HEADER.pack(MAGIC, SLOTS, COLUMNS, 0).ljust(HEADER_SIZE, b"\0")
+        header = HEADER.pack(MAGIC, SLOTS, COLUMNS, 0).ljust(HEADER_SIZE, b"\0")
         fd, mm = map_shared(path, FILE_SIZE, MAGIC, header)
         return cls(fd, mm, writable=True)
 
@@ -243,14 +217,14 @@ class LimitTable(FleetSlots):
                 continue
             self._lock(i)
             try:
-                total = _I32.unpack_from(mm, off + _TOTAL)[0]
+                total = I32.unpack_from(mm, off + TOTAL)[0]
                 for c in cols:
-                    at = off + _COL0 + 4 * c
-                    held = _I32.unpack_from(mm, at)[0]
+                    at = off + COL0 + 4 * c
+                    held = I32.unpack_from(mm, at)[0]
                     if held:
                         total -= held
-                        _I32.pack_into(mm, at, 0)
-                _I32.pack_into(mm, off + _TOTAL, max(0, total))
+                        I32.pack_into(mm, at, 0)
+                I32.pack_into(mm, off + TOTAL, max(0, total))
             finally:
                 self._unlock(i)
 
@@ -262,22 +236,22 @@ class LimitTable(FleetSlots):
         off = HEADER_SIZE + slot * SLOT_SIZE
         fleet = self.fleet()
         if fleet:  # this node's part of a fleet's cap and connect rate
-            cap = fleet_cap(mm, off + _NODE0, cap, fleet)
+            cap = fleet_cap(mm, off + NODE0, cap, fleet)
             rate /= fleet
         self._lock(slot)
         try:
-            total = _I32.unpack_from(mm, off + _TOTAL)[0]
+            total = I32.unpack_from(mm, off + TOTAL)[0]
             if cap and total >= cap:
                 return FULL
             if rate:
-                wait, tat = gcra(_F64.unpack_from(mm, off + _CTAT)[0], now, rate)
+                wait, tat = gcra(F64.unpack_from(mm, off + CTAT)[0], now, rate)
                 if wait:
                     return wait
-                _F64.pack_into(mm, off + _CTAT, tat)
-            _I32.pack_into(mm, off + _TOTAL, total + 1)
+                F64.pack_into(mm, off + CTAT, tat)
+            I32.pack_into(mm, off + TOTAL, total + 1)
             if 0 <= column < COLUMNS:
-                at = off + _COL0 + 4 * column
-                _I32.pack_into(mm, at, _I32.unpack_from(mm, at)[0] + 1)
+                at = off + COL0 + 4 * column
+                I32.pack_into(mm, at, I32.unpack_from(mm, at)[0] + 1)
             return 0.0
         finally:
             self._unlock(slot)
@@ -288,13 +262,13 @@ class LimitTable(FleetSlots):
         self._lock(slot)
         try:
             if 0 <= column < COLUMNS:
-                at = off + _COL0 + 4 * column
-                held = _I32.unpack_from(mm, at)[0]
+                at = off + COL0 + 4 * column
+                held = I32.unpack_from(mm, at)[0]
                 if held <= 0:
                     return  # zeroed by a reset meanwhile: nothing of ours to release
-                _I32.pack_into(mm, at, held - 1)
-            total = _I32.unpack_from(mm, off + _TOTAL)[0]
-            _I32.pack_into(mm, off + _TOTAL, max(0, total - 1))
+                I32.pack_into(mm, at, held - 1)
+            total = I32.unpack_from(mm, off + TOTAL)[0]
+            I32.pack_into(mm, off + TOTAL, max(0, total - 1))
         finally:
             self._unlock(slot)
 
@@ -303,9 +277,9 @@ class LimitTable(FleetSlots):
         seconds until one may."""
         mm = self._mm
         off = HEADER_SIZE + slot * SLOT_SIZE
-        at = off + _TAT
+        at = off + TAT
         fleet = self.fleet()
-        credit = fleet and needs_credit(mm, off + _NODE0)
+        credit = fleet and needs_credit(mm, off + NODE0)
         if fleet and not credit:
             rate = fleet_rate(rate, fleet)
         self._lock(slot)
@@ -313,15 +287,15 @@ class LimitTable(FleetSlots):
             if credit:
                 # A fleet's rate: each message spends one of the messages Redis
                 # granted this node (rates.py); the local GCRA still paces them.
-                left = _F64.unpack_from(mm, off + _NODE0 + NODE_CREDIT)[0]
+                left = F64.unpack_from(mm, off + NODE0 + NODE_CREDIT)[0]
                 if left < 1.0:
-                    _F64.pack_into(mm, off + _NODE0 + NODE_WANTED, now)
+                    F64.pack_into(mm, off + NODE0 + NODE_WANTED, now)
                     return CREDIT_WAIT
-            wait, tat = gcra(_F64.unpack_from(mm, at)[0], now, rate)
+            wait, tat = gcra(F64.unpack_from(mm, at)[0], now, rate)
             if not wait:
-                _F64.pack_into(mm, at, tat)
+                F64.pack_into(mm, at, tat)
                 if credit:
-                    _F64.pack_into(mm, off + _NODE0 + NODE_CREDIT, left - 1.0)
+                    F64.pack_into(mm, off + NODE0 + NODE_CREDIT, left - 1.0)
             return wait
         finally:
             self._unlock(slot)
@@ -332,97 +306,37 @@ class LimitTable(FleetSlots):
         off = HEADER_SIZE + slot * SLOT_SIZE
         fleet = self.fleet()
         if fleet:
-            if needs_credit(self._mm, off + _NODE0):
-                if _F64.unpack_from(self._mm, off + _NODE0 + NODE_CREDIT)[0] < 1.0:
+            if needs_credit(self._mm, off + NODE0):
+                if F64.unpack_from(self._mm, off + NODE0 + NODE_CREDIT)[0] < 1.0:
                     # Demand the supervisor must see (a pool may ask here and never
                     # reach take_message): one 8-byte store, as `want`.
-                    _F64.pack_into(self._mm, off + _NODE0 + NODE_WANTED, now)
+                    F64.pack_into(self._mm, off + NODE0 + NODE_WANTED, now)
                     return CREDIT_WAIT
             else:
                 rate = fleet_rate(rate, fleet)
-        tat = _F64.unpack_from(self._mm, off + _TAT)[0]
+        tat = F64.unpack_from(self._mm, off + TAT)[0]
         return gcra(tat, now, rate)[0]
 
     def want(self, slot: int, until: float) -> None:
         """Say that a connection is awaited until `until` (no lock: one 8-byte store,
         and a lost race only delays an idle session's QUIT by a recheck)."""
-        _F64.pack_into(self._mm, HEADER_SIZE + slot * SLOT_SIZE + _WANTED, until)
+        F64.pack_into(self._mm, HEADER_SIZE + slot * SLOT_SIZE + WANTED, until)
 
     def wanted(self, slot: int, now: float) -> bool:
         """Whether some worker waits for a connection to the provider now."""
-        return bool(_F64.unpack_from(self._mm, HEADER_SIZE + slot * SLOT_SIZE + _WANTED)[0] > now)
+        return bool(F64.unpack_from(self._mm, HEADER_SIZE + slot * SLOT_SIZE + WANTED)[0] > now)
 
     def view(self, slot: int) -> SlotView:
         mm = self._mm
         off = HEADER_SIZE + slot * SLOT_SIZE
-        _key, total, _pad, tat, ctat, _wanted = _HEAD.unpack_from(mm, off)
-        cols = _COLS.unpack_from(mm, off + _COL0)
+        _key, total, _pad, tat, ctat, _wanted = HEAD.unpack_from(mm, off)
+        cols = COLS.unpack_from(mm, off + COL0)
         return SlotView(total, {i: n for i, n in enumerate(cols) if n}, tat, ctat)
 
     # --- a fleet ([cluster]): FleetSlots (fleet_share.py) reads and writes the node part
     def _node_at(self, slot: int) -> int:
-        return HEADER_SIZE + slot * SLOT_SIZE + _NODE0
+        return HEADER_SIZE + slot * SLOT_SIZE + NODE0
 
     def _usage(self, slot: int) -> tuple[int, float]:
         off = HEADER_SIZE + slot * SLOT_SIZE
-        return _I32.unpack_from(self._mm, off + _TOTAL)[0], _F64.unpack_from(self._mm, off + _WANTED)[0]
-
-    # --- reactions (in the slot of the provider's name alone) --------------------------
-    def suspended_until(self, slot: int) -> float:
-        """CLOCK_MONOTONIC end of the provider's suspension (0 = none); no lock: one
-        aligned 8-byte load, and every decision that writes takes the lock."""
-        return float(_F64.unpack_from(self._mm, HEADER_SIZE + slot * SLOT_SIZE + _REACT0)[0])
-
-    def halving(self, slot: int) -> Halving:
-        """The provider's halve_rate state (ramp.py), read without the lock."""
-        _s, *h = _REACT.unpack_from(self._mm, HEADER_SIZE + slot * SLOT_SIZE + _REACT0)
-        return Halving(*h)
-
-    def suspend(self, slot: int, until: float, now: float) -> bool:
-        """Suspend the provider until `until`; False (and nothing changes) when a
-        suspension is in force already: two workers seeing the same reply fire once."""
-        at = HEADER_SIZE + slot * SLOT_SIZE + _REACT0
-        self._lock(slot)
-        try:
-            if _F64.unpack_from(self._mm, at)[0] > now:
-                return False
-            _F64.pack_into(self._mm, at, until)
-            return True
-        finally:
-            self._unlock(slot)
-
-    def halve(self, slot: int, now: float, duration: float) -> Halving | None:
-        """Halve the provider's rate factor (ramp.halve); None when too soon after the
-        last halving."""
-        off = HEADER_SIZE + slot * SLOT_SIZE + _REACT0
-        self._lock(slot)
-        try:
-            suspended, *old = _REACT.unpack_from(self._mm, off)
-            new = halve(Halving(*old), now, duration)
-            if new is not None:
-                _REACT.pack_into(self._mm, off, suspended, *new)
-            return new
-        finally:
-            self._unlock(slot)
-
-    def set_reaction(self, slot: int, *, suspended_until: float | None = None,
-                     halving: Halving | None = None) -> None:
-        """Write a reaction's state as given (restored after a restart, or lifted with
-        0 / ramp.NONE); a None part is left as it is."""
-        off = HEADER_SIZE + slot * SLOT_SIZE + _REACT0
-        self._lock(slot)
-        try:
-            old_s, *old_h = _REACT.unpack_from(self._mm, off)
-            _REACT.pack_into(self._mm, off,
-                             old_s if suspended_until is None else suspended_until,
-                             *(old_h if halving is None else halving))
-        finally:
-            self._unlock(slot)
-
-    def clear_reactions(self) -> None:
-        """Zero every slot's reaction fields (the supervisor at start, before it
-        restores the reactions it saved: CLOCK_MONOTONIC restarts with the machine)."""
-        for i in range(SLOTS):
-            off = HEADER_SIZE + i * SLOT_SIZE
-            if self._mm[off:off + 8] != b"\0" * 8:
-                self.set_reaction(i, suspended_until=0.0, halving=Halving(0.0, 0.0, 0.0, 0.0))
+        return I32.unpack_from(self._mm, off + TOTAL)[0], F64.unpack_from(self._mm, off + WANTED)[0]
