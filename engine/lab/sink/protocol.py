@@ -28,17 +28,18 @@ Optional: `auth={"user": "password"}` makes it a smarthost that advertises AUTH 
 under TLS, refuses AUTH in plaintext (538) and MAIL before AUTH (530); `max_live` is the
 most connections that were open at once.
 
-The state all connections share (`Sink`, `SinkMessage`, `Faults`) is in engine.lab.sink.state.
+The state all connections share (`Sink`, `SinkMessage`, `Faults`) is in engine.lab.sink.state;
+the default reply to each command (and the AUTH rules) in engine.lab.sink.replies.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import re
 import ssl
 import time
 
+from engine.lab.sink.replies import _BDAT, SinkReplies
 from engine.lab.sink.state import (
     ACCEPT,
     DISCONNECT,
@@ -55,10 +56,9 @@ from engine.lab.sink.state import (
 __all__ = ["NO_REPLY", "Faults", "OnMessage", "Script", "Sink", "SinkMessage", "SinkProtocol",
            "start_sink", "start_sinks"]
 _ADDR = re.compile(r"(?i)^(?:FROM|TO):\s*<([^>]*)>")
-_BDAT = re.compile(r"(?i)^\d+(?: +LAST)? *$")  # RFC 3030 §3: BDAT <size> [LAST]
 
 
-class SinkProtocol(asyncio.Protocol):
+class SinkProtocol(SinkReplies, asyncio.Protocol):
     """One SMTP connection of a sink: a command/data/BDAT state machine over `buf`."""
 
     def __init__(self, sink: Sink, *, pipelining: bool, chunking: bool,
@@ -300,69 +300,6 @@ class SinkProtocol(asyncio.Protocol):
             replies.append(reply)
         if reply.startswith("421"):
             self.mode = "closed"  # the server is going away: read nothing more
-
-    def _auth_default(self, verb: str, arg: str, default: str) -> str:
-        # The optional smarthost mode: AUTH PLAIN with an initial response, TLS only.
-        assert self.auth is not None
-        if verb == "EHLO" and self.tls:
-            return default.replace("250 ", "250-AUTH PLAIN\r\n250 ", 1) if "\r\n" in default \
-                else default
-        if verb == "AUTH":
-            if not self.tls:
-                return "538 5.7.11 encryption required"
-            mech, _, initial = arg.partition(" ")
-            if mech.upper() != "PLAIN" or not initial:
-                return "504 5.5.4 only AUTH PLAIN with an initial response"
-            try:
-                _, user, password = base64.b64decode(initial).decode().split("\0")
-            except ValueError:
-                return "501 5.5.2 bad response"
-            if self.auth.get(user) != password:
-                return "535 5.7.8 authentication failed"
-            self.authed = True
-            self.sink.auth_users.append(user)
-            return "235 2.7.0 ok"
-        if verb == "MAIL" and not self.authed:
-            return "530 5.7.0 authentication required"
-        return default
-
-    def _default(self, verb: str, arg: str, addr: re.Match[str] | None) -> str:
-        if verb == "MAIL":
-            return "250 2.1.0 ok" if addr else "501 5.5.4 syntax: MAIL FROM:<address>"
-        if verb == "RCPT":
-            if self.mail_from is None:
-                return "503 5.5.1 MAIL first"
-            return "250 2.1.5 ok" if addr else "501 5.5.4 syntax: RCPT TO:<address>"
-        if verb == "DATA":
-            if self.mail_from is None or not self.rcpts:
-                return "554 5.5.1 no valid recipients" if self.mail_from else "503 5.5.1 MAIL first"
-            return "354 end with <CRLF>.<CRLF>"
-        if verb == "EHLO":
-            ext = ["8BITMIME", "SIZE 104857600"]
-            if self.pipelining:
-                ext.append("PIPELINING")
-            if self.chunking:
-                ext.append("CHUNKING")
-            if self.tls_ctx is not None and not self.tls:
-                ext.append("STARTTLS")
-            return "\r\n".join(["250-sink.test"] + [f"250-{e}" for e in ext[:-1]] + [f"250 {ext[-1]}"])
-        if verb == "HELO":
-            return "250 sink.test"
-        if verb == "BDAT":
-            if not self.chunking:
-                return "502 5.5.1 not supported"
-            if not _BDAT.match(arg):
-                return "501 5.5.4 syntax: BDAT size [LAST]"
-            return "250 2.0.0 ok" if self.rcpts else "503 5.5.1 RCPT first"
-        if verb in ("RSET", "NOOP"):
-            return "250 2.0.0 ok"
-        if verb == "QUIT":
-            return "221 2.0.0 bye"
-        if verb == "STARTTLS":
-            if self.tls_ctx is None or self.tls:
-                return "502 5.5.1 not available"
-            return "220 2.0.0 go ahead"
-        return "500 5.5.2 unknown command"
 
     async def _upgrade(self) -> None:
         assert self.transport is not None and self.tls_ctx is not None
