@@ -289,6 +289,7 @@ class SiteGate:
         self._timer: asyncio.TimerHandle | None = None
         self._sweep: asyncio.TimerHandle | None = None
         self._squeezed = False  # `limit` answered below the pool's own limit
+        self._yielded_until = 0.0  # a squeezed connection was given up: others first
         self._forgotten = False
 
     def try_connect(self, cap: int) -> bool:
@@ -296,6 +297,12 @@ class SiteGate:
         has `cap` open server-wide. Each True needs one `release`."""
         if self.table.closed:
             return True
+        if self._yielded_until > self.loop.time() and self.contended():
+            # We just gave our connection up to a waiting worker: leave it the time of
+            # its next look, or we would take it back at once (we are woken first).
+            if self._timer is None:
+                self._timer = self.loop.call_later(RECHECK, self._recheck)
+            return False
         slot, granted = self.table.acquire(self.key, self.column, cap)
         if slot == UNCOUNTED:
             self.uncounted += 1
@@ -322,6 +329,7 @@ class SiteGate:
             self.table.release(self.slot, self.column)
             if self._squeezed:
                 self._squeezed = False
+                self._yielded_until = self.loop.time() + 3 * RECHECK
                 self.loop.call_soon(self._wake)
 
     def limit(self, limit: int) -> int:

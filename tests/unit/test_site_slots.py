@@ -144,6 +144,7 @@ def test_a_waiting_worker_is_called_back_and_makes_the_other_yield(tmp_path: Pat
         g0.release()
         await asyncio.sleep(0)  # the squeeze ended with the connection: dispatch again
         assert u0.opened == opened + 1
+        assert not g0.try_connect(1)  # it just yielded: the waiting worker goes first
         assert g1.try_connect(1) and g1.held == 1
         assert g0.share(4) == 2 and g0.share(3) == 2
         g0.turn_since = loop.time()
