@@ -54,12 +54,13 @@ Preconditions on the Envelope: addresses and parameters are what `parse_command`
 on the way in; the body has only CRLF line endings (the receiver refused bare CR/LF, P5)
 — it is not rescanned here. A body not ending in CRLF gets one, so DATA and BDAT deliver
 the same octets.
+
+The transitions on each reply, and the phase names, are client_transitions.py's.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Final
 
 from engine.smtp.client_replies import (
     MAX_REPLY_LINE,
@@ -69,6 +70,17 @@ from engine.smtp.client_replies import (
     RemoteReply,
     ReplyParser,
     parse_ehlo,
+)
+from engine.smtp.client_transitions import (
+    _DATA,
+    PHASE_DATA,
+    PHASE_DATA_END,
+    PHASE_MAIL,
+    PHASE_RCPT,
+    PHASE_RSET,
+    R451_OUT_OF_TURN,
+    R451_UNEXPECTED,
+    TransactionTransitions,
 )
 from engine.smtp.client_wire import (
     QUIT,
@@ -82,12 +94,10 @@ from engine.smtp.client_wire import (
 )
 from engine.smtp.commands import Mail, Rcpt, encode
 from engine.smtp.envelope import (
-    END_OF_DATA,
     Envelope,
     Recipient,
     bdat_parts,
     content_of,
-    data_parts,
     dot_stuff,
     local_refusal,
     xtext_safe,
@@ -101,41 +111,21 @@ __all__ = [
     "starttls_ready",
 ]
 
-_DATA: Final = b"DATA\r\n"
-_DOT: Final = END_OF_DATA
 
-# Phase names: which reply is awaited, hence which timeout applies.
-PHASE_RSET: Final = "rset"
-PHASE_MAIL: Final = "mail"
-PHASE_RCPT: Final = "rcpt"
-PHASE_DATA: Final = "data"  # the 354 to DATA
-PHASE_DATA_END: Final = "data_end"  # the reply to "." or to BDAT … LAST
-
-# Remote faults in sequencing: transient, the adapter closes the connection.
-R451_OUT_OF_TURN: Final = Reply(451, "4.5.0", "Remote server replied out of turn")
-R451_UNEXPECTED: Final = Reply(451, "4.5.0", "Unexpected reply from remote server")
-R451_RSET_REFUSED: Final = Reply(451, "4.5.0", "Remote server refused RSET")
-
-
-class Transaction:
+class Transaction(TransactionTransitions):
     """One mail transaction on a session whose Capabilities are known. Not thread-safe.
 
     Raises ValueError from the constructor if the envelope has no recipients or an
     address or parameter would put CR or LF on the wire (P5).
     """
 
+    # The state the replies advance is slotted in TransactionTransitions.
     __slots__ = (
-        "_accepted",
         "_body",
         "_chunking",
         "_dot_lines",
         "_expect",
-        "_failure",
-        "_lone_dot",
         "_mail_line",
-        "_mail_reply",
-        "_next_rcpt",
-        "_outcomes",
         "_pipelining",
         "_prefix",
         "_rcpt_lines",
@@ -144,8 +134,6 @@ class Transaction:
         "_rset",
         "_started",
         "caps",
-        "clean",
-        "done",
         "envelope",
     )
 
@@ -319,94 +307,3 @@ class Transaction:
         from the parser): every undecided recipient gets `reply`. No-op if done."""
         if not self.done:
             self._finish(reply, clean=False)
-
-    # --- transitions -----------------------------------------------------------------
-    def _on_rset(self, reply: Reply, ok: bool) -> list[bytes] | None:
-        if ok:
-            if self._pipelining:
-                return None
-            self._expect.append(PHASE_MAIL)
-            return [self._mail_line]
-        # The session's state is unknown: defer everyone, whatever the code was.
-        self._failure = reply if reply.code // 100 == 4 else R451_RSET_REFUSED.with_text(
-            (R451_RSET_REFUSED.lines[0] + ":", *reply.lines)
-        )
-        if not self._pipelining:
-            self._finish(None, clean=False)
-        return None  # pipelined: the group's other replies are still to come
-
-    def _on_mail(self, reply: Reply, ok: bool) -> list[bytes] | None:
-        if not ok:
-            self._mail_reply = reply
-        if self._pipelining:
-            return None
-        if not ok:
-            self._finish(None, clean=self._failure is None)  # no transaction opened
-            return None
-        self._expect.append(PHASE_RCPT)
-        return [self._rcpt_lines[0]]
-
-    def _on_rcpt(self, reply: Reply, ok: bool) -> list[bytes] | None:
-        i = self._next_rcpt
-        self._next_rcpt = i + 1
-        if ok:
-            self._accepted += 1
-        else:
-            self._refused[i] = reply
-        last = i + 1 == len(self._rcpt_lines)
-        if self._pipelining:
-            # The group ends with DATA's reply, or with pipelined BDAT's (data_end).
-            return None
-        if not last:
-            self._expect.append(PHASE_RCPT)
-            return [self._rcpt_lines[i + 1]]
-        return self._after_rcpts()
-
-    def _sendable(self) -> bool:
-        return self._failure is None and self._mail_reply is None and self._accepted > 0
-
-    def _after_rcpts(self) -> list[bytes] | None:
-        if not self._sendable():
-            # Clean only if MAIL was refused: otherwise the server holds an open
-            # transaction with no recipient, and the next MAIL would be a 503.
-            self._finish(None, clean=self._failure is None and self._mail_reply is not None)
-            return None
-        if self._chunking:
-            # RFC 3030 §2: BDAT <octets> LAST, then exactly that many octets, no stuffing.
-            self._expect.append(PHASE_DATA_END)
-            return bdat_parts(b"", self._prefix, self._body)
-        self._expect.append(PHASE_DATA)
-        return [_DATA]
-
-    def _on_data(self, reply: Reply, ok: bool) -> list[bytes] | None:
-        if not ok:
-            self._finish(reply, clean=self._failure is None and self._mail_reply is not None)
-            return None
-        self._expect.append(PHASE_DATA_END)
-        if self._sendable():
-            return data_parts(self._prefix, self._body, self._dot_lines)
-        # RFC 2920 §3.1: DATA got 354 although no RCPT succeeded (pipelined); "the client
-        # SMTP should send a single dot". The refusals already decided every outcome.
-        self._lone_dot = True
-        return [_DOT]
-
-    def _on_data_end(self, reply: Reply, ok: bool) -> list[bytes] | None:
-        if self._lone_dot:
-            self._finish(None, clean=self._failure is None)
-            return None
-        # After ".", the transaction is over whatever the reply (RFC 5321 §4.1.1.4). After
-        # a refused BDAT the state is indeterminate and RSET must clear it (RFC 3030 §2).
-        self._finish(reply, clean=ok or not self._chunking)
-        return None
-
-    def _finish(self, final: Reply | None, *, clean: bool) -> None:
-        self._expect.clear()
-        self.done = True
-        self.clean = clean
-        common = self._failure if self._failure is not None else self._mail_reply
-        outcomes: list[Reply] = []
-        for refused in self._refused:
-            outcome = common if common is not None else refused if refused is not None else final
-            assert outcome is not None, "every recipient has an outcome"
-            outcomes.append(outcome)
-        self._outcomes = outcomes
