@@ -33,6 +33,7 @@ churn. Idle, the same deadline enforces `idle_timeout` (then QUIT); quitting,
 Every job handed to the session gets exactly one result: a finished transaction's
 outcomes, or on timeout / protocol error / lost connection the transaction's `abort`
 outcomes (recipients already refused keep their refusal; the rest get the failure).
+Writing, the deadline, QUIT and abort are session_transport.py's `SessionTransport`.
 """
 
 from __future__ import annotations
@@ -47,10 +48,9 @@ from engine.delivery.deadline import Deadline
 from engine.delivery.dialogue import SetupConnection
 from engine.delivery.job import Job, JobResult, PoolSettings, build_envelope
 from engine.delivery.outcome import transient_failure
+from engine.delivery.session_transport import SessionTransport
 from engine.observe import log
 from engine.smtp.client import (
-    QUIT,
-    RSET,
     ClientProtocolError,
     RemoteReply,
     Transaction,
@@ -61,8 +61,6 @@ __all__ = ["Deliver", "DeliverySession", "SessionOwner"]
 
 Deliver = Callable[["DeliverySession", Job, JobResult], None]
 _DATA_END = "data_end"
-# Below this many octets a write's parts are joined rather than scattered.
-_SCATTER_MIN = 16 * 1024
 
 
 class SessionOwner(Protocol):
@@ -87,7 +85,7 @@ class _InFlight:
         self.started = started
 
 
-class DeliverySession(asyncio.Protocol):
+class DeliverySession(SessionTransport, asyncio.Protocol):
     """One SMTP client connection to one MX address. Not thread-safe; loop thread only."""
 
     def __init__(self, conn: SetupConnection, settings: PoolSettings,
@@ -345,78 +343,3 @@ class DeliverySession(asyncio.Protocol):
         while self._local:
             job, deliver = self._local.popleft()
             self._call(deliver, job, self._result(job, [reply] * len(job.indices), now))
-
-    # --- writing and deadlines -----------------------------------------------------------
-    def _write(self, out: list[bytes]) -> None:
-        if not out or self.closed or self.transport.is_closing():
-            out.clear()
-            return
-        if self._write_paused:
-            self._backlog += out  # flow control: resume_writing flushes
-        else:
-            self._send(out)
-        out.clear()
-        # House rule 8: a pipelined write gets the sum of its phases' timeouts.
-        timeouts = self._phase_timeout
-        budget = 0.0
-        for entry in self._inflight:
-            for phase in entry.tx.pending_phases:
-                budget += timeouts[phase]
-        self._deadline.set(self.loop.time() + budget)
-
-    def _send(self, parts: list[bytes]) -> None:
-        """One write of `parts`: joined when small (cheaper than a buffer per part),
-        else one scatter write, so a body is never copied (uvloop's writelines is one
-        writev; asyncio's joins, as we would)."""
-        if len(parts) == 1:
-            self.transport.write(parts[0])
-        elif sum(map(len, parts)) < _SCATTER_MIN:
-            self.transport.write(b"".join(parts))
-        else:
-            self.transport.writelines(parts)
-
-    def _on_deadline(self) -> None:
-        if self.closed or not self.ready:
-            return
-        if self.quitting:
-            self._abort_transport()
-        elif self._inflight:
-            phase = self._inflight[0].tx.phase or "reply"
-            log.info("delivery_timeout", where=self.where, phase=phase)
-            self._fail_all(transient_failure(
-                "timeout", f"timeout waiting for the reply to {phase.upper()} from {self.where}"))
-            self._abort_transport()
-        else:
-            self.begin_quit()  # idle_timeout
-
-    # --- ending --------------------------------------------------------------------------
-    def begin_quit(self) -> None:
-        """Send QUIT (RFC 5321 §4.1.1.10) and close on its reply, or after timeouts.quit.
-        Anything in flight is aborted first (4.4.2)."""
-        if self.closed or self.quitting:
-            return
-        self.quitting = True
-        self._fail_all(transient_failure("lost", f"connection to {self.where} closed by us"))
-        # After an unclean end (a refused BDAT above all: RFC 3030 §2, the state is
-        # indeterminate and RSET MUST clear it before further commands) RSET goes first.
-        self._rset_first = not self._last_clean
-        self.transport.write(RSET + QUIT if self._rset_first else QUIT)
-        self._deadline.set(self.loop.time() + float(self.timeouts.quit))
-
-    async def quit(self) -> None:
-        """QUIT and wait (bounded by timeouts.quit) until the connection is closed."""
-        self.begin_quit()
-        await self.wait_closed()
-
-    async def wait_closed(self) -> None:
-        await asyncio.shield(self._closed_fut)
-
-    def close(self, reply: Reply | None = None) -> None:
-        """Abort the connection now; in-flight jobs get `reply` (default 4.4.2)."""
-        self._fail_all(reply or transient_failure("lost", f"connection to {self.where} aborted"))
-        self._abort_transport()
-
-    def _abort_transport(self) -> None:
-        self.ready = False
-        self._deadline.cancel()
-        self.transport.abort()
