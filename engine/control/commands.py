@@ -6,22 +6,23 @@ queue, in short transactions, so neither the supervisor's loop nor the workers'
 commits wait on them. Changes of delivery (suspend, resume, throttle, flush) are
 saved in the store when they must survive a restart, then pushed to every worker
 over its control pipe: they take effect at the worker's next scan (milliseconds).
+
+ControlPlane dispatches every request and answers the reads; the steering commands
+(suspend, resume, throttle, flush, bounce, delete) are in commands_steering.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import os
 import time
 from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar, assert_never
+from typing import ParamSpec, TypeVar, assert_never
 
 import msgspec
 
 from engine.control import (
-    bulk,
     drain_to,
     protocol,
     queue_view,
@@ -29,6 +30,13 @@ from engine.control import (
     shaping_view,
     warmup_view,
     wire,
+)
+from engine.control.commands_steering import (
+    Steering,
+    parse_id,
+    request_peer,
+    suspension_row,
+    throttle_row,
 )
 from engine.control.fleet import Fleet
 from engine.control.lists import Lists
@@ -39,20 +47,17 @@ from engine.delivery.holds import (
     HOLDS_KEY,
     Holds,
     Suspension,
-    Throttle,
     decode_holds,
     encode_holds,
 )
 from engine.observe import log
 from engine.observe.metrics import gauge, render
-from engine.queue.ids import IdAllocator, id_bytes
+from engine.queue.ids import IdAllocator
 from engine.queue.store import QueueStore
 from engine.version import __version__
 
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
-# Who sent the request being handled; each connection is its own task, so its own context.
-_peer: contextvars.ContextVar[str] = contextvars.ContextVar("peer", default="unknown")
 _READS = (protocol.Status, protocol.Queue, protocol.List, protocol.Show, protocol.Metrics,
           protocol.SuppressList, protocol.Campaigns, protocol.Shaping, protocol.Warmup)
 WORKER_ANSWER = 5.0  # seconds to wait for a worker's answer (mx)
@@ -60,7 +65,7 @@ WORKER_ANSWER = 5.0  # seconds to wait for a worker's answer (mx)
 _NO_COUNTS = replies.QueueCounts(messages=0, units=0, bytes=0, ready=0, deferred=0, suspended=0)
 
 
-class ControlPlane:
+class ControlPlane(Steering):
     def __init__(self, sup: SupervisorHandle, store: QueueStore) -> None:
         self.sup = sup
         self.store = store
@@ -91,7 +96,7 @@ class ControlPlane:
             if audit.get("password"):  # drain --to --user: never in the log
                 audit["password"] = "(hidden)"
             log.info("control_command", peer=peer, request=audit)
-        _peer.set(peer)
+        request_peer.set(peer)
         match req:
             case protocol.Status():
                 return await self.status(req)
@@ -167,9 +172,6 @@ class ControlPlane:
             log.info("suspension_ended", domains=gone)
             await self._save_holds()
 
-    def _wake(self, domain: str | None) -> None:
-        self.sup.broadcast(wire.Flush(domain=domain))
-
     # --- reading ---------------------------------------------------------------------
     async def _walked_totals(self) -> replies.QueueCounts:
         """Queue totals by state, from a walk of the due index reused for ten times
@@ -206,8 +208,8 @@ class ControlPlane:
             hostname=self.sup.cfg.server.hostname, listeners=self.sup.addresses,
             draining=self.sup.draining, workers=workers,
             queue=queue, rates=fleet.rates.rates(mono),
-            suspensions=[_suspension(s) for s in held.values()],
-            throttles=[_throttle(t) for t in self.holds.throttles.values()],
+            suspensions=[suspension_row(s) for s in held.values()],
+            throttles=[throttle_row(t) for t in self.holds.throttles.values()],
             backoffs=fleet.backoffs(), reactions=self.reactions.rows(now),
             pools=[{**row, "worker": s.slot} for s in self.sup.slots for row in fleet.live(s.slot).pools],
             cluster=self.sup.cluster_status(),
@@ -228,7 +230,7 @@ class ControlPlane:
     async def list(self, req: protocol.List) -> replies.List:
         now = time.time()
         if req.after:
-            _parse_id(req.after, "after")
+            parse_id(req.after, "after")
         return await self._thread(
             queue_view.list_messages, self.store, domain=req.domain, sender=req.sender,
             state=req.state, limit=req.limit, after=req.after,
@@ -236,7 +238,7 @@ class ControlPlane:
 
     async def show(self, req: protocol.Show) -> replies.Show:
         now = time.time()
-        message = await self._thread(queue_view.show, self.store, _parse_id(req.id, "id"),
+        message = await self._thread(queue_view.show, self.store, parse_id(req.id, "id"),
                                      suspended=self.suspended(now))
         if message is None:
             raise protocol.RequestError(f"no queued message {req.id}")
@@ -300,122 +302,6 @@ class ControlPlane:
             gauges.append(gauge("volley_cluster_degraded", int(cluster["state"] != "healthy")))
         return render(fleet.metrics(), gauges)
 
-    # --- steering ----------------------------------------------------------------------
-    async def suspend(self, req: protocol.Suspend) -> replies.Suspend:
-        now = time.time()
-        domain = _domain(req.domain)
-        until = now + req.duration if req.duration else None
-        s = Suspension(domain, since=now, until=until, reason=req.reason, by=_peer.get())
-        self.holds.suspensions[domain] = s
-        await self._save_holds()
-        log.info("suspended", domain=domain, until=until, reason=req.reason)
-        if self.on_suspension is not None:
-            self.on_suspension(domain, s)
-        return replies.Suspend(suspension=_suspension(s))
-
-    async def resume(self, req: protocol.Resume) -> replies.Resume:
-        # A provider's name lifts its [[reactions]]; a domain's, its suspension; or both.
-        lifted, rows, freed = await self.reactions.resume(req.domain.strip(), self._flush_domain)
-        if lifted and self.on_lift is not None:
-            self.on_lift(req.domain.strip())
-        if lifted and domain_key(req.domain) not in self.holds.suspensions:
-            return replies.Resume(resumed=True, released=freed, lifted=rows)
-        domain = _domain(req.domain)
-        resumed = self.holds.suspensions.pop(domain, None) is not None
-        if resumed:
-            await self._save_holds()
-            if self.on_suspension is not None:
-                self.on_suspension(domain, None)
-        # Parked entries wait until the end of the suspension: bring them back now.
-        done = await self._bulk("flush", domain=domain)
-        self._wake(domain)
-        log.info("resumed", domain=domain, released=done.done)
-        return replies.Resume(resumed=resumed or lifted, released=done.done + freed, lifted=rows)
-
-    async def apply_remote_suspension(self, domain: str, s: Suspension | None) -> None:
-        """A suspension set (or, None, lifted) on another node of the cluster: held here
-        as an operator's would be; a lift brings the parked mail back as resume does."""
-        if s is None:
-            if self.holds.suspensions.pop(domain, None) is None:
-                return
-            await self._save_holds()
-            await self._flush_domain(domain)
-        else:
-            self.holds.suspensions[domain] = s
-            await self._save_holds()
-        log.info("suspension_from_cluster", domain=domain, lifted=s is None,
-                 by=s.by if s else None, until=s.until if s else None)
-
-    async def _flush_domain(self, domain: str) -> int:
-        done = await self._bulk("flush", domain=domain)
-        self._wake(domain)
-        return done.done
-
-    async def throttle(self, req: protocol.Throttle) -> replies.Throttle:
-        domain = _domain(req.domain)
-        t: Throttle | None = None
-        if req.clear:
-            self.holds.throttles.pop(domain, None)
-        else:
-            old = self.holds.throttles.get(domain)
-            t = Throttle(domain,
-                         max_connections=req.max_connections if req.max_connections is not None
-                         else (old.max_connections if old else None),
-                         rate=req.rate if req.rate is not None else (old.rate if old else None),
-                         since=time.time())
-            self.holds.throttles[domain] = t
-        await self._save_holds()
-        log.info("throttled", domain=domain, throttle=_throttle(t) if t else None)
-        return replies.Throttle(throttle=_throttle(t) if t else None)
-
-    async def flush(self, req: protocol.Flush) -> replies.Flush:
-        # Workers end the destination's backoff first, so entries made due below are
-        # not deferred again by a pool that still backs off; and they scan again after.
-        domain = _domain(req.domain) if req.domain else None
-        self._wake(domain)
-        if req.id:
-            done = await self._bulk("flush", id=_parse_id(req.id, "id"))
-        else:
-            done = await self._bulk("flush", domain=domain or "", all=domain is None)
-        self._wake(domain)
-        # Made due is not sent: an operator's suspension keeps holding the flushed mail
-        # (a backoff, the automatic kind, was ended by the wake above).
-        now = time.time()
-        held = {d: s for d, s in self.holds.suspensions.items() if s.in_force(now)}
-        shown = [] if req.id else [held[domain]] if domain in held else [] if domain else list(held.values())
-        return replies.Flush(messages=done.done, held_by=[_suspension(s) for s in shown])
-
-    async def bounce(self, req: protocol.Bounce) -> replies.Bulk:
-        return await self._filtered("bounce", req)
-
-    async def delete(self, req: protocol.Delete) -> replies.Bulk:
-        return await self._filtered("delete", req)
-
-    async def _filtered(self, action: str, req: protocol.Bounce | protocol.Delete) -> replies.Bulk:
-        kw: dict[str, Any] = {"dry_run": req.dry_run}
-        if req.id:
-            kw["id"] = _parse_id(req.id, "id")
-        else:
-            kw.update(domain=req.domain, sender=req.sender, state=req.state, all=req.all)
-        if isinstance(req, protocol.Bounce):
-            kw["reason"] = req.reason
-        started = time.monotonic()
-        result = await self._bulk(action, **kw)
-        if not req.dry_run:
-            self._wake(None)  # DSNs were queued (bounce) or capacity freed
-            log.info(f"operator_{action}", matched=result.matched, done=result.done,
-                     seconds=round(time.monotonic() - started, 3))
-        return result
-
-    async def _bulk(self, action: str, **kw: Any) -> replies.Bulk:
-        now = time.time()
-        report = await bulk.run_bulk(
-            self.store, action, now=now, suspended=self.suspended(now),
-            run_in_thread=self._thread, id_alloc=self.ids,
-            hostname=self.sup.cfg.server.hostname, **kw)
-        self.fleet.count("dsns_queued", report.pop("reports"))
-        return replies.Bulk(**report)
-
     # --- process -----------------------------------------------------------------------
     async def reload(self, req: protocol.Reload) -> replies.Reload:
         outcome, notes = self.sup.reload()
@@ -449,25 +335,3 @@ class ControlPlane:
         # Answer first: the stop begins on the next loop turn, after this reply is written.
         asyncio.get_running_loop().call_later(0.05, self.sup.request_stop)
         return replies.Done()
-
-
-def _domain(text: str) -> str:
-    domain = domain_key(text)
-    if not domain or any(c.isspace() for c in domain) or "@" in domain:
-        raise protocol.RequestError(f"not a domain: {text!r}")
-    return domain
-
-
-def _parse_id(text: str, what: str) -> bytes:
-    try:
-        return id_bytes(text)
-    except ValueError:
-        raise protocol.RequestError(f"{what}: not a queue id (16 hex digits): {text!r}") from None
-
-
-def _suspension(s: Suspension) -> replies.SuspensionRow:
-    return replies.SuspensionRow(domain=s.domain, by=s.by, reason=s.reason, since=s.since, until=s.until)
-
-
-def _throttle(t: Throttle) -> replies.ThrottleRow:
-    return replies.ThrottleRow(domain=t.domain, max_connections=t.max_connections, rate=t.rate)
