@@ -270,13 +270,13 @@ def _drain_to(args: argparse.Namespace, req: protocol.AnyRequest,
 
     import msgspec
 
-    from engine.control import render
+    from engine.control import render_changes
 
     req = msgspec.structs.replace(req, password=os.environ.get(PASSWORD_ENV, ""))
     reply = send(req)
     shown = ""
     while reply["ok"] and reply.get("running"):
-        if not args.json and (line := render.handover_progress(reply)) != shown:
+        if not args.json and (line := render_changes.handover_progress(reply)) != shown:
             sys.stdout.write(line)
             sys.stdout.flush()
             shown = line
