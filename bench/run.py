@@ -15,6 +15,9 @@ installed, else engine.lab.blast (lock-step) and the Python sink. All traffic st
 server (a loopback zone) on 127.0.0.1. Results: the table on stdout and
 bench/results/latest.json. See bench/README.md, "Side by side with real peers".
 """
+# (The docstring above is --help.) The rows and systems are in run_rows.py, one cell's
+# warm-up and measured runs in run_cell.py; this module holds the shared peers, the
+# options, the loop over the cells and the report.
 
 from __future__ import annotations
 
@@ -23,11 +26,9 @@ import importlib.util
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,100 +39,18 @@ import dests  # noqa: E402
 import newsletter  # noqa: E402
 import shaping  # noqa: E402
 import shaping_report  # noqa: E402
-from e2e import REPO, probe_ms  # noqa: E402  (bench/ is not a package)
+from e2e import REPO  # noqa: E402  (bench/ is not a package)
 from peers import load, postfix, report, sinks, systems  # noqa: E402
-from peers.procs import sample  # noqa: E402
 from relay import write_zone  # noqa: E402
-from relay_peers import LIFETIME, Peer, descendants_cpu, worker_split  # noqa: E402
+from relay_peers import LIFETIME, Peer  # noqa: E402
+from run_cell import CellMeasuring  # noqa: E402
+from run_rows import GROUPS, LATENCY, MESSAGES, Row, System, plan  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "latest.json"
-SIZES = {"1k": 1024, "10k": 10240, "100k": 102400}
-MESSAGES = {1024: 4000, 10240: 2500, 102400: 800}  # per run, by size
-LATENCY = "20ms"  # what the latency rows' sink adds
 
 
-@dataclass(frozen=True)
-class Row:
-    id: str
-    kind: str  # "receive", "relay", "newsletter" (bench/newsletter.py) or "shaping" (bench/shaping.py)
-    size: int
-    label: str
-    latency_sink: bool = False
-    domains: int = 1  # for engine.lab.blast (smtp-source sends to one domain)
-    prefill: int = 0
-    group: str = ""  # for --only; default: the id up to its first "-"
-
-
-@dataclass(frozen=True)
-class System:
-    id: str
-    label: str
-    kind: str  # "volley", "postfix", "aiosmtpd"
-    durability: str = "fsync"
-    own_load: bool = False  # engine.lab.blast with pipelining instead of the common generator
-
-
-VOLLEY = [System(f"volley-{d}", f"volley {d}", "volley", d) for d in ("fsync", "batch", "memory")]
-PIPELINING = System("volley-pipelining", "volley fsync, blast pipelined", "volley", own_load=True)
-POSTFIX = System("postfix", "postfix (fsync queue)", "postfix")
-AIOSMTPD = System("aiosmtpd", "aiosmtpd+uvloop+lmdb (sync)", "aiosmtpd")
-SCALE = System("volley-scale", "volley fsync, blast pipelined", "volley", own_load=True)
-NEWSLETTER = [System(m.id, m.label, "volley") for m in newsletter.MODES]
-SHAPING = System("volley-shaping", "volley fsync, 5 shaped providers", "volley")
-# bench/dests.py's rows: their systems run side by side (runs interleaved).
-SLOW_DESTS = [System("volley-fsync", "volley fsync", "volley"),
-              System("volley-nolat", "volley fsync, sink no latency", "volley"), POSTFIX]
-DOWN_DEST = [System("volley-receive", "volley fsync, receive only", "volley"),
-             System("volley-down", "volley fsync, dests refuse", "volley")]
-HOT_DOMAIN = [System("volley-1dom", "volley fsync, 1 domain", "volley"),
-              System("volley-50dom", "volley fsync, 50 domains", "volley")]
-CLUSTER = [System("volley-alone", cluster.LABELS["alone"], "volley"),
-           System("volley-redis", cluster.LABELS["redis"], "volley")]
-GROUPS = ("receive", "relay", "latency", "scale", "newsletter", "shaping", "dests", "cluster")
-
-
-def plan(args: argparse.Namespace) -> list[tuple[Row, list[System]]]:
-    """Every row with its systems, in the order they run."""
-    out: list[tuple[Row, list[System]]] = []
-    for name, size in SIZES.items():
-        out.append((Row(f"receive-{name}", "receive", size, f"receive {name.upper()}B"),
-                    [*VOLLEY, PIPELINING, POSTFIX, AIOSMTPD]))
-    for name, size in SIZES.items():
-        out.append((Row(f"relay-{name}", "relay", size, f"relay {name.upper()}B"), [*VOLLEY, PIPELINING, POSTFIX]))
-    for name, size in SIZES.items():
-        out.append((Row(f"latency-{name}", "relay", size, f"relay {name.upper()}B, sink +{LATENCY}",
-                        latency_sink=True), [VOLLEY[0], POSTFIX]))
-    prefill = f"{args.prefill / 1e6:g}M" if args.prefill >= 1e6 else f"{args.prefill:,}"
-    out += [(Row("scale-base", "relay", 1024, "relay 1KB, 50 dom", domains=50), [SCALE]),
-            (Row("scale-queued", "relay", 1024, f"  + {prefill} queued", domains=50, prefill=args.prefill), [SCALE]),
-            (Row("scale-domains", "relay", 1024, "  10k domains", domains=10_000), [SCALE]),
-            (Row("newsletter", "newsletter", 1024, "newsletter 1KB, 50 dom", domains=newsletter.DOMAINS),
-             NEWSLETTER),
-            (Row("shaping", "shaping", 1024, "shaping, 5 providers"), [SHAPING]),
-            (Row("cluster", "cluster", 1024, "cluster 1KB, 3 nodes"), CLUSTER),
-            (Row("slow-dests", "dests", 1024, f"relay 1KB 1k dom +{LATENCY}", domains=dests.DOMAINS,
-                 group="dests"), SLOW_DESTS),
-            (Row("down-dest", "dests", 1024, "receive 1KB, dests down", domains=dests.DOWN_DOMAINS,
-                 group="dests"), DOWN_DEST),
-            (Row("hot-domain", "dests", 1024, "relay 1KB, hot domain", domains=dests.HOT_DOMAINS,
-                 group="dests"), HOT_DOMAIN)]
-    only = {t.strip() for t in args.only.split(",") if t.strip()}
-    chosen = {t.strip() for t in args.systems.split(",") if t.strip()}
-    result = []
-    for row, members in out:
-        group = row.group or row.id.split("-")[0]
-        if only and row.id not in only and group not in only:
-            continue
-        if not only and args.quick and group in ("latency", "scale"):
-            continue  # the slow rows
-        picked = [s for s in members if not chosen or s.id in chosen or s.kind in chosen]
-        if picked:
-            result.append((row, picked))
-    return result
-
-
-class Bench:
-    """The peers shared by all cells (sinks, DNS) and the measuring loop."""
+class Bench(CellMeasuring):
+    """The peers shared by all cells (sinks, DNS) and the measuring loop (run_cell.py)."""
 
     def __init__(self, args: argparse.Namespace, volley_cmd: list[str]) -> None:
         self.args = args
@@ -215,112 +134,6 @@ class Bench:
         if row.id.startswith("scale-"):
             return self.args.scale_messages
         return MESSAGES[row.size] // (5 if self.args.quick else 1)
-
-    def cell(self, row: Row, system: System) -> dict[str, Any]:
-        a = self.args
-        if row.kind == "shaping":
-            return shaping.cell(self, row, system)  # its own sinks, DNS zone and load
-        if row.kind == "cluster":
-            return cluster.cell(self, row, system)  # its own nodes, Redis, sink and DNS
-        n = self.messages(row)
-        runs = 1 if row.latency_sink else a.runs
-        sink = self.sink(row.latency_sink) if row.kind in ("relay", "newsletter") else None
-        server = self.server(row, system, sink)
-        results: list[dict[str, Any]] = []
-        error = ""
-        try:
-            address = server.start()
-            # Warm-up: caches, pools, processes. Spread over many domains it sends one
-            # message to each (up to n), so the runs find their DNS answers cached (the
-            # state of a relay that saw these domains within the TTL), at a rate the
-            # Python lab DNS server keeps up with: overloaded, it drops queries, and the
-            # lookups that time out defer their messages for a minute.
-            many = row.domains > 50
-            w = max(a.warmup, min(row.domains, n)) if many else a.warmup
-            server.details["warmup_msgs_per_s"] = self.warm_up(row, system, server, address, sink, w,
-                                                               a.dns_warm_rate if many else 0.0)
-            for i in range(runs):
-                r = self.one_run(row, system, server, address, sink, n)
-                results.append(r)
-                print(f"  {row.id:<14} {system.id:<18} run {i + 1}/{runs}: {r['msgs_per_s']:,.0f} msgs/s,"
-                      f" CPU {r['cpu_s_per_1k']:.3f} s/1k, RSS {r['rss_mib']:.0f} MiB (anon {r['anon_mib']:.0f})",
-                      file=sys.stderr, flush=True)
-        except (RuntimeError, subprocess.SubprocessError, OSError) as err:
-            error = f"{err}\n{server.diagnostics()}"
-        finally:
-            server.stop()
-        if error and not results:
-            raise RuntimeError(error)
-        # Runs done before a failure still count, in a cell marked incomplete.
-        return report.summarise(row, system, results, {**server.details, **({"error": error} if error else {})})
-
-    def warm_up(self, row: Row, system: System, server: Any, address: str, sink: Any, w: int,
-                rate: float) -> float:
-        """Sends `w` messages (and waits for their delivery); returns the rate."""
-        if sink is not None:
-            target = sink.settle()[0] + w
-            sink.expect(target)
-        res = self.generate(row, system, address, w, rate)
-        if res.error:
-            raise RuntimeError(f"warm-up: {res.error}")
-        if sink is None:
-            return res.msgs_per_s
-        cap = 120 + w / 20
-        try:
-            t_done = sink.wait_reached(target, self.args.stall, cap)
-        except RuntimeError as err:
-            if not hasattr(server, "flush"):
-                raise
-            # The Python lab DNS, starved of CPU on a busy host, can miss the resolver's
-            # timeout; those messages wait for their retry (a minute). Flush them once.
-            print(f"  warm-up: {err}; flushing the queue", file=sys.stderr, flush=True)
-            try:
-                server.flush()
-            except Exception as flush_err:  # ControlError: a server too busy to answer in 10 s
-                # fails this cell, not the whole run (it ended a 20-minute run at load 27)
-                raise RuntimeError(f"warm-up: {err}; flush: {flush_err}") from flush_err
-            t_done = sink.wait_reached(target, self.args.stall, cap)
-        server.drain(w, self.args.stall, cap)
-        return w / (t_done - res.t0)
-
-    def one_run(self, row: Row, system: System, server: Any, address: str, sink: Any, n: int) -> dict[str, Any]:
-        a = self.args
-        time.sleep(a.rest)
-        probe = probe_ms()
-        if sink is not None:
-            target = sink.settle()[0] + n
-            sink.expect(target)
-            sink0 = sample(sink.proc.pid).cpu_s
-        per0 = descendants_cpu(server.root_pid) if row.kind == "newsletter" else {}
-        before = sample(server.root_pid)
-        res = self.generate(row, system, address, n)
-        if res.error:
-            raise RuntimeError(res.error)
-        r: dict[str, Any] = {"messages": n, "accepted": res.accepted, "probe_ms": probe,
-                             "intake_msgs_per_s": res.msgs_per_s, "msgs_per_s": res.msgs_per_s,
-                             "client_cpu_us_per_msg": 1e6 * res.cpu_s / n,
-                             "reply_p50_ms": res.p50_ms, "reply_p99_ms": res.p99_ms}
-        if sink is not None:
-            cap = 120 + n / 20
-            t_done = sink.wait_reached(target, a.stall, cap)
-            delays = server.drain(n, a.stall, cap)
-            r["msgs_per_s"] = n / (t_done - res.t0)
-            r["sink_cpu_us_per_msg"] = 1e6 * (sample(sink.proc.pid).cpu_s - sink0) / n
-            r["delivery_p50_ms"] = None if not delays else 1000 * report.pct(delays, 0.50)
-            r["delivery_p99_ms"] = None if not delays else 1000 * report.pct(delays, 0.99)
-            r["delivery_samples"] = len(delays)
-        after = sample(server.root_pid, pss=True)
-        cpu = after.cpu_s - before.cpu_s
-        if per0:  # one request lands on one worker: how the work spread
-            r["worker_cpu_split_pct"] = worker_split(per0, descendants_cpu(server.root_pid), a.workers)
-        r.update({"server_cpu_s": cpu, "cpu_s_per_1k": 1000 * cpu / n, "rss_mib": after.rss_kib / 1024,
-                  "pss_mib": after.pss_kib / 1024, "anon_mib": after.anon_kib / 1024,
-                  "anon_before_mib": before.anon_kib / 1024,  # RssAnon flat? (the prefill row)
-                  "file_mib": after.file_kib / 1024, "shmem_mib": after.shmem_kib / 1024,
-                  "process_memory": [m.as_dict() for m in after.memory],
-                  "max_process_rss_mib": max((p[3] for p in after.processes), default=0) / 1024,
-                  "processes": len(after.processes)})
-        return r
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
