@@ -19,14 +19,14 @@ other nodes' last publish (at most PUBLISH_EVERY plus a heartbeat old).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 
-from engine.cluster.link import LINK_ERRORS, ClusterLink
-from engine.observe import log
+from engine.cluster.link import LINK_ERRORS, ClusterLink, stop_tasks
+from engine.cluster.link import call_loose as _call
+from engine.cluster.loops import rounds
 from engine.queue.campaigns import OUTCOMES, CampaignCounts, campaign_key
 from engine.queue.store import QueueStore
 
@@ -48,24 +48,14 @@ class CampaignSync:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="cluster-campaigns")
+        # Degraded, the next round sends what changed meanwhile.
+        self._task = asyncio.create_task(
+            rounds(self.publish, lambda: PUBLISH_EVERY, "cluster_campaigns_failed"), name="cluster-campaigns")
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_tasks([self._task])
             self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.publish()
-            except LINK_ERRORS:
-                pass  # degraded: the next round sends what changed meanwhile
-            except Exception as err:
-                log.error("cluster_campaigns_failed", error=repr(err))
-            await asyncio.sleep(PUBLISH_EVERY)
 
     async def publish(self) -> int:
         """Send this node's campaigns that changed since the last publish; returns how
@@ -133,8 +123,3 @@ def _sum(table: dict[bytes, bytes]) -> CampaignCounts | None:
     if total is not None:
         total.bounced_by_class = by_class
     return total
-
-
-async def _call(link: ClusterLink, coro: Awaitable[Any]) -> Any:
-    """`link.call`, typed loosely (see suppression_sync._call)."""
-    return await link.call(coro)

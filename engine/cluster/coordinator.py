@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.cluster.caps import CapLeases, Lease
-from engine.cluster.link import LINK_ERRORS, ClusterLink
+from engine.cluster.link import LINK_ERRORS, ClusterLink, stop_tasks
+from engine.cluster.loops import rounds
 from engine.cluster.rates import RateGrants, batch_want
 from engine.config import Config
 from engine.delivery.shared_limits import LimitTable, table_path
-from engine.observe import log
 
 EARLY = 0.1  # seconds: the soonest round after the last when a worker waits
 
@@ -111,13 +111,15 @@ class Coordinator:
         self.link.on_health(self._on_health)
         if self.link.healthy:
             await self.round()
-        self._task = asyncio.create_task(self._loop(), name="cluster-limits")
+        # Coordination must not end the supervisor: a failed round is logged (a link
+        # error is logged once by the link, as it turns degraded).
+        self._task = asyncio.create_task(
+            rounds(self._round_if_due, lambda: min(EARLY, float(self.link.cfg.heartbeat)),
+                   "cluster_round_failed"), name="cluster-limits")
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_tasks([self._task])
         if self.link.healthy:  # give the leases back now rather than by TTL
             for key in self.states:
                 with contextlib.suppress(*LINK_ERRORS):
@@ -139,24 +141,17 @@ class Coordinator:
                 return True
         return False
 
-    async def _loop(self) -> None:
+    async def _round_if_due(self) -> None:
         """A round every heartbeat, and sooner (at most every EARLY s) when a worker
         waits for a lease or credit: mail arriving at an idle node starts within a
         fraction of a second rather than one or two heartbeats."""
         period = float(self.link.cfg.heartbeat)
-        while True:
-            await asyncio.sleep(min(EARLY, period))
-            now = time.monotonic()
-            if now - self._last < period and not (now - self._last >= EARLY and self.starved(now)):
-                continue
-            try:
-                self._layout()
-                if self.link.healthy:
-                    await self.round()
-            except LINK_ERRORS:
-                pass  # the link is degraded now (logged once there)
-            except Exception as err:  # coordination must not end the supervisor
-                log.error("cluster_round_failed", error=repr(err))
+        now = time.monotonic()
+        if now - self._last < period and not (now - self._last >= EARLY and self.starved(now)):
+            return
+        self._layout()
+        if self.link.healthy:
+            await self.round()
 
     def _on_health(self, healthy: bool) -> None:
         if not healthy:  # no word from Redis: every slot on its local share

@@ -23,19 +23,17 @@ reaction by name lifts it here as `ctl resume NAME` would (without publishing ag
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import time
-from collections.abc import Awaitable
-from typing import Any
 
 import msgspec
 
-from engine.cluster.link import LINK_ERRORS, ClusterLink
+from engine.cluster.link import LINK_ERRORS, ClusterLink, stop_tasks
+from engine.cluster.link import call_loose as _call
+from engine.cluster.loops import follow
 from engine.control.commands import ControlPlane
 from engine.control.reactions_view import Saved
 from engine.delivery.holds import Suspension
-from engine.observe import log
 
 STREAM_MAX = 10_000
 
@@ -75,15 +73,13 @@ class HoldsSync:
         self.plane.on_lift = lambda name: self._queue(Event("lift", domain=name))
         self.plane.reactions.on_fired = lambda s: self._queue(Event("reaction", reaction=s))
         self._tasks = [asyncio.create_task(self._send_loop(), name="cluster-holds-send"),
-                       asyncio.create_task(self._follow_loop(), name="cluster-holds-follow")]
+                       asyncio.create_task(follow(self.link, self._join, self._follow_once,
+                                                  "cluster_holds_follow_failed"),
+                                           name="cluster-holds-follow")]
 
     async def stop(self) -> None:
         self.plane.on_suspension = self.plane.on_lift = self.plane.reactions.on_fired = None
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(self._tasks)
         self._tasks = []
 
     # --- out -----------------------------------------------------------------------------
@@ -118,21 +114,6 @@ class HoldsSync:
         await _call(self.link, pipe.execute())
 
     # --- in ------------------------------------------------------------------------------
-    async def _follow_loop(self) -> None:
-        position: bytes | None = None
-        while True:
-            try:
-                if position is None:
-                    position = await self._join()
-                position = await self._follow_once(position)
-            except LINK_ERRORS:
-                position = None
-                await asyncio.sleep(float(self.link.cfg.heartbeat))
-            except Exception as err:  # one bad event must not end the task
-                log.error("cluster_holds_follow_failed", error=repr(err))
-                position = None
-                await asyncio.sleep(float(self.link.cfg.heartbeat))
-
     async def _join(self) -> bytes:
         """Note the stream's end, then take every suspension in force elsewhere."""
         r = self.link.redis
@@ -211,9 +192,3 @@ def _from(s: Suspension, node: str) -> Suspension:
     """`s` with `by` naming the node it was set on ("uid 0@node1"), once."""
     by = s.by if s.by.endswith(f"@{node}") else f"{s.by}@{node}"
     return msgspec.structs.replace(s, by=by)
-
-
-async def _call(link: ClusterLink, coro: Awaitable[Any]) -> Any:
-    """`link.call`, typed loosely: redis-py's replies are unions its stubs cannot narrow
-    (bytes or str by decode_responses, list or dict by protocol); we know ours."""
-    return await link.call(coro)

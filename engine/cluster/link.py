@@ -6,10 +6,17 @@ a heartbeat that keeps this node's liveness record alive (a key with a TTL of
 healthy/degraded state every other piece of coordination reads.
 
 Every command is bounded by `timeout` (the client's socket timeouts plus an outer
-`asyncio.wait_for`), so Redis being down costs the supervisor at most one timeout per
+`asyncio.timeout`), so Redis being down costs the supervisor at most one timeout per
 attempt and never blocks delivery: workers only read the shared tables the supervisor
 writes. While degraded, `live_nodes()` keeps the last count seen, which is what the
 local shares (cap ÷ live nodes) divide by.
+
+Stopping is bounded too (`stop_tasks`). A cancel can be lost: in Python 3.11
+`asyncio.wait_for` returns the result instead of raising when the cancel arrives in the
+same loop turn as the reply it waited for (a library's await may do the same), so one
+cancel and an unbounded await of the task could wait for ever. Commands therefore run
+under `asyncio.timeout`, which keeps the cancel, and a stop cancels again a task that
+goes on, giving up on it after STOP_WITHIN.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -32,6 +39,11 @@ HealthCallback = Callable[[bool], Any]
 # The errors that mean "Redis is not answering" (down, refused, timed out, reset):
 # they turn the link degraded; anything else is a bug and propagates.
 LINK_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, asyncio.TimeoutError)
+STOP_WITHIN = 5.0  # seconds stop_tasks waits in all before it leaves a task behind
+# Seconds between cancels of a task still running: long enough that its own cleanup on
+# cancel (closing a Redis connection) is not cut short, short enough that a lost cancel
+# costs a stop little.
+RECANCEL_AFTER = 0.5
 
 
 class ClusterLink:
@@ -79,11 +91,14 @@ class ClusterLink:
         """Await one Redis command within `timeout`; a failure marks the link
         degraded (the caller still gets the exception, to skip its round)."""
         try:
-            result = await asyncio.wait_for(coro, self.timeout)
+            return await self._bounded(coro)
         except LINK_ERRORS:
             await self._set_health(False)
             raise
-        return result
+
+    async def _bounded(self, coro: Awaitable[T]) -> T:
+        async with asyncio.timeout(self.timeout):
+            return await coro
 
     async def _set_health(self, healthy: bool) -> None:
         if healthy == self.healthy:
@@ -145,15 +160,13 @@ class ClusterLink:
         """Stop the heartbeat and leave the fleet at once (others need not wait for
         the TTL to stop counting this node)."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_tasks([self._task])
             self._task = None
         if self.healthy:
             with contextlib.suppress(*LINK_ERRORS):
-                await asyncio.wait_for(self.redis.zrem(self.nodes_key, self.node), self.timeout)
+                await self._bounded(self.redis.zrem(self.nodes_key, self.node))
         with contextlib.suppress(*LINK_ERRORS):
-            await asyncio.wait_for(self.redis.aclose(), self.timeout)
+            await self._bounded(self.redis.aclose())
         self.healthy = False
 
     def status(self) -> dict[str, Any]:
@@ -161,6 +174,33 @@ class ClusterLink:
         return {"node": self.node, "redis": _redacted(self.cfg.redis),
                 "state": "healthy" if self.healthy else "degraded",
                 "live_nodes": self.live_nodes()}
+
+
+async def call_loose(link: ClusterLink, coro: Awaitable[Any]) -> Any:
+    """`link.call`, typed loosely: redis-py's replies are unions its stubs cannot narrow
+    (bytes or str by decode_responses, list or dict by protocol); we know ours."""
+    return await link.call(coro)
+
+
+async def stop_tasks(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel `tasks` and wait until they end, cancelling again those that go on (a
+    lost cancel, see the module's docstring), for at most STOP_WITHIN seconds. An error
+    a task ended with is logged, not raised: the rest of the node's stop must still run."""
+    tasks = list(tasks)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + STOP_WITHIN
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        left = deadline - loop.time()
+        if left <= 0:
+            log.error("cluster_stop_timed_out", tasks=sorted(t.get_name() for t in pending))
+            break
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=min(RECANCEL_AFTER, left))
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.error("cluster_task_failed", task=task.get_name(), error=repr(task.exception()))
 
 
 def _redacted(url: str) -> str:

@@ -32,12 +32,13 @@ down; the outbox fills meanwhile and drains when Redis is back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from engine.cluster.link import LINK_ERRORS, ClusterLink
+from engine.cluster.link import ClusterLink, stop_tasks
+from engine.cluster.link import call_loose as _call
+from engine.cluster.loops import follow, rounds
 from engine.observe import log
 from engine.queue import supp_outbox, suppression
 from engine.queue.store import QueueStore
@@ -81,14 +82,12 @@ class SuppressionSync:
         # Seeding a long list takes a while (a million entries: a thousand transactions):
         # the drain task does it first, so the workers need not wait for it to start.
         self._tasks = [asyncio.create_task(self._drain_loop(seed=joined), name="cluster-supp-drain"),
-                       asyncio.create_task(self._follow_loop(), name="cluster-supp-follow")]
+                       asyncio.create_task(follow(self.link, self._join, self._follow_once,
+                                                  "cluster_supp_follow_failed"),
+                                           name="cluster-supp-follow")]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(self._tasks)
         self._tasks = []
 
     async def _seed(self) -> None:
@@ -105,18 +104,15 @@ class SuppressionSync:
     async def _drain_loop(self, *, seed: bool = False) -> None:
         if seed:
             await self._seed()
-        while True:
-            try:
-                while await self.drain_once():
-                    pass
-            except LINK_ERRORS:
-                pass  # degraded: the outbox keeps everything; retry on the next round
-            except Exception as err:  # a store error must not end the task
-                log.error("cluster_supp_drain_failed", error=repr(err))
-            pause = DRAIN_EVERY if self.link.healthy else float(self.link.cfg.heartbeat)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), pause)
-            self._wake.clear()
+        # Degraded, the outbox keeps everything for a later round.
+        await rounds(self._drain_all, self._drain_pause, "cluster_supp_drain_failed", self._wake)
+
+    async def _drain_all(self) -> None:
+        while await self.drain_once():
+            pass
+
+    def _drain_pause(self) -> float:
+        return DRAIN_EVERY if self.link.healthy else float(self.link.cfg.heartbeat)
 
     def poke(self) -> None:
         """Send the outbox now (an operator's change; bounces and complaints from the
@@ -148,21 +144,6 @@ class SuppressionSync:
         return len(items)
 
     # --- in: the stream to the mirror -----------------------------------------------------
-    async def _follow_loop(self) -> None:
-        position: bytes | None = None
-        while True:
-            try:
-                if position is None:
-                    position = await self._join()
-                position = await self._follow_once(position)
-            except LINK_ERRORS:
-                position = None  # rejoin: Redis may have restarted empty meanwhile
-                await asyncio.sleep(float(self.link.cfg.heartbeat))
-            except Exception as err:
-                log.error("cluster_supp_follow_failed", error=repr(err))
-                position = None
-                await asyncio.sleep(float(self.link.cfg.heartbeat))
-
     async def _join(self) -> bytes:
         """Where to follow from: the saved position, or a resync's."""
         r = self.link.redis
@@ -241,9 +222,3 @@ def _change(data: bytes) -> Change | None:
 def _mark(w: WriteTxn, epoch: bytes, position: bytes) -> None:
     w.txn.put(EPOCH_KEY, epoch, db=w._store._ctl)
     w.txn.put(POSITION_KEY, position, db=w._store._ctl)
-
-
-async def _call(link: ClusterLink, coro: Awaitable[Any]) -> Any:
-    """`link.call`, typed loosely: redis-py's replies are unions its stubs cannot narrow
-    (bytes or str by decode_responses, list or dict by protocol); we know ours."""
-    return await link.call(coro)
