@@ -20,6 +20,9 @@ from typing import Any
 import pytest
 import redis
 
+from engine.lab.loop_thread import LoopThread
+from tests.cluster.fleet_helpers import Provider
+
 # The integration fixtures (sinks on the peers loop, loopback DNS, serve processes):
 # imported here so the fleet tests use the same real parts.
 from tests.integration.conftest import dns_zone, peers, serve  # noqa: F401
@@ -136,3 +139,10 @@ def nodes(serve: Callable[..., ServeProcess], redis_server: RedisServer,
         return out
 
     return start
+
+
+@pytest.fixture
+def shaped_provider(peers: LoopThread, dns_zone: Any) -> Callable[..., Provider]:
+    """Factory: shaped_provider(latency=0.05) → the shaped provider's sinks and DNS
+    (fleet_helpers.Provider), stopped with the peers at the end."""
+    return lambda latency=0.05: Provider(peers, dns_zone, latency=latency)

@@ -8,107 +8,79 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 from engine.cluster.caps import CapLeases
-from engine.cluster.link import ClusterLink
 from tests.cluster.conftest import RedisServer
-from tests.cluster.test_link import config
+from tests.cluster.fleet_helpers import leases_in_redis, started_links
 
 KEY = "provider|127.0.0.1"
 
 
-def leases_in_redis(server: RedisServer) -> dict[str, int]:
-    """node → leases, from the sorted set itself (expired ones dropped as Redis sees it)."""
-    with server.client() as c:
-        now = c.time()
-        members = c.zrangebyscore(f"t:cap:{KEY}:leases", now[0] + now[1] / 1e6, "+inf")
-    out: dict[str, int] = {}
-    for m in members:
-        node = m.decode().rsplit(":", 1)[0]
-        out[node] = out.get(node, 0) + 1
-    return out
-
-
-async def links(server: RedisServer, names: str, **kw: Any) -> list[CapLeases]:
-    out = []
-    for name in names:
-        link = ClusterLink(config(server.url, name, **kw))
-        await link.start()
-        out.append(CapLeases(link))
-    return out
-
-
-async def close(caps: list[CapLeases]) -> None:
-    for c in caps:
-        await c.link.stop()
-
-
 def test_shares_never_exceed_the_cap_and_follow_demand(redis_server: RedisServer) -> None:
     async def main() -> None:
-        a, b, c = await links(redis_server, "abc")
-        shares = {"a": 0, "b": 0, "c": 0}
-        # Everyone wants the whole cap of 4, several rounds in turn.
-        for _ in range(4):
-            for node, caps in zip("abc", (a, b, c), strict=True):
-                lease = await caps.rebalance(KEY, 4, 4, 0)
-                shares[node] = lease.share
-                assert sum(leases_in_redis(redis_server).values()) <= 4
-        assert sum(shares.values()) == 4 and min(shares.values()) >= 1, shares
-        assert leases_in_redis(redis_server) == {k: v for k, v in shares.items() if v}
-        # c goes idle (wants nothing, has nothing open): a and b take its part.
-        await c.rebalance(KEY, 4, 0, 0)
-        for _ in range(2):
+        async with started_links(redis_server.url, "abc") as links:
+            a, b, c = map(CapLeases, links)
+            shares = {"a": 0, "b": 0, "c": 0}
+            # Everyone wants the whole cap of 4, several rounds in turn.
+            for _ in range(4):
+                for node, caps in zip("abc", (a, b, c), strict=True):
+                    lease = await caps.rebalance(KEY, 4, 4, 0)
+                    shares[node] = lease.share
+                    assert sum(leases_in_redis(redis_server, KEY).values()) <= 4
+            assert sum(shares.values()) == 4 and min(shares.values()) >= 1, shares
+            assert leases_in_redis(redis_server, KEY) == {k: v for k, v in shares.items() if v}
+            # c goes idle (wants nothing, has nothing open): a and b take its part.
+            await c.rebalance(KEY, 4, 0, 0)
+            for _ in range(2):
+                shares["a"] = (await a.rebalance(KEY, 4, 4, 0)).share
+                shares["b"] = (await b.rebalance(KEY, 4, 4, 0)).share
+            assert (shares["a"], shares["b"]) == (2, 2)
+            assert leases_in_redis(redis_server, KEY) == {"a": 2, "b": 2}
+            # c has mail again: it gets a lease once one is given back, never above the cap.
+            got = (await c.rebalance(KEY, 4, 4, 0)).share
+            assert got == 0  # a and b hold all four
             shares["a"] = (await a.rebalance(KEY, 4, 4, 0)).share
             shares["b"] = (await b.rebalance(KEY, 4, 4, 0)).share
-        assert (shares["a"], shares["b"]) == (2, 2)
-        assert leases_in_redis(redis_server) == {"a": 2, "b": 2}
-        # c has mail again: it gets a lease once one is given back, never above the cap.
-        got = (await c.rebalance(KEY, 4, 4, 0)).share
-        assert got == 0  # a and b hold all four
-        shares["a"] = (await a.rebalance(KEY, 4, 4, 0)).share
-        shares["b"] = (await b.rebalance(KEY, 4, 4, 0)).share
-        shares["c"] = (await c.rebalance(KEY, 4, 4, 0)).share
-        assert sum(shares.values()) <= 4 and shares["c"] >= 1, shares
-        await close([a, b, c])
+            shares["c"] = (await c.rebalance(KEY, 4, 4, 0)).share
+            assert sum(shares.values()) <= 4 and shares["c"] >= 1, shares
 
     asyncio.run(main())
 
 
 def test_a_node_keeps_the_leases_of_its_open_connections(redis_server: RedisServer) -> None:
     async def main() -> None:
-        a, b = await links(redis_server, "ab")
-        assert (await a.rebalance(KEY, 4, 4, 0)).share == 4  # alone: all of it
-        # b wants all too; a has 3 connections open: it keeps 3 (target 2), b gets 1.
-        assert (await b.rebalance(KEY, 4, 4, 0)).share == 0
-        lease = await a.rebalance(KEY, 4, 4, 3)
-        assert (lease.share, lease.target) == (3, 2)
-        assert (await b.rebalance(KEY, 4, 4, 0)).share == 1
-        # a's sessions ended: down to its target, and b takes the rest.
-        assert (await a.rebalance(KEY, 4, 4, 0)).share == 2
-        assert (await b.rebalance(KEY, 4, 4, 0)).share == 2
-        assert leases_in_redis(redis_server) == {"a": 2, "b": 2}
-        await a.release(KEY)
-        assert leases_in_redis(redis_server) == {"b": 2}
-        await close([a, b])
+        async with started_links(redis_server.url, "ab") as links:
+            a, b = map(CapLeases, links)
+            assert (await a.rebalance(KEY, 4, 4, 0)).share == 4  # alone: all of it
+            # b wants all too; a has 3 connections open: it keeps 3 (target 2), b gets 1.
+            assert (await b.rebalance(KEY, 4, 4, 0)).share == 0
+            lease = await a.rebalance(KEY, 4, 4, 3)
+            assert (lease.share, lease.target) == (3, 2)
+            assert (await b.rebalance(KEY, 4, 4, 0)).share == 1
+            # a's sessions ended: down to its target, and b takes the rest.
+            assert (await a.rebalance(KEY, 4, 4, 0)).share == 2
+            assert (await b.rebalance(KEY, 4, 4, 0)).share == 2
+            assert leases_in_redis(redis_server, KEY) == {"a": 2, "b": 2}
+            await a.release(KEY)
+            assert leases_in_redis(redis_server, KEY) == {"b": 2}
 
     asyncio.run(main())
 
 
 def test_leases_of_a_silent_node_end_after_the_ttl(redis_server: RedisServer) -> None:
     async def main() -> None:
-        a, b = await links(redis_server, "ab", lease_ttl=1.0)
-        for _ in range(2):  # the first round a takes all, the second it gives b half
-            await a.rebalance(KEY, 4, 4, 0)
-            await b.rebalance(KEY, 4, 4, 0)
-        assert leases_in_redis(redis_server) == {"a": 2, "b": 2}
-        # b falls silent (no renewal, no release, as with kill -9): a's rounds go on.
-        deadline = time.monotonic() + 15
-        while leases_in_redis(redis_server).get("b"):
-            assert time.monotonic() < deadline, "b's leases outlived their TTL"
-            await a.rebalance(KEY, 4, 4, 0)
-            await asyncio.sleep(0.1)
-        assert (await a.rebalance(KEY, 4, 4, 0)).share == 4
-        await close([a, b])
+        async with started_links(redis_server.url, "ab", lease_ttl=1.0) as links:
+            a, b = map(CapLeases, links)
+            for _ in range(2):  # the first round a takes all, the second it gives b half
+                await a.rebalance(KEY, 4, 4, 0)
+                await b.rebalance(KEY, 4, 4, 0)
+            assert leases_in_redis(redis_server, KEY) == {"a": 2, "b": 2}
+            # b falls silent (no renewal, no release, as with kill -9): a's rounds go on.
+            deadline = time.monotonic() + 15
+            while leases_in_redis(redis_server, KEY).get("b"):
+                assert time.monotonic() < deadline, "b's leases outlived their TTL"
+                await a.rebalance(KEY, 4, 4, 0)
+                await asyncio.sleep(0.1)
+            assert (await a.rebalance(KEY, 4, 4, 0)).share == 4
 
     asyncio.run(main())

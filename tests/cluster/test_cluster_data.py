@@ -11,30 +11,14 @@ from typing import Any
 
 import pytest
 
-from engine.lab.sink.protocol import start_sink
-from tests.cluster.conftest import NODE_IPS, RedisServer
-from tests.integration.control_helpers import ask, ctl_json, relay_overrides
+from tests.cluster.conftest import RedisServer
+from tests.cluster.fleet_helpers import HONOURED, metric, one_sink, rcpt, smtp, sock
+from tests.integration.control_helpers import ask, ctl_json
 from tests.integration.harness import ServeProcess, wait_until
 from tests.integration.relay_helpers import SENDER, body, transact
-from tests.integration.smtp_client import RawSmtp
 
 pytestmark = pytest.mark.timeout(240)
-HONOURED = 10.0  # seconds: the issue promises "within a second"; this bound is for a loaded machine
 GONE = "gone.away@example.org"
-
-
-def sock(node: ServeProcess) -> Path:
-    return node.config_path.parent / "volley.sock"
-
-
-def rcpt(node: ServeProcess, ip: str, address: str) -> tuple[int, str]:
-    """The node's reply to RCPT TO:<address> (over SMTP, on its own loopback address)."""
-    with RawSmtp(ip, node.port, timeout=10) as client:
-        assert client.cmd("EHLO client.test")[0] == 250
-        assert client.cmd(f"MAIL FROM:<{SENDER}>")[0] == 250
-        reply: tuple[int, str] = client.cmd(f"RCPT TO:<{address}>")
-        client.cmd("QUIT")
-        return reply
 
 
 def honoured_within(check: Any, what: str) -> float:
@@ -51,14 +35,14 @@ def suppress(node: ServeProcess, value: str) -> None:
 
 def test_suppression_added_on_a_is_refused_at_rcpt_on_c(nodes: Any, capsys: Any) -> None:
     a, b, c = nodes(3)
-    assert rcpt(c, NODE_IPS[2], GONE)[0] == 250
+    assert rcpt(c, GONE)[0] == 250
     suppress(a, GONE)
-    lag = honoured_within(lambda: rcpt(c, NODE_IPS[2], GONE)[0] == 550, "C refuses at RCPT")
-    assert rcpt(b, NODE_IPS[1], GONE)[0] == 550
-    assert rcpt(c, NODE_IPS[2], GONE) == (550, f"5.7.1 <{GONE}>: recipient is suppressed (manual)")
+    lag = honoured_within(lambda: rcpt(c, GONE)[0] == 550, "C refuses at RCPT")
+    assert rcpt(b, GONE)[0] == 550
+    assert rcpt(c, GONE) == (550, f"5.7.1 <{GONE}>: recipient is suppressed (manual)")
     # A remove travels the same way.
     assert ask(sock(b), {"cmd": "suppress_remove", "value": GONE})["removed"] is True
-    honoured_within(lambda: rcpt(a, NODE_IPS[0], GONE)[0] == 250, "A takes it again")
+    honoured_within(lambda: rcpt(a, GONE)[0] == 250, "A takes it again")
     with capsys.disabled():
         print(f"\n[suppression A->C honoured after {lag:.3f} s]")
 
@@ -67,34 +51,24 @@ def test_suppression_added_while_redis_is_down_reaches_the_others(
         nodes: Any, redis_server: RedisServer) -> None:
     a, _, c = nodes(3)
     suppress(a, "before@example.org")
-    honoured_within(lambda: rcpt(c, NODE_IPS[2], "before@example.org")[0] == 550, "C before")
+    honoured_within(lambda: rcpt(c, "before@example.org")[0] == 550, "C before")
     redis_server.kill()
     a.wait_for(lambda e: e.get("event") == "cluster_degraded", 30)
     outbox = "volley_cluster_suppression_outbox"  # changes not yet in Redis
     assert metric(a, outbox) == 0
     suppress(a, GONE)  # the outbox keeps it
     assert metric(a, outbox) == 1  # the one change the test made during the outage
-    assert rcpt(a, NODE_IPS[0], GONE)[0] == 550  # the local list answers at once
-    assert rcpt(c, NODE_IPS[2], GONE)[0] == 250  # C cannot know yet
-    assert rcpt(c, NODE_IPS[2], "before@example.org")[0] == 550  # C's mirror keeps answering
+    assert rcpt(a, GONE)[0] == 550  # the local list answers at once
+    assert rcpt(c, GONE)[0] == 250  # C cannot know yet
+    assert rcpt(c, "before@example.org")[0] == 550  # C's mirror keeps answering
     redis_server.start()  # empty: no persistence, as a Redis that lost its data
-    honoured_within(lambda: rcpt(c, NODE_IPS[2], GONE)[0] == 550, "C after Redis returned")
+    honoured_within(lambda: rcpt(c, GONE)[0] == 550, "C after Redis returned")
     wait_until(lambda: metric(a, outbox) == 0, HONOURED, "A's outbox drained")
     with redis_server.client() as r:
         # Redis had lost everything: the nodes publish their lists again (a new epoch).
         honoured_within(lambda: bool(r.hexists("volleytest:supp:h:", "address:before@example.org")),
                         "the list published again")
         assert r.hexists("volleytest:supp:h:", f"address:{GONE}")
-
-
-def metric(node: ServeProcess, family: str) -> int:
-    """An unlabelled family's value as the node's metrics show it."""
-    reply = ask(sock(node), {"cmd": "metrics"})
-    assert reply["ok"], reply
-    text = reply["text"]
-    (value,) = [line.split()[-1] for line in text.splitlines()
-                if line.startswith(family + " ")]
-    return int(float(value))
 
 
 def test_suspension_set_on_b_holds_on_a_and_c(nodes: Any) -> None:
@@ -119,17 +93,14 @@ def test_suspension_set_on_b_holds_on_a_and_c(nodes: Any) -> None:
 
 def test_mail_for_a_suspended_domain_is_parked_on_every_node(
         nodes: Any, peers: Any, dns_zone: Any) -> None:
-    sink = peers.call(start_sink("127.0.0.2", 0))
-    peers.sinks.append(sink)
-    dns = dns_zone({"held.test": {"MX": [(10, "mx.held.test")]}, "mx.held.test": {"A": ["127.0.0.2"]}})
-    a, b, c = nodes(3, relay_overrides(dns.port, sink.port))
+    sink, relay = one_sink(peers, dns_zone, "held.test")
+    a, b, c = nodes(3, relay)
     assert ask(sock(b), {"cmd": "suspend", "domain": "held.test", "reason": "x"})["ok"]
     for n in (a, c):
         wait_until(lambda n=n: any(r["domain"] == "held.test" for r in
                                    ask(sock(n), {"cmd": "status"})["suspensions"]), HONOURED, "held")
     for i, n in ((0, a), (2, c)):
-        with RawSmtp(NODE_IPS[i], n.port, timeout=10) as client:
-            assert client.cmd("EHLO client.test")[0] == 250
+        with smtp(n) as client:
             transact(client, SENDER, [f"u{i}@held.test"], body(f"held{i}"))
     # Parked, not delivered: each node's queue lists its message as suspended.
     for n in (a, c):
@@ -142,14 +113,11 @@ def test_mail_for_a_suspended_domain_is_parked_on_every_node(
 
 def test_campaign_counters_summed_over_three_nodes_equal_the_sinks_count(
         nodes: Any, peers: Any, dns_zone: Any) -> None:
-    sink = peers.call(start_sink("127.0.0.2", 0))
-    peers.sinks.append(sink)
-    dns = dns_zone({"a.test": {"MX": [(10, "mx.a.test")]}, "mx.a.test": {"A": ["127.0.0.2"]}})
-    fleet = nodes(3, relay_overrides(dns.port, sink.port))
+    sink, relay = one_sink(peers, dns_zone, "a.test")
+    fleet = nodes(3, relay)
     sent = 0
     for i, n in enumerate(fleet):
-        with RawSmtp(NODE_IPS[i], n.port, timeout=10) as client:
-            assert client.cmd("EHLO client.test")[0] == 250
+        with smtp(n) as client:
             for k in range(i + 2):  # 2, 3 and 4 messages
                 data = b"X-Volley-Campaign: spring\r\n" + body(f"c{i}-{k}")
                 transact(client, SENDER, [f"u{i}-{k}@a.test"], data)
@@ -183,12 +151,12 @@ def test_a_node_joining_with_its_own_list_publishes_it(nodes: Any, tmp_path: Pat
         store.close()
     (veteran,) = nodes(1, {"queue": {"path": str(queue)}})
     (other,) = nodes(1)
-    honoured_within(lambda: rcpt(other, NODE_IPS[1], "old@example.org")
+    honoured_within(lambda: rcpt(other, "old@example.org")
                     == (550, "5.7.1 <old@example.org>: recipient is suppressed (bounce)"),
                     "the veteran's entry on the newcomer")
     rows = ask(sock(other), {"cmd": "suppress_list", "tenant": "acme"})["entries"]
     assert [(r["value"], r["reason"]) for r in rows] == [("old.example", "manual")]
-    assert rcpt(veteran, NODE_IPS[0], "old@example.org")[0] == 550
+    assert rcpt(veteran, "old@example.org")[0] == 550
 
 
 def test_a_suspension_outlives_a_redis_that_lost_its_data(

@@ -9,23 +9,18 @@ from typing import Any
 
 import pytest
 
-from engine.lab.sink.protocol import start_sinks
-from tests.cluster.conftest import NODE_IPS
-from tests.cluster.test_cluster_data import HONOURED, sock
-from tests.integration.control_helpers import ask, relay_overrides
+from tests.cluster.fleet_helpers import HONOURED, rcpt, reaction_provider, smtp, sock
+from tests.integration.control_helpers import ask
 from tests.integration.harness import ServeProcess, wait_until
-from tests.integration.relay_helpers import HOME_IP, SENDER, body, transact
-from tests.integration.smtp_client import RawSmtp
-from tests.integration.test_pool import free_port
-from tests.integration.test_reactions_serve import IPS, SHAPING, Provider, outcomes, zone
+from tests.integration.relay_helpers import SENDER, body, transact
+from tests.integration.test_reactions_serve import SHAPING, Provider, outcomes
 
 pytestmark = pytest.mark.timeout(240)
 WAIT = 60.0
 
 
-def send(node: ServeProcess, ip: str, rcpts: list[str]) -> None:
-    with RawSmtp(ip, node.port, timeout=10) as client:
-        assert client.cmd("EHLO client.test")[0] == 250
+def send(node: ServeProcess, rcpts: list[str]) -> None:
+    with smtp(node) as client:
         for r in rcpts:
             transact(client, SENDER, [r], body(r))
 
@@ -38,22 +33,18 @@ def reactions(node: ServeProcess) -> list[dict[str, Any]]:
 def test_a_reaction_fired_on_a_holds_on_b_and_c_and_a_resume_lifts_it_everywhere(
         nodes: Any, peers: Any, dns_zone: Any) -> None:
     provider = Provider()
-    port = free_port(IPS[0])
-    sink = peers.call(start_sinks([(ip, port) for ip in IPS], script=provider.script))
-    home = peers.call(start_sinks([(HOME_IP, port)]))
-    peers.sinks.extend([sink, home])
-    dns = dns_zone(zone())
-    config = {**relay_overrides(dns.port, port), "shaping": SHAPING, "reactions": [
+    sink, relay = reaction_provider(peers, dns_zone, provider)
+    config = {**relay, "shaping": SHAPING, "reactions": [
         {"shaping": "yahoo", "text": r"\[TSS04\]", "action": "suspend", "duration": "1h"}]}
     a, b, c = nodes(3, config)
-    send(a, NODE_IPS[0], ["u0@d0.test"])
+    send(a, ["u0@d0.test"])
     a.wait_for(lambda e: e.get("event") == "reaction_fired", WAIT)
     for n in (b, c):
         wait_until(lambda n=n: any(r["provider"] == "yahoo" and r["action"] == "suspend"
                                    for r in reactions(n)), HONOURED, "the reaction on B and C")
     before = provider.counts()
     # C has mail for the provider: held by the reaction from A, nothing reaches it.
-    send(c, NODE_IPS[2], ["v1@d1.test", "v2@d2.test"])
+    send(c, ["v1@d1.test", "v2@d2.test"])
     wait_until(lambda: {r["recipient"] for r in outcomes(c) if r["outcome"] == "deferred"
                         and "suspended by a reaction" in r["reply"]} >= {"v1@d1.test", "v2@d2.test"},
                WAIT, "C holds its mail")
@@ -75,26 +66,16 @@ def test_a_hard_bounce_on_a_suppresses_on_c(nodes: Any, peers: Any, dns_zone: An
     with provider.lock:
         provider.tss = False
         provider.refuse["gone@d0.test"] = "550 5.1.1 <gone@d0.test>: no such user"
-    port = free_port(IPS[0])
-    sink = peers.call(start_sinks([(ip, port) for ip in IPS], script=provider.script))
-    home = peers.call(start_sinks([(HOME_IP, port)]))
-    peers.sinks.extend([sink, home])
-    dns = dns_zone(zone())
-    a, _, c = nodes(3, relay_overrides(dns.port, port))
-    with RawSmtp(NODE_IPS[2], c.port, timeout=10) as client:
-        assert client.cmd("EHLO client.test")[0] == 250
-        assert client.cmd(f"MAIL FROM:<{SENDER}>")[0] == 250
-        assert client.cmd("RCPT TO:<gone@d0.test>")[0] == 250
-    send(a, NODE_IPS[0], ["gone@d0.test"])
+    _, relay = reaction_provider(peers, dns_zone, provider)
+    a, _, c = nodes(3, relay)
+    assert rcpt(c, "gone@d0.test")[0] == 250
+    send(a, ["gone@d0.test"])
     wait_until(lambda: any(r["recipient"] == "gone@d0.test" and r["outcome"] == "bounced"
                            for r in outcomes(a)), WAIT, "A's bounce")
 
     def refused_on_c() -> bool:
-        with RawSmtp(NODE_IPS[2], c.port, timeout=10) as client:
-            assert client.cmd("EHLO client.test")[0] == 250
-            assert client.cmd(f"MAIL FROM:<{SENDER}>")[0] == 250
-            code, text = client.cmd("RCPT TO:<gone@d0.test>")
-            return code == 550 and "suppressed (bounce)" in text
+        code, text = rcpt(c, "gone@d0.test")
+        return code == 550 and "suppressed (bounce)" in text
 
     wait_until(refused_on_c, HONOURED, "C refuses the bounced address")
     (entry,) = ask(sock(c), {"cmd": "suppress_list"})["entries"]

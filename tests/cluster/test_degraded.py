@@ -6,33 +6,21 @@ leases again. Every figure is checked against the sinks' own counts."""
 
 from __future__ import annotations
 
-import threading
-
 from tests.cluster.conftest import RedisServer
-from tests.cluster.fleet_helpers import CAP, Provider, cluster_of, events, metric, provider_row, send_to
+from tests.cluster.fleet_helpers import CAP, WAIT, cluster_of, events, metric, provider_row, send_each, wait_live
 from tests.integration.control_helpers import ctl
 from tests.integration.harness import wait_until
 
 N = 15  # messages per node per phase
-WAIT = 120.0
 
 
-def send_phase(fleet, phase: str) -> None:
-    threads = [threading.Thread(target=send_to, args=(n, [f"{phase}-n{i}-{k}" for k in range(N)]))
-               for i, n in enumerate(fleet)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(WAIT)
-
-
-def test_redis_down_keeps_delivering_on_local_shares_and_recovers(nodes, peers, dns_zone,
+def test_redis_down_keeps_delivering_on_local_shares_and_recovers(nodes, shaped_provider,
                                                                   redis_server: RedisServer):
-    provider = Provider(peers, dns_zone)
+    provider = shaped_provider()
     fleet = nodes(3, provider.overrides())
-    wait_until(lambda: all(cluster_of(n)["live_nodes"] == 3 for n in fleet), WAIT, "3 live nodes")
+    wait_live(fleet, 3)
     assert [metric(n, "volley_cluster_degraded") for n in fleet] == [0.0, 0.0, 0.0]
-    send_phase(fleet, "before")
+    send_each(fleet, "before-n", N)
     wait_until(lambda: len(provider.sink.messages) >= 3 * N, WAIT, "the first phase delivered")
 
     before = [events(n, "cluster_degraded") for n in fleet]
@@ -46,7 +34,7 @@ def test_redis_down_keeps_delivering_on_local_shares_and_recovers(nodes, peers, 
     text = ctl(fleet[1], "status").stdout
     assert "cluster    node node1, DEGRADED, 3 live nodes" in text
     provider.seen.new_phase()
-    send_phase(fleet, "during")  # accepted while Redis is down
+    send_each(fleet, "during-n", N)  # accepted while Redis is down
     wait_until(lambda: len(provider.sink.messages) >= 6 * N, WAIT, "delivered while degraded")
     with provider.seen.lock:
         degraded_peak = provider.seen.peak
@@ -63,7 +51,7 @@ def test_redis_down_keeps_delivering_on_local_shares_and_recovers(nodes, peers, 
     wait_until(lambda: all(cluster_of(n)["state"] == "healthy" for n in fleet), WAIT, "healthy again")
     assert [metric(n, "volley_cluster_degraded") for n in fleet] == [0.0, 0.0, 0.0]
     provider.seen.new_phase()
-    send_phase(fleet, "after")
+    send_each(fleet, "after-n", N)
     wait_until(lambda: len(provider.sink.messages) >= 9 * N, WAIT, "delivered after the return")
     wait_until(lambda: all(provider_row(n)["mode"] == "leased" for n in fleet), WAIT, "leased again")
     with provider.seen.lock:

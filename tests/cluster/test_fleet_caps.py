@@ -13,29 +13,30 @@ import threading
 import time
 
 from tests.cluster.conftest import RedisServer
-from tests.cluster.fleet_helpers import CAP, Provider, cluster_of, provider_row, send_to
+from tests.cluster.fleet_helpers import (
+    CAP,
+    WAIT,
+    cluster_of,
+    leases_in_redis,
+    provider_row,
+    send_each,
+    send_to,
+    wait_live,
+)
 from tests.integration.control_helpers import ctl
 from tests.integration.harness import wait_until
 
 N = 40  # messages per node
-WAIT = 120.0
 
 
-def leases(redis_server: RedisServer, key: str = "provider") -> dict[str, int]:
-    with redis_server.client() as c:
-        t = c.time()
-        members = c.zrangebyscore(f"volleytest:cap:{key}:leases", t[0] + t[1] / 1e6, "+inf")
-    out: dict[str, int] = {}
-    for m in members:
-        node = m.decode().rsplit(":", 1)[0]
-        out[node] = out.get(node, 0) + 1
-    return out
+def leases(redis_server: RedisServer) -> dict[str, int]:
+    return leases_in_redis(redis_server, "provider", prefix="volleytest:")
 
 
-def test_a_provider_capped_at_4_sees_at_most_4_from_three_nodes(nodes, peers, dns_zone, redis_server):
-    provider = Provider(peers, dns_zone)
+def test_a_provider_capped_at_4_sees_at_most_4_from_three_nodes(nodes, shaped_provider, redis_server):
+    provider = shaped_provider()
     fleet = nodes(3, provider.overrides())
-    wait_until(lambda: all(cluster_of(n)["live_nodes"] == 3 for n in fleet), WAIT, "3 live nodes")
+    wait_live(fleet, 3)
     # Sample Redis's leases while mail flows: never above the cap.
     most = [0]
     stop = threading.Event()
@@ -47,12 +48,7 @@ def test_a_provider_capped_at_4_sees_at_most_4_from_three_nodes(nodes, peers, dn
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    senders = [threading.Thread(target=send_to, args=(n, [f"n{i}-{k}" for k in range(N)]))
-               for i, n in enumerate(fleet)]
-    for t in senders:
-        t.start()
-    for t in senders:
-        t.join(WAIT)
+    send_each(fleet, "n", N)
     wait_until(lambda: len(provider.sink.messages) >= 3 * N, WAIT, f"{3 * N} messages at the provider")
     stop.set()
     watcher.join(5)
@@ -74,10 +70,10 @@ def test_a_provider_capped_at_4_sees_at_most_4_from_three_nodes(nodes, peers, dn
     assert "provider" in text and "leased" in text
 
 
-def test_a_node_killed_with_9_holds_no_lease_beyond_the_ttl(nodes, peers, dns_zone, redis_server):
-    provider = Provider(peers, dns_zone, latency=0.3)  # slow: connections stay open
+def test_a_node_killed_with_9_holds_no_lease_beyond_the_ttl(nodes, shaped_provider, redis_server):
+    provider = shaped_provider(latency=0.3)  # slow: connections stay open
     first, second = nodes(2, provider.overrides())
-    wait_until(lambda: cluster_of(first)["live_nodes"] == 2, WAIT, "2 live nodes")
+    wait_live([first], 2)
     sender = threading.Thread(target=send_to, args=(second, [f"k{k}" for k in range(30)]))
     sender.start()
     sender.join(WAIT)
@@ -94,17 +90,12 @@ def test_a_node_killed_with_9_holds_no_lease_beyond_the_ttl(nodes, peers, dns_zo
         assert c.zrange("volleytest:nodes", 0, -1) == [b"node0"]
 
 
-def test_a_providers_rate_holds_across_three_nodes(nodes, peers, dns_zone):
+def test_a_providers_rate_holds_across_three_nodes(nodes, shaped_provider):
     rate, per_node = 20.0, 20
-    provider = Provider(peers, dns_zone, latency=0.0)
+    provider = shaped_provider(latency=0.0)
     fleet = nodes(3, provider.overrides(rate=f"{int(rate)}/s"))
-    wait_until(lambda: all(cluster_of(n)["live_nodes"] == 3 for n in fleet), WAIT, "3 live nodes")
-    senders = [threading.Thread(target=send_to, args=(n, [f"r{i}-{k}" for k in range(per_node)]))
-               for i, n in enumerate(fleet)]
-    for t in senders:
-        t.start()
-    for t in senders:
-        t.join(WAIT)
+    wait_live(fleet, 3)
+    send_each(fleet, "r", per_node)
     wait_until(lambda: len(provider.sink.messages) >= 3 * per_node, WAIT, "all delivered")
     assert provider.tags() == {f"r{i}-{k}": 1 for i in range(3) for k in range(per_node)}
     with provider.seen.lock:

@@ -9,22 +9,10 @@ import asyncio
 import time
 from typing import Any
 
-from engine.cluster.link import ClusterLink
-from engine.config.cluster import ClusterConfig
+from engine.cluster import link as link_module
+from engine.cluster.link import ClusterLink, stop_tasks
 from tests.cluster.conftest import RedisServer
-
-
-def config(url: str, name: str, **kw: Any) -> ClusterConfig:
-    base: dict[str, Any] = {"redis": url, "node_name": name, "key_prefix": "t:",
-                            "heartbeat": 0.1, "lease_ttl": 1.0, "timeout": 0.3}
-    return ClusterConfig(**{**base, **kw})
-
-
-async def until(cond: Any, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.02)
+from tests.cluster.fleet_helpers import config, started_links, until
 
 
 def test_key_names_and_node(redis_server: RedisServer) -> None:
@@ -35,26 +23,22 @@ def test_key_names_and_node(redis_server: RedisServer) -> None:
 
 def test_nodes_count_each_other_and_leave(redis_server: RedisServer) -> None:
     async def main() -> None:
-        links = [ClusterLink(config(redis_server.url, n)) for n in ("a", "b", "c")]
-        for link in links:
-            await link.start()
-        await until(lambda: all(link.live_nodes() == 3 for link in links))
-        assert all(link.healthy for link in links)
-        # Independently: the liveness set in Redis names the three.
-        with redis_server.client() as c:
-            assert sorted(c.zrange("t:nodes", 0, -1)) == [b"a", b"b", b"c"]
-        await links[2].stop()  # a clean stop leaves at once
-        await until(lambda: all(link.live_nodes() == 2 for link in links[:2]))
-        # A node that vanishes without stopping (its heartbeat just ends, as with
-        # kill -9) drops out once its lease_ttl (1 s) has passed.
-        task = links[1]._task
-        assert task is not None
-        task.cancel()
-        await until(lambda: links[0].live_nodes() == 1)
-        with redis_server.client() as c:
-            assert c.zrange("t:nodes", 0, -1) == [b"a"]
-        await links[0].stop()
-        await links[1].stop()
+        async with started_links(redis_server.url, "abc") as links:
+            await until(lambda: all(link.live_nodes() == 3 for link in links))
+            assert all(link.healthy for link in links)
+            # Independently: the liveness set in Redis names the three.
+            with redis_server.client() as c:
+                assert sorted(c.zrange("t:nodes", 0, -1)) == [b"a", b"b", b"c"]
+            await links[2].stop()  # a clean stop leaves at once
+            await until(lambda: all(link.live_nodes() == 2 for link in links[:2]))
+            # A node that vanishes without stopping (its heartbeat just ends, as with
+            # kill -9) drops out once its lease_ttl (1 s) has passed.
+            task = links[1]._task
+            assert task is not None
+            task.cancel()
+            await until(lambda: links[0].live_nodes() == 1)
+            with redis_server.client() as c:
+                assert c.zrange("t:nodes", 0, -1) == [b"a"]
 
     asyncio.run(main())
 
@@ -113,3 +97,55 @@ def test_nodes_fixture_starts_serve_nodes_on_their_addresses(nodes: Any) -> None
     started = nodes(2)
     assert [p.listeners[0].rsplit(":", 1)[0] for p in started] == ["127.0.0.20", "127.0.0.21"]
     assert all(p.proc.poll() is None for p in started)
+
+
+def test_a_cancel_arriving_with_a_reply_still_stops_the_heartbeat(redis_server: RedisServer) -> None:
+    # The reply and the stop's cancel in one loop turn: a command run under
+    # asyncio.wait_for in Python 3.11 would return the reply and lose the cancel, and
+    # the heartbeat would go on for ever (a stop awaiting it, too).
+    async def main() -> None:
+        link = ClusterLink(config(redis_server.url, "a"))
+        reply = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(link.call(reply))
+        await asyncio.sleep(0)
+        reply.set_result(b"PONG")
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=1.0)
+        assert done and task.cancelled()
+        await link.stop()
+
+    asyncio.run(main())
+
+
+def test_stop_ends_a_task_that_loses_its_cancel_and_gives_up_on_one_that_never_ends(
+        monkeypatch: Any) -> None:
+    async def forgetful(lost: list[int]) -> None:
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                if not lost:
+                    raise
+                lost.pop()  # this cancel vanishes, as inside a library's await
+
+    async def main() -> None:
+        task = asyncio.create_task(forgetful([1, 1]))
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        await stop_tasks([task])
+        assert task.cancelled()
+        assert time.monotonic() - started < link_module.STOP_WITHIN
+        # One that never ends: the stop returns after STOP_WITHIN all the same.
+        monkeypatch.setattr(link_module, "STOP_WITHIN", 0.3)
+        lost = [1] * 1000
+        stuck = asyncio.create_task(forgetful(lost))
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        await stop_tasks([stuck])
+        assert not stuck.done() and time.monotonic() - started < 5
+        lost.clear()  # leave the loop clean
+        stuck.cancel()
+        await asyncio.wait({stuck}, timeout=1.0)
+        assert stuck.cancelled()
+
+    asyncio.run(main())

@@ -10,11 +10,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-from engine.cluster.link import ClusterLink
 from engine.cluster.rates import RateGrants, batch_want
 from engine.delivery.shared_limits import CREDIT_WAIT, FULL, LimitTable
 from tests.cluster.conftest import RedisServer
-from tests.cluster.test_link import config
+from tests.cluster.fleet_helpers import started_links
 
 KEY = "provider"
 
@@ -23,11 +22,10 @@ def test_grants_never_exceed_the_rate_over_the_span(redis_server: RedisServer) -
     rate, heartbeat = 200.0, 0.2
 
     async def main() -> None:
-        grants = []
-        for name in "abc":
-            link = ClusterLink(config(redis_server.url, name, heartbeat=heartbeat, lease_ttl=1.0))
-            await link.start()
-            grants.append(RateGrants(link))
+        async with started_links(redis_server.url, "abc", heartbeat=heartbeat, lease_ttl=1.0) as links:
+            await check([RateGrants(link) for link in links])
+
+    async def check(grants: list[RateGrants]) -> None:
         # Alone, one call grants a heartbeat's worth (rate × heartbeat = 40). The span
         # starts before it: that first grant is part of what the bound below counts.
         started = time.monotonic()
@@ -47,8 +45,6 @@ def test_grants_never_exceed_the_rate_over_the_span(redis_server: RedisServer) -
         assert total <= rate * (span + heartbeat) + 2, (total, span)
         assert total >= rate * span * 0.5  # the rate is used, not starved (loose)
         assert min(by_node[1:]) > 0, by_node  # the others got their part too
-        for g in grants:
-            await g.link.stop()
 
     asyncio.run(main())
 
