@@ -88,13 +88,27 @@ def _txt_text(text: str) -> str:
                                   for b in piece) + '"' for piece in pieces)
 
 
+def _names_of(zone: ZoneData) -> frozenset[str]:
+    """Every name of the zone and each of its ancestors ("" is the root)."""
+    names = {""} if zone else set()
+    for key in zone:
+        labels = key.split(".")
+        names.update(".".join(labels[i:]) for i in range(len(labels)))
+    return frozenset(names)
+
+
 class DnsServer:
     """The zone, the counters and the query logic; sockets are added by start()."""
 
     def __init__(self, zone: ZoneData, origin: str = "test.", soa_minimum: int = 300, soa_ttl: int = 3600,
                  default_ttl: int = 300, host: str = "127.0.0.1") -> None:
         self.host = check_loopback(host)
+        # Replaced whole on set(), never changed in place: a query takes both under the
+        # lock and reads them without it. `_names` holds every name and its ancestors,
+        # so telling an empty non-terminal from NXDOMAIN is one set lookup, not a walk
+        # of the zone (that walk cost 90 ms per query in a 10k-domain zone).
         self._zone: ZoneData = {self._key(k): v for k, v in zone.items()}
+        self._names: frozenset[str] = _names_of(self._zone)
         self.origin = _abs(origin)
         self.soa_minimum = soa_minimum
         self.soa_ttl = soa_ttl
@@ -119,10 +133,12 @@ class DnsServer:
     def set(self, name: str, data: ZoneData | str | None) -> None:
         """Replace (or with None remove) the data of one name, live."""
         with self._lock:
+            zone = dict(self._zone)
             if data is None:
-                self._zone.pop(self._key(name), None)
+                zone.pop(self._key(name), None)
             else:
-                self._zone[self._key(name)] = data
+                zone[self._key(name)] = data
+            self._zone, self._names = zone, _names_of(zone)
 
     def count(self, name: str, rdtype: str = "MX") -> int:
         """Queries received for (name, type)."""
@@ -142,10 +158,6 @@ class DnsServer:
         text = f"{ns} {mbox} 1 3600 600 86400 {self.soa_minimum}"
         return dns.rrset.from_text_list(self.origin, self.soa_ttl, "IN", "SOA", [text])
 
-    def _exists(self, name: dns.name.Name) -> bool:
-        """A name exists if it has data or is an empty non-terminal (RFC 8020)."""
-        key = self._key(name.to_text())
-        return key in self._zone or any(_abs(k).is_subdomain(name) for k in self._zone)
 
     def build(self, query: dns.message.Message) -> tuple[dns.message.Message | None, float, bool]:
         """(response or None to drop, delay in seconds, truncate over UDP)."""
@@ -153,7 +165,7 @@ class DnsServer:
         rdtype = dns.rdatatype.to_text(question.rdtype)
         with self._lock:
             self.queries[(self._key(question.name.to_text()), rdtype)] += 1
-            zone = dict(self._zone)
+            zone, names = self._zone, self._names
         response = dns.message.make_response(query)
         response.flags |= dns.flags.AA
         delay, truncate = 0.0, False
@@ -170,7 +182,8 @@ class DnsServer:
                 response.set_rcode(dns.rcode.from_text(data))
                 return response, delay, truncate
             if data is None:
-                if not self._exists(name):
+                # A name exists if it has data or is an empty non-terminal (RFC 8020).
+                if self._key(name.to_text()) not in names:
                     response.set_rcode(dns.rcode.NXDOMAIN)
                 response.authority.append(self._soa())
                 return response, delay, truncate

@@ -202,6 +202,21 @@ def test_resolver_statuses_and_negative_ttl() -> None:
     run(body, soa_minimum=120, soa_ttl=3600)
 
 
+def test_empty_non_terminals_follow_live_changes() -> None:
+    # The server keeps every name's ancestors to tell NODATA from NXDOMAIN; set() must
+    # keep them in step when a name comes and goes.
+    async def body(server: DnsServer) -> None:
+        resolver = Resolver([server.address], 1.0)
+        assert (await resolver.mx("b.test")).status is Status.NXDOMAIN
+        server.set("a.b.test", {"A": ["127.0.0.7"]})
+        assert (await resolver.mx("b.test")).status is Status.NODATA  # an empty non-terminal
+        assert (await resolver.mx("c.a.b.test")).status is Status.NXDOMAIN
+        server.set("a.b.test", None)
+        assert (await resolver.mx("b.test")).status is Status.NXDOMAIN
+
+    run(body, soa_minimum=0)
+
+
 def test_sync_server_thread() -> None:
     with DnsServerThread(ZONE) as server:
 
