@@ -3,7 +3,8 @@ created once with its header, rebuilt when its layout is another's, mapped share
 
 The file's first 8 bytes are its magic (the layout's name and version); a file of
 another magic or size is emptied and laid out anew under an fcntl lock on the header,
-so two workers starting together agree on one layout.
+so two workers starting together agree on one layout. `MappedTable` is what every such
+table holds: its descriptor (-1 for a private table, mapped anonymously) and its map.
 """
 
 from __future__ import annotations
@@ -50,3 +51,23 @@ def map_readonly(path: str, size: int, magic: bytes) -> tuple[int, mmap.mmap] | 
     except BaseException:
         os.close(fd)
         raise
+
+
+class MappedTable:
+    """The map (and descriptor, -1 when private) one table of this process holds."""
+
+    def __init__(self, fd: int, mm: mmap.mmap) -> None:
+        self._fd = fd
+        self._mm = mm
+
+    @property
+    def closed(self) -> bool:
+        return self._mm.closed
+
+    def close(self) -> None:
+        """Unmap and close; a table closed twice stays closed."""
+        if not self._mm.closed:
+            self._mm.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import fcntl
 import mmap
-import os
 from dataclasses import dataclass
 
 from engine.delivery.fleet_share import (
@@ -44,7 +43,7 @@ from engine.delivery.fleet_share import (
     fleet_rate,
     needs_credit,
 )
-from engine.delivery.mapped_file import map_readonly, map_shared
+from engine.delivery.mapped_file import MappedTable, map_readonly, map_shared
 from engine.delivery.shared_limits_layout import (
     COL0,
     COLS,
@@ -103,13 +102,12 @@ class SlotView:
     ctat: float
 
 
-class LimitTable(FleetSlots, ReactionSlots):
+class LimitTable(MappedTable, FleetSlots, ReactionSlots):
     """The mapped table of one process. Loop thread only (one lock holder at a time
     per process is what POSIX record locks assume: they are per process)."""
 
     def __init__(self, fd: int, mm: mmap.mmap, *, writable: bool) -> None:
-        self._fd = fd
-        self._mm = mm
+        super().__init__(fd, mm)
         self.writable = writable
         self._slots: dict[int, int] = {}  # key → slot index
         self._warned = False
@@ -147,19 +145,6 @@ class LimitTable(FleetSlots, ReactionSlots):
         """A table of this process alone (no file): for pools built without a queue."""
         mm = mmap.mmap(-1, FILE_SIZE)
         return cls(-1, mm, writable=True)
-
-    @property
-    def closed(self) -> bool:
-        return self._mm.closed
-
-    def close(self) -> None:
-        """Unmap (a pool still ending afterwards finds no limit; nothing to release:
-        the worker's column is zeroed by its successor)."""
-        if not self._mm.closed:
-            self._mm.close()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
     # --- locking -----------------------------------------------------------------------
     def _lock(self, slot: int) -> None:

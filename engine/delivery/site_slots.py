@@ -53,7 +53,7 @@ import os
 import struct
 from typing import Protocol
 
-from engine.delivery.mapped_file import map_shared
+from engine.delivery.mapped_file import MappedTable, map_shared
 from engine.observe import log
 
 MAGIC = b"VOLSITE1"
@@ -86,13 +86,12 @@ def site_hash(name: str) -> int:
     return key or 1
 
 
-class SiteTable:
+class SiteTable(MappedTable):
     """The mapped table of one process. Loop thread only (POSIX record locks are per
     process: one holder at a time per process)."""
 
     def __init__(self, fd: int, mm: mmap.mmap) -> None:
-        self._fd = fd
-        self._mm = mm
+        super().__init__(fd, mm)
         self._slots: dict[int, int] = {}  # key → slot, checked under the slot's lock
         self._warned = False
 
@@ -109,17 +108,6 @@ class SiteTable:
     def private(cls) -> SiteTable:
         """A table of this process alone (no file, no locks)."""
         return cls(-1, mmap.mmap(-1, FILE_SIZE))
-
-    @property
-    def closed(self) -> bool:
-        return self._mm.closed
-
-    def close(self) -> None:
-        if not self._mm.closed:
-            self._mm.close()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
     def _lock(self, start: int, length: int) -> None:
         if self._fd >= 0:

@@ -25,7 +25,7 @@ import mmap
 import os
 import struct
 
-from engine.delivery.mapped_file import map_readonly, map_shared
+from engine.delivery.mapped_file import MappedTable, map_readonly, map_shared
 from engine.observe import log
 
 MAGIC = b"VOLWARM1"
@@ -47,12 +47,11 @@ def pair_key(address: str, provider: str) -> int:
     return int.from_bytes(digest, "little") or 1
 
 
-class WarmupTable:
+class WarmupTable(MappedTable):
     """One process's mapping. Loop thread only (POSIX record locks are per process)."""
 
     def __init__(self, fd: int, mm: mmap.mmap, *, writable: bool) -> None:
-        self._fd = fd
-        self._mm = mm
+        super().__init__(fd, mm)
         self.writable = writable
         self._slots: dict[int, int] = {}
         self._warned = False
@@ -74,17 +73,6 @@ class WarmupTable:
     def private(cls) -> WarmupTable:
         """A table of this process alone (no file): pools built without a queue."""
         return cls(-1, mmap.mmap(-1, FILE_SIZE), writable=True)
-
-    @property
-    def closed(self) -> bool:
-        return self._mm.closed
-
-    def close(self) -> None:
-        if not self._mm.closed:
-            self._mm.close()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
     def _lock(self, slot: int, op: int) -> None:
         if self._fd >= 0:
