@@ -26,6 +26,7 @@ import uvloop
 
 from engine import config as config_mod
 from engine.control import wire
+from engine.delivery.dns_share import ADDRESSES, MX
 from engine.delivery.holds import HOLDS_KEY, Holds, decode_holds
 from engine.delivery.runtime import Delivery
 from engine.inbound.context import WorkerContext
@@ -331,7 +332,11 @@ def worker_state(slot: int, runtime: WorkerRuntime) -> wire.State:
     m.expired = st.expired
     m.dsns_queued = st.dsns
     dns = delivery.dns.stats
-    m.dns_lookups = dns.misses
+    shared = delivery.answers.hits_by_kind
+    # A miss of the worker's cache answered from the workers' shared answers asked no
+    # nameserver (TXT lookups go around the cache: not in its misses).
+    m.dns_lookups = dns.misses - shared[MX] - shared[ADDRESSES]
+    m.dns_shared_answers = sum(shared)
     m.dns_cache_hits = dns.hits
     m.connections_out = delivery.pools.connections_opened
     m.sent_bytes = delivery.pools.bytes_sent

@@ -14,6 +14,8 @@ from typing import Any
 
 from engine.config import Config
 from engine.delivery.budget import ConnectionBudget
+from engine.delivery.dns_share import AnswerTable, SharingResolver
+from engine.delivery.dns_share import table_path as answers_path
 from engine.delivery.egress import EgressPools
 from engine.delivery.holds import Holds
 from engine.delivery.pool import PoolStats, SitePool
@@ -29,7 +31,6 @@ from engine.delivery.warmup_table import WarmupTable
 from engine.delivery.warmup_table import table_path as warmup_table_path
 from engine.dns.cache import DnsCache
 from engine.dns.mx import Route, norm_domain
-from engine.dns.resolver import Resolver
 from engine.observe import log
 from engine.observe.delivery_log import DeliveryLog
 from engine.queue.committer import QueueCommitter
@@ -52,7 +53,10 @@ class Delivery:
         loop = asyncio.get_running_loop()
         self.loop = loop
         d = cfg.dns
-        self.resolver = Resolver(list(d.nameservers), float(d.timeout))
+        # What one worker learns from DNS, the others read (dns_share.py): every worker
+        # delivers a share of every domain, so each would otherwise look it up again.
+        self.answers = AnswerTable.open(answers_path(cfg.queue.path))
+        self.resolver = SharingResolver(list(d.nameservers), float(d.timeout), self.answers)
         self.dns = DnsCache(
             self.resolver, min_ttl=float(d.min_ttl), max_ttl=float(d.max_ttl),
             negative_ttl_max=float(d.negative_ttl_max), failure_ttl=float(d.failure_ttl),
@@ -109,6 +113,7 @@ class Delivery:
         self.limits.close()
         self.sites.close()
         self.warmup_table.close()
+        self.answers.close()
 
     # --- control -------------------------------------------------------------------------
     def set_holds(self, holds: Holds) -> None:
@@ -166,6 +171,10 @@ class Delivery:
     def mx_flush(self, domain: str | None = None) -> int:
         """Forget cached DNS answers for `domain` (all if None) and the route memo;
         returns the number of cache entries removed."""
+        if domain is None:
+            self.answers.clear()
+        else:
+            self.answers.forget_domain(norm_domain(domain))
         removed = self.dns.flush(domain)
         self.scheduler.forget_routes()
         return removed

@@ -37,7 +37,6 @@ from engine.delivery.mta_sts import Policy, disallowed_hosts, record_id, restric
 from engine.delivery.sts_fetch import FetchError, fetch_policy
 from engine.dns.mx import Route, RouteError, norm_domain
 from engine.dns.resolver import Resolver, Status
-from engine.dns.txt import txt
 from engine.observe import log
 
 Plan = tuple[Route | RouteError, PoolSettings]
@@ -160,7 +159,7 @@ class StsPolicies:
         return max(1.0, min(max(float(ttl), float(d.min_ttl)), float(d.negative_ttl_max)))
 
     async def _refresh(self, domain: str) -> None:
-        answer = await txt(self.resolver, f"_mta-sts.{domain}")
+        answer = await self.resolver.txt(f"_mta-sts.{domain}")
         entry = self._entry(domain)
         now = self.loop.time()
         entry.checked_until = now + self._ttl(answer.status, answer.ttl)

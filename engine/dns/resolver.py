@@ -153,3 +153,12 @@ class Resolver:
         if Status.NXDOMAIN in (s4, s6):
             return Answer(Status.NXDOMAIN, (), min(facts))
         return Answer(Status.NODATA, (), min(facts))
+
+    async def txt(self, name: str) -> Answer:
+        """The TXT records of `name` (CNAMEs followed; the `_mta-sts` record, RFC 8461
+        §3.1): one text per record, its character-strings concatenated (RFC 7208 §3.3
+        and RFC 8461 §3.1 read them so), bytes that are not UTF-8 replaced."""
+        status, rrset, ttl = await self._query(name, dns.rdatatype.TXT)
+        if rrset is None:
+            return Answer(status, (), ttl)
+        return Answer(Status.OK, tuple(b"".join(rd.strings).decode("utf-8", "replace") for rd in rrset), ttl)

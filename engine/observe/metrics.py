@@ -52,7 +52,12 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("expired", "volley_messages_expired_total", "Recipients failed because their queue lifetime ran out."),
     ("connections_out", "volley_connections_out_total", "Outbound SMTP connections opened."),
     ("sent_bytes", "volley_sent_bytes_total", "Bytes of message content sent to next hops."),
-    ("dns_lookups", "volley_dns_lookups_total", "DNS answers asked of the resolver (cache misses)."),
+    ("dns_lookups", "volley_dns_lookups_total",
+     "MX and address answers asked of the nameservers (misses of the worker's cache that "
+     "no other worker had fetched)."),
+    ("dns_shared_answers", "volley_dns_shared_answers_total",
+     "DNS answers (MX, address, MTA-STS TXT) a worker took from those another worker had "
+     "fetched, instead of asking the nameservers."),
     ("dns_cache_hits", "volley_dns_cache_hits_total", "DNS answers served from the cache."),
     ("dsns_queued", "volley_dsns_queued_total", "Delivery status notifications queued."),
     ("handed_over", "volley_messages_handed_over_total",
@@ -155,6 +160,7 @@ class WorkerMetrics:
     sent_bytes: int
     dns_lookups: int
     dns_cache_hits: int
+    dns_shared_answers: int
     dsns_queued: int
     handed_over: int
     delivery_latency: Histogram

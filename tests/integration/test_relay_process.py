@@ -13,11 +13,14 @@ import tomllib
 from collections import Counter as Tally
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from engine import config as config_mod
 from engine.lab.sink.protocol import NO_REPLY, start_sink
 from engine.queue.ids import id_bytes
 from engine.queue.layout import owner_of
 from engine.queue.store import QueueStore, stable_shard
+from tests.integration.control_helpers import ctl
 from tests.integration.harness import ServeProcess, wait_until
 from tests.integration.relay_helpers import body, rcpt_of, send, send_many, tag_of
 
@@ -180,4 +183,54 @@ def test_each_unit_is_attempted_by_its_owner_worker_only(serve, peers, dns_zone)
     wait_until(enough, 30, "attempts for every domain from each of its owners")
     for d, roles in attempts().items():
         assert set(roles) == {f"worker{o}" for o in owners[d]}, (d, owners[d], roles)
+    assert server.stop(30) == 0
+
+
+def test_a_domain_is_looked_up_once_for_both_workers(serve, peers, dns_zone):
+    """Both workers deliver a share of each domain, and the DNS answers one of them
+    fetched serve the other (dns_share.py): each domain's MX, its host's addresses and
+    its `_mta-sts` record are queried once, counted by the DNS server itself. Each
+    domain's first message is delivered alone, so no two workers race to ask first."""
+    domains = [f"d{i}.test" for i in range(4)]
+    sink = peers.call(start_sink("127.0.0.2", 0, keep_segments=False))
+    peers.sinks.append(sink)
+    zone: dict[str, Any] = {"mx.sink.test": {"A": ["127.0.0.2"]}}
+    for d in domains:
+        zone[d] = {"MX": [(10, "mx.sink.test")]}
+    dns = dns_zone(zone)
+    config = relay_config(dns.port, sink.port)
+    # The longest attempt dnspython allows (2 s): an attempt that a loaded host's DNS
+    # thread answers late is retried, and the server counts the question twice.
+    config["dns"]["timeout"] = "20s"
+    server = serve(config)
+    owners: dict[str, set[int]] = {d: set() for d in domains}
+    sent = 0
+    for d in domains:
+        owners[d].add(owner_of(d, id_bytes(send(server.port, [f"first@{d}"], body(f"first-{d}"))), 2))
+        sent += 1
+        wait_until(lambda n=sent: len(sink.messages) >= n, 30, f"the first message to {d} delivered")
+    for start in range(0, 24, 6):  # several connections, so both workers receive mail
+        ids = send_many(server.port, [([f"r{i}@{domains[i % 4]}"], body(f"more-{i}"))
+                                      for i in range(start, start + 6)])
+        for i, qid in zip(range(start, start + 6), ids, strict=True):
+            owners[domains[i % 4]].add(owner_of(domains[i % 4], id_bytes(qid), 2))
+    sent += 24
+    wait_until(lambda: len(sink.messages) >= sent, 30, "every message delivered")
+    both = sum(o == {0, 1} for o in owners.values())
+    assert both >= 2, owners  # domains delivered by both workers
+    for d in domains:
+        assert (dns.count(d, "MX"), dns.count(f"_mta-sts.{d}", "TXT")) == (1, 1), d
+    assert (dns.count("mx.sink.test", "A"), dns.count("mx.sink.test", "AAAA")) == (1, 1)
+    # What the server says of it: the MX of 4 domains and one address answer were asked
+    # of the nameserver; the other worker took the MX and MTA-STS answers of each domain
+    # it delivered too, and the MX host's address once, from the shared ones.
+    asked = sum(dns.count(d, "MX") for d in domains) + dns.count("mx.sink.test", "A")
+
+    def dns_figures() -> tuple[float, float]:  # the workers push their counters each second
+        text = ctl(server, "metrics").stdout
+        seen = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+        return seen["volley_dns_lookups_total"], seen["volley_dns_shared_answers_total"]
+
+    shared = 2 * both + 1
+    wait_until(lambda: dns_figures() == (asked, shared), 30, f"lookups {asked}, shared answers {shared}")
     assert server.stop(30) == 0
