@@ -7,7 +7,9 @@ one pipelined round trip, and write the answer back into the table.
 The workers never wait on Redis: they read the share and spend the credit in the
 table (fleet_share.py). When Redis does not answer, the link turns degraded and
 every slot goes back to the local share (cap ÷ live nodes last seen, rate ÷ live
-nodes); when it answers again the next round takes leases again by itself.
+nodes); when it answers again the next round takes leases again by itself, no more
+than that local share while the cap key's hold stands (caps.py: the other nodes may
+not have published the connections they kept open yet).
 
 Slots are laid out for every key before the workers start, so a worker never finds
 a slot of a fleet without its local share in force (the header's fleet count).
@@ -46,6 +48,7 @@ class KeyState:
     lease: Lease | None = None
     credit_after: float = 0.0  # the slot's credit as the last round left it
     spent: float = 0.0  # messages spent during the last heartbeat
+    seen: bool = False  # a round published this node's want on the cap key
     by_node: dict[str, int] = field(default_factory=dict)
 
 
@@ -88,6 +91,9 @@ class Coordinator:
         self.rounds = 0
         self._task: asyncio.Task[None] | None = None
         self._last = time.monotonic()
+        self._back = False  # Redis answers again: the next round starts a hold
+        # The most live nodes counted lately, and when (see _fleet_seen).
+        self._peak, self._peak_at = 1, 0.0
 
     def _layout(self) -> None:
         """A slot per key (new ones in the local share until Redis answers)."""
@@ -103,7 +109,7 @@ class Coordinator:
             slot = self.table.slot_of(key)
             if slot is not None:  # a full table answers "no limit" (logged there)
                 self.states[key] = KeyState(spec, slot)
-        self.table.set_fleet(self.link.live_nodes())
+        self.table.set_fleet(self._fleet_seen(time.monotonic()))
 
     async def start(self) -> None:
         """Lay the slots out and start the rounds (the link is started already)."""
@@ -153,12 +159,27 @@ class Coordinator:
         if self.link.healthy:
             await self.round()
 
+    def _fleet_seen(self, now: float) -> int:
+        """The live nodes the local shares and a hold's ceiling divide by: the most
+        counted within the last hold. After Redis restarted empty the liveness set fills
+        back one node at a time, while each node may still have open what cap ÷ the
+        former count allowed: dividing by the new count would let a slot not yet leased
+        again open the whole cap."""
+        live = self.link.live_nodes()
+        if live >= self._peak or now - self._peak_at > self.caps.hold:
+            self._peak, self._peak_at = live, now
+        return self._peak
+
     def _on_health(self, healthy: bool) -> None:
-        if not healthy:  # no word from Redis: every slot on its local share
-            self.table.set_fleet(self.link.live_nodes())
-            for state in self.states.values():
-                self.table.set_share(state.slot, None)
-                state.lease, state.credit_after = None, 0.0
+        if healthy:
+            # The outage does not age the count the local shares were divided by.
+            self._back, self._peak_at = True, time.monotonic()
+            return
+        # No word from Redis: every slot on its local share.
+        self.table.set_fleet(self._fleet_seen(time.monotonic()))
+        for state in self.states.values():
+            self.table.set_share(state.slot, None)
+            state.lease, state.credit_after = None, 0.0
 
     async def round(self) -> None:
         """One pipelined round trip: leases and grants for every key."""
@@ -170,6 +191,7 @@ class Coordinator:
         heartbeat = float(self.link.cfg.heartbeat)
         pipe = self.link.redis.pipeline(transaction=False)
         asked: list[tuple[KeyState, str, Any]] = []
+        fleet = self._fleet_seen(now)
         for state in self.states.values():
             spec, view = state.spec, self.table.node_view(state.slot)
             if spec.cap:
@@ -178,7 +200,8 @@ class Coordinator:
                 # keep: never fewer leases than connections open.
                 waiting = view.wanted > now - period or view.rwanted > now - period
                 want = spec.cap if waiting else view.total
-                await self.caps.queue(pipe, spec.key, spec.cap, want, view.total)
+                await self.caps.queue(pipe, spec.key, spec.cap, want, view.total,
+                                      most=spec.cap, seen=False, back=False)
                 asked.append((state, "cap", view))
             if spec.rate:
                 state.spent = max(0.0, state.credit_after - view.credit) if view.leased else 0.0
@@ -187,8 +210,9 @@ class Coordinator:
                 await self.rates.queue(pipe, spec.key, spec.rate, ask)
                 asked.append((state, "rate", view))
         results = await self.link.call(pipe.execute())
+        self._back = False  # the hold is set in Redis now, for every node to see
         self.rounds += 1
-        self.table.set_fleet(self.link.live_nodes())
+        self.table.set_fleet(fleet)
         self._apply(asked, results, now)
 
     def _apply(self, asked: list[tuple[KeyState, str, Any]], results: list[Any], now: float) -> None:
@@ -196,6 +220,7 @@ class Coordinator:
         credits: dict[str, float] = {}
         for (state, kind, view), res in zip(asked, results, strict=True):
             if kind == "cap":
+                state.seen = True
                 lease = state.lease = self.caps.parse(res)
                 # The workers may use the leases up to the fair target: the leases
                 # above it only cover connections still open, and are given back
