@@ -201,7 +201,7 @@ class Coordinator:
                 waiting = view.wanted > now - period or view.rwanted > now - period
                 want = spec.cap if waiting else view.total
                 await self.caps.queue(pipe, spec.key, spec.cap, want, view.total,
-                                      most=spec.cap, seen=False, back=False)
+                                      most=max(1, spec.cap // fleet), seen=state.seen, back=self._back)
                 asked.append((state, "cap", view))
             if spec.rate:
                 state.spent = max(0.0, state.credit_after - view.credit) if view.leased else 0.0

@@ -81,8 +81,9 @@ def leases_in_redis(server: RedisServer, key: str, prefix: str = "t:") -> dict[s
 
 # --- providers -------------------------------------------------------------------------------
 class Sessions:
-    """Sink script counting sessions open at once, from the banner to the end of the
-    connection (QUIT or a drop), over all the provider's sinks: what the provider sees."""
+    """Sink script counting sessions open at once, from the banner to QUIT, over all the
+    provider's sinks: what the provider sees. A connection dropped without QUIT is not
+    seen here and stays counted; `Sink.max_live` counts every close."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -218,8 +219,6 @@ def events(node: ServeProcess, name: str) -> int:
 
 
 def metric(node: ServeProcess, name: str) -> float | None:
-    """A sample without labels from `volley ctl metrics` (None when absent). The ctl
-    process takes a while to start; test_degraded's last phase is only known to pass
-    with that pause (its sessions of the outage close meanwhile)."""
+    """A sample without labels from `volley ctl metrics` (None when absent)."""
     m = re.search(rf"^{re.escape(name)} (\S+)$", ctl(node, "metrics").stdout, re.M)
     return float(m.group(1)) if m else None

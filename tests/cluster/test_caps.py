@@ -1,8 +1,10 @@
 """Connection caps as leases in a real Redis (engine/cluster/caps.py): the leases of
 all nodes never add up to more than the cap, an idle node's part flows to the busy
 ones, a node never gives back leases below the connections it has open, and the
-leases of a node that stopped renewing are gone after lease_ttl. Each figure is
-checked against Redis's own sorted set, read independently."""
+leases of a node that stopped renewing are gone after lease_ttl; connections a node has
+open without leases are reserved too, and after Redis lost its data no node grows above
+its local share for lease_ttl + timeout. Each figure is checked against Redis's own
+sorted set, read independently."""
 
 from __future__ import annotations
 
@@ -82,5 +84,52 @@ def test_leases_of_a_silent_node_end_after_the_ttl(redis_server: RedisServer) ->
                 await a.rebalance(KEY, 4, 4, 0)
                 await asyncio.sleep(0.1)
             assert (await a.rebalance(KEY, 4, 4, 0)).share == 4
+
+    asyncio.run(main())
+
+
+def test_connections_open_without_leases_are_reserved(redis_server: RedisServer) -> None:
+    async def main() -> None:
+        async with started_links(redis_server.url, "ab") as links:
+            a, b = map(CapLeases, links)
+            assert (await a.rebalance(KEY, 4, 4, 0)).share == 4
+            # b kept 3 connections of an outage open and gets no lease: a holds all four.
+            assert (await b.rebalance(KEY, 4, 4, 3)).share == 0
+            # a's part is 2, but only 1 is free of b's open connections.
+            assert (await a.rebalance(KEY, 4, 4, 0)).share == 1
+            assert (await b.rebalance(KEY, 4, 4, 3)).share == 3
+            assert leases_in_redis(redis_server, KEY) == {"a": 1, "b": 3}
+
+    asyncio.run(main())
+
+
+def test_after_redis_lost_its_data_no_node_grows_above_its_local_share(redis_server: RedisServer) -> None:
+    hold_key = f"t:cap:{KEY}:hold"
+
+    async def main() -> None:
+        async with started_links(redis_server.url, "ab", lease_ttl=2.0, timeout=1.0) as links:
+            a, b = map(CapLeases, links)
+            for _ in range(2):
+                await a.rebalance(KEY, 4, 4, 0)
+                await b.rebalance(KEY, 4, 4, 2)
+            with redis_server.client() as c:
+                c.flushall()  # as a restart without persistence
+                # a published before and finds its want gone: a hold, a at most 4 ÷ 2.
+                assert (await a.rebalance(KEY, 4, 4, 0, most=2, seen=True)).share == 2
+                assert c.pttl(hold_key) > 0
+                # b (2 open, unknown to a until now) is not squeezed out.
+                assert (await b.rebalance(KEY, 4, 4, 2, most=2, seen=True)).share == 2
+                assert (await b.rebalance(KEY, 4, 0, 0, most=2, seen=True)).share == 0  # b idle
+                assert (await a.rebalance(KEY, 4, 4, 0, most=2, seen=True)).share == 2
+                # a's rounds go on (as its heartbeat would): 2 until the hold ends, then 4.
+                deadline = time.monotonic() + 15
+                while c.exists(hold_key):  # lease_ttl + timeout = 3 s
+                    assert time.monotonic() < deadline, "the hold outlived lease_ttl + timeout"
+                    assert (await a.rebalance(KEY, 4, 4, 0, most=2, seen=True)).share == 2
+                    await asyncio.sleep(0.05)
+                assert (await a.rebalance(KEY, 4, 4, 0, most=2, seen=True)).share == 4
+                # A node back from an outage starts a hold though Redis kept its data.
+                await b.rebalance(KEY, 4, 0, 0, back=True)
+                assert c.pttl(hold_key) > 0
 
     asyncio.run(main())
