@@ -93,6 +93,8 @@ class WorkerRuntime:
             delivery = Delivery(cfg, store=store, committer=committer, ids=ids, owner=slot,
                                 local=_expand_wildcards(local), workers=workers)
             ctx.on_new_mail = delivery.scheduler.wake
+            ctx.dead_until = delivery.scheduler.dead_until
+            ctx.on_deferred = delivery.scheduler.deferred_at_intake
             raw = store.get_control(HOLDS_KEY)  # suspensions hold from the first scan on
             delivery.set_holds(decode_holds(raw) if raw else Holds({}, {}))
             delivery.start()

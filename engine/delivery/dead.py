@@ -32,6 +32,10 @@ defers them together, in ONE op per `GATHER` (`defer_op`, modelled on holds.park
 
 The op is re-runnable: it reads only the transaction it is given and the values
 captured when it was built.
+
+Mail received for a site already known dead skips all this: the intake dates it
+(inbound/dead_intake.py, asking `Scheduler.dead_until`) and `IntakeDeferred` counts and
+logs it like a group once it is durable.
 """
 
 from __future__ import annotations
@@ -143,14 +147,18 @@ class DeadBatch:
         up to a tenth of it, with `reply` as its last error."""
         wait = max(0.0, wait)  # a backoff that ended meanwhile: due again at once
         until = now + wait + self.rng.uniform(0.0, wait / JITTER_PART)
-        said = self._said
-        if said[0] is not reply:  # one site's units share its reply object
-            said = self._said = (reply, reply_summary(reply))
-        self.units.append((msg_id, domain, until, said[1]))
+        self.units.append((msg_id, domain, until, self.summary(reply)))
         self.replies[domain] = reply
         if not self._pending:
             self._pending = True
             self.loop.call_later(GATHER, self._flush)
+
+    def summary(self, reply: Reply) -> str:
+        """`reply` as a unit's `last_reply` (one site's units share the text)."""
+        said = self._said
+        if said[0] is not reply:
+            said = self._said = (reply, reply_summary(reply))
+        return said[1]
 
     def take(self) -> tuple[list[Unit], dict[str, Reply]]:
         units, replies = self.units, self.replies
@@ -158,12 +166,47 @@ class DeadBatch:
         return units, replies
 
 
+class IntakeDeferred:
+    """Units dated at intake to their dead site's backoff end (inbound/dead_intake.py),
+    already durable: counted and logged together `GATHER` seconds after the first, as a
+    group op's are. Loop thread only."""
+
+    __slots__ = ("loop", "_observe", "units", "replies", "res", "_pending")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 observe: Callable[[GroupDeferred, dict[str, Reply], list[Unit]], None]) -> None:
+        self.loop = loop
+        self._observe = observe
+        self.units: list[Unit] = []
+        self.replies: dict[str, Reply] = {}
+        self.res = GroupDeferred()
+        self._pending = False
+
+    def add(self, msg_id: bytes, domain: str, until: float, reply: Reply, recipients: int,
+            summary: str) -> None:
+        self.units.append((msg_id, domain, until, summary))
+        self.replies[domain] = reply
+        self.res.deferred.append(((msg_id, domain), recipients))
+        self.res.recipients += recipients
+        if not self._pending:
+            self._pending = True
+            self.loop.call_later(GATHER, self._flush)
+
+    def _flush(self) -> None:
+        units, replies, res = self.units, self.replies, self.res
+        self.units, self.replies, self.res, self._pending = [], {}, GroupDeferred(), False
+        if units:
+            self._observe(res, replies, units)
+
+
 def observe_group(res: GroupDeferred, replies: dict[str, Reply], units: list[Unit],
-                  now: float, dlog: DeliveryLog, metrics: WorkerMetrics | None) -> None:
+                  now: float, dlog: DeliveryLog, metrics: WorkerMetrics | None,
+                  *, intake: bool = False) -> None:
     """One delivery-log line per domain of a committed group op (Postfix logs each
     message "delivery temporarily suspended"; one line with the count and the ids says
     the same for a group at the cost of one), and each deferred recipient counted by
-    the class of the reply (volley_deferrals_total{class})."""
+    the class of the reply (volley_deferrals_total{class}). `intake`: the units were
+    dated when received (the line says `"intake": true`)."""
     latest: dict[str, float] = {}
     for _, domain, until, _ in units:
         if until > latest.get(domain, 0.0):
@@ -188,4 +231,5 @@ def observe_group(res: GroupDeferred, replies: dict[str, Reply], units: list[Uni
             "code": reply.code, "enhanced": reply.enhanced, "reply": "\n".join(reply.lines),
             "class": cls,
             "until": round(latest[domain], 3),
+            **({"intake": True} if intake else {}),
         })

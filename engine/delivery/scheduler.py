@@ -39,7 +39,7 @@ import random
 import time
 
 from engine.config import Config
-from engine.delivery.dead import DeadBatch
+from engine.delivery.dead import JITTER_PART, DeadBatch, IntakeDeferred
 from engine.delivery.holds import Holds, Parked, park_op
 from engine.delivery.job import Job, JobResult, PoolSettings
 from engine.delivery.planner import Plan, RoutePlanner
@@ -96,6 +96,7 @@ class Scheduler(OutcomeCommitting):
         self.planner = RoutePlanner(cfg, dns, resolver, local, self.loop)
         self.holds = Holds()
         self._dead = DeadBatch(self.loop, self._flush_dead, self.rng)
+        self._intake_deferred = IntakeDeferred(self.loop, self._observe_intake)
         self._lookups: dict[str, asyncio.Task[Plan]] = {}  # domain → its resolution
         self._lookup_slots = asyncio.Semaphore(MAX_LOOKUPS)
         self.metrics: WorkerMetrics | None = None  # when the worker wants histograms
@@ -364,5 +365,21 @@ class Scheduler(OutcomeCommitting):
         return True
 
     # --- dead destinations (dead.py) ----------------------------------------------------
+    def dead_until(self, domain: str) -> tuple[float, Reply, str] | None:
+        """For the intake (inbound/dead_intake.py): when the domain's site is known to be
+        dead without waiting (a planned route, its pool backing off), the epoch its mail
+        waits until (the backoff's end plus the jitter a group deferral draws, within
+        max_age), the reply that killed the site and its summary; else None."""
+        mono = self.loop.time()
+        planned = self.planner.now(domain, mono)
+        pool = self._backing_off(*planned) if planned is not None else None
+        if pool is None:
+            return None
+        wait = max(0.0, pool.backoff_until - mono)
+        now = time.time()
+        until = now + wait + self.rng.uniform(0.0, wait / JITTER_PART)
+        until = min(until, now + float(self.cfg.delivery.max_age))
+        return until, pool.backoff_reply, self._dead.summary(pool.backoff_reply)
+
     def _backing_off(self, route: Route | RouteError, settings: PoolSettings) -> SitePool | None:
         return self.pools.backing_off(route, settings) if isinstance(route, Route) else None

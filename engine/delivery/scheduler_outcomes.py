@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import cast
 
 from engine.config import Config
 from engine.delivery import outcome as outcome_mod
 from engine.delivery.bounce import write_outcome
-from engine.delivery.dead import DeadBatch, GroupDeferred, defer_op, observe_group
+from engine.delivery.dead import DeadBatch, GroupDeferred, IntakeDeferred, defer_op, observe_group
 from engine.delivery.job import JobResult
 from engine.delivery.ledger import Ledger
 from engine.delivery.outcome_lines import log_outcome, observe_outcome
@@ -64,6 +64,7 @@ class OutcomeCommitting:
     _wake: asyncio.Event
     _stopping: bool
     _dead: DeadBatch
+    _intake_deferred: IntakeDeferred
     _suppress_codes: frozenset[str]
 
     def _release(self, entry: tuple[bytes, str]) -> None:
@@ -109,6 +110,18 @@ class OutcomeCommitting:
         except RuntimeError:  # the committer stopped (shutdown): the entries stay due (P2)
             for msg_id, domain, _, _ in units:
                 self._release((msg_id, domain))
+
+    def deferred_at_intake(self, msg_id: bytes, deferrals: Sequence[tuple[str, float, Reply, int]]) -> None:
+        """Recipients the intake dated to a dead site's backoff end (`dead_until`), now
+        durable: counted and logged as a group's are (dead.IntakeDeferred)."""
+        for domain, until, reply, recipients in deferrals:
+            self._intake_deferred.add(msg_id, domain, until, reply, recipients, self._dead.summary(reply))
+
+    def _observe_intake(self, res: GroupDeferred, replies: dict[str, Reply],
+                        units: list[tuple[bytes, str, float, str]]) -> None:
+        self.stats.deferred += res.recipients
+        self.stats.grouped += len(res.deferred)
+        observe_group(res, replies, units, time.time(), self.dlog, self.metrics, intake=True)
 
     def _deferred_group(self, units: list[tuple[bytes, str, float, str]],
                         replies: dict[str, Reply], res: object, now: float) -> None:

@@ -13,6 +13,7 @@ from typing import Protocol
 from engine.config import Config
 from engine.inbound import users
 from engine.inbound.auth_failures import AuthFailures
+from engine.inbound.dead_intake import DeadWait, IntakeDeferral
 from engine.inbound.policy import Policy
 from engine.inbound.tls import make_server_tls_context
 from engine.observe import log
@@ -70,6 +71,10 @@ class WorkerContext:
         self.stats = InboundStats()
         self.draining = False
         self.on_new_mail: Callable[[], None] | None = None  # wakes the delivery scheduler
+        # Set by the worker when it delivers: new mail for a site delivery knows is dead
+        # is dated to its backoff's end at intake, and counted once durable (dead_intake.py).
+        self.dead_until: DeadWait | None = None
+        self.on_deferred: Callable[[bytes, list[IntakeDeferral]], None] | None = None
         self.store: QueueStore | None = None  # reads (the suppression list); writes go to `committer`
         # scrypt is ~50 ms of CPU: a small pool keeps it off the loop (house rule 4).
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="volley-auth")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from engine.errors import VolleyError
 from engine.inbound import decisions
 from engine.inbound.campaign_tags import take_fields
+from engine.inbound.dead_intake import IntakeDeferral, date_for_dead
 from engine.inbound.feedback_intake import Report, read_report
 from engine.inbound.handover import apply as apply_handover
 from engine.inbound.handover import take as take_handover
@@ -42,7 +43,7 @@ INLINE_REPORT = 64 * 1024
 class Submission:
     """One transaction's op and what its commit callback needs to answer and log."""
 
-    __slots__ = ("record", "body", "msg_id", "report", "now", "handed_over")
+    __slots__ = ("record", "body", "msg_id", "report", "now", "handed_over", "deferred")
 
     def __init__(self) -> None:
         self.record: MessageRecord | None = None
@@ -53,15 +54,19 @@ class Submission:
         # Handed over by another Volley (X-Volley-Handover): its campaign counted the
         # recipients as injected there; counting them again would double the fleet's sum.
         self.handed_over = False
+        # Recipients dated at intake to a dead site's backoff end (dead_intake.py).
+        self.deferred: list[IntakeDeferral] = []
 
     def op(self, w: WriteTxn) -> None:
         """Run inside the committer's write transaction."""
         record = self.record
         if record is not None:
             w.put_message(record, self.body)
-            if not self.handed_over:
+            deferred = sum(d.recipients for d in self.deferred)
+            if not self.handed_over or deferred:
                 campaigns.bump(w, record.tenant, record.campaign, now=self.now,
-                               injected=len(record.recipients))
+                               injected=0 if self.handed_over else len(record.recipients),
+                               deferred=deferred)
         if self.report is not None:
             self.report.apply(w, self.now)
 
@@ -160,5 +165,7 @@ def _prepare(
     if handover is not None:  # the origin's record: arrival, tags, history (handover.py)
         apply_handover(record, handover)
         sub.handed_over = True
+    if ctx.dead_until is not None:
+        sub.deferred = date_for_dead(record, ctx.dead_until)
     sub.record = record
     return sub

@@ -277,6 +277,8 @@ class SmtpServerProtocol(InboundConnection):
         stats = ctx.stats
         stats.received += 1
         stats.received_bytes += len(sub.body)
+        if sub.deferred and ctx.on_deferred is not None and sub.record is not None:
+            ctx.on_deferred(sub.record.id, sub.deferred)
         if ctx.on_new_mail is not None:
             ctx.on_new_mail()
         self._decided(Reply(250, "2.0.0", f"OK queued as {sub.msg_id}"))

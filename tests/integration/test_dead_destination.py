@@ -93,6 +93,35 @@ def test_dead_site_units_are_deferred_as_one_group_then_delivered(lab: Lab):
     assert len(group_lines(lab)) == 2
 
 
+def test_mail_for_a_dead_site_is_dated_at_intake(lab: Lab):
+    """Once the site is known dead, a new message for it is written due at the backoff's
+    end (inbound/dead_intake.py): never dispatched, never scanned, yet counted, logged
+    and shown as a group deferral would have been, its campaign's `deferred` included."""
+    sink_a = lab.sink("127.0.0.2")
+    lab.zone(ZONE)
+    server = lab.start({"delivery": {"backoff": "600s", "backoff_max": "600s"}})
+    delivery = server.runtime.delivery
+    stats = delivery.scheduler.stats
+    send_many(server.port, [(["first@d.test"], body("first"))])
+    lab.wait_log(lambda e: e.get("group") is True)  # refused: the pool backs off
+    dispatched, deferred = stats.dispatched, stats.deferred
+    campaign = "X-Volley-Campaign: spring\r\n"
+    late = send_many(server.port, [([f"u{i}@d.test", f"v{i}@d.test"], body(f"late{i}", extra=campaign))
+                                   for i in range(5)] + [(["x@a.test"], body("a0"))])
+    [line] = lab.wait_log(lambda e: e.get("intake") is True)
+    assert (line["domain"], line["messages"], line["recipients"], line["code"]) == ("d.test", 5, 10, 421)
+    assert set(line["ids"]) == set(late[:5]) and line["outcome"] == "deferred" and line["group"] is True
+    lab.wait_sink(sink_a, 1)
+    assert stats.deferred - deferred == 10  # counted as deferred, once durable
+    assert stats.dispatched - dispatched == 1  # a.test's only: the dead site's were never dispatched
+    dated = [r for rec in lab.records().values() for r in rec.recipients if r.address[0] in "uv"]
+    assert len(dated) == 10 and all(r.attempts == 0 for r in dated)
+    assert all(r.last_reply.startswith("421 4.4.1") for r in dated)  # what ctl queue shows
+    assert all(time.time() + 500 < r.next_attempt < time.time() + 670 for r in dated)
+    counts = server.call(lambda: server.store.campaign("", "spring"))
+    assert counts is not None and (counts.injected, counts.deferred) == (10, 10)
+
+
 # --- a slow destination holds at most its room of the in-flight set -----------------------
 
 def test_throttled_destination_cannot_starve_the_others(lab: Lab):
