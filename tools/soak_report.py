@@ -119,7 +119,7 @@ def render(r: dict[str, Any]) -> str:
         ("extra (inbound twin)", f"{r['extra_inbound_twin']:,}",
          f"delivered though blast saw no 250; at most {r['blast_failed']:,}"),
         ("duplicates", f"{r['duplicates']:,}",
-         f"allowed {r['duplicates_allowed']:,} (outbound sessions of the killed workers)"),
+         f"allowed {r['duplicates_allowed']:,} (units in flight in the killed workers)"),
     ]
     faults = ", ".join(f"{k} {v}" for k, v in sorted(r["faults"].items())) or "none"
     sinkf = ", ".join(f"{k} {v:,}" for k, v in sorted(r["sink_faults"].items()))

@@ -198,6 +198,7 @@ class ControlPlane(Steering):
             workers.append(replies.WorkerRow(
                 slot=s.slot, pid=pid, age=round(mono - s.started_at, 1) if pid is not None else None,
                 restarts=s.restarts, sessions_in=live.sessions_in, sessions_out=live.sessions_out,
+                inflight=live.inflight,
                 out_limit=budget.limit if budget else None, out_waiting=budget.waiting if budget else 0,
             ))
         # The message count is always exact (an O(1) read), the rest from the last walk.

@@ -57,7 +57,7 @@ def render_status(reply: Row, now: float) -> str:
             Column("WORKER", "slot"), Column("PID", "pid"),
             Column("AGE", lambda w: short_duration(w.get("age")), ">"),
             Column("RESTARTS", "restarts"), Column("SESSIONS IN", "sessions_in"),
-            Column("SESSIONS OUT", "sessions_out"),
+            Column("SESSIONS OUT", "sessions_out"), Column("IN FLIGHT", "inflight", ">"),
             Column("OUT LIMIT", lambda w: w.get("out_limit") or "-", ">"),
             Column("WAITING", lambda w: w.get("out_waiting") or 0, ">"),
         ]),

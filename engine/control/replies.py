@@ -58,6 +58,9 @@ class WorkerRow(msgspec.Struct, kw_only=True):
     restarts: int
     sessions_in: int
     sessions_out: int
+    # Delivery units dispatched and not yet committed: what a crash of the worker may
+    # deliver twice (P3), since a unit sent but not recorded as sent is sent again.
+    inflight: int = 0
     out_limit: int | None  # the worker's share of delivery.max_connections
     out_waiting: int  # pools waiting for a connection slot
 

@@ -222,6 +222,9 @@ def test_delivery_counters_match_the_sink_and_the_dns_server(serve, peers, dns_z
     try:
         wait_until(lambda: len(a.live) >= 1 and samples(server)["volley_sessions_out"] == len(a.live),
                    WAIT, "the held session counted")
+        # ... and one unit in flight: the held message's, every other outcome committed.
+        wait_until(lambda: sum(w["inflight"] for w in ctl_json(server, "status")["workers"]) == 1,
+                   WAIT, "the held message's unit in flight")
     finally:
         hold.set()
     wait_until(lambda: len(a.messages) == delivered + 1, WAIT, "held delivered")

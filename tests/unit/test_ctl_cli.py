@@ -301,9 +301,9 @@ STATUS_REPLY = {
     "ok": True, "version": "0.5.0", "pid": 4242, "uptime": 7380.0, "hostname": "mx1.example",
     "listeners": ["0.0.0.0:25", "[::]:587"],
     "workers": [{"slot": 0, "pid": 4243, "age": 7379.0, "restarts": 0, "sessions_in": 12,
-                 "sessions_out": 340, "out_limit": 500, "out_waiting": 3},
+                 "sessions_out": 340, "inflight": 412, "out_limit": 500, "out_waiting": 3},
                 {"slot": 1, "pid": 4300, "age": 65.0, "restarts": 2, "sessions_in": 3,
-                 "sessions_out": 17, "out_limit": 500, "out_waiting": 0}],
+                 "sessions_out": 17, "inflight": 20, "out_limit": 500, "out_waiting": 0}],
     "queue": {"messages": 900, "units": 1230, "bytes": 5 * 1024 * 1024 + 1, "ready": 1000,
               "deferred": 200, "suspended": 30},
     "rates": {"1m": {"received": 120.5, "delivered": 118.0, "deferred": 2.0, "bounced": 0.0},
@@ -323,9 +323,9 @@ def test_status_render() -> None:
     assert "listeners  0.0.0.0:25, [::]:587" in text
     assert "900 messages, 1230 delivery units, 5.0MiB: 1000 ready, 200 deferred, 30 suspended" in text
     worker = next(line for line in text.splitlines() if " 4300 " in line)
-    assert worker.split() == ["1", "4300", "1m05s", "2", "3", "17", "500", "0"]
+    assert worker.split() == ["1", "4300", "1m05s", "2", "3", "17", "20", "500", "0"]
     busy = next(line for line in text.splitlines() if " 4243 " in line)
-    assert busy.split()[-3:] == ["340", "500", "3"]
+    assert busy.split()[-4:] == ["340", "412", "500", "3"]
     assert any(line.split() == ["1m", "120", "118", "2.00", "0"] for line in text.splitlines())
     assert "yahoo.example" in text and "until resumed" in text and "1m ago" in text
     assert any(line.split() == ["gmail.example", "5", "10/s"] for line in text.splitlines())
