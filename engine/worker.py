@@ -335,9 +335,10 @@ def worker_state(slot: int, runtime: WorkerRuntime) -> wire.State:
     m.dsns_queued = st.dsns
     dns = delivery.dns.stats
     shared = delivery.answers.hits_by_kind
-    # A miss of the worker's cache answered from the workers' shared answers asked no
-    # nameserver (TXT lookups go around the cache: not in its misses).
-    m.dns_lookups = dns.misses - shared[MX] - shared[ADDRESSES]
+    # Asked of the nameservers: the cache's calls of the resolver (misses that joined a
+    # lookup under way make none) but those the workers' shared answers served (TXT
+    # lookups go around the cache: not in its calls).
+    m.dns_lookups = dns.queries - shared[MX] - shared[ADDRESSES]
     m.dns_shared_answers = sum(shared)
     m.dns_cache_hits = dns.hits
     m.connections_out = delivery.pools.connections_opened

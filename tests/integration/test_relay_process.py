@@ -232,5 +232,8 @@ def test_a_domain_is_looked_up_once_for_both_workers(serve, peers, dns_zone):
         return seen["volley_dns_lookups_total"], seen["volley_dns_shared_answers_total"]
 
     shared = 2 * both + 1
-    wait_until(lambda: dns_figures() == (asked, shared), 30, f"lookups {asked}, shared answers {shared}")
+    try:
+        wait_until(lambda: dns_figures() == (asked, shared), 30, f"lookups {asked}, shared answers {shared}")
+    except TimeoutError as err:
+        raise AssertionError(f"{err}; the server says {dns_figures()}") from err
     assert server.stop(30) == 0
