@@ -275,12 +275,7 @@ class Scheduler(OutcomeCommitting):
         # Resumed between our scan and the commit: deliver as usual.
         for msg_id, domain in res.released:
             self.loop.create_task(self._dispatch(msg_id, domain, now))
-        for msg_id, domain in res.expired:
-            body = self.store.get_body(msg_id)
-            if body is None:
-                self._release((msg_id, domain))
-            else:
-                self._commit_outcome(msg_id, domain, body, JobResult(replies={}), expire=True)
+        self._expire_units(res.expired)
         self._wake.set()
 
     # --- one (message, domain) unit ----------------------------------------------------

@@ -141,16 +141,20 @@ class OutcomeCommitting:
         st.grouped += len(res.deferred)
         st.group_ops += 1
         observe_group(res, replies, units, now, self.dlog, self.metrics)
-        for msg_id, domain in res.expired:
+        self._expire_units(res.expired)
+        until = {(u[0], u[1]): u[2] for u in units}
+        for msg_id, domain in res.full:  # owes a report: the ordinary outcome path
+            self._outcome_of_dead(msg_id, domain, replies[domain], until[(msg_id, domain)], now)
+        self._wake.set()
+
+    def _expire_units(self, entries: list[tuple[bytes, str]]) -> None:
+        """Expire units an op found past delivery.max_age (their message still there)."""
+        for msg_id, domain in entries:
             body = self.store.get_body(msg_id)
             if body is None:
                 self._release((msg_id, domain))
             else:
                 self._commit_outcome(msg_id, domain, body, JobResult(replies={}), expire=True)
-        until = {(u[0], u[1]): u[2] for u in units}
-        for msg_id, domain in res.full:  # owes a report: the ordinary outcome path
-            self._outcome_of_dead(msg_id, domain, replies[domain], until[(msg_id, domain)], now)
-        self._wake.set()
 
     def _outcome_of_dead(self, msg_id: bytes, domain: str, reply: Reply, until: float,
                          now: float) -> None:
