@@ -130,7 +130,7 @@ class DeadBatch:
     """The units waiting for the next group op: filled by scans and by pools failing
     their queues, flushed `GATHER` seconds after the first one. Loop thread only."""
 
-    __slots__ = ("loop", "_flush", "units", "replies", "_pending", "rng", "_said")
+    __slots__ = ("loop", "_flush", "units", "replies", "_pending", "rng", "_said", "dead_until")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, flush: Callable[[], None],
                  rng: random.Random) -> None:
@@ -141,11 +141,15 @@ class DeadBatch:
         self.replies: dict[str, Reply] = {}  # domain → the reply that killed its site
         self._pending = False
         self._said: tuple[Reply | None, str] = (None, "")  # the last reply and its summary
+        # Epoch until which some site this worker deferred units of backs off: before it
+        # none is known dead, and the intake need not ask (Scheduler.dead_until).
+        self.dead_until = 0.0
 
     def add(self, msg_id: bytes, domain: str, wait: float, reply: Reply, now: float) -> None:
         """Defer (msg_id, domain) `wait` seconds (the backoff's rest) plus a jitter of
         up to a tenth of it, with `reply` as its last error."""
         wait = max(0.0, wait)  # a backoff that ended meanwhile: due again at once
+        self.dead_until = max(self.dead_until, now + wait)
         until = now + wait + self.rng.uniform(0.0, wait / JITTER_PART)
         self.units.append((msg_id, domain, until, self.summary(reply)))
         self.replies[domain] = reply

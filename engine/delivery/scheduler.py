@@ -362,16 +362,19 @@ class Scheduler(OutcomeCommitting):
     # --- dead destinations (dead.py) ----------------------------------------------------
     def dead_until(self, domain: str) -> tuple[float, Reply, str] | None:
         """For the intake (inbound/dead_intake.py): when the domain's site is known to be
-        dead without waiting (a planned route, its pool backing off), the epoch its mail
+        dead without waiting (a planned route, its pool backing off; asked only while some
+        site this worker deferred units of still backs off), the epoch its mail
         waits until (the backoff's end plus the jitter a group deferral draws, within
         max_age), the reply that killed the site and its summary; else None."""
+        now = time.time()
+        if now >= self._dead.dead_until:  # no site known dead: one comparison per message
+            return None
         mono = self.loop.time()
         planned = self.planner.now(domain, mono)
         pool = self._backing_off(*planned) if planned is not None else None
         if pool is None:
             return None
         wait = max(0.0, pool.backoff_until - mono)
-        now = time.time()
         until = now + wait + self.rng.uniform(0.0, wait / JITTER_PART)
         until = min(until, now + float(self.cfg.delivery.max_age))
         return until, pool.backoff_reply, self._dead.summary(pool.backoff_reply)
